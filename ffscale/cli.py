@@ -1,0 +1,140 @@
+"""`ffscale` command line: shard, train, eval, compare, bench, export, cluster, models."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def cmd_shard(a) -> int:
+    from .data import shards
+
+    out = Path(a.out)
+    if a.source == "fashion-mnist":
+        for split in ("train", "val"):
+            classes, items, src = shards.fashion_mnist(split)
+            m = shards.write_shards(items, classes, out / split, split, src, a.shard_size, a.seed, a.limit)
+            print(f"{out / split}: {m.num_samples} samples in {len(m.shards)} shards, digest {m.digest}")
+        return 0
+    if not a.root:
+        print("ffscale shard folder: give --root DIR (root/<class>/<image>)", file=sys.stderr)
+        return 2
+    classes, items, src = shards.image_folder(Path(a.root))
+    name = a.name or Path(a.root).name
+    m = shards.write_shards(items, classes, out, name, src, a.shard_size, a.seed, a.limit)
+    print(
+        f"{out}: {m.num_samples} samples of {m.num_classes} classes in {len(m.shards)} shards, digest {m.digest}"
+    )
+    return 0
+
+
+def cmd_train(a) -> int:
+    """Validate the config here, then start the DeepSpeed launcher (one rank per GPU / CPU share)."""
+    from . import config
+
+    try:
+        config.load(a.config, a.overrides)
+    except config.ConfigError as e:
+        print(f"ffscale: config error: {e}", file=sys.stderr)
+        return 2
+    nproc = a.nproc or _default_nproc()
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    train_py = str(Path(__file__).with_name("train.py"))
+    cmd = [launcher, "-q", "--num_gpus", str(nproc)]
+    if a.master_port:
+        cmd += ["--master_port", str(a.master_port)]
+    cmd += [train_py] + sum((["--config", c] for c in a.config), []) + a.overrides
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def _default_nproc() -> int:
+    import torch
+
+    return torch.cuda.device_count() or 1
+
+
+def cmd_eval(a) -> int:
+    import json
+
+    from . import config
+    from .evaluate import evaluate, find_stage
+
+    try:
+        stage = find_stage(Path(a.run), a.stage)
+    except config.ConfigError as e:
+        print(f"ffscale: {e}", file=sys.stderr)
+        return 2
+    res = evaluate(stage, Path(a.weights) if a.weights else None, a.data, a.device)
+    print(
+        json.dumps(res)
+        if a.json
+        else f"{stage.name}: top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% on {res['samples']} images"
+    )
+    return 0
+
+
+def cmd_models(a) -> int:
+    from .models import create_model, list_models
+
+    for name in list_models(a.filter or ""):
+        m = create_model(name)
+        print(f"{name:18s} {sum(p.numel() for p in m.parameters()) / 1e6:8.2f}M params")
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ffscale", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("shard", help="write WebDataset shards + manifest from a dataset")
+    s.add_argument("source", choices=["fashion-mnist", "folder"], help="dataset kind")
+    s.add_argument("--root", help="folder: root/<class>/<image> (ImageNet train or val layout)")
+    s.add_argument("--out", required=True, help="output directory (fashion-mnist: gets train/ and val/)")
+    s.add_argument("--name", help="shard file prefix (default: the root's name)")
+    s.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    s.add_argument("--seed", type=int, default=0, help="write-time shuffle seed")
+    s.add_argument("--limit", type=int, default=0, help="keep only the first N shuffled samples")
+    s.set_defaults(fn=cmd_shard)
+
+    t = sub.add_parser("train", help="validate a config and launch training under DeepSpeed")
+    t.add_argument("--config", "-c", action="append", default=[], help="YAML file(s), merged in order")
+    t.add_argument("overrides", nargs="*", help="key=value overrides")
+    t.add_argument("--nproc", type=int, default=0, help="ranks on this machine (default: GPUs, or 1)")
+    t.add_argument("--master-port", type=int, default=0)
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run's exported weights without DeepSpeed")
+    e.add_argument("--run", required=True, help="run directory (runs/<name>)")
+    e.add_argument("--stage", help="stage name (default: the last finished one)")
+    e.add_argument("--weights", help="a .safetensors file instead of the stage's")
+    e.add_argument("--data", help="shard directory to evaluate on (default: the stage's val)")
+    e.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    m = sub.add_parser("models", help="list registered models with parameter counts")
+    m.add_argument("filter", nargs="?")
+    m.set_defaults(fn=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

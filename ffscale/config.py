@@ -1,0 +1,258 @@
+"""Typed configuration: OmegaConf structured dataclasses, composed YAML, CLI dot-list overrides.
+
+A config describes a pipeline of stages. The top-level model/data/optim/... sections are the
+defaults of every stage; `stages.<name>.<section>.<key>` overrides them per stage (stages are keyed
+by name so dot-list overrides reach them). With no `stages`, the pipeline has one stage, `train`.
+Everything is validated and resolved once, here, before any process or device is touched.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased for the user: names the file and/or the full key."""
+
+
+@dataclass
+class ModelCfg:
+    name: str = "ff_tiny"
+    img_size: int | None = None  # None: data.img_size
+    patch_size: int | None = None  # None: the registered size's
+    in_chans: int = 3
+    num_classes: int | None = None  # None: from the training shards' manifest
+    drop_path: float = 0.1
+    dim: int | None = None
+    depth: int | None = None
+    token_hidden: int | None = None  # FF only: fixed token-MLP width (linear in patches)
+
+
+@dataclass
+class DataCfg:
+    train: str = "data/fashion-mnist/train"  # a shard directory holding manifest.json
+    val: str = "data/fashion-mnist/val"
+    loader: str = "auto"  # auto | dali | webdataset
+    img_size: int = 224
+    crop_pct: float = 0.875  # eval: resize shorter side to img_size / crop_pct, centre crop
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area
+    ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: float = 0.5
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    workers: int = 2  # loader worker processes per rank (threads for DALI)
+    shuffle_buffer: int = 2000
+    on_error: str = "raise"  # raise | skip
+
+
+@dataclass
+class OptimCfg:
+    global_batch: int = 1024  # images per optimizer step over all ranks
+    micro_batch: int = 64  # images per rank per forward; accumulation fills the rest
+    base_lr: float = 5e-4  # DeiT rule: lr = base_lr * global_batch / lr_batch_base
+    lr_batch_base: int = 512
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    clip_grad: float = 0.0  # 0 = off (DeiT); written explicitly since DeepSpeed defaults to 1.0
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class ScheduleCfg:
+    epochs: int = 300
+    warmup_epochs: float = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    stop_at_step: int = 0  # >0: checkpoint and exit at this optimizer step; rerunning continues
+
+
+@dataclass
+class DeepSpeedCfg:
+    zero_stage: int = 2
+    precision: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | bf16 | fp16 | fp32
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed config last
+
+
+@dataclass
+class CheckpointCfg:
+    every_steps: int = 0  # 0: only at epoch ends (every_epochs)
+    every_epochs: int = 1
+    keep: int = 2  # keep the last k checkpoints
+
+
+@dataclass
+class TrackingCfg:
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the run directory
+    experiment: str = "ffscale"
+    flush_every: int = 50  # metrics are buffered and written in batches
+
+
+@dataclass
+class RunCfg:
+    name: str = "default"
+    dir: str = "runs"
+    seed: int = 0
+    log_every: int = 20  # steps between progress lines
+    eval_every: int = 1  # epochs between evaluations (the last epoch always evaluates)
+
+
+@dataclass
+class StageCfg:
+    model: ModelCfg = field(default_factory=ModelCfg)
+    data: DataCfg = field(default_factory=DataCfg)
+    optim: OptimCfg = field(default_factory=OptimCfg)
+    schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
+    deepspeed: DeepSpeedCfg = field(default_factory=DeepSpeedCfg)
+    checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    init_from: str | None = None  # a previous stage's name, or a weights .safetensors path
+
+
+@dataclass
+class Config(StageCfg):
+    run: RunCfg = field(default_factory=RunCfg)
+    tracking: TrackingCfg = field(default_factory=TrackingCfg)
+    stages: dict[str, Any] = field(default_factory=dict)  # name -> partial StageCfg, in order
+
+
+@dataclass
+class Stage:
+    """One resolved stage: its name, its full config, and where it lives on disk."""
+
+    name: str
+    cfg: StageCfg
+    dir: Path
+
+
+_STAGE_KEYS = {f for f in StageCfg.__dataclass_fields__}
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """Read a YAML file, first merging the files its `_base_` list names (relative paths)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"config {path}: _base_ cycle")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml errors carry line numbers; keep them
+        raise ConfigError(f"config {path}: cannot parse YAML: {e}") from e
+    bases = node.pop("_base_", []) if isinstance(node, DictConfig) else []
+    merged = OmegaConf.create()
+    for b in [bases] if isinstance(bases, str) else bases:
+        merged = OmegaConf.merge(merged, _read_yaml((path.parent / b).resolve(), seen + (path,)))
+    return OmegaConf.merge(merged, node)
+
+
+def _explain(e: OmegaConfBaseException, where: str, prefix: str = "") -> ConfigError:
+    msg = str(e).splitlines()[0]
+    key = getattr(e, "full_key", None)
+    if key:
+        msg = f"{msg} (key: {prefix}{key})"
+    return ConfigError(f"{where}: {msg}")
+
+
+def load(files: list[str] | str | None = None, overrides: list[str] | None = None) -> Config:
+    """Compose YAML files and dot-list overrides over the schema; validate; resolve every stage."""
+    files = [files] if isinstance(files, str) else list(files or [])
+    cfg = OmegaConf.structured(Config)
+    for f in files:
+        try:
+            cfg = OmegaConf.merge(cfg, _read_yaml(Path(f).resolve()))
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"config {f}") from e
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        except OmegaConfBaseException as e:
+            raise _explain(e, "command-line override") from e
+    try:
+        OmegaConf.resolve(cfg)
+        obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    except OmegaConfBaseException as e:
+        raise _explain(e, "config") from e
+    for stage in stages(obj):  # validate each stage now, not hours later
+        validate(stage.cfg, f"stages.{stage.name}." if obj.stages else "")
+    return obj
+
+
+def stages(cfg: Config) -> list[Stage]:
+    """The pipeline's stages in order, each the top-level sections merged with its overrides."""
+    base = OmegaConf.structured(StageCfg(**{k: getattr(cfg, k) for k in _STAGE_KEYS}))
+    run_dir = Path(cfg.run.dir) / cfg.run.name
+    out = []
+    for name, over in (cfg.stages or {"train": {}}).items():
+        over = over or {}
+        unknown = sorted(set(over) - _STAGE_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"stages.{name}.{unknown[0]}: not a stage setting (one of {sorted(_STAGE_KEYS)})"
+            )
+        try:
+            merged = OmegaConf.merge(base, over)
+        except OmegaConfBaseException as e:
+            raise _explain(e, f"stage '{name}'", f"stages.{name}.") from e
+        out.append(Stage(name, OmegaConf.to_object(merged), run_dir / name))
+    return out
+
+
+def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
+
+
+def validate(s: StageCfg, p: str = "") -> None:
+    """Checks OmegaConf's types cannot express. `p` prefixes keys (stages.<name>.)."""
+    _choice(s.data.loader, ("auto", "dali", "webdataset"), f"{p}data.loader")
+    _choice(s.data.on_error, ("raise", "skip"), f"{p}data.on_error")
+    _choice(s.deepspeed.precision, ("auto", "bf16", "fp16", "fp32"), f"{p}deepspeed.precision")
+    if s.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{p}deepspeed.zero_stage={s.deepspeed.zero_stage}: must be 0, 1, 2 or 3")
+    from .models import list_models
+
+    if s.model.name not in list_models():
+        raise ConfigError(f"{p}model.name={s.model.name!r}: unknown; known: {list_models()}")
+    img = s.model.img_size or s.data.img_size
+    if s.model.patch_size and img % s.model.patch_size:
+        raise ConfigError(
+            f"{p}model.img_size={img} is not divisible by {p}model.patch_size={s.model.patch_size}"
+        )
+    if s.optim.micro_batch <= 0 or s.optim.global_batch % s.optim.micro_batch:
+        raise ConfigError(
+            f"{p}optim.global_batch={s.optim.global_batch} is not a multiple of "
+            f"{p}optim.micro_batch={s.optim.micro_batch}"
+        )
+    if s.schedule.epochs <= 0:
+        raise ConfigError(f"{p}schedule.epochs must be positive")
+
+
+def check_world(s: StageCfg, world: int, p: str = "") -> int:
+    """Gradient accumulation steps for this world size, or a clear error."""
+    per_step = s.optim.micro_batch * world
+    if s.optim.global_batch % per_step:
+        raise ConfigError(
+            f"{p}optim.global_batch={s.optim.global_batch} is not divisible by ranks x micro_batch "
+            f"= {world} x {s.optim.micro_batch}; pick a global_batch that is a multiple of {per_step}"
+        )
+    return s.optim.global_batch // per_step
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save(cfg: Config, path: Path) -> None:
+    """Write the resolved config atomically (rank 0)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(to_yaml(cfg))
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Shards -> batches on the device. Only this package knows webdataset and DALI."""

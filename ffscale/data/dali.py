@@ -1,0 +1,5 @@
+"""DALI pipelines (placeholder until the DALI loader lands)."""
+
+
+def available() -> bool:
+    return False

@@ -1,0 +1,96 @@
+"""The shard manifest: what a shard directory holds, checked before training trusts it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+class DataError(RuntimeError):
+    """Bad input data; the message names the directory, shard and/or sample key."""
+
+
+@dataclass
+class ShardInfo:
+    file: str  # relative to the manifest's directory
+    count: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    name: str
+    classes: list[str]
+    shards: list[ShardInfo] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def digest(self) -> str:
+        """Content digest of the whole set: a hash of the shards' hashes, in order."""
+        h = hashlib.sha256()
+        for s in self.shards:
+            h.update(s.sha256.encode())
+        return h.hexdigest()[:16]
+
+    def save(self, root: Path) -> None:
+        d = asdict(self) | {"num_samples": self.num_samples, "digest": self.digest}
+        tmp = root / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(d, indent=1))
+        tmp.replace(root / MANIFEST)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_manifest(root: str | Path) -> tuple[Manifest, list[Path]]:
+    """Read `root/manifest.json` and return it with the shard paths, all of which must exist."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not path.is_file():
+        hint = " (create shards with `ffscale shard ...`)" if root.exists() else ""
+        raise DataError(f"no shard manifest at {path}{hint}")
+    try:
+        d = json.loads(path.read_text())
+        m = Manifest(
+            name=d["name"],
+            classes=list(d["classes"]),
+            shards=[ShardInfo(**s) for s in d["shards"]],
+            source=d.get("source", ""),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: not a valid ffscale shard manifest ({e})") from e
+    if not m.shards:
+        raise DataError(f"{path}: lists no shards")
+    files = [root / s.file for s in m.shards]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise DataError(f"{path}: shard(s) missing on disk: {', '.join(missing[:3])}")
+    if "digest" in d and d["digest"] != m.digest:
+        raise DataError(f"{path}: digest does not match its shard list (edited by hand?)")
+    return m, files
+
+
+def verify(root: str | Path) -> Manifest:
+    """Full check: each shard's size and sha256 equal the manifest's (catches swapped/truncated)."""
+    m, files = load_manifest(root)
+    for info, f in zip(m.shards, files):
+        if sha256_file(f) != info.sha256:
+            raise DataError(f"shard {f}: content differs from {Path(root) / MANIFEST} (sha256)")
+    return m

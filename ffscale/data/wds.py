@@ -1,0 +1,123 @@
+"""The plain webdataset + PIL loader, for machines without DALI."""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Iterator
+
+import torch
+import webdataset as wds
+from PIL import Image
+
+from ..config import DataCfg
+from .loader import Batch, ShardPlan
+from .manifest import DataError
+from .transforms import eval_transform, train_transform
+
+
+def parse_label(sample: dict, num_classes: int) -> int:
+    where = f"shard {sample.get('__url__')} sample {sample.get('__key__')}"
+    raw = sample.get("cls")
+    if raw is None:
+        raise DataError(f"{where}: no .cls label")
+    try:
+        y = int(raw.decode().strip())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise DataError(f"{where}: label {raw[:20]!r} is not an integer") from e
+    if not 0 <= y < num_classes:
+        raise DataError(f"{where}: label {y} out of range [0, {num_classes})")
+    return y
+
+
+def decode_image(sample: dict) -> Image.Image:
+    where = f"shard {sample.get('__url__')} sample {sample.get('__key__')}"
+    data = sample.get("jpg") or sample.get("jpeg") or sample.get("png")
+    if not data:
+        raise DataError(f"{where}: no image (.jpg) or an empty one")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:
+        raise DataError(f"{where}: cannot decode image ({e})") from e
+    return img
+
+
+class WdsLoader:
+    def __init__(self, cfg: DataCfg, plan: ShardPlan, train: bool, batch: int, num_classes: int):
+        self.cfg, self.plan, self.train, self.batch = cfg, plan, train, batch
+        self.num_classes = num_classes
+        self.workers = cfg.workers
+        self.skipped = 0
+        if train:
+            self.steps_per_epoch = plan.train_steps(batch, self.workers)
+            self.num_samples = self.steps_per_epoch * batch * plan.world
+            if self.steps_per_epoch == 0:
+                raise DataError(f"{plan.files[0].parent}: too few samples for one batch per rank")
+        else:
+            self.steps_per_epoch = max(plan.eval_batches(batch, self.workers, r) for r in range(plan.world))
+            self.num_samples = sum(plan.counts)
+
+    def _samples(self, src: Iterator[dict], epoch: int, skip: int) -> Iterator[tuple]:
+        """Skip already-consumed samples before decoding; decode, check, transform the rest."""
+        info = torch.utils.data.get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        to_skip = len(range(wid, skip, nw)) * self.batch  # DataLoader takes batches round-robin
+        base = hash((self.plan.seed, epoch, self.plan.rank, wid))
+        c = self.cfg
+        for n, s in enumerate(src):
+            if n < to_skip:
+                continue
+            rng = random.Random(base + n)  # per sample: a resumed epoch replays the same crops
+            try:
+                y = parse_label(s, self.num_classes)
+                img = decode_image(s)
+            except DataError:
+                if c.on_error == "raise":
+                    raise
+                self.skipped += 1
+                continue
+            if self.train:
+                x = train_transform(img, c.img_size, c.scale, c.ratio, c.hflip, rng)
+            else:
+                x = eval_transform(img, c.img_size, c.crop_pct)
+            yield x, y
+
+    def _dataset(self, epoch: int, skip: int) -> wds.DataPipeline:
+        idx = self.plan.train_shards(epoch) if self.train else self.plan.eval_shards()
+        urls = [str(self.plan.files[i]) for i in idx]
+        stages = [wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples()]
+        if self.train:
+            rng = random.Random(hash((self.plan.seed, epoch, self.plan.rank)))
+            stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng))
+        stages += [
+            lambda src: self._samples(src, epoch, skip),
+            wds.batched(self.batch, collation_fn=_collate, partial=not self.train),
+        ]
+        return wds.DataPipeline(*stages)
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        dl = torch.utils.data.DataLoader(
+            self._dataset(epoch, skip),
+            batch_size=None,
+            num_workers=self.workers,
+            persistent_workers=False,
+        )
+        n = skip
+        for x, y in dl:
+            if n >= self.steps_per_epoch:
+                break
+            n += 1
+            yield x, y
+        if not self.train:  # pad so every rank runs the same number of eval forwards
+            size = self.cfg.img_size
+            while n < self.steps_per_epoch:
+                n += 1
+                yield torch.zeros(1, 3, size, size, dtype=torch.uint8), torch.full((1,), -1)
+        elif n < self.steps_per_epoch:  # samples were skipped as bad: top up from the next pass
+            yield from self.epoch(epoch + 10_000, n)
+
+
+def _collate(samples: list[tuple]) -> Batch:
+    xs, ys = zip(*samples)
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)

@@ -1,0 +1,53 @@
+"""Our config -> a DeepSpeed config dict. Every knob DeepSpeed defaults surprisingly is written."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import StageCfg
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def build(s: StageCfg, world: int, accum: int, total_steps: int, warmup_steps: int, precision: str) -> dict:
+    lr = s.optim.base_lr * s.optim.global_batch / s.optim.lr_batch_base
+    cfg: dict = {
+        "train_batch_size": s.optim.global_batch,
+        "train_micro_batch_size_per_gpu": s.optim.micro_batch,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": s.optim.clip_grad,  # DeepSpeed 0.19 defaults to 1.0; DeiT uses none
+        "zero_optimization": {"stage": s.deepspeed.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(total_steps, 2),
+                "warmup_num_steps": max(warmup_steps, 1),
+                "warmup_type": "linear",
+                # WarmupCosineLR starts at 0: begin warmup at DeiT's warmup_lr instead.
+                "warmup_min_ratio": min(1.0, s.schedule.warmup_lr / lr),
+                "cos_min_ratio": min(1.0, s.schedule.min_lr / lr),
+            },
+        },
+        "steps_per_print": 10**9,  # progress is ours
+        "wall_clock_breakdown": False,
+    }
+    return _merge(cfg, dict(s.deepspeed.extra))
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def peak_lr(s: StageCfg) -> float:
+    return s.optim.base_lr * s.optim.global_batch / s.optim.lr_batch_base

@@ -1,0 +1,93 @@
+"""The small engine interface the loop sees: step, evaluate, save, load, export."""
+
+from __future__ import annotations
+
+import deepspeed
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..config import StageCfg
+from . import checkpoint, ds_config
+from .dist import DistInfo, all_reduce_sum
+from .optim import build_optimizer
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Engine:
+    def __init__(
+        self, model: nn.Module, s: StageCfg, dist: DistInfo, accum: int, total_steps: int, warmup_steps: int
+    ):
+        self.dist = dist
+        self.precision = ds_config.resolve_precision(s.deepspeed.precision, dist.device)
+        self.dtype = DTYPES[self.precision]
+        cfg = ds_config.build(s, dist.world, accum, total_steps, warmup_steps, self.precision)
+        opt = build_optimizer(model, s.optim, ds_config.peak_lr(s), dist.device)
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=opt, config=cfg
+        )
+        self.module = self.ds.module
+        if self.scheduler.last_batch_iteration < 0:  # step 1 runs at warmup_lr, not at lr 0
+            self.scheduler.step(0)
+        self.accum = accum
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken (DeepSpeed counts them, and restores the count on resume)."""
+        return self.ds.global_steps
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_step(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """One micro-batch: forward, backward; DeepSpeed steps at accumulation boundaries.
+        `target` is class indices or soft targets (mixup), loss in fp32."""
+        self.ds.train()
+        logits = self.ds(x).float()
+        loss = soft_cross_entropy(logits, target)
+        self.ds.backward(loss)
+        self.ds.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def evaluate(self, batches) -> dict:
+        """Top-1/top-5 over every real sample (label -1 = padding); sums reduced across ranks."""
+        self.ds.eval()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.dist.device)  # n, top1, top5, loss
+        for x, y in batches:
+            logits = self.ds(x).float()
+            real = y >= 0
+            if real.any():
+                lg, yy = logits[real], y[real]
+                k = min(5, lg.shape[1])
+                top = lg.topk(k, dim=1).indices
+                sums[0] += real.sum()
+                sums[1] += (top[:, 0] == yy).sum()
+                sums[2] += (top == yy[:, None]).any(dim=1).sum()
+                sums[3] += F.cross_entropy(lg, yy, reduction="sum")
+        all_reduce_sum(sums)
+        n = max(sums[0].item(), 1.0)
+        return {
+            "val_samples": int(sums[0].item()),
+            "val_top1": 100 * sums[1].item() / n,
+            "val_top5": 100 * sums[2].item() / n,
+            "val_loss": sums[3].item() / n,
+        }
+
+    def save(self, ckpt_dir, tag: str, client_state: dict, keep: int) -> None:
+        checkpoint.save(self.ds, ckpt_dir, tag, client_state, keep)
+
+    def load(self, ckpt_dir) -> dict | None:
+        return checkpoint.load(self.ds, ckpt_dir)
+
+    def export(self, path) -> str:
+        """Consolidated fp32 weights; returns their digest (checked equal on every rank)."""
+        return checkpoint.export_fp32(self.ds, path)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if target.ndim == 1:
+        return F.cross_entropy(logits, target)
+    return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()

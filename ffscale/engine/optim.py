@@ -1,0 +1,34 @@
+"""AdamW with DeiT's weight-decay rule: none on biases, norms, cls token, position embedding."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import OptimCfg
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    skip = getattr(model, "no_weight_decay", lambda: set())()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, o: OptimCfg, lr: float, device: torch.device):
+    # A client torch AdamW: no FusedAdam JIT build; fused kernels on GPU, foreach on CPU.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        param_groups(model, o.weight_decay),
+        lr=lr,
+        betas=tuple(o.betas),
+        eps=o.eps,
+        fused=fused,
+        foreach=None if fused else True,
+    )

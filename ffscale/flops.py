@@ -1,0 +1,52 @@
+"""Model FLOPs per image (counted by torch's FlopCounterMode on meta tensors) and device peaks."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense peak FLOP/s by device name fragment and dtype (vendor datasheets, no sparsity).
+GPU_PEAKS = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
+    "A10": {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12},
+}
+
+
+def train_flops_per_image(build, img_size: int, in_chans: int = 3) -> float:
+    """Forward FLOPs x 3 (backward ~ 2x forward), from a forward on the meta device."""
+    with torch.device("meta"):
+        model = build()
+        x = torch.empty(1, in_chans, img_size, img_size)
+    with FlopCounterMode(display=False) as fc:
+        model(x)
+    return 3.0 * fc.get_total_flops()
+
+
+def gpu_peak(device: torch.device, precision: str) -> float:
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in GPU_PEAKS.items():
+        if key in name:
+            return peaks[precision]
+    return 0.0
+
+
+def cpu_matmul_peak(n: int = 1024, seconds: float = 0.5, dtype=torch.float32) -> float:
+    """Measured dense matmul FLOP/s with the current thread count: the CPU 'peak' for MFU."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def device_peak(device: torch.device, precision: str) -> float:
+    if device.type == "cuda":
+        return gpu_peak(device, precision)
+    return cpu_matmul_peak(dtype=torch.bfloat16 if precision == "bf16" else torch.float32)

@@ -1,0 +1,55 @@
+"""The ViT trunk shared by FF-only, ViT and attention-only models; only the block differs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .layers import PatchEmbed, init_weights
+
+# A block factory gets (dim, num_tokens, drop_path) and returns a module mapping (B, T, C) -> same.
+BlockFn = Callable[[int, int, float], nn.Module]
+
+
+class VisionTrunk(nn.Module):
+    """Patch embedding + cls token + learned position embedding -> blocks -> LayerNorm -> head(cls)."""
+
+    def __init__(
+        self,
+        block_fn: BlockFn,
+        img_size: int = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        dim: int = 192,
+        depth: int = 12,
+        drop_path: float = 0.0,
+    ):
+        super().__init__()
+        self.img_size, self.patch_size, self.num_classes = img_size, patch_size, num_classes
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim)
+        self.num_tokens = self.patch_embed.num_patches + 1  # + cls
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, dim))
+        # Stochastic depth rises linearly from 0 at the first block to drop_path at the last.
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.Sequential(*[block_fn(dim, self.num_tokens, r) for r in rates])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(init_weights)
+
+    def no_weight_decay(self) -> set[str]:
+        # The paper's code decays pos_embed; DeiT does not. We follow DeiT.
+        return {"cls_token", "pos_embed"}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.norm(self.blocks(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x)[:, 0])

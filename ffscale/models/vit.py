@@ -1,0 +1,35 @@
+"""ViT/DeiT baseline: the same trunk with self-attention over tokens instead of the token MLP."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from .layers import Attention, DropPath, Mlp
+from .registry import register
+from .trunk import VisionTrunk
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, dim: int, num_tokens: int, drop_path: float, heads: int, mlp_ratio=4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def vit(heads: int = 3, **kw) -> VisionTrunk:
+    return VisionTrunk(partial(AttnBlock, heads=heads), **kw)
+
+
+register("vit_tiny", vit, patch_size=16, dim=192, depth=12, heads=3)  # DeiT-Ti, 5.7M
+register("vit_base", vit, patch_size=16, dim=768, depth=12, heads=12)  # ViT-B/16, 86.6M
+register("vit_large", vit, patch_size=32, dim=1024, depth=24, heads=16)  # ViT-L/32, 306M

@@ -1,0 +1,35 @@
+"""Rank-0 progress lines: loss, lr, img/s, MFU, ETA."""
+
+from __future__ import annotations
+
+import time
+
+
+def fmt_time(s: float) -> str:
+    s = int(max(0, s))
+    h, m = divmod(s // 60, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s % 60:02d}s"
+
+
+class Meter:
+    def __init__(self, total_steps: int, images_per_step: int, flops_per_image: float, peak_flops: float):
+        self.total, self.ips = total_steps, images_per_step
+        self.fpi, self.peak = flops_per_image, peak_flops
+        self.t0 = self.t_last = time.perf_counter()
+        self.start_step = self.last_step = None
+
+    def update(self, step: int) -> dict:
+        """Throughput since the last call; ETA from the average since this process started."""
+        now = time.perf_counter()
+        if self.start_step is None:
+            self.start_step = self.last_step = step
+            self.t0 = self.t_last = now
+            return {}
+        dt, ds = now - self.t_last, step - self.last_step
+        self.t_last, self.last_step = now, step
+        ips = ds * self.ips / dt if dt > 0 and ds else 0.0
+        rate = (step - self.start_step) / max(now - self.t0, 1e-9)
+        out = {"img_per_s": ips, "eta_s": (self.total - step) / rate if rate else 0.0}
+        if self.peak:
+            out["mfu"] = 100 * ips * self.fpi / self.peak
+        return out

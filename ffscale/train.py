@@ -1,0 +1,56 @@
+"""Training entry: `deepspeed ffscale/train.py --config configs/X.yaml key=value ...`.
+
+Also runs under torchrun, or as a plain single process (`python -m ffscale.train ...`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: don't let ffscale/ shadow top-level modules
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ffscale/train.py",
+        description="Train (a pipeline of stages of) an FF-only / ViT model with DeepSpeed.",
+        epilog="example: deepspeed --num_gpus 8 ffscale/train.py --config configs/ff_base.yaml "
+        "optim.global_batch=2048 run.name=ffb",
+    )
+    p.add_argument("--config", "-c", action="append", default=[], help="YAML file(s), merged in order")
+    p.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. optim.base_lr=1e-3")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    from ffscale import config
+
+    try:
+        cfg = config.load(args.config, args.overrides)
+    except config.ConfigError as e:
+        print(f"ffscale: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(config.to_yaml(cfg))
+        return 0
+    from ffscale.engine.dist import prepare_env
+
+    prepare_env()
+    from ffscale import pipeline
+
+    try:
+        return pipeline.run(cfg)
+    except config.ConfigError as e:
+        print(f"ffscale: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

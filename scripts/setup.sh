@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Idempotent setup: Debian's Fashion-MNIST, a .venv with ffscale and its dependencies.
+# CPU machines get the CPU torch wheel pinned; GPU machines (nvidia-smi present) keep pip's CUDA torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! python -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    pip install -q "torch>=2.4"
+  else
+    pip install -q "${FFSCALE_CPU_TORCH:-torch==2.13.0}"  # CPU wheel (local disk here)
+  fi
+fi
+extras=${FFSCALE_EXTRAS:-dali,dev}
+if ! python -c "import ffscale, deepspeed, mlflow, nvidia.dali" 2>/dev/null || [ pyproject.toml -nt .venv/.ffscale-installed ]; then
+  pip install -q -e ".[${extras}]"
+  touch .venv/.ffscale-installed
+fi

@@ -1,0 +1,74 @@
+"""Shared fixtures: small real shards, and a real DeepSpeed launch helper."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PY = ROOT / "ffscale" / "train.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(
+    args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run ffscale/train.py under the real `deepspeed` launcher with `nproc` CPU ranks."""
+    launcher = Path(sys.executable).with_name("deepspeed")
+    cmd = [
+        str(launcher),
+        "-q",
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(TRAIN_PY),
+        *args,
+    ]
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def fm_shards(tmp_path_factory) -> Path:
+    """2,048 train + 512 val real Fashion-MNIST images in 8 + 4 shards."""
+    from ffscale.data import shards
+
+    out = tmp_path_factory.mktemp("fm")
+    for split, n, size in (("train", 2048, 256), ("val", 512, 128)):
+        classes, items, src = shards.fashion_mnist(split)
+        shards.write_shards(items, classes, out / split, split, src, shard_size=size, limit=n)
+    return out
+
+
+def small_overrides(shards: Path, run_dir: Path, name: str) -> list[str]:
+    """A small FF model on the small shards: fast enough for several multi-rank launches."""
+    return [
+        f"data.train={shards / 'train'}",
+        f"data.val={shards / 'val'}",
+        f"run.dir={run_dir}",
+        f"run.name={name}",
+        "run.log_every=1",
+        "data.img_size=28",
+        "data.crop_pct=1.0",
+        "data.scale=[0.8,1.0]",
+        "model.patch_size=7",
+        "model.drop_path=0.1",
+        "model.dim=32",
+        "model.depth=2",
+        "data.workers=0",
+        "optim.global_batch=64",
+        "optim.micro_batch=32",
+        "optim.base_lr=4e-3",
+        "schedule.warmup_epochs=0.2",
+    ]

@@ -1,0 +1,62 @@
+from pathlib import Path
+
+import pytest
+
+from ffscale import config as C
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_unknown_key_names_the_full_key_and_suggests():
+    with pytest.raises(C.ConfigError, match=r"schedule.epoch.*Did you mean|Did you mean.*schedule.epoch"):
+        C.load(None, ["schedule.epoch=3"])
+    with pytest.raises(C.ConfigError, match=r"stages\.ft\.optim\.lrr"):
+        C.load(None, ["stages.ft.optim.lrr=1"])
+
+
+def test_wrong_type_and_bad_values_name_the_key():
+    with pytest.raises(C.ConfigError, match=r"optim\.base_lr"):
+        C.load(None, ["optim.base_lr=fast"])
+    with pytest.raises(C.ConfigError, match=r"deepspeed\.zero_stage=4"):
+        C.load(None, ["deepspeed.zero_stage=4"])
+    with pytest.raises(C.ConfigError, match=r"img_size=30 is not divisible by model.patch_size=7"):
+        C.load(None, ["data.img_size=30", "model.patch_size=7"])
+    with pytest.raises(C.ConfigError, match="not of the form key=value"):
+        C.load(None, ["optim.base_lr"])
+
+
+def test_world_size_must_divide_the_global_batch():
+    cfg = C.load(None, ["optim.global_batch=96", "optim.micro_batch=32"])
+    s = C.stages(cfg)[0].cfg
+    assert C.check_world(s, 1) == 3
+    with pytest.raises(C.ConfigError, match="not divisible by ranks x micro_batch = 2 x 32"):
+        C.check_world(s, 2)
+
+
+def test_yaml_composes_with_base_and_cli_wins(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim:\n  base_lr: 0.1\n  weight_decay: 0.3\n")
+    (tmp_path / "child.yaml").write_text("_base_: [base.yaml]\noptim:\n  base_lr: 0.2\n")
+    cfg = C.load([str(tmp_path / "child.yaml")], ["optim.weight_decay=0.4"])
+    assert (cfg.optim.base_lr, cfg.optim.weight_decay) == (0.2, 0.4)
+    with pytest.raises(C.ConfigError, match="config file not found"):
+        C.load([str(tmp_path / "missing.yaml")])
+    (tmp_path / "bad.yaml").write_text("optim:\n  nope: 1\n")
+    with pytest.raises(C.ConfigError, match=r"bad.yaml.*optim.nope"):
+        C.load([str(tmp_path / "bad.yaml")])
+
+
+def test_stages_are_keyed_by_name_and_inherit_defaults():
+    cfg = C.load(None, ["optim.base_lr=1e-3", "stages.pre.schedule.epochs=3", "stages.ft.optim.base_lr=1e-5"])
+    pre, ft = C.stages(cfg)
+    assert (pre.name, ft.name) == ("pre", "ft")
+    assert pre.cfg.optim.base_lr == 1e-3 and pre.cfg.schedule.epochs == 3
+    assert ft.cfg.optim.base_lr == 1e-5 and ft.cfg.schedule.epochs == 300
+    assert ft.dir == Path("runs/default/ft")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    cfg = C.load([str(path)])
+    assert C.stages(cfg)
+    text = path.read_text()
+    assert "Command:" in text and "Expected:" in text  # big_vision-style header

@@ -1,0 +1,178 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from data_helpers import decode_id, jpeg_bytes, make_id_folder, write_tar
+
+from ffscale.config import DataCfg
+from ffscale.data import shards
+from ffscale.data.loader import build_loader
+from ffscale.data.manifest import DataError, load_manifest, verify
+
+N, CLASSES = 300, 7
+LOADERS = ["webdataset"]
+
+
+@pytest.fixture(scope="module")
+def id_shards(tmp_path_factory) -> Path:
+    root = make_id_folder(tmp_path_factory.mktemp("ids") / "src", N, CLASSES)
+    out = root.parent / "shards"
+    classes, items, src = shards.image_folder(root)
+    shards.write_shards(items, classes, out, "ids", src, shard_size=40)
+    return out
+
+
+def plain_cfg(loader: str, **kw) -> DataCfg:
+    # No crop/flip, so every image keeps its id; mean/std irrelevant (uint8 out).
+    return DataCfg(
+        loader=loader,
+        img_size=32,
+        crop_pct=1.0,
+        scale=[1.0, 1.0],
+        ratio=[1.0, 1.0],
+        hflip=0.0,
+        workers=0,
+        shuffle_buffer=50,
+        **kw,
+    )
+
+
+def collect(loader, epoch=0, skip=0):
+    ids, labels, sizes = [], [], []
+    for x, y in loader.epoch(epoch, skip):
+        assert x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1:] == (3, 32, 32)
+        assert y.dtype == torch.int64
+        sizes.append(len(y))
+        for xi, yi in zip(x, y.tolist()):
+            if yi >= 0:
+                ids.append(decode_id(xi.cpu()))
+                labels.append(yi)
+    return ids, labels, sizes
+
+
+def test_fashion_mnist_shards_round_trip(fm_shards):
+    m, files = load_manifest(fm_shards / "train")
+    assert m.num_samples == 2048 and m.num_classes == 10 and len(files) == 8
+    verify(fm_shards / "train")
+    raw = list(shards.iter_samples(files))
+    assert len(raw) == 2048 and len({s["__key__"] for s in raw}) == 2048
+    labels = np.bincount([int(s["cls"]) for s in raw], minlength=10)
+    assert labels.min() > 120  # shuffled at write time: every class present in a 2k prefix
+
+
+def test_folder_shards_hold_every_image_once_with_its_label(id_shards):
+    m, files = load_manifest(id_shards)
+    assert m.num_samples == N and m.classes == [f"class{c:03d}" for c in range(CLASSES)]
+    seen = {}
+    import io
+
+    from PIL import Image
+
+    for s in shards.iter_samples(files):
+        img = np.array(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+        i = decode_id(torch.from_numpy(img).permute(2, 0, 1))
+        assert int(s["cls"]) == i % CLASSES
+        seen[i] = seen.get(i, 0) + 1
+    assert sorted(seen) == list(range(N)) and set(seen.values()) == {1}
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_two_ranks_train_disjoint_and_labels_right(id_shards, kind):
+    per_rank = []
+    for rank in (0, 1):
+        loader, _ = build_loader(
+            plain_cfg(kind), str(id_shards), True, rank, 2, 16, 0, None, torch.device("cpu")
+        )
+        ids, labels, sizes = collect(loader)
+        assert len(sizes) == loader.steps_per_epoch and set(sizes) == {16}
+        assert all(y == i % CLASSES for i, y in zip(ids, labels))
+        assert len(set(ids)) == len(ids)  # no sample twice in an epoch
+        per_rank.append(set(ids))
+    assert not per_rank[0] & per_rank[1]
+    assert len(per_rank[0]) == len(per_rank[1])  # same number of steps on every rank
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_eval_covers_every_sample_exactly_once_over_ranks(id_shards, kind):
+    all_ids, batches = [], []
+    for rank in (0, 1):
+        loader, _ = build_loader(
+            plain_cfg(kind), str(id_shards), False, rank, 2, 16, 0, None, torch.device("cpu")
+        )
+        ids, labels, sizes = collect(loader)
+        all_ids += ids
+        batches.append(len(sizes))
+        assert loader.num_samples == N
+    assert sorted(all_ids) == list(range(N))
+    assert batches[0] == batches[1]  # padded so ZeRO-3 ranks run equal forwards
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_epochs_reshuffle_and_resume_replays_the_same_batches(id_shards, kind):
+    loader, _ = build_loader(plain_cfg(kind), str(id_shards), True, 0, 1, 16, 0, None, torch.device("cpu"))
+    e0, _, _ = collect(loader, 0)
+    e1, _, _ = collect(loader, 1)
+    assert e0 != e1
+    resumed, _, _ = collect(loader, 1, skip=3)
+    assert resumed == e1[3 * 16 :]
+
+
+def bad_shards(tmp: Path, case: str) -> Path:
+    good = [{"__key__": f"{i:04d}", "jpg": jpeg_bytes(i), "cls": str(i % 3).encode()} for i in range(64)]
+    bad = dict(good[5])
+    if case == "label_range":
+        bad["cls"] = b"42"
+    elif case == "no_label":
+        del bad["cls"]
+    elif case == "corrupt_jpeg":
+        bad["jpg"] = b"\xff\xd8\xff garbage"
+    elif case == "empty_jpeg":
+        bad["jpg"] = b""
+    good[5] = bad
+    d = tmp / case
+    d.mkdir()
+    write_tar(d / "s-000000.tar", good[:32])
+    write_tar(d / "s-000001.tar", good[32:])
+    from ffscale.data.manifest import Manifest, ShardInfo, sha256_file
+
+    files = sorted(d.glob("*.tar"))
+    shards.write_dali_indexes(files)
+    Manifest("s", ["a", "b", "c"], [ShardInfo(f.name, 32, sha256_file(f)) for f in files]).save(d)
+    return d
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+@pytest.mark.parametrize("case", ["label_range", "no_label", "corrupt_jpeg", "empty_jpeg"])
+def test_bad_samples_raise_naming_shard_and_key_or_are_skipped(tmp_path, kind, case):
+    d = bad_shards(tmp_path, case)
+    loader, _ = build_loader(plain_cfg(kind), str(d), False, 0, 1, 8, 0, None, torch.device("cpu"))
+    with pytest.raises(DataError, match=r"s-000000\.tar.*0005"):
+        collect(loader)
+    loader, _ = build_loader(
+        plain_cfg(kind, on_error="skip"), str(d), False, 0, 1, 8, 0, None, torch.device("cpu")
+    )
+    ids, labels, _ = collect(loader)
+    assert sorted(ids) == [i for i in range(64) if i != 5]
+    assert all(y == i % 3 for i, y in zip(ids, labels))
+
+
+def test_manifest_problems_are_named(tmp_path, id_shards):
+    with pytest.raises(DataError, match="no shard manifest"):
+        load_manifest(tmp_path)
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(id_shards, d)
+    tar = sorted(d.glob("*.tar"))[1]
+    tar.write_bytes(tar.read_bytes()[:5000])  # truncated
+    with pytest.raises(DataError, match=tar.name):
+        verify(d)
+    tar.unlink()
+    with pytest.raises(DataError, match="missing on disk"):
+        load_manifest(d)
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**m, "shards": m["shards"][:1]}))
+    with pytest.raises(DataError, match="digest does not match"):
+        load_manifest(d)
