@@ -33,25 +33,59 @@ def cmd_shard(a) -> int:
 
 
 def cmd_train(a) -> int:
-    """Validate the config here, then start the DeepSpeed launcher (one rank per GPU / CPU share)."""
-    from . import config
+    """Validate the config here, then start the DeepSpeed launcher (one rank per GPU / CPU share).
+
+    The launcher runs in its own process group, and SIGTERM/SIGINT are forwarded to the whole
+    group: DeepSpeed's local runner does not forward them itself, so without this a preempted job
+    would lose the checkpoint the ranks write on SIGTERM.
+    """
+    import signal
+    import tempfile
+    import time
+
+    from . import config, tracking
 
     try:
-        config.load(a.config, a.overrides)
+        cfg = config.load(a.config, a.overrides)
     except config.ConfigError as e:
         print(f"ffscale: config error: {e}", file=sys.stderr)
         return 2
     nproc = a.nproc or _default_nproc()
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     train_py = str(Path(__file__).with_name("train.py"))
-    cmd = [launcher, "-q", "--num_gpus", str(nproc)]
-    if a.master_port:
-        cmd += ["--master_port", str(a.master_port)]
+    cmd = [launcher, "-q", "--num_gpus", str(nproc), "--master_port", str(a.master_port)]
+    if a.nnodes > 1:
+        hosts = Path(tempfile.mkdtemp()) / "hostfile"
+        hosts.write_text("".join(f"node{i} slots={nproc}\n" for i in range(a.nnodes)))
+        cmd += ["--hostfile", str(hosts), "--no_ssh", "--num_nodes", str(a.nnodes)]
+        cmd += ["--node_rank", str(a.node_rank), "--master_addr", a.master_addr]
     cmd += [train_py] + sum((["--config", c] for c in a.config), []) + a.overrides
+    if a.node_rank == 0:
+        tracking.ensure_store(cfg, Path(cfg.run.dir) / cfg.run.name)  # before ranks race to create it
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    got = []
+
+    def forward(signum, frame):
+        got.append(signum)
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    rc = proc.wait()
+    deadline = time.time() + a.grace
+    while got and time.time() < deadline:  # ranks may still be writing their checkpoint
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    return 128 + got[0] if got else rc
 
 
 def _default_nproc() -> int:
@@ -113,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", "-c", action="append", default=[], help="YAML file(s), merged in order")
     t.add_argument("overrides", nargs="*", help="key=value overrides")
     t.add_argument("--nproc", type=int, default=0, help="ranks on this machine (default: GPUs, or 1)")
-    t.add_argument("--master-port", type=int, default=0)
+    t.add_argument("--master-port", type=int, default=29500)
+    t.add_argument("--nnodes", type=int, default=1, help="nodes in the job (multi-node without ssh)")
+    t.add_argument("--node-rank", type=int, default=0, help="this node's index (0 hosts the master)")
+    t.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
+    t.add_argument("--grace", type=float, default=60, help="seconds to wait for ranks after SIGTERM")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a run's exported weights without DeepSpeed")
@@ -124,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("compare", help="compare stage runs tracked in MLflow (Table 1 layout)")
+    c.add_argument("--runs", default="runs", help="run.dir whose mlflow.db to read (default: runs)")
+    c.add_argument("--uri", help="tracking URI instead (default: $MLFLOW_TRACKING_URI or <runs>/mlflow.db)")
+    c.add_argument("--experiment", default="ffscale")
+    c.add_argument("--filter", help="MLflow search filter, e.g. \"params.\\`optim.base_lr\\` = '0.001'\"")
+    c.add_argument("--model", help="only models whose name contains this")
+    c.add_argument("--plot", metavar="FILE.png", help="draw loss and top-1 curves")
+    c.set_defaults(fn=lambda a: __import__("ffscale.compare", fromlist=["main"]).main(a))
 
     m = sub.add_parser("models", help="list registered models with parameter counts")
     m.add_argument("filter", nargs="?")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import flops
+from . import flops, preempt
 from .config import ConfigError, Stage, check_world
 from .data.augment import DeviceOps
 from .data.loader import build_loader
@@ -165,6 +165,10 @@ def run_stage(
                     f"{stage.name} ep {epoch + 1}/{s.schedule.epochs} step {step}/{total} | loss {loss:.4f} | "
                     f"lr {engine.lr:.2e} | {perf.get('img_per_s', 0):,.0f} img/s{mfu} | ETA {fmt_time(perf.get('eta_s', 0))}",
                 )
+            if preempt.requested_anywhere(dist.device):
+                save(epoch, i + 1)
+                log(dist, f"{p}: SIGTERM: checkpoint written at step {step}; rerun to continue")
+                raise preempt.Preempted(step)
             if s.checkpoint.every_steps and step % s.checkpoint.every_steps == 0:
                 save(epoch, i + 1)
             if s.schedule.stop_at_step and step >= s.schedule.stop_at_step:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from . import config as C
-from . import tracking
+from . import preempt, tracking
 from .engine import dist as D
 from .loop import log, run_stage
 
@@ -34,9 +34,11 @@ def run(cfg: C.Config) -> int:
     """Run every unfinished stage; 0 when all are done or a stage stopped at schedule.stop_at_step."""
     stages = C.stages(cfg)
     run_dir = Path(cfg.run.dir) / cfg.run.name
+    preempt.install()
     dist = D.init()
     if dist.rank == 0:
         C.save(cfg, run_dir / "config.yaml")
+        tracking.ensure_store(cfg, run_dir)
     tracker = tracking.create(cfg, run_dir, dist.rank)
     tracker.pipeline_started(cfg)
     done: list[C.Stage] = []
@@ -70,5 +72,8 @@ def run(cfg: C.Config) -> int:
                 f"pipeline {cfg.run.name}: done; final test top-1 {top1:.2f}% ({last.dir / 'weights.safetensors'})",
             )
         return 0
+    except preempt.Preempted:
+        status = "KILLED"
+        return preempt.EXIT_CODE
     finally:
         tracker.pipeline_ended(status)

@@ -1,6 +1,58 @@
-"""Experiment tracking. Only this module talks to MLflow; ranks other than 0 get a no-op tracker."""
+"""Experiment tracking in MLflow: a parent run per pipeline, a child run per stage.
+
+The only module that talks to MLflow. Rank 0 tracks; every other rank gets a NullTracker.
+Run ids live in `<run dir>/mlflow_runs.json`, so a rerun continues the same runs; params are
+logged once, when a run is created (MLflow params are immutable). Metrics are buffered and
+written with `log_batch`; a tracking server that is down costs one warning, not the training.
+"""
 
 from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+SECRET = re.compile(r"(token|password|passwd|secret|credential|api_?key)", re.I)
+URI_CREDS = re.compile(r"(//)[^/@\s]+@")
+
+for k, v in {
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
+    "GIT_PYTHON_REFRESH": "quiet",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",  # a dead server must not block training for minutes
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}.items():
+    os.environ.setdefault(k, v)
+
+
+def redact(value: str) -> str:
+    return URI_CREDS.sub(r"\1***@", value)
+
+
+def flatten(d, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'optim.base_lr': '0.0005', ...}; secret-looking keys and URI credentials
+    never leave the machine."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        elif SECRET.search(key):
+            continue
+        else:
+            out[key] = redact(str(v))[:6000]
+    return out
+
+
+def default_store(runs_root: Path) -> str:
+    """One SQLite store for every pipeline under `run.dir`, so `ffscale compare` sees them all."""
+    return f"sqlite:///{(Path(runs_root) / 'mlflow.db').resolve()}"
+
+
+def tracking_uri(cfg, run_dir: Path) -> str:
+    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store(run_dir.parent)
 
 
 class NullTracker:
@@ -11,5 +63,188 @@ class NullTracker:
     def pipeline_ended(self, status: str) -> None: ...
 
 
-def create(cfg, run_dir, rank: int):
-    return NullTracker()
+class MlflowTracker:
+    def __init__(self, cfg, run_dir: Path):
+        from mlflow import MlflowClient
+
+        self.cfg, self.run_dir = cfg, run_dir
+        self.uri = tracking_uri(cfg, run_dir)
+        self.client = MlflowClient(self.uri)
+        self.ids_file = run_dir / "mlflow_runs.json"
+        self.ids = json.loads(self.ids_file.read_text()) if self.ids_file.is_file() else {"stages": {}}
+        self.parent: str | None = None
+        self.child: str | None = None
+        self.buffer: list = []
+        self.monitor = None
+        self.failed_once = False
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _call(self, fn, *a, **kw):
+        """Tracking must not stop training: log the first failure, keep going."""
+        try:
+            return fn(*a, **kw)
+        except Exception as e:
+            if not self.failed_once:
+                print(f"ffscale: MLflow at {redact(self.uri)} failed ({type(e).__name__}: {e}); "
+                      "training continues, metrics stay in metrics.jsonl", flush=True)  # fmt: skip
+                self.failed_once = True
+            return None
+
+    def _save_ids(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.ids_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.ids, indent=1))
+        tmp.replace(self.ids_file)
+
+    def _resume_or_create(
+        self, run_id: str | None, exp_id: str, name: str, tags: dict, params: dict
+    ) -> str | None:
+        from mlflow.entities import Param
+
+        if run_id and self._call(self.client.get_run, run_id) is not None:
+            self._call(self.client.update_run, run_id, status="RUNNING")
+            return run_id
+        run = self._call(self.client.create_run, exp_id, run_name=name, tags=tags)
+        if run is None:
+            return None
+        items = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # log_batch takes at most 100 params
+            self._call(self.client.log_batch, run.info.run_id, params=items[i : i + 100])
+        return run.info.run_id
+
+    # -- the tracker interface ---------------------------------------------------------------
+    def pipeline_started(self, cfg) -> None:
+        from omegaconf import OmegaConf
+
+        exp = self._call(self.client.get_experiment_by_name, cfg.tracking.experiment)
+        self.exp_id = (
+            exp.experiment_id if exp else self._call(self.client.create_experiment, cfg.tracking.experiment)
+        )
+        if self.exp_id is None:
+            return
+        params = flatten(
+            {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(cfg)).items() if k != "stages"}
+        )
+        params["stages"] = ",".join(cfg.stages or ["train"])
+        tags = {"ffscale.pipeline": cfg.run.name, "ffscale.kind": "pipeline"}
+        self.parent = self._resume_or_create(self.ids.get("parent"), self.exp_id, cfg.run.name, tags, params)
+        if self.parent:
+            self.ids["parent"] = self.parent
+            self._save_ids()
+            if (self.run_dir / "config.yaml").is_file():
+                self._call(self.client.log_artifact, self.parent, str(self.run_dir / "config.yaml"))
+
+    def stage_started(self, stage, train_manifest, val_manifest, n_params) -> None:
+        if not self.parent:
+            return
+        from omegaconf import OmegaConf
+
+        s = stage.cfg
+        tags = {
+            "mlflow.parentRunId": self.parent,
+            "ffscale.pipeline": self.cfg.run.name,
+            "ffscale.kind": "stage",
+            "ffscale.stage": stage.name,
+            "ffscale.model": s.model.name,
+            "ffscale.dataset": train_manifest.name + ":" + train_manifest.digest,
+            "ffscale.init_from": str(s.init_from or "previous"),
+        }
+        params = flatten(OmegaConf.to_container(OmegaConf.structured(s)))
+        params["model.params"] = str(n_params)
+        old = self.ids["stages"].get(stage.name)
+        self.child = self._resume_or_create(
+            old, self.exp_id, f"{self.cfg.run.name}/{stage.name}", tags, params
+        )
+        if not self.child:
+            return
+        self.ids["stages"][stage.name] = self.child
+        self._save_ids()
+        if not old:
+            self._log_datasets(train_manifest, val_manifest, s)
+        self._start_system_metrics()
+
+    def _log_datasets(self, train_m, val_m, s) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = []
+        for m, ctx, root in ((train_m, "training", s.data.train), (val_m, "validation", s.data.val)):
+            src = json.dumps({"uri": str(Path(root).resolve()), "origin": m.source})
+            schema = json.dumps({"samples": m.num_samples, "classes": m.num_classes, "shards": len(m.shards)})
+            ds = Dataset(name=m.name, digest=m.digest, source_type="local", source=src, schema=schema)
+            inputs.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", ctx)]))
+        self._call(self.client.log_inputs, self.child, datasets=inputs)
+
+    def _start_system_metrics(self) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(
+                self.child, sampling_interval=10, tracking_uri=self.uri, resume_logging=True
+            )
+            self.monitor.start()
+        except Exception:
+            self.monitor = None
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+
+        if not self.child:
+            return
+        now = int(time.time() * 1000)
+        self.buffer += [
+            Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))
+        ]
+        if len(self.buffer) >= self.cfg.tracking.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.child and self.buffer:
+            for i in range(0, len(self.buffer), 1000):
+                self._call(self.client.log_batch, self.child, metrics=self.buffer[i : i + 1000])
+            self.buffer = []
+
+    def stage_ended(self, stage, status: str, summary: dict | None = None) -> None:
+        self.flush()
+        if self.monitor is not None:
+            self._call(self.monitor.finish)
+            self.monitor = None
+        if not self.child:
+            return
+        if summary is not None:
+            from mlflow.entities import Metric
+
+            best = summary.get("best", {})
+            now = int(time.time() * 1000)
+            final = [
+                Metric(f"best_{k}", float(v), now, summary.get("steps", 0))
+                for k, v in best.items()
+                if k != "epoch"
+            ]
+            self._call(self.client.log_batch, self.child, metrics=final)
+            for f in ("DONE", "metrics.jsonl", "weights.safetensors"):
+                if (stage.dir / f).is_file():
+                    self._call(self.client.log_artifact, self.child, str(stage.dir / f))
+        if status != "RUNNING":
+            self._call(self.client.set_terminated, self.child, status)
+        self.child = None
+
+    def pipeline_ended(self, status: str) -> None:
+        self.flush()
+        if self.child:
+            self.stage_ended(None, status)
+        if self.parent and status != "RUNNING":
+            self._call(self.client.set_terminated, self.parent, status)
+
+
+def create(cfg, run_dir: Path, rank: int):
+    return MlflowTracker(cfg, run_dir) if rank == 0 else NullTracker()
+
+
+def ensure_store(cfg, run_dir: Path) -> None:
+    """Create the default SQLite store before ranks start: concurrent creation races."""
+    uri = tracking_uri(cfg, run_dir)
+    if uri.startswith("sqlite:"):
+        from mlflow import MlflowClient
+
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        MlflowClient(uri).search_experiments(max_results=1)

@@ -1,5 +1,179 @@
-"""DALI pipelines (placeholder until the DALI loader lands)."""
+"""NVIDIA DALI pipelines: nvJPEG/hardware decode on the GPU (`device="mixed"`), the same graph on
+the CPU where there is no GPU. The only module that knows DALI.
+
+One pipeline per epoch, seeded from (seed, epoch, rank), with the reader's shard rotated by epoch:
+an epoch's batches are a pure function of those, so a resumed run replays them by skipping the
+batches it already trained on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from ..config import DataCfg
+from .loader import Batch, ShardPlan
+from .manifest import DataError
+
+LABEL_BYTES = 16  # .cls is ASCII digits; padded to a fixed width and parsed with torch
 
 
 def available() -> bool:
-    return False
+    try:
+        import nvidia.dali  # noqa: F401
+        import nvidia.dali.plugin.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _pipeline(files, idx, shard_id, num_shards, train, c: DataCfg, rand_aug: bool, decode_device: str):
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.auto_aug import rand_augment
+
+    @pipeline_def(enable_conditionals=True)
+    def pipe():
+        jpg, cls = fn.readers.webdataset(
+            paths=files,
+            index_paths=idx,
+            ext=["jpg", "cls"],
+            missing_component_behavior="error",  # the default would label a missing .cls as 0
+            random_shuffle=train,
+            initial_fill=c.shuffle_buffer,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            pad_last_batch=not train,
+            dont_use_mmap=True,  # a truncated shard is then an error, not a SIGSEGV
+            name="reader",
+        )
+        if train:
+            img = fn.decoders.image_random_crop(
+                jpg, device=decode_device, output_type=types.RGB, random_area=list(c.scale),
+                random_aspect_ratio=list(c.ratio),
+            )  # fmt: skip
+            img = fn.resize(img, resize_x=c.img_size, resize_y=c.img_size)
+            if rand_aug:
+                img = rand_augment.rand_augment(img, n=2, m=9)
+            mirror = fn.random.coin_flip(probability=c.hflip)
+        else:
+            img = fn.decoders.image(jpg, device=decode_device, output_type=types.RGB)
+            img = fn.resize(img, resize_shorter=int(c.img_size / c.crop_pct))
+            mirror = 0
+        img = fn.crop_mirror_normalize(
+            img, dtype=types.UINT8, output_layout="CHW", crop=(c.img_size, c.img_size), mirror=mirror
+        )
+        label = fn.pad(cls[:LABEL_BYTES], axes=(0,), shape=(LABEL_BYTES,), fill_value=0)
+        return img, label, cls.shape()
+
+    return pipe
+
+
+def parse_labels(raw: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """[B, 16] uint8 ASCII (zero padded) -> int64 labels; -2 where not a plain decimal number."""
+    d = raw.long() - 48
+    pos = torch.arange(raw.shape[1])
+    inside = pos[None, :] < lengths.view(-1, 1)
+    ws = (raw == 10) | (raw == 13) | (raw == 32)
+    ndig = (inside & (d >= 0) & (d <= 9)).sum(1)
+    ok = (ndig > 0) & ((inside & ~ws).sum(1) == ndig) & (lengths.view(-1) <= LABEL_BYTES)
+    digit = inside & (d >= 0) & (d <= 9)
+    exp = (digit.flip(1).cumsum(1).flip(1) - 1).clamp(min=0)  # digits to the right of each digit
+    val = (d.clamp(0, 9) * (10**exp) * digit).sum(1)
+    return torch.where(ok, val, torch.full_like(val, -2))
+
+
+class DaliLoader:
+    def __init__(
+        self, cfg: DataCfg, plan: ShardPlan, train: bool, batch: int, num_classes: int, device: torch.device
+    ):
+        if cfg.on_error == "skip":
+            raise DataError(
+                "data.on_error=skip needs data.loader=webdataset: DALI cannot drop a sample inside its "
+                "graph (data.loader=auto picks webdataset for skip)"
+            )
+        self.cfg, self.plan, self.train, self.batch = cfg, plan, train, batch
+        self.num_classes, self.device = num_classes, device
+        self.idx = [f.with_suffix(".idx") for f in plan.files]
+        for i in self.idx:
+            if not i.is_file() or i.stat().st_size == 0:
+                raise DataError(f"DALI index {i} missing or empty: rewrite the shards with `ffscale shard`")
+        n = sum(plan.counts)
+        per_rank = [n * (r + 1) // plan.world - n * r // plan.world for r in range(plan.world)]
+        if train:
+            self.steps_per_epoch = min(per_rank) // batch
+            self.num_samples = self.steps_per_epoch * batch * plan.world
+            if self.steps_per_epoch == 0:
+                raise DataError(f"{plan.files[0].parent}: too few samples for one batch per rank")
+        else:
+            self.steps_per_epoch = max(-(-k // batch) for k in per_rank)
+            self.num_samples = n
+
+    def _iterator(self, epoch: int):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        gpu = self.device.type == "cuda"
+        world, rank = self.plan.world, self.plan.rank
+        shard_id = (rank + epoch) % world if self.train else rank  # rotate: epochs cover all data
+        pipe = _pipeline(
+            [str(f) for f in self.plan.files], [str(i) for i in self.idx], shard_id, world, self.train,
+            self.cfg, getattr(self.cfg, "rand_augment", False) and self.train, "mixed" if gpu else "cpu",
+        )(
+            batch_size=self.batch,
+            num_threads=max(1, self.cfg.workers),
+            device_id=self.device.index or 0 if gpu else None,
+            seed=(self.plan.seed * 1_000_003 + epoch * 7919 + rank) % (2**31),
+            prefetch_queue_depth=2,
+        )  # fmt: skip
+        pipe.build()
+        policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
+        return DALIGenericIterator(
+            [pipe], ["x", "cls", "len"], reader_name="reader", last_batch_policy=policy, auto_reset=False
+        )
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        n, it = 0, None
+        try:
+            it = self._iterator(epoch)
+            for out in it:
+                if n >= self.steps_per_epoch:
+                    break
+                n += 1
+                if n <= skip:
+                    continue
+                d = out[0]
+                y = parse_labels(d["cls"].cpu(), d["len"].cpu().view(-1))
+                bad = (y < 0) | (y >= self.num_classes)
+                if bad.any():
+                    self._locate(f"label {y[bad][0].item()} invalid or out of range [0, {self.num_classes})")
+                yield d["x"], y
+        except RuntimeError as e:
+            msg = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            self._locate(msg[-1] if msg else type(e).__name__)
+        finally:
+            del it
+        if not self.train:
+            size = self.cfg.img_size
+            while n < self.steps_per_epoch:
+                n += 1
+                yield (
+                    torch.zeros(1, 3, size, size, dtype=torch.uint8, device=self.device),
+                    torch.full((1,), -1),
+                )
+
+    def _locate(self, what: str):
+        """DALI errors carry no file name: find the offending sample by reading this rank's shards
+        on the host, and raise naming its shard and key."""
+        from .shards import iter_samples
+        from .wds import decode_image, parse_label
+
+        try:
+            for s in iter_samples([Path(f) for f in self.plan.files]):
+                parse_label(s, self.num_classes)
+                decode_image(s)
+        except DataError as e:
+            raise DataError(f"{e} (DALI: {what})") from None
+        except Exception as e:  # a broken tar
+            raise DataError(f"shards under {self.plan.files[0].parent}: {e} (DALI: {what})") from None
+        raise DataError(f"DALI failed on shards under {self.plan.files[0].parent}: {what}")

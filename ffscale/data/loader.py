@@ -86,7 +86,7 @@ def build_loader(
     if kind == "auto":
         from .dali import available
 
-        kind = "dali" if available() else "webdataset"
+        kind = "dali" if available() and cfg.on_error == "raise" else "webdataset"
     if kind == "dali":
         from .dali import DaliLoader
 
