@@ -49,6 +49,13 @@ class DataCfg:
     workers: int = 2  # loader worker processes per rank (threads for DALI)
     shuffle_buffer: int = 2000
     on_error: str = "raise"  # raise | skip
+    # The rest of DeiT's recipe (defaults as DeiT: rand-m9-mstd0.5-inc1, mixup 0.8, cutmix 1.0).
+    rand_augment: bool = True  # DALI loader only (torchvision does not import beside CPU torch)
+    mixup: float = 0.8  # Beta(alpha) for mixup; 0 = off
+    cutmix: float = 1.0  # Beta(alpha) for cutmix; 0 = off
+    mix_prob: float = 1.0  # probability that a batch is mixed at all
+    mix_switch: float = 0.5  # probability of cutmix rather than mixup when both are on
+    reprob: float = 0.25  # random erasing probability per sample
 
 
 @dataclass

@@ -35,6 +35,7 @@ def plain_cfg(loader: str, **kw) -> DataCfg:
         hflip=0.0,
         workers=0,
         shuffle_buffer=50,
+        rand_augment=False,
         **kw,
     )
 
@@ -179,3 +180,41 @@ def test_manifest_problems_are_named(tmp_path, id_shards):
     (d / "manifest.json").write_text(json.dumps({**m, "shards": m["shards"][:1]}))
     with pytest.raises(DataError, match="digest does not match"):
         load_manifest(d)
+
+
+def test_mixup_and_cutmix_mix_images_and_targets_alike():
+    from ffscale.data.augment import mix
+
+    x = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(4)])
+    t = torch.eye(4)
+    torch.manual_seed(0)
+    xm, tm = mix(x, t, mixup=0.8, cutmix=0.0, prob=1.0, switch=0.5)
+    lam = float(tm[0, 0])
+    assert 0 < lam < 1 and torch.allclose(tm.sum(1), torch.ones(4))
+    assert torch.allclose(xm[0], torch.full((3, 8, 8), 0 * lam + 3 * (1 - lam)))
+    xc, tc = mix(x, t, mixup=0.0, cutmix=1.0, prob=1.0, switch=0.5)
+    pasted = float((xc[0] == 3.0).float().mean())  # sample 0 is paired with sample 3
+    assert tc[0, 3] == pytest.approx(pasted) and tc[0, 0] == pytest.approx(1 - pasted)
+    same, tsame = mix(x, t, mixup=0.8, cutmix=1.0, prob=0.0, switch=0.5)
+    assert torch.equal(same, x) and torch.equal(tsame, t)
+
+
+def test_random_erasing_is_per_sample_and_seeded():
+    from ffscale.data.augment import random_erase
+
+    x = torch.zeros(64, 3, 16, 16)
+    torch.manual_seed(1)
+    a = random_erase(x, 0.25)
+    torch.manual_seed(1)
+    b = random_erase(x, 0.25)
+    erased = (a.flatten(1).abs().sum(1) > 0).sum().item()
+    assert torch.equal(a, b) and 5 <= erased <= 30
+
+
+def test_dali_rand_augment_pipeline_runs(id_shards):
+    loader, _ = build_loader(
+        plain_cfg("dali").__class__(**{**plain_cfg("dali").__dict__, "rand_augment": True}),
+        str(id_shards), True, 0, 1, 16, 0, None, torch.device("cpu"),
+    )  # fmt: skip
+    x, y = next(iter(loader.epoch(0)))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.uint8 and y.min() >= 0

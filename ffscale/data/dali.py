@@ -118,7 +118,7 @@ class DaliLoader:
         shard_id = (rank + epoch) % world if self.train else rank  # rotate: epochs cover all data
         pipe = _pipeline(
             [str(f) for f in self.plan.files], [str(i) for i in self.idx], shard_id, world, self.train,
-            self.cfg, getattr(self.cfg, "rand_augment", False) and self.train, "mixed" if gpu else "cpu",
+            self.cfg, self.cfg.rand_augment and self.train, "mixed" if gpu else "cpu",
         )(
             batch_size=self.batch,
             num_threads=max(1, self.cfg.workers),

@@ -49,6 +49,10 @@ class WdsLoader:
         self.num_classes = num_classes
         self.workers = cfg.workers
         self.skipped = 0
+        if train and cfg.rand_augment and plan.rank == 0:
+            print(
+                "ffscale: data.rand_augment is DALI-only; the webdataset loader trains without it", flush=True
+            )
         if train:
             self.steps_per_epoch = plan.train_steps(batch, self.workers)
             self.num_samples = self.steps_per_epoch * batch * plan.world
