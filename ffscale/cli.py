@@ -1,4 +1,4 @@
-"""`ffscale` command line: shard, train, eval, compare, bench, export, cluster, models."""
+"""`ffscale` command line: shard, train, eval, compare, bench, cluster, models."""
 
 from __future__ import annotations
 
@@ -130,7 +130,11 @@ def _has_cuda() -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ffscale", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="ffscale",
+        description="Distributed training of feed-forward-only vision transformers (DeepSpeed, DALI, MLflow).",
+        epilog="quick start: bash scripts/demo.sh | docs: README.md, cluster/README.md, docs/",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("shard", help="write WebDataset shards + manifest from a dataset")
@@ -187,6 +191,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--node-selector", help="key=value")
     r.set_defaults(fn=lambda a: __import__("ffscale.cluster", fromlist=["main"]).main(a))
 
+    b = sub.add_parser("bench", help="throughput against a baseline run in the same process")
+    bsub = b.add_subparsers(dest="what", required=True)
+    bd = bsub.add_parser("data", help="DALI vs webdataset loader: img/s and CPU-ms per image")
+    bd.add_argument(
+        "--shards", default="data/bench-shards", help="shard dir (default: made from Fashion-MNIST)"
+    )
+    bd.add_argument("--images", type=int, default=2000, help="images in the generated bench set")
+    bd.add_argument("--source-size", type=int, default=320, help="side of the generated JPEGs")
+    bd.add_argument("--img-size", type=int, default=224)
+    bd.add_argument("--batch", type=int, default=64)
+    bd.add_argument("--workers", type=int, default=2, help="DataLoader workers / DALI threads")
+    bd.add_argument("--rand-augment", action="store_true", help="DALI RandAugment (webdataset has none)")
+    bd.add_argument("--json", action="store_true")
+    bt = bsub.add_parser("train", help="ffscale (DeepSpeed) step vs a plain PyTorch loop, MFU")
+    bt.add_argument("--config", "-c", action="append", default=[])
+    bt.add_argument("overrides", nargs="*")
+    bt.add_argument("--steps", type=int, default=20)
+    bt.add_argument("--warmup", type=int, default=5)
+    bt.add_argument("--json", action="store_true")
+    b.set_defaults(fn=lambda a: __import__("ffscale.bench", fromlist=["main"]).main(a))
+
     m = sub.add_parser("models", help="list registered models with parameter counts")
     m.add_argument("filter", nargs="?")
     m.set_defaults(fn=cmd_models)
@@ -195,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "what", None) == "data":
+        args.shards_given = "--shards" in (argv or sys.argv)
     return args.fn(args)
 
 

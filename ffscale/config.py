@@ -32,6 +32,7 @@ class ModelCfg:
     dim: int | None = None
     depth: int | None = None
     token_hidden: int | None = None  # FF only: fixed token-MLP width (linear in patches)
+    carry_token_mlp: bool = True  # init_from another image size: resample token MLPs (else re-init)
 
 
 @dataclass
@@ -154,6 +155,8 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     merged = OmegaConf.create()
     for b in [bases] if isinstance(bases, str) else bases:
         merged = OmegaConf.merge(merged, _read_yaml((path.parent / b).resolve(), seen + (path,)))
+    if isinstance(node, DictConfig) and "stages" in node and "stages" in merged:
+        merged.pop("stages")  # a file that lists stages defines the pipeline; it does not extend it
     return OmegaConf.merge(merged, node)
 
 

@@ -79,7 +79,10 @@ def run_stage(
     if init_weights is not None:
         from .engine.checkpoint import load_weights
 
-        model.load_state_dict(adapt_state_dict(load_weights(init_weights), model, log=lambda m: log(dist, m)))
+        state = adapt_state_dict(
+            load_weights(init_weights), model, lambda m: log(dist, m), s.model.carry_token_mlp
+        )
+        model.load_state_dict(state)
 
     micro_per_epoch = train.steps_per_epoch // accum * accum  # epochs end on a step boundary
     steps_per_epoch = micro_per_epoch // accum
@@ -105,8 +108,8 @@ def run_stage(
         lambda: create_model(s.model.name, **kw), kw["img_size"], kw["in_chans"]
     )
     peak = flops.device_peak(dist.device, engine.precision) if dist.rank == 0 else 0.0
-    meter = Meter(total, s.optim.global_batch, fpi, peak)
-    n_params = sum(p.numel() for p in model.parameters())
+    meter = Meter(total, s.optim.global_batch, fpi, peak * dist.world)  # MFU over all devices
+    n_params = sum(getattr(q, "ds_numel", q.numel()) for q in model.parameters())  # ZeRO-3 partitions
     log(
         dist,
         f"{p}: {s.model.name} {n_params / 1e6:.2f}M params, {fpi / 3e9:.3f} GFLOPs/img fwd, "
@@ -126,6 +129,11 @@ def run_stage(
     def save(epoch: int, micro_in_epoch: int) -> None:
         state = {"epoch": epoch, "micro_in_epoch": micro_in_epoch, "best": best}
         engine.save(ckpt_dir, f"step{engine.global_step}", state, s.checkpoint.keep)
+
+    if init_weights is not None and client is None:  # what the carried weights are worth as-is
+        ev = evaluate(engine, val, ops)
+        record({"step": 0, "init_val_top1": ev["val_top1"], "init_val_top5": ev["val_top5"]})
+        log(dist, f"{p}: weights from {init_weights}: top-1 {ev['val_top1']:.2f}% before training")
 
     loss_sum = torch.zeros((), device=dist.device)
     n_loss = 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -28,6 +30,8 @@ def _free_port() -> int:
 def prepare_env() -> None:
     """Called before importing deepspeed: a plain `python` run becomes a 1-rank job, a CPU host
     skips DeepSpeed's accelerator probe, and CPU ranks share the cores instead of oversubscribing."""
+    # torch 2.13 warns on every ZeRO step that DeepSpeed uses all_gather_into_tensor.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     if "RANK" not in os.environ:  # no launcher: single process
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -39,11 +43,21 @@ def prepare_env() -> None:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
 
 
+class _QuietScheduler(logging.Filter):
+    """WarmupCosineLR warns once at construction, before we step it to warmup_lr."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "before it has started" not in record.getMessage()
+
+
 def init(timeout_s: int = 600) -> DistInfo:
     import deepspeed
 
     # Training never uses DeepSpeed's shared-memory comm op; skip its ~45 s JIT build.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    from deepspeed.utils import logger
+
+    logger.addFilter(_QuietScheduler())
     deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

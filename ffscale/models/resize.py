@@ -52,12 +52,22 @@ def _fit_hidden(w1, b1, w2, new1, new_b1, new2):
     return w1, b1, w2
 
 
-def adapt_state_dict(state: dict, model: nn.Module, log: Callable[[str], None] = print) -> dict:
-    """Return `state` reshaped to fit `model`; logs what was changed."""
+def _token_mixing(key: str) -> bool:
+    return ".mlp_tokens." in key or ".norm2." in key
+
+
+def adapt_state_dict(
+    state: dict, model: nn.Module, log: Callable[[str], None] = print, carry_token_mlp: bool = True
+) -> dict:
+    """Return `state` reshaped to fit `model`; logs what was changed. With carry_token_mlp=False,
+    FF token MLPs of another sequence length keep the model's fresh init instead (the baseline)."""
     target = model.state_dict()
     out = {}
     tokens = getattr(model, "num_tokens", None)
     for k, v in state.items():
+        if not carry_token_mlp and _token_mixing(k) and k in target and v.shape != target[k].shape:
+            out[k] = target[k]
+            continue
         if k not in target:
             log(f"weights: dropping {k} (not in this model)")
             continue
