@@ -55,6 +55,10 @@ def tracking_uri(cfg, run_dir: Path) -> str:
     return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store(run_dir.parent)
 
 
+class _Down(Exception):
+    """The tracking server failed recently; the call was not made."""
+
+
 class NullTracker:
     def pipeline_started(self, cfg) -> None: ...
     def stage_started(self, stage, train_manifest, val_manifest, n_params) -> None: ...
@@ -77,17 +81,28 @@ class MlflowTracker:
         self.buffer: list = []
         self.monitor = None
         self.failed_once = False
+        self.down_until = 0.0
 
     # -- helpers ---------------------------------------------------------------------------
     def _call(self, fn, *a, **kw):
-        """Tracking must not stop training: log the first failure, keep going."""
+        """Tracking must not stop training: after a failure, calls are skipped for a minute
+        (metrics stay buffered and are written when the server answers again); one warning."""
+        if time.monotonic() < self.down_until:
+            raise _Down
         try:
             return fn(*a, **kw)
         except Exception as e:
+            self.down_until = time.monotonic() + 60
             if not self.failed_once:
-                print(f"ffscale: MLflow at {redact(self.uri)} failed ({type(e).__name__}: {e}); "
-                      "training continues, metrics stay in metrics.jsonl", flush=True)  # fmt: skip
+                print(f"ffscale: MLflow at {redact(self.uri)} failed ({type(e).__name__}: {str(e)[:200]}); "
+                      "training continues, metrics are kept and retried", flush=True)  # fmt: skip
                 self.failed_once = True
+            raise _Down from None
+
+    def _try(self, fn, *a, **kw):
+        try:
+            return self._call(fn, *a, **kw)
+        except _Down:
             return None
 
     def _save_ids(self) -> None:
@@ -101,24 +116,24 @@ class MlflowTracker:
     ) -> str | None:
         from mlflow.entities import Param
 
-        if run_id and self._call(self.client.get_run, run_id) is not None:
-            self._call(self.client.update_run, run_id, status="RUNNING")
+        if run_id and self._try(self.client.get_run, run_id) is not None:
+            self._try(self.client.update_run, run_id, status="RUNNING")
             return run_id
-        run = self._call(self.client.create_run, exp_id, run_name=name, tags=tags)
+        run = self._try(self.client.create_run, exp_id, run_name=name, tags=tags)
         if run is None:
             return None
         items = [Param(k, v) for k, v in params.items()]
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params
-            self._call(self.client.log_batch, run.info.run_id, params=items[i : i + 100])
+            self._try(self.client.log_batch, run.info.run_id, params=items[i : i + 100])
         return run.info.run_id
 
     # -- the tracker interface ---------------------------------------------------------------
     def pipeline_started(self, cfg) -> None:
         from omegaconf import OmegaConf
 
-        exp = self._call(self.client.get_experiment_by_name, cfg.tracking.experiment)
+        exp = self._try(self.client.get_experiment_by_name, cfg.tracking.experiment)
         self.exp_id = (
-            exp.experiment_id if exp else self._call(self.client.create_experiment, cfg.tracking.experiment)
+            exp.experiment_id if exp else self._try(self.client.create_experiment, cfg.tracking.experiment)
         )
         if self.exp_id is None:
             return
@@ -132,7 +147,7 @@ class MlflowTracker:
             self.ids["parent"] = self.parent
             self._save_ids()
             if (self.run_dir / "config.yaml").is_file():
-                self._call(self.client.log_artifact, self.parent, str(self.run_dir / "config.yaml"))
+                self._try(self.client.log_artifact, self.parent, str(self.run_dir / "config.yaml"))
 
     def stage_started(self, stage, train_manifest, val_manifest, n_params) -> None:
         if not self.parent:
@@ -172,7 +187,7 @@ class MlflowTracker:
             schema = json.dumps({"samples": m.num_samples, "classes": m.num_classes, "shards": len(m.shards)})
             ds = Dataset(name=m.name, digest=m.digest, source_type="local", source=src, schema=schema)
             inputs.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", ctx)]))
-        self._call(self.client.log_inputs, self.child, datasets=inputs)
+        self._try(self.client.log_inputs, self.child, datasets=inputs)
 
     def _start_system_metrics(self) -> None:
         try:
@@ -198,15 +213,18 @@ class MlflowTracker:
             self.flush()
 
     def flush(self) -> None:
-        if self.child and self.buffer:
-            for i in range(0, len(self.buffer), 1000):
-                self._call(self.client.log_batch, self.child, metrics=self.buffer[i : i + 1000])
-            self.buffer = []
+        while self.child and self.buffer:
+            try:
+                self._call(self.client.log_batch, self.child, metrics=self.buffer[:1000])
+            except _Down:
+                self.buffer = self.buffer[-200_000:]  # keep (bounded) until the server is back
+                return
+            self.buffer = self.buffer[1000:]
 
     def stage_ended(self, stage, status: str, summary: dict | None = None) -> None:
         self.flush()
         if self.monitor is not None:
-            self._call(self.monitor.finish)
+            self._try(self.monitor.finish)
             self.monitor = None
         if not self.child:
             return
@@ -220,12 +238,12 @@ class MlflowTracker:
                 for k, v in best.items()
                 if k != "epoch"
             ]
-            self._call(self.client.log_batch, self.child, metrics=final)
+            self._try(self.client.log_batch, self.child, metrics=final)
             for f in ("DONE", "metrics.jsonl", "weights.safetensors"):
                 if (stage.dir / f).is_file():
-                    self._call(self.client.log_artifact, self.child, str(stage.dir / f))
+                    self._try(self.client.log_artifact, self.child, str(stage.dir / f))
         if status != "RUNNING":
-            self._call(self.client.set_terminated, self.child, status)
+            self._try(self.client.set_terminated, self.child, status)
         self.child = None
 
     def pipeline_ended(self, status: str) -> None:
@@ -233,7 +251,7 @@ class MlflowTracker:
         if self.child:
             self.stage_ended(None, status)
         if self.parent and status != "RUNNING":
-            self._call(self.client.set_terminated, self.parent, status)
+            self._try(self.client.set_terminated, self.parent, status)
 
 
 def create(cfg, run_dir: Path, rank: int):

@@ -60,3 +60,14 @@ def test_every_shipped_config_loads(path):
     assert C.stages(cfg)
     text = path.read_text()
     assert "Command:" in text and "Expected:" in text  # big_vision-style header
+
+
+def test_ffscale_train_rejects_a_bad_config_before_any_rank_starts():
+    import subprocess
+    import sys
+
+    cli = Path(sys.executable).with_name("ffscale")
+    r = subprocess.run([str(cli), "train", "--config", str(ROOT / "configs" / "demo.yaml"), "optim.lrr=1"],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2
+    assert "optim.lrr" in r.stderr and "deepspeed" not in r.stdout  # the launcher never ran
