@@ -1,11 +1,12 @@
-"""`ffscale compare`: the stage runs in MLflow side by side, laid out like the paper's Table 1."""
+"""`ffscale compare`: the stage runs in MLflow side by side, laid out like the paper's Table 1.
+MLflow itself is reached through tracking.py."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from . import tracking  # noqa: F401  (quiet MLflow environment)
+from . import tracking
 
 # The paper's Table 1 (ImageNet-1k top-1), for reference beside ImageNet runs.
 PAPER_TOP1 = {"ff_tiny": 61.4, "ff_base": 74.9, "ff_large": 71.4, "vit_base": 77.9}
@@ -17,15 +18,8 @@ def family(model: str) -> str:
 
 
 def stage_rows(uri: str, experiment: str, filter_string: str = "") -> list[dict]:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    flt = "tags.`ffscale.kind` = 'stage'" + (f" and {filter_string}" if filter_string else "")
     rows = []
-    for r in client.search_runs([exp.experiment_id], flt, max_results=5000):
+    for r in tracking.stage_runs(uri, experiment, filter_string):
         m, p, t = r.data.metrics, r.data.params, r.data.tags
         end = r.info.end_time or r.info.start_time
         rows.append({
@@ -68,18 +62,16 @@ def plot(uri: str, rows: list[dict], path: Path, metric: str = "val_top1") -> No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from mlflow import MlflowClient
 
-    client = MlflowClient(uri)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for r in rows:
         label = f"{r['pipeline']}/{r['stage']} ({r['model']})"
         for ax, key in zip(axes, ("loss", metric)):
-            hist = sorted(client.get_metric_history(r["run_id"], key), key=lambda m: m.step)
+            hist = tracking.metric_history(uri, r["run_id"], key)
             if hist:
                 ax.plot(
-                    [m.step for m in hist],
-                    [m.value for m in hist],
+                    [step for step, _ in hist],
+                    [value for _, value in hist],
                     label=label,
                     marker="." if key != "loss" else None,
                 )

@@ -266,3 +266,21 @@ def ensure_store(cfg, run_dir: Path) -> None:
 
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         MlflowClient(uri).search_experiments(max_results=1)
+
+
+def stage_runs(uri: str, experiment: str, filter_string: str = "") -> list:
+    """Finished or not, every stage run of an experiment (for `ffscale compare`)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    flt = "tags.`ffscale.kind` = 'stage'" + (f" and {filter_string}" if filter_string else "")
+    return client.search_runs([exp.experiment_id], flt, max_results=5000)
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    from mlflow import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
