@@ -44,11 +44,15 @@ def main(argv: list[str] | None = None) -> int:
 
     prepare_env()
     from ffscale import pipeline
+    from ffscale.engine.checkpoint import CheckpointMismatch
 
     try:
         return pipeline.run(cfg)
     except config.ConfigError as e:
         print(f"ffscale: config error: {e}", file=sys.stderr)
+        return 2
+    except CheckpointMismatch as e:
+        print(f"ffscale: {e}", file=sys.stderr)
         return 2
 
 

@@ -69,6 +69,7 @@ def runs(fm_shards, tmp_path_factory):
     out["ref"] = check(launch(pipeline_args(fm_shards, d, "ref")))
     out["cut"] = check(launch(pipeline_args(fm_shards, d, "cut", "stages.z3.schedule.stop_at_step=17")))
     out["cut_ids"] = json.loads((d / "cut" / "mlflow_runs.json").read_text())
+    out["one_rank"] = launch(pipeline_args(fm_shards, d, "cut"), nproc=1)  # ZeRO-3 shards of 2 ranks
     out["resumed"] = check(launch(pipeline_args(fm_shards, d, "cut")))
     out["term_rc"], out["term_out"] = sigterm_during_z2(fm_shards, d)
     out["term_ids"] = json.loads((d / "term" / "mlflow_runs.json").read_text())
@@ -170,3 +171,10 @@ def test_compare_prints_the_runs(runs, capsys):
     assert len(lines) == 6  # ref, cut, term x (z2, z3)
     assert any("FINISHED" in ln and "z3" in ln and "cut" in ln for ln in lines)
     assert png.stat().st_size > 10_000
+
+
+def test_resuming_with_another_rank_count_stops_with_the_conversion_command(runs):
+    r = runs["one_rank"]
+    assert r.returncode != 0
+    text = r.stdout + r.stderr
+    assert "holds ZeRO-3 shards of 2 ranks, this run has 1" in text and "ds_to_universal" in text

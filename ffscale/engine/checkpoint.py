@@ -8,6 +8,7 @@ mid-save leaves `latest` naming the previous complete checkpoint.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -19,6 +20,11 @@ from safetensors.torch import load_file, save_file
 from .dist import barrier
 
 LATEST = "latest"
+META = "ffscale.json"  # world size and ZeRO stage of a checkpoint, read before DeepSpeed loads it
+
+
+class CheckpointMismatch(RuntimeError):
+    """A checkpoint this run cannot load as is; the message says what to do."""
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -28,6 +34,10 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _world() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
@@ -43,6 +53,8 @@ def save(ds, ckpt_dir, tag: str, client_state: dict, keep: int) -> None:
     ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     barrier()  # every rank's shards are written
     if ds.global_rank == 0:
+        meta = {"world_size": _world(), "zero_stage": ds.zero_optimization_stage()}
+        _write_atomic(ckpt_dir / tag / META, json.dumps(meta))
         _write_atomic(ckpt_dir / LATEST, tag)
         tags = sorted(
             (d for d in ckpt_dir.iterdir() if d.is_dir() and d.name.startswith("step")),
@@ -59,6 +71,17 @@ def load(ds, ckpt_dir) -> dict | None:
     tag = latest_tag(Path(ckpt_dir))
     if tag is None:
         return None
+    meta_file = Path(ckpt_dir) / tag / META
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    saved = meta.get("world_size", _world())
+    if saved != _world() and meta.get("zero_stage", 0) > 0:
+        raise CheckpointMismatch(
+            f"checkpoint {ckpt_dir}/{tag} holds ZeRO-{meta['zero_stage']} shards of {saved} ranks, this run has "
+            f"{_world()}. Resume with {saved} ranks, or convert it first: python -m "
+            f"deepspeed.checkpoint.ds_to_universal --input_folder {ckpt_dir}/{tag} "
+            f"--output_folder {ckpt_dir}/{tag}_universal and load that with "
+            "deepspeed.extra.checkpoint.load_universal=true"
+        )
     path, client = ds.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"checkpoint {ckpt_dir}/{tag} could not be loaded")
