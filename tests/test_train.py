@@ -135,7 +135,7 @@ def test_mlflow_holds_parent_and_stage_runs_with_lineage(runs):
 
     c = MlflowClient(f"sqlite:///{runs['dir'] / 'mlflow.db'}")
     ids = json.loads((runs["dir"] / "cut" / "mlflow_runs.json").read_text())
-    assert ids == {**runs["cut_ids"], "stages": {**runs["cut_ids"]["stages"], **ids["stages"]}}
+    assert ids["parent"] == runs["cut_ids"]["parent"]  # the rerun continued the pipeline's run
     assert ids["stages"]["z3"] == runs["cut_ids"]["stages"]["z3"]  # resumed, not a new run
     parent = c.get_run(ids["parent"])
     assert parent.info.status == "FINISHED" and parent.data.params["run.name"] == "cut"
@@ -151,9 +151,8 @@ def test_mlflow_holds_parent_and_stage_runs_with_lineage(runs):
         assert r.inputs.dataset_inputs and r.inputs.dataset_inputs[0].dataset.name == "train"
     hist = c.get_metric_history(ids["stages"]["z3"], "loss")
     steps = [m.step for m in hist]
-    assert (
-        len(steps) == len(set(steps)) or max(steps) == 62
-    )  # every step logged, resumed steps once more at most
+    total = json.loads((runs["dir"] / "cut" / "z3" / "DONE").read_text())["steps"]
+    assert sorted(steps) == list(range(1, total + 1))  # every step once: 1-17 before the stop, the rest after
 
 
 def test_compare_prints_the_runs(runs, capsys):

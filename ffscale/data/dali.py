@@ -163,7 +163,7 @@ class DaliLoader:
                 )
 
     def _locate(self, what: str):
-        """DALI errors carry no file name: find the offending sample by reading this rank's shards
+        """DALI errors carry no file name: find the offending sample by reading the shards
         on the host, and raise naming its shard and key."""
         from .shards import iter_samples
         from .wds import decode_image, parse_label

@@ -48,7 +48,6 @@ class WdsLoader:
         self.cfg, self.plan, self.train, self.batch = cfg, plan, train, batch
         self.num_classes = num_classes
         self.workers = cfg.workers
-        self.skipped = 0
         if train and cfg.rand_augment and plan.rank == 0:
             print(
                 "ffscale: data.rand_augment is DALI-only; the webdataset loader trains without it", flush=True
@@ -76,10 +75,10 @@ class WdsLoader:
             try:
                 y = parse_label(s, self.num_classes)
                 img = decode_image(s)
-            except DataError:
+            except DataError as e:
                 if c.on_error == "raise":
                     raise
-                self.skipped += 1
+                print(f"ffscale: skipped ({e})", flush=True)  # names shard and key
                 continue
             if self.train:
                 x = train_transform(img, c.img_size, c.scale, c.ratio, c.hflip, rng)
