@@ -70,6 +70,8 @@ class OptimCfg:
     eps: float = 1e-8
     clip_grad: float = 0.0  # 0 = off (DeiT); written explicitly since DeepSpeed defaults to 1.0
     label_smoothing: float = 0.1
+    nonfinite: str = "stop"  # a step whose loss is NaN/inf on any rank: stop (naming it) | skip it
+    max_skipped: int = 10  # nonfinite=skip: stop once more steps than this were skipped in a stage
 
 
 @dataclass
@@ -93,6 +95,9 @@ class CheckpointCfg:
     every_steps: int = 0  # 0: only at epoch ends (every_epochs)
     every_epochs: int = 1
     keep: int = 2  # keep the last k checkpoints
+    # Resuming ZeRO-1/2/3 shards with another rank count: convert to DeepSpeed's universal
+    # checkpoint and load that (true), or stop with the conversion command (false).
+    reshard: bool = True
 
 
 @dataclass
@@ -224,6 +229,7 @@ def validate(s: StageCfg, p: str = "") -> None:
     """Checks OmegaConf's types cannot express. `p` prefixes keys (stages.<name>.)."""
     _choice(s.data.loader, ("auto", "dali", "webdataset"), f"{p}data.loader")
     _choice(s.data.on_error, ("raise", "skip"), f"{p}data.on_error")
+    _choice(s.optim.nonfinite, ("stop", "skip"), f"{p}optim.nonfinite")
     _choice(s.deepspeed.precision, ("auto", "bf16", "fp16", "fp32"), f"{p}deepspeed.precision")
     if s.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"{p}deepspeed.zero_stage={s.deepspeed.zero_stage}: must be 0, 1, 2 or 3")

@@ -6,7 +6,6 @@ Sees plain tensors and the small Engine interface; knows nothing of DeepSpeed, D
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from . import flops, preempt
 from .config import ConfigError, Stage, check_world
 from .data.augment import DeviceOps
 from .data.loader import build_loader
-from .engine.checkpoint import latest_tag
+from .engine.checkpoint import latest_tag, needs_reshard
 from .engine.dist import DistInfo
 from .engine.engine import Engine
 from .models import create_model
@@ -90,19 +89,28 @@ def run_stage(
         raise ConfigError(f"{p}: one epoch of {s.data.train} is smaller than optim.global_batch")
     total = s.schedule.epochs * steps_per_epoch
     warmup = int(s.schedule.warmup_epochs * steps_per_epoch)
-    engine = Engine(model, s, dist, accum, total, warmup)
+    ckpt_dir = stage.dir / "checkpoints"
+    reshard = s.checkpoint.reshard and needs_reshard(ckpt_dir)  # another rank count's ZeRO shards
+    engine = Engine(model, s, dist, accum, total, warmup, universal=reshard)
     ops = DeviceOps(s.data, num_classes, dist.device, engine.dtype)
 
-    ckpt_dir = stage.dir / "checkpoints"
     stage.dir.mkdir(parents=True, exist_ok=True)
-    client = engine.load(ckpt_dir) if latest_tag(ckpt_dir) else None
-    epoch, skip = (client["epoch"], client["micro_in_epoch"]) if client else (0, 0)
+    client = engine.load(ckpt_dir, s.checkpoint.reshard)  # None: fresh start
+    epoch, skip = 0, 0
     if client:
+        # micro-steps done in this epoch, counted in this run's accumulation (the rank count may differ)
+        epoch, skip = client["epoch"], client["micro_in_epoch"] // client.get("accum", accum) * accum
         log(
             dist,
-            f"{p}: resumed from {ckpt_dir}/{latest_tag(ckpt_dir)} (epoch {epoch}, step {engine.global_step})",
+            f"{p}: resumed from {ckpt_dir}/{latest_tag(ckpt_dir)} (epoch {epoch}, step {engine.global_step})"
+            + (
+                f"; resharded to {dist.world} ranks: the rest of this epoch sees another sample order"
+                if reshard
+                else ""
+            ),
         )
     best = client.get("best", {}) if client else {}
+    skipped = client.get("skipped", 0) if client else 0  # non-finite steps skipped (optim.nonfinite=skip)
 
     fpi = flops.train_flops_per_image(
         lambda: create_model(s.model.name, **kw), kw["img_size"], kw["in_chans"]
@@ -127,7 +135,13 @@ def run_stage(
         tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
 
     def save(epoch: int, micro_in_epoch: int) -> None:
-        state = {"epoch": epoch, "micro_in_epoch": micro_in_epoch, "best": best}
+        state = {
+            "epoch": epoch,
+            "micro_in_epoch": micro_in_epoch,
+            "accum": accum,
+            "best": best,
+            "skipped": skipped,
+        }
         engine.save(ckpt_dir, f"step{engine.global_step}", state, s.checkpoint.keep)
 
     if init_weights is not None and client is None:  # what the carried weights are worth as-is
@@ -136,6 +150,7 @@ def run_stage(
         log(dist, f"{p}: weights from {init_weights}: top-1 {ev['val_top1']:.2f}% before training")
 
     loss_sum = torch.zeros((), device=dist.device)
+    step_loss = torch.zeros((), device=dist.device)
     n_loss = 0
     stopped = False
     last_eval: dict = {}
@@ -147,15 +162,24 @@ def run_stage(
             # Seeded per micro-step: drop path and augmentation replay exactly after a resume.
             torch.manual_seed(seed + 1_000_003 * dist.rank + epoch * micro_per_epoch + i)
             x, target = ops.train_batch(x, y, s.optim.label_smoothing)
-            loss_sum += engine.train_step(x, target)
-            n_loss += 1
+            step_loss += engine.train_step(x, target)
             if (i + 1) % accum:
                 continue
             step = engine.global_step
-            if step % log_every == 0 or i + 1 == micro_per_epoch:
+            if engine.step_finite:
+                loss_sum += step_loss
+                n_loss += accum
+            else:  # nothing was applied; no checkpoint can hold NaN weights
+                skipped += 1
+                record({"step": step, "skipped_steps": skipped})
+                nonfinite(s.optim, step, skipped, ckpt_dir, p)
+                log(
+                    dist,
+                    f"{p}: loss not finite at step {step}: step skipped ({skipped}/{s.optim.max_skipped})",
+                )
+            step_loss.zero_()
+            if n_loss and (step % log_every == 0 or i + 1 == micro_per_epoch):
                 loss = loss_sum.item() / n_loss
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"{p}: loss is {loss} at step {step}")
                 loss_sum.zero_()
                 n_loss = 0
                 perf = meter.update(step)
@@ -213,6 +237,22 @@ def run_stage(
         "weights_digest": digest,
         "ranks": dist.world,
     }
+
+
+def nonfinite(optim, step: int, skipped: int, ckpt_dir: Path, p: str) -> None:
+    """Stop, naming the step, unless optim.nonfinite=skip and the limit is not yet passed."""
+    if optim.nonfinite == "skip" and skipped <= optim.max_skipped:
+        return
+    why = (
+        f"{skipped} steps skipped, more than optim.max_skipped={optim.max_skipped}"
+        if optim.nonfinite == "skip"
+        else "optim.nonfinite=stop"
+    )
+    raise FloatingPointError(
+        f"{p}: loss is NaN or inf at step {step} ({why}). The step was not applied; the last "
+        f"checkpoint is {ckpt_dir / latest_tag(ckpt_dir) if latest_tag(ckpt_dir) else 'none yet'}. Lower optim.base_lr or set optim.clip_grad"
+        + ("" if optim.nonfinite == "skip" else ", or skip such steps with optim.nonfinite=skip")
+    )
 
 
 def evaluate(engine: Engine, val, ops: DeviceOps) -> dict:

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     prepare_env()
     from ffscale import pipeline
-    from ffscale.engine.checkpoint import CheckpointMismatch
+    from ffscale.engine.checkpoint import CheckpointMismatch, CheckpointWriteError
 
     try:
         return pipeline.run(cfg)
@@ -54,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointMismatch as e:
         print(f"ffscale: {e}", file=sys.stderr)
         return 2
+    except CheckpointWriteError as e:  # the message names the rank that failed
+        print(f"ffscale: {e}", file=sys.stderr)
+        return 1
+    except FloatingPointError as e:  # every rank stops at the same step; one says so
+        if os.environ.get("RANK", "0") == "0":
+            print(f"ffscale: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

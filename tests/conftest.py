@@ -20,12 +20,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(
-    args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None
-) -> subprocess.CompletedProcess:
-    """Run ffscale/train.py under the real `deepspeed` launcher with `nproc` CPU ranks."""
+def launch_cmd(args: list[str], nproc: int = 2) -> list[str]:
+    """The real `deepspeed` launcher running ffscale/train.py with `nproc` CPU ranks."""
     launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [
+    return [
         str(launcher),
         "-q",
         "--num_gpus",
@@ -35,8 +33,24 @@ def launch(
         str(TRAIN_PY),
         *args,
     ]
-    e = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def launch_env(env: dict | None = None) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+
+
+def launch(
+    args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run a training job to its end under the real `deepspeed` launcher."""
+    return subprocess.run(
+        launch_cmd(args, nproc),
+        cwd=ROOT,
+        env=launch_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")

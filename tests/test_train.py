@@ -69,7 +69,8 @@ def runs(fm_shards, tmp_path_factory):
     out["ref"] = check(launch(pipeline_args(fm_shards, d, "ref")))
     out["cut"] = check(launch(pipeline_args(fm_shards, d, "cut", "stages.z3.schedule.stop_at_step=17")))
     out["cut_ids"] = json.loads((d / "cut" / "mlflow_runs.json").read_text())
-    out["one_rank"] = launch(pipeline_args(fm_shards, d, "cut"), nproc=1)  # ZeRO-3 shards of 2 ranks
+    # ZeRO-3 shards of 2 ranks, resharding off
+    out["one_rank"] = launch(pipeline_args(fm_shards, d, "cut", "checkpoint.reshard=false"), nproc=1)
     out["resumed"] = check(launch(pipeline_args(fm_shards, d, "cut")))
     out["term_rc"], out["term_out"] = sigterm_during_z2(fm_shards, d)
     out["term_ids"] = json.loads((d / "term" / "mlflow_runs.json").read_text())
@@ -172,8 +173,10 @@ def test_compare_prints_the_runs(runs, capsys):
     assert png.stat().st_size > 10_000
 
 
-def test_resuming_with_another_rank_count_stops_with_the_conversion_command(runs):
+def test_resuming_with_another_rank_count_without_reshard_stops_with_the_conversion_command(runs):
     r = runs["one_rank"]
     assert r.returncode != 0
     text = r.stdout + r.stderr
-    assert "holds ZeRO-3 shards of 2 ranks, this run has 1" in text and "ds_to_universal" in text
+    assert "holds ZeRO-3 shards of 2 ranks, this run has 1" in text
+    assert "python -m deepspeed.checkpoint.ds_to_universal --input_folder" in text
+    assert "--inject_missing_state, then rerun with checkpoint.reshard=true" in text

@@ -7,10 +7,13 @@ mid-save leaves `latest` naming the previous complete checkpoint.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -48,40 +51,114 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag if (Path(ckpt_dir) / tag).is_dir() else None
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, I/O); the previous one is intact."""
+
+
+def _step(tag: str) -> int:
+    return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else -1
+
+
 def save(ds, ckpt_dir, tag: str, client_state: dict, keep: int) -> None:
     ckpt_dir = Path(ckpt_dir)
-    ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    try:
+        ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as RuntimeError
+        # This rank stops; the launcher (or the peers' collective timeouts) stops the others.
+        free = shutil.disk_usage(ckpt_dir).free if ckpt_dir.is_dir() else 0
+        full = getattr(e, "errno", None) == errno.ENOSPC or free < 64 * 2**20
+        raise CheckpointWriteError(
+            errno.ENOSPC if full else getattr(e, "errno", None) or errno.EIO,
+            f"writing checkpoint {ckpt_dir / tag} failed on rank {ds.global_rank}: "
+            f"{'no space left on the device' if full else e} ({free / 2**20:.1f} MiB free there). "
+            f"`latest` still names {latest_tag(ckpt_dir) or 'no checkpoint'}, which is complete; "
+            "free space and rerun to resume from it",
+        ) from e
     barrier()  # every rank's shards are written
     if ds.global_rank == 0:
         meta = {"world_size": _world(), "zero_stage": ds.zero_optimization_stage()}
         _write_atomic(ckpt_dir / tag / META, json.dumps(meta))
         _write_atomic(ckpt_dir / LATEST, tag)
         tags = sorted(
-            (d for d in ckpt_dir.iterdir() if d.is_dir() and d.name.startswith("step")),
-            key=lambda d: int(d.name[4:]) if d.name[4:].isdigit() else -1,
+            (d for d in ckpt_dir.iterdir() if d.is_dir() and _step(d.name) >= 0), key=lambda d: _step(d.name)
         )
         for old in tags[: max(0, len(tags) - keep)]:
             if old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(ckpt_dir / f"{old.name}_universal", ignore_errors=True)
     barrier()
 
 
-def load(ds, ckpt_dir) -> dict | None:
-    """Load the checkpoint `latest` names; None when there is none (a fresh start)."""
+def remove_partial(ckpt_dir) -> list[str]:
+    """Delete checkpoint directories newer than `latest`: writes a kill or a full disk interrupted.
+    Rank 0 only; they were never named by `latest`, so nothing can have loaded them."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    cur = _step(latest_tag(ckpt_dir) or "step-1")
+    gone = [d for d in ckpt_dir.iterdir() if d.is_dir() and _step(d.name) > cur]
+    for d in gone:
+        shutil.rmtree(d, ignore_errors=True)
+    return sorted(d.name for d in gone)
+
+
+def meta(ckpt_dir) -> dict:
+    """World size and ZeRO stage of the checkpoint `latest` names ({} when there is none)."""
     tag = latest_tag(Path(ckpt_dir))
+    f = Path(ckpt_dir) / str(tag) / META
+    return json.loads(f.read_text()) if tag and f.is_file() else {}
+
+
+def needs_reshard(ckpt_dir) -> bool:
+    """ZeRO-1/2/3 shards written by another number of ranks than this run has."""
+    m = meta(ckpt_dir)
+    return bool(m) and m.get("zero_stage", 0) > 0 and m.get("world_size", _world()) != _world()
+
+
+def _to_universal(ckpt_dir: Path, tag: str) -> str:
+    """Convert with DeepSpeed's ds_to_universal (rank 0, once); written aside, renamed into place."""
+    out = ckpt_dir / f"{tag}_universal"
+    if not out.is_dir():
+        tmp = ckpt_dir / f"{tag}_universal.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder"]
+        cmd += [str(ckpt_dir / tag), "--output_folder", str(tmp), "--inject_missing_state"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise CheckpointMismatch(
+                f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n{r.stderr[-2000:]}"
+            )
+        os.replace(tmp, out)
+    return out.name
+
+
+def load(ds, ckpt_dir, reshard: bool = True) -> dict | None:
+    """Load the checkpoint `latest` names; None when there is none (a fresh start). Shards of another
+    rank count are converted to a universal checkpoint first (the engine must have been built with
+    load_universal), or, with reshard=False, stop with the command that converts them."""
+    ckpt_dir = Path(ckpt_dir)
+    if ds.global_rank == 0:
+        for name in remove_partial(ckpt_dir):
+            print(f"removed {ckpt_dir / name}: an interrupted checkpoint write", flush=True)
+    barrier()
+    tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
-    meta_file = Path(ckpt_dir) / tag / META
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    saved = meta.get("world_size", _world())
-    if saved != _world() and meta.get("zero_stage", 0) > 0:
-        raise CheckpointMismatch(
-            f"checkpoint {ckpt_dir}/{tag} holds ZeRO-{meta['zero_stage']} shards of {saved} ranks, this run has "
-            f"{_world()}. Resume with {saved} ranks, or convert it first: python -m "
-            f"deepspeed.checkpoint.ds_to_universal --input_folder {ckpt_dir}/{tag} "
-            f"--output_folder {ckpt_dir}/{tag}_universal and load that with "
-            "deepspeed.extra.checkpoint.load_universal=true"
-        )
+    if needs_reshard(ckpt_dir):
+        m = meta(ckpt_dir)
+        what = f"checkpoint {ckpt_dir}/{tag} holds ZeRO-{m['zero_stage']} shards of {m['world_size']} ranks, this run has {_world()}"
+        if not reshard:
+            raise CheckpointMismatch(
+                f"{what}. Resume with {m['world_size']} ranks, or convert it first: python -m "
+                f"deepspeed.checkpoint.ds_to_universal --input_folder {ckpt_dir}/{tag} "
+                f"--output_folder {ckpt_dir}/{tag}_universal --inject_missing_state, then rerun with "
+                "checkpoint.reshard=true"
+            )
+        if ds.global_rank == 0:
+            print(f"{what}: converting to a universal checkpoint", flush=True)
+            _to_universal(ckpt_dir, tag)
+        barrier()
+        tag = f"{tag}_universal"
     path, client = ds.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"checkpoint {ckpt_dir}/{tag} could not be loaded")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import deepspeed
 import torch
 from torch import nn
@@ -17,12 +19,21 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 class Engine:
     def __init__(
-        self, model: nn.Module, s: StageCfg, dist: DistInfo, accum: int, total_steps: int, warmup_steps: int
+        self,
+        model: nn.Module,
+        s: StageCfg,
+        dist: DistInfo,
+        accum: int,
+        total_steps: int,
+        warmup_steps: int,
+        universal: bool = False,
     ):
         self.dist = dist
         self.precision = ds_config.resolve_precision(s.deepspeed.precision, dist.device)
         self.dtype = DTYPES[self.precision]
         cfg = ds_config.build(s, dist.world, accum, total_steps, warmup_steps, self.precision)
+        if universal:  # resuming another rank count's shards (checkpoint.load converts them)
+            cfg = ds_config._merge(cfg, {"checkpoint": {"load_universal": True}})
         opt = build_optimizer(model, s.optim, ds_config.peak_lr(s), dist.device)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, config=cfg
@@ -31,6 +42,12 @@ class Engine:
         if self.scheduler.last_batch_iteration < 0:  # step 1 runs at warmup_lr, not at lr 0
             self.scheduler.step(0)
         self.accum = accum
+        self._bad = torch.zeros((), device=dist.device)  # non-finite micro-batch losses this step
+        self.step_finite = True  # was the last optimizer step's loss finite on every rank?
+        # Fault injection for the fault suite (docs/reliability.md): rank 0's loss becomes NaN at
+        # these optimizer steps, e.g. FFSCALE_FAULT_NAN_STEPS=5,9.
+        nan_steps = os.environ.get("FFSCALE_FAULT_NAN_STEPS", "")
+        self._fault_nan = {int(v) for v in nan_steps.split(",") if v.strip()}
 
     @property
     def global_step(self) -> int:
@@ -47,9 +64,32 @@ class Engine:
         self.ds.train()
         logits = self.ds(x).float()
         loss = soft_cross_entropy(logits, target)
+        if self.dist.rank == 0 and self.global_step + 1 in self._fault_nan:
+            loss = loss * float("nan")
+        boundary = self.ds.is_gradient_accumulation_boundary()
         self.ds.backward(loss)
-        self.ds.step()
+        self._bad += (~torch.isfinite(loss.detach())).float()
+        if boundary:  # one scalar all-reduce per optimizer step: every rank decides alike
+            self.step_finite = all_reduce_sum(self._bad.clone()).item() == 0
+            self._bad.zero_()
+            self._guarded_step()
+        else:
+            self.ds.step()
         return loss.detach()
+
+    def _guarded_step(self) -> None:
+        """Step; a non-finite step must leave the weights alone. DeepSpeed's ZeRO and bf16/fp16
+        optimizers skip a step whose gradient norm is not finite (and say so in `overflow`); a bare
+        torch optimizer (ZeRO-0, fp32) does not, so its gradients are dropped first."""
+        own = not hasattr(self.ds.optimizer, "overflow")
+        if not self.step_finite and own:
+            for p in self.ds.module.parameters():
+                p.grad = None
+        self.ds.step()
+        if not self.step_finite and not own and not self.ds.optimizer.overflow:
+            raise FloatingPointError(
+                f"step {self.global_step}: loss not finite but DeepSpeed applied the step; weights are suspect"
+            )
 
     @torch.no_grad()
     def evaluate(self, batches) -> dict:
@@ -79,8 +119,8 @@ class Engine:
     def save(self, ckpt_dir, tag: str, client_state: dict, keep: int) -> None:
         checkpoint.save(self.ds, ckpt_dir, tag, client_state, keep)
 
-    def load(self, ckpt_dir) -> dict | None:
-        return checkpoint.load(self.ds, ckpt_dir)
+    def load(self, ckpt_dir, reshard: bool = True) -> dict | None:
+        return checkpoint.load(self.ds, ckpt_dir, reshard)
 
     def export(self, path) -> str:
         """Consolidated fp32 weights; returns their digest (checked equal on every rank)."""
