@@ -32,6 +32,17 @@ def cmd_shard(a) -> int:
     return 0
 
 
+def cmd_verify(a) -> int:
+    from .data.manifest import verify
+
+    for root in a.dirs:
+        m = verify(root)
+        print(
+            f"{root}: {len(m.shards)} shards, {m.num_samples} samples, sha256 as in the manifest (digest {m.digest})"
+        )
+    return 0
+
+
 def cmd_train(a) -> int:
     """Validate the config here, then start the DeepSpeed launcher (one rank per GPU / CPU share).
 
@@ -147,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=0, help="keep only the first N shuffled samples")
     s.set_defaults(fn=cmd_shard)
 
+    v = sub.add_parser("verify", help="check every shard's sha256 against its manifest")
+    v.add_argument("dirs", nargs="+", help="shard directories (holding manifest.json)")
+    v.set_defaults(fn=cmd_verify)
+
     t = sub.add_parser("train", help="validate a config and launch training under DeepSpeed")
     t.add_argument("--config", "-c", action="append", default=[], help="YAML file(s), merged in order")
     t.add_argument("overrides", nargs="*", help="key=value overrides")
@@ -222,7 +237,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "what", None) == "data":
         args.shards_given = "--shards" in (argv or sys.argv)
-    return args.fn(args)
+    from .data.manifest import DataError
+
+    try:
+        return args.fn(args)
+    except DataError as e:
+        print(f"ffscale: data error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

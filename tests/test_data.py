@@ -170,7 +170,9 @@ def test_manifest_problems_are_named(tmp_path, id_shards):
     d = tmp_path / "copy"
     shutil.copytree(id_shards, d)
     tar = sorted(d.glob("*.tar"))[1]
-    tar.write_bytes(tar.read_bytes()[:5000])  # truncated
+    tar.write_bytes(tar.read_bytes()[:5000])  # truncated: caught by size at every start
+    with pytest.raises(DataError, match=rf"{tar.name}: 5000 bytes, .* says \d+ \(truncated or replaced\)"):
+        load_manifest(d)
     with pytest.raises(DataError, match=tar.name):
         verify(d)
     tar.unlink()
@@ -180,6 +182,25 @@ def test_manifest_problems_are_named(tmp_path, id_shards):
     (d / "manifest.json").write_text(json.dumps({**m, "shards": m["shards"][:1]}))
     with pytest.raises(DataError, match="digest does not match"):
         load_manifest(d)
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_garbage_inside_a_tar_is_named_by_both_loaders_and_by_verify(tmp_path, id_shards, kind):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(id_shards, d)
+    tar = sorted(d.glob("*.tar"))[2]
+    b = bytearray(tar.read_bytes())
+    b[10240 : 10240 + 4096] = b"\x13" * 4096  # same size: only content checks can see it
+    tar.write_bytes(bytes(b))
+    load_manifest(d)  # sizes agree
+    loader, _ = build_loader(plain_cfg(kind), str(d), False, 0, 1, 8, 0, None, torch.device("cpu"))
+    with pytest.raises(DataError, match=rf"shard .*{tar.name}: not a readable tar"):
+        collect(loader)
+    from ffscale.cli import main
+
+    assert main(["verify", str(d)]) == 2  # sha256 differs
 
 
 def test_mixup_and_cutmix_mix_images_and_targets_alike():

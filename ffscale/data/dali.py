@@ -148,6 +148,8 @@ class DaliLoader:
                 if bad.any():
                     self._locate(f"label {y[bad][0].item()} invalid or out of range [0, {self.num_classes})")
                 yield d["x"], y
+        except DataError:
+            raise
         except RuntimeError as e:
             msg = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             self._locate(msg[-1] if msg else type(e).__name__)
@@ -174,6 +176,6 @@ class DaliLoader:
                 decode_image(s)
         except DataError as e:
             raise DataError(f"{e} (DALI: {what})") from None
-        except Exception as e:  # a broken tar
-            raise DataError(f"shards under {self.plan.files[0].parent}: {e} (DALI: {what})") from None
+        except Exception as e:  # a broken tar; iter_samples names the shard
+            raise DataError(f"{e} (DALI: {what})") from None
         raise DataError(f"DALI failed on shards under {self.plan.files[0].parent}: {what}")

@@ -19,6 +19,7 @@ class ShardInfo:
     file: str  # relative to the manifest's directory
     count: int
     sha256: str
+    size: int = 0  # bytes; 0 in manifests written before sizes were recorded
 
 
 @dataclass
@@ -49,6 +50,12 @@ class Manifest:
         tmp = root / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(d, indent=1))
         tmp.replace(root / MANIFEST)
+
+
+def broken_tar(e: Exception) -> bool:
+    """webdataset's handler for tar-level errors (its args end with the shard's URL): name the shard."""
+    where = e.args[-1] if len(e.args) > 1 else "?"
+    raise DataError(f"shard {where}: not a readable tar ({e.args[0] if e.args else e})") from e
 
 
 def sha256_file(path: Path) -> str:
@@ -82,6 +89,12 @@ def load_manifest(root: str | Path) -> tuple[Manifest, list[Path]]:
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise DataError(f"{path}: shard(s) missing on disk: {', '.join(missing[:3])}")
+    for info, f in zip(m.shards, files):  # cheap, every start: catches truncated or replaced shards
+        if info.size and f.stat().st_size != info.size:
+            raise DataError(
+                f"shard {f}: {f.stat().st_size} bytes, {path} says {info.size} (truncated or replaced); "
+                f"rewrite it with `ffscale shard`, or check every shard with `ffscale verify {root}`"
+            )
     if "digest" in d and d["digest"] != m.digest:
         raise DataError(f"{path}: digest does not match its shard list (edited by hand?)")
     return m, files

@@ -18,7 +18,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from .manifest import DataError, Manifest, ShardInfo, sha256_file
+from .manifest import DataError, Manifest, ShardInfo, broken_tar, sha256_file
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -112,7 +112,7 @@ def write_shards(
     m = Manifest(
         name=name,
         classes=classes,
-        shards=[ShardInfo(f.name, n, sha256_file(f)) for f, n in zip(files, counts)],
+        shards=[ShardInfo(f.name, n, sha256_file(f), f.stat().st_size) for f, n in zip(files, counts)],
         source=source,
     )
     write_dali_indexes(files)
@@ -134,5 +134,7 @@ def write_dali_indexes(files: list[Path]) -> None:
 
 
 def iter_samples(files: list[Path]) -> Iterator[dict]:
-    """Raw samples of the given shards, in order (used by tests and `ffscale shard --check`)."""
-    yield from wds.WebDataset([str(f) for f in files], shardshuffle=False, empty_check=False)
+    """Raw samples of the given shards, in order; a broken tar raises DataError naming it."""
+    yield from wds.DataPipeline(
+        wds.SimpleShardList([str(f) for f in files]), wds.tarfile_to_samples(handler=broken_tar)
+    )

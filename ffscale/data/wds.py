@@ -12,7 +12,7 @@ from PIL import Image
 
 from ..config import DataCfg
 from .loader import Batch, ShardPlan
-from .manifest import DataError
+from .manifest import DataError, broken_tar
 from .transforms import eval_transform, train_transform
 
 
@@ -89,7 +89,7 @@ class WdsLoader:
     def _dataset(self, epoch: int, skip: int) -> wds.DataPipeline:
         idx = self.plan.train_shards(epoch) if self.train else self.plan.eval_shards()
         urls = [str(self.plan.files[i]) for i in idx]
-        stages = [wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples()]
+        stages = [wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples(handler=broken_tar)]
         if self.train:
             rng = random.Random(hash((self.plan.seed, epoch, self.plan.rank)))
             stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng))
