@@ -2,8 +2,9 @@
 
 data:  images/s and CPU-ms per image of the DALI and webdataset loaders on the same shards, with
        the same augmentation (random-resized-crop + flip), ratio printed.
-train: ffscale's DeepSpeed step against a plain PyTorch loop (same model, batch, AdamW, precision),
-       ratio and MFU printed; the CPU 'peak' is a dense matmul measured in the same run.
+train: ffscale's DeepSpeed step against a plain PyTorch loop per ZeRO stage (ffscale/bench_train.py).
+memory: model states and activations extrapolated to GPU clusters (ffscale/memory.py).
+scaling: step time against image size for FF-only (both token widths) and ViT (ffscale/bench_scaling.py).
 """
 
 from __future__ import annotations
@@ -76,95 +77,53 @@ def bench_data(a) -> dict:
     return results
 
 
-def bench_train(a) -> dict:
-    from . import config as C
-    from . import flops
-    from .engine import dist as D
-
-    D.prepare_env()
-    cfg = C.load(a.config, a.overrides)
-    s = C.stages(cfg)[0].cfg
-    info = D.init()
-    from .engine.engine import Engine, soft_cross_entropy
-    from .models import create_model
-
-    size = s.model.img_size or s.data.img_size
-    kw = dict(img_size=size, patch_size=s.model.patch_size, num_classes=s.model.num_classes or 1000,
-              dim=s.model.dim, depth=s.model.depth, drop_path=s.model.drop_path)  # fmt: skip
-    if s.model.token_hidden:
-        kw["token_hidden"] = s.model.token_hidden
-    b = s.optim.micro_batch
-    x = torch.randn(b, 3, size, size, device=info.device)
-    y = torch.randint(0, kw["num_classes"], (b,), device=info.device)
-    fpi = flops.train_flops_per_image(lambda: create_model(s.model.name, **kw), size)
-    res = {"model": s.model.name, "img_size": size, "micro_batch": b, "gflops_per_img": fpi / 1e9}
-
-    def timed(step) -> float:
-        for _ in range(a.warmup):
-            step()
-        if info.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(a.steps):
-            step()
-        if info.device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / a.steps
-
-    from .engine.ds_config import resolve_precision
-    from .engine.optim import build_optimizer
-
-    prec = resolve_precision(s.deepspeed.precision, info.device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[prec]
-
-    def plain_step_time() -> float:
-        """Plain PyTorch reference: same model, AdamW, precision (autocast), no DeepSpeed."""
-        torch.manual_seed(0)
-        ref = create_model(s.model.name, **kw).to(info.device)
-        opt = build_optimizer(ref, s.optim, 1e-4, info.device)
-
-        def step():
-            with torch.autocast(info.device.type, dtype=dtype, enabled=prec != "fp32"):
-                loss = soft_cross_entropy(ref(x).float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        return timed(step)
-
-    res["plain_step_s"] = plain_step_time()
-    torch.manual_seed(0)
-    s.optim.global_batch = b * info.world
-    engine = Engine(create_model(s.model.name, **kw), s, info, 1, 10_000, 1)
-    xe = x.to(engine.dtype)
-    res["ffscale_step_s"] = timed(lambda: engine.train_step(xe, y))
-    res["zero_stage"], res["precision"], res["ranks"] = s.deepspeed.zero_stage, prec, info.world
-    res["ratio_ffscale_over_plain"] = res["plain_step_s"] / res["ffscale_step_s"]
-    res["img_per_s"] = b * info.world / res["ffscale_step_s"]
-    peak = flops.device_peak(info.device, prec)
-    res["peak_tflops"] = peak / 1e12
-    res["mfu_pct"] = 100 * b * fpi / res["ffscale_step_s"] / peak if peak else None
-    res["device"] = torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu"
-    if info.device.type == "cuda":
-        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return res
-
-
 def main(a) -> int:
-    res = bench_data(a) if a.what == "data" else bench_train(a)
-    if a.what == "train" and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    if a.what == "train":
+        from . import bench_train
+
+        if a.child:  # one ZeRO stage, inside its own (possibly multi-rank) job
+            return bench_train.child(a)
+        res = bench_train.run(a)
+        print(json.dumps(res, indent=1)) if a.json else bench_train.print_table(res)
         return 0
+    if a.what == "memory":
+        from .memory import cluster_table
+
+        rows = cluster_table(a.models.split(","), a.img_size, [int(g) for g in a.gpus.split(",")], a.hbm_gib)
+        print(json.dumps(rows, indent=1)) if a.json else print_memory(rows, a.hbm_gib)
+        return 0
+    if a.what == "scaling":
+        from .bench_scaling import print_scaling, scaling
+
+        res = scaling(a)
+        print(json.dumps(res, indent=1)) if a.json else print_scaling(res)
+        return 0
+    res = bench_data(a)
     if a.json:
         print(json.dumps(res, indent=1))
-    else:
-        for k, v in res.items():
-            if isinstance(v, dict):
-                print(
-                    f"{k:12s} "
-                    + "  ".join(
-                        f"{kk} {vv:,.2f}" if isinstance(vv, float) else f"{kk} {vv}" for kk, vv in v.items()
-                    )
+        return 0
+    for k, v in res.items():
+        if isinstance(v, dict):
+            print(
+                f"{k:12s} "
+                + "  ".join(
+                    f"{kk} {vv:,.2f}" if isinstance(vv, float) else f"{kk} {vv}" for kk, vv in v.items()
                 )
-            else:
-                print(f"{k:28s} {v:,.3f}" if isinstance(v, float) else f"{k:28s} {v}")
+            )
+        else:
+            print(f"{k:28s} {v:,.3f}" if isinstance(v, float) else f"{k:28s} {v}")
     return 0
+
+
+def print_memory(rows: list[dict], hbm_gib: float) -> None:
+    print(
+        f"model states per GPU (bf16 + fp32 Adam) and the largest micro-batch fitting {hbm_gib:g} GiB (90% usable)"
+    )
+    print(
+        f"{'model':9} {'params':>7} {'GPUs':>5} {'ZeRO':>4} {'states GiB':>10} {'act MiB/img':>11} {'max batch':>9} {'w/ ckpt':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['model']:9} {r['params_m']:>6.1f}M {r['gpus']:>5} {r['zero']:>4} {r['states_gib']:>10.2f} "
+            f"{r['act_mib_per_img']:>11.1f} {r['max_batch']:>9} {r['max_batch_ckpt']:>8}"
+        )

@@ -33,6 +33,8 @@ class ModelCfg:
     depth: int | None = None
     token_hidden: int | None = None  # FF only: fixed token-MLP width (linear in patches)
     carry_token_mlp: bool = True  # init_from another image size: resample token MLPs (else re-init)
+    grad_ckpt: bool = False  # recompute each block in backward: activations ~1/depth, ~1.3x compute
+    compile: bool = False  # torch.compile the model inside the DeepSpeed engine
 
 
 @dataclass
@@ -87,6 +89,9 @@ class ScheduleCfg:
 class DeepSpeedCfg:
     zero_stage: int = 2
     precision: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | bf16 | fp16 | fp32
+    offload_optimizer: bool = False  # optimizer states + step on the CPU (ZeRO 1-3): fits bigger models
+    bucket_mb: int = 50  # ZeRO gradient reduce / parameter all-gather bucket, MiB of fp32 (13M elements)
+    prefetch_mb: int = 50  # ZeRO-3: parameters fetched ahead of the layer that needs them, MiB
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed config last
 
 
@@ -247,6 +252,8 @@ def validate(s: StageCfg, p: str = "") -> None:
             f"{p}optim.global_batch={s.optim.global_batch} is not a multiple of "
             f"{p}optim.micro_batch={s.optim.micro_batch}"
         )
+    if s.deepspeed.offload_optimizer and s.deepspeed.zero_stage == 0:
+        raise ConfigError(f"{p}deepspeed.offload_optimizer=true needs {p}deepspeed.zero_stage 1, 2 or 3")
     if s.schedule.epochs <= 0:
         raise ConfigError(f"{p}schedule.epochs must be positive")
 

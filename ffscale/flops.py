@@ -49,4 +49,8 @@ def cpu_matmul_peak(n: int = 1024, seconds: float = 0.5, dtype=torch.float32) ->
 def device_peak(device: torch.device, precision: str) -> float:
     if device.type == "cuda":
         return gpu_peak(device, precision)
-    return cpu_matmul_peak(dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+    fp32 = cpu_matmul_peak()
+    if precision == "fp32":
+        return fp32
+    # CPUs without bf16 units emulate it slower than fp32; the peak is the faster of the two
+    return max(fp32, cpu_matmul_peak(dtype=torch.bfloat16 if precision == "bf16" else torch.float16))

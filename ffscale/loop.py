@@ -36,6 +36,7 @@ def model_kwargs(stage: Stage, num_classes: int) -> dict:
         in_chans=m.in_chans,
         num_classes=num_classes,
         drop_path=m.drop_path,
+        grad_ckpt=m.grad_ckpt,
         dim=m.dim,
         depth=m.depth,
         **({"token_hidden": m.token_hidden} if m.token_hidden else {}),

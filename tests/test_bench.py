@@ -1,8 +1,11 @@
-"""`ffscale bench data` measures both loaders on the same shards in one run (no timing asserted)."""
+"""`ffscale bench ...` report what users compare; figures are measured, never asserted as speed."""
 
 from argparse import Namespace
 
+import pytest
+
 from ffscale.bench import bench_data
+from ffscale.models import create_model
 
 
 def test_bench_data_reports_both_loaders_and_their_ratio(fm_shards):
@@ -12,3 +15,40 @@ def test_bench_data_reports_both_loaders_and_their_ratio(fm_shards):
     for kind in ("webdataset", "dali"):
         assert res[kind]["images"] >= 1900 and res[kind]["img_per_s"] > 0 and res[kind]["cpu_ms_per_img"] > 0
     assert res["ratio_dali_over_webdataset"] > 0
+
+
+def test_bench_train_measures_both_loops_and_zero3_halves_model_states_on_two_ranks():
+    from ffscale.bench_train import run
+
+    a = Namespace(config=[], nproc=2, zero="0,3", steps=1, warmup=1, rounds=1,
+                  overrides=["model.dim=192", "model.depth=3", "data.img_size=32", "model.patch_size=8",
+                             "optim.micro_batch=4", "model.num_classes=10", "deepspeed.precision=bf16"])  # fmt: skip
+    z0, z3 = run(a)["runs"]
+    for r in (z0, z3):
+        assert (
+            r["ranks"] == 2 and r["plain_step_s"] > 0 and r["ffscale_step_s"] > 0 and 0 < r["mfu_pct"] < 100
+        )
+    m0, m3 = z0["model_states_mib"], z3["model_states_mib"]
+    model = create_model("ff_tiny", dim=192, depth=3, img_size=32, patch_size=8, num_classes=10)
+    mib = 4 * sum(p.numel() for p in model.parameters()) / 2**20  # the model in fp32
+    # ZeRO-0, bf16: bf16 params and grads, fp32 masters + Adam's two moments (+ step counts)
+    assert m0["params"] == pytest.approx(mib / 2) and m0["grads"] == pytest.approx(mib / 2)
+    assert m0["optimizer"] == pytest.approx(3 * mib, rel=1e-3)
+    # ZeRO-3 on 2 ranks: half the parameters (small norms and biases stay whole), and in all
+    assert 0.25 * mib < m3["params"] < 0.3 * mib
+    assert m3["total"] < 0.6 * m0["total"]  # issue 6's bar, on a small model
+
+
+def test_fixed_token_mlp_width_makes_ff_cost_linear_in_patches():
+    from ffscale.bench_scaling import scaling
+
+    a = Namespace(sizes="64,128", dim=48, depth=1, token_hidden=64, batch=2, steps=1)
+    res = scaling(a)
+    growth = {k: g[1] / g[0] for k, g in res["gflops"].items()}  # 4x the patches
+    quad, lin, vit = (
+        growth["ff (token MLP 4 x tokens)"],
+        growth["ff (token MLP 64)"],
+        growth["vit (attention)"],
+    )
+    assert lin < 4.5 < quad and vit > lin  # linear ~4x; 4 x tokens and attention grow faster
+    assert all(t > 0 for ts in res["step_s"].values() for t in ts)

@@ -15,14 +15,22 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
-def build(s: StageCfg, world: int, accum: int, total_steps: int, warmup_steps: int, precision: str) -> dict:
+def build(
+    s: StageCfg,
+    world: int,
+    accum: int,
+    total_steps: int,
+    warmup_steps: int,
+    precision: str,
+    n_params: int = 0,
+) -> dict:
     lr = s.optim.base_lr * s.optim.global_batch / s.optim.lr_batch_base
     cfg: dict = {
         "train_batch_size": s.optim.global_batch,
         "train_micro_batch_size_per_gpu": s.optim.micro_batch,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": s.optim.clip_grad,  # DeepSpeed 0.19 defaults to 1.0; DeiT uses none
-        "zero_optimization": {"stage": s.deepspeed.zero_stage},
+        "zero_optimization": zero(s, n_params),
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         "scheduler": {
@@ -39,7 +47,39 @@ def build(s: StageCfg, world: int, accum: int, total_steps: int, warmup_steps: i
         "steps_per_print": 10**9,  # progress is ours
         "wall_clock_breakdown": False,
     }
-    return _merge(cfg, dict(s.deepspeed.extra))
+    return _merge(cfg | offload(s), dict(s.deepspeed.extra))
+
+
+def zero(s: StageCfg, n_params: int = 0) -> dict:
+    """ZeRO settings written out: buckets sized in MiB (never above a quarter of the model: DeepSpeed
+    allocates them whole), overlap on, and CPU optimizer offload."""
+    d = s.deepspeed
+    cap = n_params // 4 if n_params else 2**62
+
+    def elems(mb: int) -> int:  # DeepSpeed counts elements
+        return max(1, min(int(mb * 2**20 // 4), cap))
+
+    z: dict = {
+        "stage": d.zero_stage,
+        "overlap_comm": True,
+        "contiguous_gradients": True,  # gradients copied into one buffer as produced: no fragmentation
+        "reduce_bucket_size": elems(d.bucket_mb),
+        "allgather_bucket_size": elems(d.bucket_mb),
+    }
+    if d.zero_stage == 3:
+        z |= {
+            "stage3_prefetch_bucket_size": elems(d.prefetch_mb),
+            "stage3_param_persistence_threshold": 10 * 2**10,  # tiny params (norms, biases) stay whole
+            "stage3_max_live_parameters": elems(4 * d.prefetch_mb),
+        }
+    if d.offload_optimizer and d.zero_stage > 0:
+        z["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return z
+
+
+def offload(s: StageCfg) -> dict:
+    # Our torch AdamW steps the offloaded states (DeepSpeed would otherwise insist on its JIT-built CPU Adam).
+    return {"zero_force_ds_cpu_optimizer": False} if s.deepspeed.offload_optimizer else {}
 
 
 def _merge(a: dict, b: dict) -> dict:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .layers import PatchEmbed, init_weights
 
@@ -26,8 +27,10 @@ class VisionTrunk(nn.Module):
         dim: int = 192,
         depth: int = 12,
         drop_path: float = 0.0,
+        grad_ckpt: bool = False,
     ):
         super().__init__()
+        self.grad_ckpt = grad_ckpt  # recompute blocks in backward instead of keeping activations
         self.img_size, self.patch_size, self.num_classes = img_size, patch_size, num_classes
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dim)
         self.num_tokens = self.patch_embed.num_patches + 1  # + cls
@@ -49,6 +52,10 @@ class VisionTrunk(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        if self.grad_ckpt and self.training and torch.is_grad_enabled():
+            for blk in self.blocks:  # the RNG state is replayed, so drop path recomputes alike
+                x = checkpoint(blk, x, use_reentrant=False)
+            return self.norm(x)
         return self.norm(self.blocks(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
