@@ -72,6 +72,7 @@ class OptimCfg:
     eps: float = 1e-8
     clip_grad: float = 0.0  # 0 = off (DeiT); written explicitly since DeepSpeed defaults to 1.0
     label_smoothing: float = 0.1
+    ema_decay: float = 0.99996  # EMA of the weights per step (DeiT); 0 = off; evaluated and exported
     nonfinite: str = "stop"  # a step whose loss is NaN/inf on any rank: stop (naming it) | skip it
     max_skipped: int = 10  # nonfinite=skip: stop once more steps than this were skipped in a stage
 
@@ -254,6 +255,8 @@ def validate(s: StageCfg, p: str = "") -> None:
         )
     if s.deepspeed.offload_optimizer and s.deepspeed.zero_stage == 0:
         raise ConfigError(f"{p}deepspeed.offload_optimizer=true needs {p}deepspeed.zero_stage 1, 2 or 3")
+    if not 0 <= s.optim.ema_decay < 1:
+        raise ConfigError(f"{p}optim.ema_decay={s.optim.ema_decay}: must be in [0, 1)")
     if s.schedule.epochs <= 0:
         raise ConfigError(f"{p}schedule.epochs must be positive")
 

@@ -92,7 +92,7 @@ def run_stage(
     warmup = int(s.schedule.warmup_epochs * steps_per_epoch)
     ckpt_dir = stage.dir / "checkpoints"
     reshard = s.checkpoint.reshard and needs_reshard(ckpt_dir)  # another rank count's ZeRO shards
-    engine = Engine(model, s, dist, accum, total, warmup, universal=reshard)
+    engine = Engine(model, s, dist, accum, total, warmup, universal=reshard, ema_decay=s.optim.ema_decay)
     ops = DeviceOps(s.data, num_classes, dist.device, engine.dtype)
 
     stage.dir.mkdir(parents=True, exist_ok=True)
@@ -215,6 +215,10 @@ def run_stage(
         if epoch % eval_every == 0 or epoch == s.schedule.epochs:
             t0 = time.perf_counter()
             ev = evaluate(engine, val, ops)
+            if engine.ema is not None:  # DeiT reports the EMA model beside the trained one
+                ev |= engine.evaluate_ema(
+                    (ops.eval_batch(x, y) for x, y in val.epoch(0)), lambda: create_model(s.model.name, **kw)
+                )
             ev["epoch"] = epoch
             last_eval = ev
             if ev["val_top1"] >= best.get("val_top1", -1):
@@ -223,14 +227,18 @@ def run_stage(
             log(
                 dist,
                 f"{stage.name} eval ep {epoch}: top-1 {ev['val_top1']:.2f}% top-5 {ev['val_top5']:.2f}% "
-                f"loss {ev['val_loss']:.4f} on {ev['val_samples']} images ({time.perf_counter() - t0:.1f}s)",
+                f"loss {ev['val_loss']:.4f} on {ev['val_samples']} images"
+                + (f" | EMA top-1 {ev['val_top1_ema']:.2f}%" if "val_top1_ema" in ev else "")
+                + f" ({time.perf_counter() - t0:.1f}s)",
             )
         if s.checkpoint.every_epochs and epoch % s.checkpoint.every_epochs == 0 or epoch == s.schedule.epochs:
             save(epoch, 0)
     if stopped:
         return {"finished": False}
     digest = engine.export(stage.dir / "weights.safetensors")
+    ema = {"ema_digest": engine.export_ema(stage.dir / "weights_ema.safetensors")} if engine.ema else {}
     return {
+        **ema,
         "finished": True,
         "best": best,
         "last_eval": last_eval,

@@ -89,4 +89,5 @@ def small_overrides(shards: Path, run_dir: Path, name: str) -> list[str]:
         "optim.micro_batch=32",
         "optim.base_lr=4e-3",
         "schedule.warmup_epochs=0.2",
+        "optim.ema_decay=0",
     ]

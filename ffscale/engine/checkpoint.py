@@ -59,10 +59,19 @@ def _step(tag: str) -> int:
     return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else -1
 
 
-def save(ds, ckpt_dir, tag: str, client_state: dict, keep: int) -> None:
+def _rank_file(ckpt_dir: Path, tag: str, rank: int) -> Path:
+    return ckpt_dir / tag / f"ffscale_rank{rank}.pt"
+
+
+def save(ds, ckpt_dir, tag: str, client_state: dict, keep: int, own: dict | None = None) -> None:
+    """`own`: tensors only this rank holds (its EMA shard), written beside DeepSpeed's files."""
     ckpt_dir = Path(ckpt_dir)
     try:
         ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        if own:
+            f = _rank_file(ckpt_dir, tag, ds.global_rank)
+            torch.save(own, f.with_suffix(".tmp"))
+            os.replace(f.with_suffix(".tmp"), f)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as RuntimeError
         # This rank stops; the launcher (or the peers' collective timeouts) stops the others.
         free = shutil.disk_usage(ckpt_dir).free if ckpt_dir.is_dir() else 0
@@ -165,6 +174,15 @@ def load(ds, ckpt_dir, reshard: bool = True) -> dict | None:
     return client
 
 
+def load_rank_state(ckpt_dir, rank: int) -> dict:
+    """This rank's own file of the checkpoint `latest` names ({} when absent, e.g. after resharding)."""
+    tag = latest_tag(Path(ckpt_dir))
+    f = _rank_file(Path(ckpt_dir), tag, rank) if tag else None
+    if f is None or not f.is_file() or needs_reshard(ckpt_dir):
+        return {}
+    return torch.load(f, map_location="cpu", weights_only=True)
+
+
 @torch.no_grad()
 def full_fp32_state(ds) -> dict[str, torch.Tensor]:
     """Every parameter's fp32 master value, gathered from ZeRO 1-3 partitions (collective: call
@@ -196,14 +214,19 @@ def export_fp32(ds, path) -> str:
         torch.distributed.all_gather_object(digests, digest)
         if len(set(digests)) != 1:
             raise RuntimeError(f"ranks disagree on the final weights: {digests}")
-    if ds.global_rank == 0:
+    return write_weights(state, path, ds.global_rank, digest)
+
+
+def write_weights(state: dict[str, torch.Tensor], path, rank: int, digest: str | None = None) -> str:
+    """Rank 0 writes safetensors atomically; every rank returns the digest."""
+    if rank == 0:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         save_file(state, str(tmp))
         os.replace(tmp, path)
     barrier()
-    return digest
+    return digest or state_digest(state)
 
 
 def load_weights(path) -> dict[str, torch.Tensor]:

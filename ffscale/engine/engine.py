@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from ..config import StageCfg
 from . import checkpoint, ds_config
 from .dist import DistInfo, all_reduce_sum
+from .ema import Ema
 from .optim import build_optimizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -27,6 +28,7 @@ class Engine:
         total_steps: int,
         warmup_steps: int,
         universal: bool = False,
+        ema_decay: float = 0.0,
     ):
         self.dist = dist
         self.precision = ds_config.resolve_precision(s.deepspeed.precision, dist.device)
@@ -46,6 +48,7 @@ class Engine:
         if s.model.compile:  # compiled inside the engine, so ZeRO hooks and checkpoints still see the module
             self.ds.compile()
         self.module = self.ds.module
+        self.ema = Ema(self.ds, ema_decay, dist.rank, dist.world) if ema_decay > 0 else None
         if self.scheduler.last_batch_iteration < 0:  # step 1 runs at warmup_lr, not at lr 0
             self.scheduler.step(0)
         self.accum = accum
@@ -97,41 +100,65 @@ class Engine:
             raise FloatingPointError(
                 f"step {self.global_step}: loss not finite but DeepSpeed applied the step; weights are suspect"
             )
+        if self.ema is not None and self.step_finite:
+            self.ema.update()
 
-    @torch.no_grad()
     def evaluate(self, batches) -> dict:
         """Top-1/top-5 over every real sample (label -1 = padding); sums reduced across ranks."""
         self.ds.eval()
-        sums = torch.zeros(4, dtype=torch.float64, device=self.dist.device)  # n, top1, top5, loss
-        for x, y in batches:
-            logits = self.ds(x).float()
-            real = y >= 0
-            if real.any():
-                lg, yy = logits[real], y[real]
-                k = min(5, lg.shape[1])
-                top = lg.topk(k, dim=1).indices
-                sums[0] += real.sum()
-                sums[1] += (top[:, 0] == yy).sum()
-                sums[2] += (top == yy[:, None]).any(dim=1).sum()
-                sums[3] += F.cross_entropy(lg, yy, reduction="sum")
-        all_reduce_sum(sums)
-        n = max(sums[0].item(), 1.0)
-        return {
-            "val_samples": int(sums[0].item()),
-            "val_top1": 100 * sums[1].item() / n,
-            "val_top5": 100 * sums[2].item() / n,
-            "val_loss": sums[3].item() / n,
-        }
+        return evaluate_model(self.ds, batches, self.dist.device)
+
+    def evaluate_ema(self, batches, build) -> dict:
+        """The same evaluation for the EMA weights, in a plain copy of the model (`build()`)."""
+        model = build()
+        model.load_state_dict(self.ema.full())
+        model.to(self.dist.device, self.dtype).eval()
+        return {f"{k}_ema": v for k, v in evaluate_model(model, batches, self.dist.device).items()}
 
     def save(self, ckpt_dir, tag: str, client_state: dict, keep: int) -> None:
-        checkpoint.save(self.ds, ckpt_dir, tag, client_state, keep)
+        own = {"ema": self.ema.state_dict()} if self.ema else {}
+        checkpoint.save(self.ds, ckpt_dir, tag, client_state, keep, own)
 
     def load(self, ckpt_dir, reshard: bool = True) -> dict | None:
-        return checkpoint.load(self.ds, ckpt_dir, reshard)
+        client = checkpoint.load(self.ds, ckpt_dir, reshard)
+        if client is not None and self.ema is not None:
+            own = checkpoint.load_rank_state(ckpt_dir, self.dist.rank)
+            if "ema" in own:
+                self.ema.load_state_dict(own["ema"])
+            else:  # resharded, or saved without EMA: average from the restored weights on
+                self.ema.reset()
+        return client
 
     def export(self, path) -> str:
         """Consolidated fp32 weights; returns their digest (checked equal on every rank)."""
         return checkpoint.export_fp32(self.ds, path)
+
+    def export_ema(self, path) -> str:
+        return checkpoint.write_weights(self.ema.full(), path, self.dist.rank)
+
+
+@torch.no_grad()
+def evaluate_model(forward, batches, device: torch.device) -> dict:
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # n, top1, top5, loss
+    for x, y in batches:
+        logits = forward(x).float()
+        real = y >= 0
+        if real.any():
+            lg, yy = logits[real], y[real]
+            k = min(5, lg.shape[1])
+            top = lg.topk(k, dim=1).indices
+            sums[0] += real.sum()
+            sums[1] += (top[:, 0] == yy).sum()
+            sums[2] += (top == yy[:, None]).any(dim=1).sum()
+            sums[3] += F.cross_entropy(lg, yy, reduction="sum")
+    all_reduce_sum(sums)
+    n = max(sums[0].item(), 1.0)
+    return {
+        "val_samples": int(sums[0].item()),
+        "val_top1": 100 * sums[1].item() / n,
+        "val_top5": 100 * sums[2].item() / n,
+        "val_loss": sums[3].item() / n,
+    }
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
