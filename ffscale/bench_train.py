@@ -94,7 +94,8 @@ def child(a) -> int:
     torch.manual_seed(0)
     engine = Engine(create_model(s.model.name, **kw), s, info, 1, 10_000, 1)
     xe = x.to(engine.dtype)
-    ff_step = lambda: engine.train_step(xe, y)  # noqa: E731
+    losses: list[float] = []
+    ff_step = lambda: losses.append(engine.train_step(xe, y).item())  # noqa: E731
     timed(ff_step, a.warmup)
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -134,6 +135,9 @@ def child(a) -> int:
         "precision": prec,
         "grad_ckpt": s.model.grad_ckpt,
         "compile": s.model.compile,
+        "compiled": bool(getattr(engine.ds, "is_compiled", False)),
+        "offload_optimizer": s.deepspeed.offload_optimizer,
+        "loss_first_last": [losses[0], losses[-1]],  # one fixed batch: it must be learned
         "gflops_per_img": fpi / 1e9,
         "plain_step_s": min(t_plain),
         "ffscale_step_s": min(t_ff),

@@ -15,9 +15,12 @@ def _storages(tensors) -> dict[int, int]:
     out: dict[int, int] = {}
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            st = t.untyped_storage()
-            if st.nbytes():
-                out[st.data_ptr()] = st.nbytes()
+            try:
+                st = t.untyped_storage()
+                if st.nbytes():
+                    out[st.data_ptr()] = st.nbytes()
+            except (RuntimeError, NotImplementedError):  # torch.compile's fake tensors hold no memory
+                continue
     return out
 
 

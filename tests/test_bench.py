@@ -39,6 +39,19 @@ def test_bench_train_measures_both_loops_and_zero3_halves_model_states_on_two_ra
     assert m3["total"] < 0.6 * m0["total"]  # issue 6's bar, on a small model
 
 
+def test_bench_train_runs_compiled_checkpointed_and_offloaded():
+    from ffscale.bench_train import run
+
+    a = Namespace(config=[], nproc=1, zero="2", steps=4, warmup=2, rounds=1,
+                  overrides=["model.dim=64", "model.depth=2", "data.img_size=32", "model.patch_size=8",
+                             "optim.micro_batch=8", "model.num_classes=10", "optim.base_lr=0.3",
+                             "model.compile=true", "model.grad_ckpt=true", "deepspeed.offload_optimizer=true"])  # fmt: skip
+    (r,) = run(a)["runs"]
+    assert r["compiled"] and r["grad_ckpt"] and r["offload_optimizer"]
+    first, last = r["loss_first_last"]
+    assert last < first - 0.5  # the engine still learns its one batch
+
+
 def test_fixed_token_mlp_width_makes_ff_cost_linear_in_patches():
     from ffscale.bench_scaling import scaling
 
