@@ -71,3 +71,16 @@ def test_ffscale_train_rejects_a_bad_config_before_any_rank_starts():
                        capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 2
     assert "optim.lrr" in r.stderr and "deepspeed" not in r.stdout  # the launcher never ran
+
+
+@pytest.mark.parametrize("n_params", [28_901, 1_000_003, 61_940_000, 0])
+def test_zero_buckets_are_aligned_and_never_bigger_than_needed(n_params):
+    from ffscale.config import StageCfg
+    from ffscale.engine.ds_config import zero
+
+    s = StageCfg()
+    s.deepspeed.zero_stage = 3
+    z = zero(s, n_params)
+    for key in ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size"):
+        assert z[key] % 256 == 0 and z[key] >= 256, (key, z[key])  # DeepSpeed asserts NCCL alignment
+        assert z[key] <= max(256, n_params // 4) if n_params else z[key] == 50 * 2**20 // 4

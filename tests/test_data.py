@@ -36,7 +36,7 @@ def plain_cfg(loader: str, **kw) -> DataCfg:
         workers=0,
         shuffle_buffer=50,
         rand_augment=False,
-        **kw,
+        **{"color_jitter": 0.0, **kw},
     )
 
 
@@ -201,6 +201,26 @@ def test_garbage_inside_a_tar_is_named_by_both_loaders_and_by_verify(tmp_path, i
     from ffscale.cli import main
 
     assert main(["verify", str(d)]) == 2  # sha256 differs
+
+
+def test_dali_colour_jitter_changes_pixels_not_labels(id_shards):
+    def first(jitter):
+        loader, _ = build_loader(
+            plain_cfg("dali", color_jitter=jitter),
+            str(id_shards),
+            True,
+            0,
+            1,
+            16,
+            0,
+            None,
+            torch.device("cpu"),
+        )
+        return next(iter(loader.epoch(0)))
+
+    (x0, y0), (x1, y1) = first(0.0), first(0.4)
+    assert torch.equal(y0, y1) and x0.shape == x1.shape
+    assert (x0.float() - x1.float()).abs().mean() > 2  # brightness/contrast/saturation moved
 
 
 def test_mixup_and_cutmix_mix_images_and_targets_alike():

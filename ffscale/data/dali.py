@@ -57,6 +57,12 @@ def _pipeline(
                 jpg, device=decode_device, output_type=types.RGB, random_area=list(c.scale),
                 random_aspect_ratio=list(c.ratio),
             )  # fmt: skip
+            if c.color_jitter > 0 and not rand_aug:  # timm drops colour jitter under RandAugment
+                j = [max(0.0, 1 - c.color_jitter), 1 + c.color_jitter]
+                img = fn.color_twist(
+                    img, brightness=fn.random.uniform(range=j), contrast=fn.random.uniform(range=j),
+                    saturation=fn.random.uniform(range=j),
+                )  # fmt: skip
             if host_resize:  # the crops, their flips and labels; resized in torch (DaliLoader._resize)
                 mirror = fn.random.coin_flip(probability=c.hflip)
                 label = fn.pad(cls[:LABEL_BYTES], axes=(0,), shape=(LABEL_BYTES,), fill_value=0)

@@ -48,9 +48,11 @@ class WdsLoader:
         self.cfg, self.plan, self.train, self.batch = cfg, plan, train, batch
         self.num_classes = num_classes
         self.workers = cfg.workers
-        if train and cfg.rand_augment and plan.rank == 0:
+        if train and (cfg.rand_augment or cfg.color_jitter > 0) and plan.rank == 0:
             print(
-                "ffscale: data.rand_augment is DALI-only; the webdataset loader trains without it", flush=True
+                "ffscale: data.rand_augment and data.color_jitter are DALI-only; the webdataset loader "
+                "trains without them",
+                flush=True,
             )
         if train:
             self.steps_per_epoch = plan.train_steps(batch, self.workers)

@@ -56,8 +56,8 @@ def zero(s: StageCfg, n_params: int = 0) -> dict:
     d = s.deepspeed
     cap = n_params // 4 if n_params else 2**62
 
-    def elems(mb: int) -> int:  # DeepSpeed counts elements
-        return max(1, min(int(mb * 2**20 // 4), cap))
+    def elems(mb: int) -> int:  # DeepSpeed counts elements, and wants buckets aligned for NCCL
+        return max(256, min(int(mb * 2**20 // 4), cap) // 256 * 256)
 
     z: dict = {
         "stage": d.zero_stage,
