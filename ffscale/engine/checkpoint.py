@@ -86,6 +86,7 @@ def save(ds, ckpt_dir, tag: str, client_state: dict, keep: int, own: dict | None
     barrier()  # every rank's shards are written
     if ds.global_rank == 0:
         meta = {"world_size": _world(), "zero_stage": ds.zero_optimization_stage()}
+        meta["params"] = model_signature(ds.module)
         _write_atomic(ckpt_dir / tag / META, json.dumps(meta))
         _write_atomic(ckpt_dir / LATEST, tag)
         tags = sorted(
@@ -116,6 +117,26 @@ def meta(ckpt_dir) -> dict:
     tag = latest_tag(Path(ckpt_dir))
     f = Path(ckpt_dir) / str(tag) / META
     return json.loads(f.read_text()) if tag and f.is_file() else {}
+
+
+def model_signature(module) -> dict[str, list[int]]:
+    """Parameter names and full shapes (ZeRO-3 keeps them in ds_shape)."""
+    return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
+
+
+def check_model(ckpt_dir, module) -> None:
+    """Stop, naming the first differing tensor, when `latest` was written by another model."""
+    saved = meta(ckpt_dir).get("params")
+    if saved is None:
+        return
+    here = model_signature(module)
+    for name in sorted(set(saved) | set(here)):
+        if saved.get(name) != here.get(name):
+            raise CheckpointMismatch(
+                f"checkpoint {Path(ckpt_dir) / str(latest_tag(Path(ckpt_dir)))} holds another model: {name} is "
+                f"{saved.get(name, 'absent')} there and {here.get(name, 'absent')} here. A changed model or "
+                "image size needs its own run.name (or init_from the old weights)"
+            )
 
 
 def needs_reshard(ckpt_dir) -> bool:
@@ -153,6 +174,7 @@ def load(ds, ckpt_dir, reshard: bool = True) -> dict | None:
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
+    check_model(ckpt_dir, ds.module)
     if needs_reshard(ckpt_dir):
         m = meta(ckpt_dir)
         what = f"checkpoint {ckpt_dir}/{tag} holds ZeRO-{m['zero_stage']} shards of {m['world_size']} ranks, this run has {_world()}"
