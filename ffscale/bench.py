@@ -3,7 +3,7 @@
 data:  images/s and CPU-ms per image of the DALI and webdataset loaders on the same shards, with
        the same augmentation (random-resized-crop + flip), ratio printed.
 train: ffscale's DeepSpeed step against a plain PyTorch loop per ZeRO stage (ffscale/bench_train.py).
-memory: model states and activations extrapolated to GPU clusters (ffscale/memory.py).
+memory: model states and activations extrapolated to GPU clusters (ffscale/engine/memory.py).
 scaling: step time against image size for FF-only (both token widths) and ViT (ffscale/bench_scaling.py).
 """
 
@@ -87,7 +87,7 @@ def main(a) -> int:
         print(json.dumps(res, indent=1)) if a.json else bench_train.print_table(res)
         return 0
     if a.what == "memory":
-        from .memory import cluster_table
+        from .engine.memory import cluster_table
 
         rows = cluster_table(a.models.split(","), a.img_size, [int(g) for g in a.gpus.split(",")], a.hbm_gib)
         print(json.dumps(rows, indent=1)) if a.json else print_memory(rows, a.hbm_gib)

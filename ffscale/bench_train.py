@@ -59,7 +59,7 @@ def run(a) -> dict:
 
 def child(a) -> int:
     from . import config as C
-    from . import flops, memory
+    from . import flops
     from .engine import dist as D
 
     D.prepare_env()
@@ -100,10 +100,7 @@ def child(a) -> int:
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # model states measured at their peak: after backward (gradients live), before the step
-    loss = soft_cross_entropy(engine.ds(xe).float(), y)
-    engine.ds.backward(loss)
-    mem = memory.model_state_bytes(engine, exclude=(x, y, xe, loss))
-    engine.ds.step()
+    mem = engine.model_states(xe, y, exclude=(x,))
     peak_mem = torch.cuda.max_memory_allocated() if info.device.type == "cuda" else None
 
     torch.manual_seed(0)
@@ -135,7 +132,7 @@ def child(a) -> int:
         "precision": prec,
         "grad_ckpt": s.model.grad_ckpt,
         "compile": s.model.compile,
-        "compiled": bool(getattr(engine.ds, "is_compiled", False)),
+        "compiled": engine.compiled,
         "offload_optimizer": s.deepspeed.offload_optimizer,
         "loss_first_last": [losses[0], losses[-1]],  # one fixed batch: it must be learned
         "gflops_per_img": fpi / 1e9,

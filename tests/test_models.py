@@ -68,7 +68,7 @@ def test_weight_decay_skips_biases_norms_cls_and_pos_embed():
 
 @pytest.mark.parametrize("name", ["ff_tiny", "vit_tiny"])
 def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less(name):
-    from ffscale.memory import activation_bytes_per_image
+    from ffscale.engine.memory import activation_bytes_per_image
 
     kw = dict(img_size=32, patch_size=8, dim=48, depth=4, drop_path=0.2, num_classes=5)
     a, b = create_model(name, **kw), create_model(name, grad_ckpt=True, **kw)

@@ -103,6 +103,21 @@ class Engine:
         if self.ema is not None and self.step_finite:
             self.ema.update()
 
+    @property
+    def compiled(self) -> bool:
+        return bool(getattr(self.ds, "is_compiled", False))
+
+    def model_states(self, x: torch.Tensor, target: torch.Tensor, exclude=()) -> dict[str, int]:
+        """One training step, with this rank's model-state bytes measured at their peak: after
+        backward (gradients alive), before the optimizer step (see memory.py)."""
+        from .memory import model_state_bytes
+
+        loss = soft_cross_entropy(self.ds(x).float(), target)
+        self.ds.backward(loss)
+        mem = model_state_bytes(self, exclude=(x, target, loss, *exclude))
+        self.ds.step()
+        return mem
+
     def evaluate(self, batches) -> dict:
         """Top-1/top-5 over every real sample (label -1 = padding); sums reduced across ranks."""
         self.ds.eval()
