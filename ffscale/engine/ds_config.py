@@ -47,7 +47,7 @@ def build(
         "steps_per_print": 10**9,  # progress is ours
         "wall_clock_breakdown": False,
     }
-    return _merge(cfg | offload(s), dict(s.deepspeed.extra))
+    return merge(cfg | offload(s), dict(s.deepspeed.extra))
 
 
 def zero(s: StageCfg, n_params: int = 0) -> dict:
@@ -82,10 +82,10 @@ def offload(s: StageCfg) -> dict:
     return {"zero_force_ds_cpu_optimizer": False} if s.deepspeed.offload_optimizer else {}
 
 
-def _merge(a: dict, b: dict) -> dict:
+def merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

@@ -55,9 +55,10 @@ class Ema:
         out = {}
         for i, (n, p) in enumerate(self.params):
             if self.z3:
-                mine = self.shadow[n]
-                parts = [torch.empty_like(mine) for _ in range(self.world)]
-                tdist.all_gather(parts, mine) if self.world > 1 else parts.__setitem__(0, mine)
+                parts = [self.shadow[n]]
+                if self.world > 1:
+                    parts = [torch.empty_like(parts[0]) for _ in range(self.world)]
+                    tdist.all_gather(parts, self.shadow[n])
                 out[n] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu()
             else:
                 t = self.shadow.get(n)

@@ -36,7 +36,7 @@ class Engine:
         n_params = sum(p.numel() for p in model.parameters())
         cfg = ds_config.build(s, dist.world, accum, total_steps, warmup_steps, self.precision, n_params)
         if universal:  # resuming another rank count's shards (checkpoint.load converts them)
-            cfg = ds_config._merge(cfg, {"checkpoint": {"load_universal": True}})
+            cfg = ds_config.merge(cfg, {"checkpoint": {"load_universal": True}})
         opt = build_optimizer(model, s.optim, ds_config.peak_lr(s), dist.device)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, config=cfg
