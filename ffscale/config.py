@@ -188,7 +188,10 @@ def load(files: list[str] | str | None = None, overrides: list[str] | None = Non
     cfg = OmegaConf.structured(Config)
     for f in files:
         try:
-            cfg = OmegaConf.merge(cfg, _read_yaml(Path(f).resolve()))
+            node = _read_yaml(Path(f).resolve())
+            if isinstance(node, DictConfig) and node.get("stages"):
+                cfg.stages = {}  # as with _base_: a later file that lists stages replaces the pipeline
+            cfg = OmegaConf.merge(cfg, node)
         except OmegaConfBaseException as e:
             raise _explain(e, f"config {f}") from e
     if overrides:

@@ -54,6 +54,13 @@ def test_stages_are_keyed_by_name_and_inherit_defaults():
     assert ft.dir == Path("runs/default/ft")
 
 
+def test_a_later_config_file_with_stages_replaces_the_pipeline(tmp_path):
+    (tmp_path / "ft.yaml").write_text("stages:\n  ft:\n    init_from: w.safetensors\n")
+    cfg = C.load([str(ROOT / "configs/demo.yaml"), str(tmp_path / "ft.yaml")])
+    (ft,) = C.stages(cfg)  # demo's pretrain + finetune are gone; its top-level sections stay
+    assert ft.name == "ft" and ft.cfg.init_from == "w.safetensors" and ft.cfg.model.dim == 96
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     cfg = C.load([str(path)])
