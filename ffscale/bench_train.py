@@ -48,7 +48,9 @@ def run(a) -> dict:
             cmd += ["--module", "ffscale.cli", *args]
         else:
             cmd = [sys.executable, "-m", "ffscale.cli", *args]
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        from .hostenv import rank_env
+
+        env = {**rank_env(cuda=torch.cuda.is_available()), "PYTHONWARNINGS": "ignore"}
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         found = [ln[len(MARK) :] for ln in p.stdout.splitlines() if ln.startswith(MARK)]
         if p.returncode or not found:
@@ -107,7 +109,7 @@ def child(a) -> int:
     plain = create_model(s.model.name, **kw).to(info.device)
     if info.world > 1:  # the plain multi-rank loop: DDP
         plain = torch.nn.parallel.DistributedDataParallel(plain)
-    opt = build_optimizer(plain, s.optim, 1e-4, info.device)
+    opt = build_optimizer(plain, s.optim, 1e-4)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[prec]
 
     def plain_step():
@@ -122,6 +124,8 @@ def child(a) -> int:
     for _ in range(a.rounds):  # alternate, so drift on a shared machine hits both alike
         t_plain.append(timed(plain_step, a.steps))
         t_ff.append(timed(ff_step, a.steps))
+    if info.world > 1:  # every rank measures its peak at once, none still stepping
+        torch.distributed.barrier()
     peak = flops.device_peak(info.device, prec)
     res = {
         "model": s.model.name,

@@ -4,9 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+# jemalloc for CPU ranks (ffscale/hostenv.py); optional: without it CPU steps are a few % slower.
+if ! ldconfig -p | grep -q libjemalloc.so; then
+  { $SUDO apt-get install -y -qq libjemalloc2 || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libjemalloc2; }; } \
+    >/dev/null 2>&1 || echo "setup: libjemalloc2 not installed (optional)"
 fi
 
 PY=${PYTHON:-python3}

@@ -23,6 +23,7 @@ def build(
     warmup_steps: int,
     precision: str,
     n_params: int = 0,
+    cuda: bool = True,
 ) -> dict:
     lr = s.optim.base_lr * s.optim.global_batch / s.optim.lr_batch_base
     cfg: dict = {
@@ -30,7 +31,7 @@ def build(
         "train_micro_batch_size_per_gpu": s.optim.micro_batch,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": s.optim.clip_grad,  # DeepSpeed 0.19 defaults to 1.0; DeiT uses none
-        "zero_optimization": zero(s, n_params),
+        "zero_optimization": zero(s, n_params, cuda),
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         "scheduler": {
@@ -50,7 +51,7 @@ def build(
     return merge(cfg | offload(s), dict(s.deepspeed.extra))
 
 
-def zero(s: StageCfg, n_params: int = 0) -> dict:
+def zero(s: StageCfg, n_params: int = 0, cuda: bool = True) -> dict:
     """ZeRO settings written out: buckets sized in MiB (never above a quarter of the model: DeepSpeed
     allocates them whole), overlap on, and CPU optimizer offload."""
     d = s.deepspeed
@@ -62,10 +63,16 @@ def zero(s: StageCfg, n_params: int = 0) -> dict:
     z: dict = {
         "stage": d.zero_stage,
         "overlap_comm": True,
-        "contiguous_gradients": True,  # gradients copied into one buffer as produced: no fragmentation
+        # GPU: gradients copied into one buffer as produced, against allocator fragmentation. A CPU
+        # has no such problem and the extra copy of every gradient cost 0.16 s of a 2.6 s ZeRO-2 step.
+        "contiguous_gradients": cuda,
         "reduce_bucket_size": elems(d.bucket_mb),
         "allgather_bucket_size": elems(d.bucket_mb),
     }
+    if d.zero_stage == 2 and s.optim.clip_grad == 0:
+        # Nothing reads the norm without clipping: skip a pass over every gradient per step. The
+        # engine turns it back on for a step whose loss was not finite (it is how ZeRO-2 skips one).
+        z["compute_grad_norm"] = False
     if d.zero_stage == 3:
         z |= {
             "stage3_prefetch_bucket_size": elems(d.prefetch_mb),

@@ -13,6 +13,7 @@ from ..config import StageCfg
 from . import checkpoint, ds_config
 from .dist import DistInfo, all_reduce_sum
 from .ema import Ema
+from .masters import share_fp32_masters
 from .optim import build_optimizer
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -34,10 +35,11 @@ class Engine:
         self.precision = ds_config.resolve_precision(s.deepspeed.precision, dist.device)
         self.dtype = DTYPES[self.precision]
         n_params = sum(p.numel() for p in model.parameters())
-        cfg = ds_config.build(s, dist.world, accum, total_steps, warmup_steps, self.precision, n_params)
+        cuda = dist.device.type == "cuda"
+        cfg = ds_config.build(s, dist.world, accum, total_steps, warmup_steps, self.precision, n_params, cuda)
         if universal:  # resuming another rank count's shards (checkpoint.load converts them)
             cfg = ds_config.merge(cfg, {"checkpoint": {"load_universal": True}})
-        opt = build_optimizer(model, s.optim, ds_config.peak_lr(s), dist.device)
+        opt = build_optimizer(model, s.optim, ds_config.peak_lr(s))
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, config=cfg
         )
@@ -45,6 +47,7 @@ class Engine:
             # One rank has nothing to average: skip DeepSpeed's flatten + all-reduce + copy-back of
             # every gradient (~20% of a CPU step for ff_base at 112 px).
             self.ds.enable_backward_allreduce = False
+        self.masters_freed = share_fp32_masters(self.ds.optimizer)  # fp32 ZeRO 1-3: no duplicate weights
         if s.model.compile:  # compiled inside the engine, so ZeRO hooks and checkpoints still see the module
             self.ds.compile()
         self.module = self.ds.module
@@ -91,11 +94,17 @@ class Engine:
         """Step; a non-finite step must leave the weights alone. DeepSpeed's ZeRO and bf16/fp16
         optimizers skip a step whose gradient norm is not finite (and say so in `overflow`); a bare
         torch optimizer (ZeRO-0, fp32) does not, so its gradients are dropped first."""
-        own = not hasattr(self.ds.optimizer, "overflow")
+        opt = self.ds.optimizer
+        own = not hasattr(opt, "overflow")
         if not self.step_finite and own:
             for p in self.ds.module.parameters():
                 p.grad = None
+        norm_off = not self.step_finite and getattr(opt, "compute_grad_norm", True) is False
+        if norm_off:  # ZeRO-2 without clipping skips the norm; the non-finite norm is what skips a step
+            opt.compute_grad_norm = True
         self.ds.step()
+        if norm_off:
+            opt.compute_grad_norm = False
         if not self.step_finite and not own and not self.ds.optimizer.overflow:
             raise FloatingPointError(
                 f"step {self.global_step}: loss not finite but DeepSpeed applied the step; weights are suspect"
