@@ -69,7 +69,9 @@ def zero(s: StageCfg, n_params: int = 0, cuda: bool = True) -> dict:
         "reduce_bucket_size": elems(d.bucket_mb),
         "allgather_bucket_size": elems(d.bucket_mb),
     }
-    if d.zero_stage == 2 and s.optim.clip_grad == 0:
+    if (
+        d.zero_stage == 2 and s.optim.clip_grad == 0 and not d.offload_optimizer
+    ):  # DeepSpeed: not with offload
         # Nothing reads the norm without clipping: skip a pass over every gradient per step. The
         # engine turns it back on for a step whose loss was not finite (it is how ZeRO-2 skips one).
         z["compute_grad_norm"] = False
