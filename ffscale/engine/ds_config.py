@@ -69,11 +69,10 @@ def zero(s: StageCfg, n_params: int = 0, cuda: bool = True) -> dict:
         "reduce_bucket_size": elems(d.bucket_mb),
         "allgather_bucket_size": elems(d.bucket_mb),
     }
-    if (
-        d.zero_stage == 2 and s.optim.clip_grad == 0 and not d.offload_optimizer
-    ):  # DeepSpeed: not with offload
-        # Nothing reads the norm without clipping: skip a pass over every gradient per step. The
-        # engine turns it back on for a step whose loss was not finite (it is how ZeRO-2 skips one).
+    # Nothing reads the norm without clipping: skip a pass over every gradient per step (DeepSpeed
+    # refuses it with offload). The engine turns it back on for a step whose loss was not finite:
+    # the non-finite norm is how ZeRO-2 skips one.
+    if d.zero_stage == 2 and s.optim.clip_grad == 0 and not d.offload_optimizer:
         z["compute_grad_norm"] = False
     if d.zero_stage == 3:
         z |= {

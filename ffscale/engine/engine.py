@@ -47,7 +47,7 @@ class Engine:
             # One rank has nothing to average: skip DeepSpeed's flatten + all-reduce + copy-back of
             # every gradient (~20% of a CPU step for ff_base at 112 px).
             self.ds.enable_backward_allreduce = False
-        self.masters_freed = share_fp32_masters(self.ds.optimizer)  # fp32 ZeRO 1-3: no duplicate weights
+        share_fp32_masters(self.ds.optimizer)  # fp32 ZeRO 1-3: no duplicate copy of the weights
         if s.model.compile:  # compiled inside the engine, so ZeRO hooks and checkpoints still see the module
             self.ds.compile()
         self.module = self.ds.module
