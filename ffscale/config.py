@@ -54,9 +54,8 @@ class DataCfg:
     on_error: str = "raise"  # raise | skip
     # The rest of DeiT's recipe (defaults as DeiT: rand-m9-mstd0.5-inc1, mixup 0.8, cutmix 1.0).
     rand_augment: bool = True  # DALI loader only (torchvision does not import beside CPU torch)
-    color_jitter: float = (
-        0.3  # brightness/contrast/saturation +-; as timm, only when RandAugment is off (DALI)
-    )
+    # brightness/contrast/saturation +-; as timm, only when RandAugment is off (DALI)
+    color_jitter: float = 0.3
     mixup: float = 0.8  # Beta(alpha) for mixup; 0 = off
     cutmix: float = 1.0  # Beta(alpha) for cutmix; 0 = off
     mix_prob: float = 1.0  # probability that a batch is mixed at all

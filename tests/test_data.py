@@ -205,17 +205,8 @@ def test_garbage_inside_a_tar_is_named_by_both_loaders_and_by_verify(tmp_path, i
 
 def test_dali_colour_jitter_changes_pixels_not_labels(id_shards):
     def first(jitter):
-        loader, _ = build_loader(
-            plain_cfg("dali", color_jitter=jitter),
-            str(id_shards),
-            True,
-            0,
-            1,
-            16,
-            0,
-            None,
-            torch.device("cpu"),
-        )
+        cfg = plain_cfg("dali", color_jitter=jitter)
+        loader, _ = build_loader(cfg, str(id_shards), True, 0, 1, 16, 0, None, torch.device("cpu"))
         return next(iter(loader.epoch(0)))
 
     (x0, y0), (x1, y1) = first(0.0), first(0.4)

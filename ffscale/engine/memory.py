@@ -67,11 +67,6 @@ def activation_bytes_per_image(model: torch.nn.Module, img_size: int, batch: int
     return sum(v for k, v in seen.items() if k not in params) // batch
 
 
-def fp32_bytes_per_param(stage: int, n: int) -> float:
-    """Adam in fp32 under DeepSpeed: param 4, grad 4, fp32 master copy 4 (ZeRO>=1), moments 8."""
-    return {0: 16, 1: 8 + 12 / n, 2: 4 + 16 / n, 3: 20 / n}[stage]
-
-
 def mixed_bytes_per_param(stage: int, n: int, params: int, largest_layer: int) -> float:
     """bf16/fp16 + fp32 Adam per GPU. ZeRO-2/3 from DeepSpeed's estimators (no offload); ZeRO-0/1 from
     the ZeRO paper's 2 + 2 + 12 accounting."""
