@@ -124,9 +124,7 @@ def child(a) -> int:
     for _ in range(a.rounds):  # alternate, so drift on a shared machine hits both alike
         t_plain.append(timed(plain_step, a.steps))
         t_ff.append(timed(ff_step, a.steps))
-    if info.world > 1:  # every rank measures its peak at once, none still stepping
-        torch.distributed.barrier()
-    peak = flops.device_peak(info.device, prec)
+    peak = _peak(info, prec)
     res = {
         "model": s.model.name,
         "img_size": size,
@@ -153,6 +151,20 @@ def child(a) -> int:
     if info.rank == 0:
         print(MARK + json.dumps(res), flush=True)
     return 0
+
+
+def _peak(info, prec: str) -> float:
+    """Each rank's share of the device peak; on a CPU host one rank measures while the rest wait."""
+    from . import flops
+
+    if info.device.type == "cuda" or info.world == 1:
+        return flops.device_peak(info.device, prec, info.local_world)
+    torch.distributed.barrier()  # none still stepping
+    peak = torch.zeros(1)
+    if info.local_rank == 0:
+        peak += flops.device_peak(info.device, prec, info.local_world)
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)  # the rest wait here
+    return float(peak)
 
 
 def print_table(res: dict) -> None:

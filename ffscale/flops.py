@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 # Dense peak FLOP/s by device name fragment and dtype (vendor datasheets, no sparsity).
-GPU_PEAKS = {
+GPU_PEAKS = {  # first match wins: the specific names before "H100"
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12},
+    "H100 NVL": {"bf16": 835e12, "fp16": 835e12, "fp32": 60e12},
     "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
     "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
     "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
@@ -36,9 +39,8 @@ def gpu_peak(device: torch.device, precision: str) -> float:
 
 
 def cpu_matmul_peak(n: int = 1024, seconds: float = 0.5, dtype=torch.float32, windows: int = 5) -> float:
-    """Measured dense matmul FLOP/s with the current thread count: the CPU 'peak' for MFU. The best
-    of several short windows, so a moment of interference (another rank, a shared host) is not read
-    as the peak."""
+    """Measured dense matmul FLOP/s with the current thread count. The best of several short
+    windows, so a moment of interference (a shared host) is not read as the peak."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = 0.0
@@ -51,11 +53,27 @@ def cpu_matmul_peak(n: int = 1024, seconds: float = 0.5, dtype=torch.float32, wi
     return best
 
 
-def device_peak(device: torch.device, precision: str) -> float:
+def cpu_host_peak(precision: str = "fp32") -> float:
+    """The CPU 'peak' for MFU: the whole host's matmul rate, every core this process may use on one
+    matmul. Measured per rank on one core while other ranks ran, cores sharing caches and clocks
+    read low and a 2-rank MFU above 100%; the host's rate shared out among its ranks does not.
+    Callers keep the other ranks idle meanwhile."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
+    try:
+        fp32 = cpu_matmul_peak()
+        if precision == "fp32":
+            return fp32
+        # CPUs without bf16 units emulate it slower than fp32; the peak is the faster of the two
+        return max(fp32, cpu_matmul_peak(dtype=torch.bfloat16 if precision == "bf16" else torch.float16))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def device_peak(device: torch.device, precision: str, local_world: int = 1) -> float:
+    """Peak FLOP/s of one rank's device: a GPU's datasheet figure, or its share of the CPU host."""
     if device.type == "cuda":
         return gpu_peak(device, precision)
-    fp32 = cpu_matmul_peak()
-    if precision == "fp32":
-        return fp32
-    # CPUs without bf16 units emulate it slower than fp32; the peak is the faster of the two
-    return max(fp32, cpu_matmul_peak(dtype=torch.bfloat16 if precision == "bf16" else torch.float16))
+    return cpu_host_peak(precision) / max(1, local_world)

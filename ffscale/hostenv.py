@@ -7,14 +7,16 @@ dirty pages (Intel's recommended setting for PyTorch on CPUs) reuses them: ff_ba
 2.11 -> 2.03 s with ZeRO-0 and 2.33 -> 2.14 s with ZeRO-2 (docs/performance.md).
 
 Used when Debian's libjemalloc2 is installed (scripts/setup.sh installs it) and LD_PRELOAD is unset;
-FFSCALE_JEMALLOC=0 opts out. Must be in the environment before the process starts, so it is applied
-by the launchers (`ffscale train`, `ffscale bench train`), not inside a running rank.
+FFSCALE_JEMALLOC=0 opts out. Must be in the environment before the process starts, so the launchers
+(`ffscale train`, `ffscale bench train`) set it for their ranks, and `ffscale/train.py` started by
+another launcher (`deepspeed ffscale/train.py ...`) restarts itself once with it on a CPU host.
 """
 
 from __future__ import annotations
 
 import ctypes.util
 import os
+import sys
 
 JEMALLOC_CONF = (
     "oversize_threshold:1,background_thread:true,metadata_thp:auto,dirty_decay_ms:-1,muzzy_decay_ms:-1"
@@ -35,3 +37,31 @@ def rank_env(env: dict[str, str] | None = None, cuda: bool = False) -> dict[str,
         env["LD_PRELOAD"] = lib
         env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     return env
+
+
+def allocator() -> str:
+    """The malloc this process runs on, for the log: 'jemalloc' when preloaded, else 'glibc'."""
+    try:
+        with open("/proc/self/maps") as f:
+            return "jemalloc" if "libjemalloc" in f.read() else "glibc"
+    except OSError:
+        return "unknown"
+
+
+def gpu_host() -> bool:
+    """An NVIDIA driver is present: decided without importing torch (2 s per rank on a small CPU)."""
+    return os.path.exists("/dev/nvidiactl") or ctypes.util.find_library("cuda") is not None
+
+
+def reexec_with_rank_env() -> None:
+    """Restart this process once under `rank_env` where that changes anything (a CPU rank without
+    jemalloc). Same pid and arguments, so the launcher that started it does not notice."""
+    if os.environ.get("FFSCALE_REEXEC") or gpu_host():
+        return
+    env = rank_env()
+    if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):
+        return
+    env["FFSCALE_REEXEC"] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)

@@ -16,8 +16,9 @@ from .config import ConfigError, Stage, check_world
 from .data.augment import DeviceOps
 from .data.loader import build_loader
 from .engine.checkpoint import latest_tag, needs_reshard
-from .engine.dist import DistInfo
+from .engine.dist import DistInfo, barrier
 from .engine.engine import Engine
+from .hostenv import allocator
 from .models import create_model
 from .models.resize import adapt_state_dict
 from .progress import Meter, fmt_time
@@ -116,14 +117,17 @@ def run_stage(
     fpi = flops.train_flops_per_image(
         lambda: create_model(s.model.name, **kw), kw["img_size"], kw["in_chans"]
     )
-    peak = flops.device_peak(dist.device, engine.precision) if dist.rank == 0 else 0.0
+    # rank 0 measures (a CPU host's share per rank) while the others wait at the barrier
+    peak = flops.device_peak(dist.device, engine.precision, dist.local_world) if dist.rank == 0 else 0.0
+    barrier()
     meter = Meter(total, s.optim.global_batch, fpi, peak * dist.world)  # MFU over all devices
+    cpu_alloc = f" ({allocator()})" if dist.device.type == "cpu" else ""
     n_params = sum(getattr(q, "ds_numel", q.numel()) for q in model.parameters())  # ZeRO-3 partitions
     log(
         dist,
         f"{p}: {s.model.name} {n_params / 1e6:.2f}M params, {fpi / 3e9:.3f} GFLOPs/img fwd, "
         f"{train_m.num_samples} train / {val_m.num_samples} val images, {num_classes} classes, "
-        f"{dist.world} rank(s) on {dist.device.type}, {engine.precision}, ZeRO-{s.deepspeed.zero_stage}, "
+        f"{dist.world} rank(s) on {dist.device.type}{cpu_alloc}, {engine.precision}, ZeRO-{s.deepspeed.zero_stage}, "
         f"{steps_per_epoch} steps/epoch x {s.schedule.epochs} epochs, accum {accum}, lr {engine.lr:.2e}",
     )
     tracker.stage_started(stage, train_m, val_m, n_params)

@@ -64,4 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from ffscale.hostenv import reexec_with_rank_env
+
+    reexec_with_rank_env()  # CPU ranks started by a plain launcher: jemalloc, as `ffscale train` gives
     sys.exit(main())

@@ -17,6 +17,7 @@ import pytest
 from conftest import ROOT, free_port, launch, small_overrides
 
 from ffscale.evaluate import evaluate, find_stage
+from ffscale.hostenv import jemalloc
 
 
 def read_metrics(stage_dir: Path) -> list[dict]:
@@ -97,6 +98,8 @@ def test_zero2_and_zero3_train_and_ranks_agree(runs):
     assert done["last_eval"]["val_samples"] == 512
     assert done["last_eval"]["val_top1"] > 40  # 10 classes: chance is 10%
     assert "img/s" in runs["ref"].stdout and "ETA" in runs["ref"].stdout
+    if jemalloc():  # ranks started by a plain `deepspeed ffscale/train.py` restart on jemalloc
+        assert "2 rank(s) on cpu (jemalloc)" in runs["ref"].stdout
 
 
 def test_stopped_then_resumed_run_continues_the_same_trajectory(runs):
