@@ -107,6 +107,8 @@ class WdsLoader:
             batch_size=None,
             num_workers=self.workers,
             persistent_workers=False,
+            # pinned host batches: the copy to the GPU (non_blocking, in DeviceOps) does not stall
+            pin_memory=torch.cuda.is_available(),
         )
         n = skip
         for x, y in dl:
