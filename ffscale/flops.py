@@ -54,10 +54,9 @@ def cpu_matmul_peak(n: int = 1024, seconds: float = 0.5, dtype=torch.float32, wi
 
 
 def cpu_host_peak(precision: str = "fp32") -> float:
-    """The CPU 'peak' for MFU: the whole host's matmul rate, every core this process may use on one
-    matmul. Measured per rank on one core while other ranks ran, cores sharing caches and clocks
-    read low and a 2-rank MFU above 100%; the host's rate shared out among its ranks does not.
-    Callers keep the other ranks idle meanwhile."""
+    """The CPU 'peak' for MFU: the host's matmul rate, every core this process may use on one
+    product; callers share it among the host's ranks and keep the others idle meanwhile. (One-core
+    probes run by every rank at once read low, the cores sharing cache and clock: MFU over 100%.)"""
     threads = torch.get_num_threads()
     torch.set_num_threads(
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
