@@ -50,7 +50,7 @@ def run(a) -> dict:
             cmd = [sys.executable, "-m", "ffscale.cli", *args]
         from .hostenv import rank_env
 
-        env = {**rank_env(cuda=torch.cuda.is_available()), "PYTHONWARNINGS": "ignore"}
+        env = {**rank_env(), "PYTHONWARNINGS": "ignore"}
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         found = [ln[len(MARK) :] for ln in p.stdout.splitlines() if ln.startswith(MARK)]
         if p.returncode or not found:
@@ -124,7 +124,7 @@ def child(a) -> int:
     for _ in range(a.rounds):  # alternate, so drift on a shared machine hits both alike
         t_plain.append(timed(plain_step, a.steps))
         t_ff.append(timed(ff_step, a.steps))
-    peak = _peak(info, prec)
+    peak = flops.rank_peak(info, prec)
     res = {
         "model": s.model.name,
         "img_size": size,
@@ -151,20 +151,6 @@ def child(a) -> int:
     if info.rank == 0:
         print(MARK + json.dumps(res), flush=True)
     return 0
-
-
-def _peak(info, prec: str) -> float:
-    """Each rank's share of the device peak; on a CPU host one rank measures while the rest wait."""
-    from . import flops
-
-    if info.device.type == "cuda" or info.world == 1:
-        return flops.device_peak(info.device, prec, info.local_world)
-    torch.distributed.barrier()  # none still stepping
-    peak = torch.zeros(1)
-    if info.local_rank == 0:
-        peak += flops.device_peak(info.device, prec, info.local_world)
-    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)  # the rest wait here
-    return float(peak)
 
 
 def print_table(res: dict) -> None:

@@ -73,11 +73,9 @@ def cmd_train(a) -> int:
     cmd += [train_py] + sum((["--config", c] for c in a.config), []) + a.overrides
     if a.node_rank == 0:
         tracking.ensure_store(cfg, Path(cfg.run.dir) / cfg.run.name)  # before ranks race to create it
-    import torch
-
     from .hostenv import rank_env
 
-    env = rank_env(cuda=torch.cuda.is_available())  # CPU ranks: jemalloc keeping freed pages
+    env = rank_env()  # CPU ranks: jemalloc keeping freed pages
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     print("+", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)

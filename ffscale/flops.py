@@ -76,3 +76,16 @@ def device_peak(device: torch.device, precision: str, local_world: int = 1) -> f
     if device.type == "cuda":
         return gpu_peak(device, precision)
     return cpu_host_peak(precision) / max(1, local_world)
+
+
+def rank_peak(dist, precision: str) -> float:
+    """`device_peak` on every rank of a job: each host's first rank measures while the others wait
+    (a CPU host's probe must not share the cores with training), then every rank has the figure."""
+    if dist.world == 1:
+        return device_peak(dist.device, precision)
+    torch.distributed.barrier()  # no rank still stepping
+    peak = torch.zeros(1, device=dist.device)
+    if dist.local_rank == 0:
+        peak += device_peak(dist.device, precision, dist.local_world)
+    torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)  # the others wait here
+    return float(peak)

@@ -6,7 +6,8 @@ DeepSpeed's flattened gradient buffers fault their pages in again: on the 2-core
 dirty pages (Intel's recommended setting for PyTorch on CPUs) reuses them: ff_base at 112 px steps
 2.11 -> 2.03 s with ZeRO-0 and 2.33 -> 2.14 s with ZeRO-2 (docs/performance.md).
 
-Used when Debian's libjemalloc2 is installed (scripts/setup.sh installs it) and LD_PRELOAD is unset;
+Used on hosts without an NVIDIA driver when Debian's libjemalloc2 is installed (scripts/setup.sh
+installs it) and LD_PRELOAD is unset;
 FFSCALE_JEMALLOC=0 opts out. Must be in the environment before the process starts, so the launchers
 (`ffscale train`, `ffscale bench train`) set it for their ranks, and `ffscale/train.py` started by
 another launcher (`deepspeed ffscale/train.py ...`) restarts itself once with it on a CPU host.
@@ -27,10 +28,10 @@ def jemalloc() -> str | None:
     return ctypes.util.find_library("jemalloc")
 
 
-def rank_env(env: dict[str, str] | None = None, cuda: bool = False) -> dict[str, str]:
+def rank_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """`env` (default os.environ) plus the allocator settings for CPU ranks."""
     env = dict(os.environ if env is None else env)
-    if cuda or env.get("FFSCALE_JEMALLOC") == "0" or env.get("LD_PRELOAD"):
+    if gpu_host() or env.get("FFSCALE_JEMALLOC") == "0" or env.get("LD_PRELOAD"):
         return env
     lib = jemalloc()
     if lib:
@@ -56,7 +57,7 @@ def gpu_host() -> bool:
 def reexec_with_rank_env() -> None:
     """Restart this process once under `rank_env` where that changes anything (a CPU rank without
     jemalloc). Same pid and arguments, so the launcher that started it does not notice."""
-    if os.environ.get("FFSCALE_REEXEC") or gpu_host():
+    if os.environ.get("FFSCALE_REEXEC"):
         return
     env = rank_env()
     if env.get("LD_PRELOAD") == os.environ.get("LD_PRELOAD"):

@@ -16,7 +16,7 @@ from .config import ConfigError, Stage, check_world
 from .data.augment import DeviceOps
 from .data.loader import build_loader
 from .engine.checkpoint import latest_tag, needs_reshard
-from .engine.dist import DistInfo, barrier
+from .engine.dist import DistInfo
 from .engine.engine import Engine
 from .hostenv import allocator
 from .models import create_model
@@ -117,9 +117,7 @@ def run_stage(
     fpi = flops.train_flops_per_image(
         lambda: create_model(s.model.name, **kw), kw["img_size"], kw["in_chans"]
     )
-    # rank 0 measures (a CPU host's share per rank) while the others wait at the barrier
-    peak = flops.device_peak(dist.device, engine.precision, dist.local_world) if dist.rank == 0 else 0.0
-    barrier()
+    peak = flops.rank_peak(dist, engine.precision)
     meter = Meter(total, s.optim.global_batch, fpi, peak * dist.world)  # MFU over all devices
     cpu_alloc = f" ({allocator()})" if dist.device.type == "cpu" else ""
     n_params = sum(getattr(q, "ds_numel", q.numel()) for q in model.parameters())  # ZeRO-3 partitions

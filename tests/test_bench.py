@@ -73,11 +73,14 @@ def test_cpu_ranks_get_jemalloc_unless_opted_out_or_preloaded(monkeypatch):
     from ffscale import hostenv
 
     monkeypatch.setattr(hostenv, "jemalloc", lambda: "libjemalloc.so.2")
+    monkeypatch.setattr(hostenv, "gpu_host", lambda: False)
     env = hostenv.rank_env({"PATH": "/bin"})
     assert env["LD_PRELOAD"] == "libjemalloc.so.2" and "dirty_decay_ms:-1" in env["MALLOC_CONF"]
     assert hostenv.rank_env({"MALLOC_CONF": "narenas:1"})["MALLOC_CONF"] == "narenas:1"  # the user's wins
     for env in ({"FFSCALE_JEMALLOC": "0"}, {"LD_PRELOAD": "libtcmalloc.so"}):
         assert hostenv.rank_env(env) == env
-    assert "LD_PRELOAD" not in hostenv.rank_env({}, cuda=True)
+    monkeypatch.setattr(hostenv, "gpu_host", lambda: True)  # a GPU host: ranks left as they are
+    assert "LD_PRELOAD" not in hostenv.rank_env({})
+    monkeypatch.setattr(hostenv, "gpu_host", lambda: False)
     monkeypatch.setattr(hostenv, "jemalloc", lambda: None)  # not installed: nothing changes
     assert hostenv.rank_env({}) == {}

@@ -94,5 +94,5 @@ def build_loader(
     else:
         from .wds import WdsLoader
 
-        loader = WdsLoader(cfg, plan, train, micro_batch, num_classes)
+        loader = WdsLoader(cfg, plan, train, micro_batch, num_classes, device)
     return loader, manifest

@@ -44,8 +44,10 @@ def decode_image(sample: dict) -> Image.Image:
 
 
 class WdsLoader:
-    def __init__(self, cfg: DataCfg, plan: ShardPlan, train: bool, batch: int, num_classes: int):
-        self.cfg, self.plan, self.train, self.batch = cfg, plan, train, batch
+    def __init__(
+        self, cfg: DataCfg, plan: ShardPlan, train: bool, batch: int, num_classes: int, device: torch.device
+    ):
+        self.cfg, self.plan, self.train, self.batch, self.device = cfg, plan, train, batch, device
         self.num_classes = num_classes
         self.workers = cfg.workers
         if train and (cfg.rand_augment or cfg.color_jitter > 0) and plan.rank == 0:
@@ -108,7 +110,7 @@ class WdsLoader:
             num_workers=self.workers,
             persistent_workers=False,
             # pinned host batches: the copy to the GPU (non_blocking, in DeviceOps) does not stall
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self.device.type == "cuda",
         )
         n = skip
         for x, y in dl:
