@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -33,7 +34,7 @@ def run(a) -> dict:
     for zero in [int(z) for z in str(a.zero).split(",")]:
         args = _child_args(a, zero)
         if a.nproc > 1:
-            from .engine.dist import _free_port
+            from .engine.dist import free_port
 
             launcher = str(os.path.join(os.path.dirname(sys.executable), "deepspeed"))
             cmd = [
@@ -43,7 +44,7 @@ def run(a) -> dict:
                 "--num_gpus",
                 str(a.nproc),
                 "--master_port",
-                str(_free_port()),
+                str(free_port()),
             ]
             cmd += ["--module", "ffscale.cli", *args]
         else:
@@ -60,97 +61,118 @@ def run(a) -> dict:
 
 
 def child(a) -> int:
-    from . import config as C
-    from . import flops
-    from .engine import dist as D
+    """One ZeRO stage inside its job: ffscale's engine and the plain loop on one fixed batch."""
+    from . import config, flops
+    from .engine import dist as distributed
 
-    D.prepare_env()
-    cfg = C.load(a.config, [*a.overrides, f"deepspeed.zero_stage={a.zero}"])
-    s = C.stages(cfg)[0].cfg
-    info = D.init()
+    distributed.prepare_env()
+    cfg = config.load(a.config, [*a.overrides, f"deepspeed.zero_stage={a.zero}"])
+    s = config.stages(cfg)[0].cfg
+    info = distributed.init()
+    from .build import build_model
     from .engine.ds_config import resolve_precision
-    from .engine.engine import Engine, soft_cross_entropy
-    from .engine.optim import build_optimizer
-    from .loop import model_kwargs
-    from .models import create_model
 
-    kw = model_kwargs(C.Stage("bench", s, None), s.model.num_classes or 1000)
-    size, b = kw["img_size"], s.optim.micro_batch
-    s.optim.global_batch = b * info.world
+    s.optim.global_batch = s.optim.micro_batch * info.world
+    s.optim.ema_decay = 0.0  # the plain loop keeps no EMA either
+    num_classes = s.model.num_classes or 1000
+    size = s.model.img_size or s.data.img_size
     torch.manual_seed(info.rank)
-    x = torch.randn(b, 3, size, size, device=info.device)
-    y = torch.randint(0, kw["num_classes"], (b,), device=info.device)
-    fpi = flops.train_flops_per_image(lambda: create_model(s.model.name, **kw), size, kw["in_chans"])
+    x = torch.randn(s.optim.micro_batch, 3, size, size, device=info.device)
+    y = torch.randint(0, num_classes, (s.optim.micro_batch,), device=info.device)
     prec = resolve_precision(s.deepspeed.precision, info.device)
+    ff = _ffscale_step(s, info, num_classes, x, y, a.warmup)
+    plain_step = _plain_step(s, info, num_classes, x, y, prec)
+    timed(info.device, plain_step, a.warmup)
+    t_plain, t_ff = [], []
+    for _ in range(a.rounds):  # alternate, so drift on a shared machine hits both alike
+        t_plain.append(timed(info.device, plain_step, a.steps))
+        t_ff.append(timed(info.device, ff["step"], a.steps))
+    fpi = flops.train_flops_per_image(lambda: build_model(s, num_classes), size, s.model.in_chans)
+    res = _result(s, info, a.zero, prec, ff, min(t_plain), min(t_ff), fpi, flops.rank_peak(info, prec))
+    if info.rank == 0:
+        print(MARK + json.dumps(res), flush=True)
+    return 0
 
-    def timed(step, n: int) -> float:
-        if info.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(n):
-            step()
-        if info.device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t0) / n
+
+def timed(device: torch.device, step, n: int) -> float:
+    """Seconds per call of `step`, the device's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n
+
+
+def _ffscale_step(s, info, num_classes: int, x, y, warmup: int) -> dict:
+    """The engine warmed up, its model states measured at their peak (after backward, gradients
+    live, before the step); `step` trains on the fixed batch and records the loss."""
+    from .build import build_model
+    from .engine.engine import Engine
 
     torch.manual_seed(0)
-    engine = Engine(create_model(s.model.name, **kw), s, info, 1, 10_000, 1)
-    xe = x.to(engine.dtype)
-    losses: list[float] = []
-    ff_step = lambda: losses.append(engine.train_step(xe, y).item())  # noqa: E731
-    timed(ff_step, a.warmup)
+    with tempfile.TemporaryDirectory() as ckpt_dir:  # never written: the bench saves no checkpoint
+        engine = Engine(build_model(s, num_classes), s, info, 1, 10_000, 1, ckpt_dir)
+    xe, losses = x.to(engine.dtype), []
+    step = lambda: losses.append(engine.train_step(xe, y).item())  # noqa: E731
+    timed(info.device, step, warmup)
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    # model states measured at their peak: after backward (gradients live), before the step
     mem = engine.model_states(xe, y, exclude=(x,))
     peak_mem = torch.cuda.max_memory_allocated() if info.device.type == "cuda" else None
+    return {"engine": engine, "step": step, "losses": losses, "mem": mem, "peak_mem": peak_mem}
+
+
+def _plain_step(s, info, num_classes: int, x, y, prec: str):
+    """The same model in a plain PyTorch loop (DDP over several ranks), autocast for bf16/fp16."""
+    from .build import build_model
+    from .engine.ds_config import DTYPES
+    from .engine.engine import soft_cross_entropy
+    from .engine.optim import build_optimizer
 
     torch.manual_seed(0)
-    plain = create_model(s.model.name, **kw).to(info.device)
-    if info.world > 1:  # the plain multi-rank loop: DDP
+    plain = build_model(s, num_classes).to(info.device)
+    if info.world > 1:
         plain = torch.nn.parallel.DistributedDataParallel(plain)
     opt = build_optimizer(plain, s.optim, 1e-4)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[prec]
 
-    def plain_step():
-        with torch.autocast(info.device.type, dtype=dtype, enabled=prec != "fp32"):
+    def step():
+        with torch.autocast(info.device.type, dtype=DTYPES[prec], enabled=prec != "fp32"):
             loss = soft_cross_entropy(plain(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    timed(plain_step, a.warmup)
-    t_plain, t_ff = [], []
-    for _ in range(a.rounds):  # alternate, so drift on a shared machine hits both alike
-        t_plain.append(timed(plain_step, a.steps))
-        t_ff.append(timed(ff_step, a.steps))
-    peak = flops.rank_peak(info, prec)
-    res = {
+    return step
+
+
+def _result(s, info, zero: int, prec: str, ff: dict, t_plain: float, t_ff: float, fpi: float, peak: float):
+    b, mem, peak_mem = s.optim.micro_batch, ff["mem"], ff["peak_mem"]
+    return {
         "model": s.model.name,
-        "img_size": size,
+        "img_size": s.model.img_size or s.data.img_size,
         "micro_batch": b,
         "ranks": info.world,
-        "zero": a.zero,
+        "zero": zero,
         "precision": prec,
         "grad_ckpt": s.model.grad_ckpt,
         "compile": s.model.compile,
-        "compiled": engine.compiled,
+        "compiled": ff["engine"].compiled,
         "offload_optimizer": s.deepspeed.offload_optimizer,
-        "loss_first_last": [losses[0], losses[-1]],  # one fixed batch: it must be learned
+        "loss_first_last": [ff["losses"][0], ff["losses"][-1]],  # one fixed batch: it must be learned
         "gflops_per_img": fpi / 1e9,
-        "plain_step_s": min(t_plain),
-        "ffscale_step_s": min(t_ff),
-        "ratio": min(t_plain) / min(t_ff),
-        "img_per_s": b * info.world / min(t_ff),
-        "mfu_pct": 100 * b * fpi / min(t_ff) / peak if peak else None,
+        "plain_step_s": t_plain,
+        "ffscale_step_s": t_ff,
+        "ratio": t_plain / t_ff,
+        "img_per_s": b * info.world / t_ff,
+        "mfu_pct": 100 * b * fpi / t_ff / peak if peak else None,
         "peak_tflops": peak / 1e12,
         "model_states_mib": {k: v / 2**20 for k, v in mem.items()},
         "peak_mem_gib": peak_mem / 2**30 if peak_mem else None,
         "device": torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu",
     }
-    if info.rank == 0:
-        print(MARK + json.dumps(res), flush=True)
-    return 0
 
 
 def print_table(res: dict) -> None:

@@ -56,11 +56,7 @@ def cmd_train(a) -> int:
 
     from . import config, tracking
 
-    try:
-        cfg = config.load(a.config, a.overrides)
-    except config.ConfigError as e:
-        print(f"ffscale: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = config.load(a.config, a.overrides)
     nproc = a.nproc or _default_nproc()
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     train_py = str(Path(__file__).with_name("train.py"))
@@ -110,15 +106,10 @@ def _default_nproc() -> int:
 def cmd_eval(a) -> int:
     import json
 
-    from . import config
-    from .evaluate import evaluate, find_stage
+    from .evaluate import evaluate_weights, find_stage
 
-    try:
-        stage = find_stage(Path(a.run), a.stage)
-    except config.ConfigError as e:
-        print(f"ffscale: {e}", file=sys.stderr)
-        return 2
-    res = evaluate(stage, Path(a.weights) if a.weights else None, a.data, a.device)
+    stage = find_stage(Path(a.run), a.stage)
+    res = evaluate_weights(stage, Path(a.weights) if a.weights else None, a.data, a.device)
     print(
         json.dumps(res)
         if a.json
@@ -262,13 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "what", None) == "data":
         args.shards_given = "--shards" in (argv or sys.argv)
-    from .data.manifest import DataError
+    from .errors import guarded
 
-    try:
-        return args.fn(args)
-    except DataError as e:
-        print(f"ffscale: data error: {e}", file=sys.stderr)
-        return 2
+    return guarded(lambda: args.fn(args))
 
 
 if __name__ == "__main__":

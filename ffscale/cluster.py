@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from . import config as C
+from . import config
 
 CONFIG_EXIT = 2  # ffscale's exit code for a config error: fail the Job at once, don't retry
 
@@ -39,9 +39,9 @@ def _name(s: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", s.lower()).strip("-")[:50] or "ffscale"
 
 
-def render(cfg: C.Config, config_yaml: str, o: ClusterOpts) -> dict[str, dict]:
+def render(cfg: config.Config, config_yaml: str, o: ClusterOpts) -> dict[str, dict]:
     """{file name: manifest} for one training config."""
-    C.stages(cfg)  # validates stage overrides before anything is written
+    config.stages(cfg)  # validates stage overrides before anything is written
     name = _name(f"ffscale-{cfg.run.name}")
     labels = {"app.kubernetes.io/name": "ffscale", "app.kubernetes.io/instance": name}
     meta = {"name": name, "namespace": o.namespace, "labels": labels}
@@ -187,12 +187,8 @@ def write(files: dict[str, dict], out: Path) -> list[Path]:
 
 
 def main(a) -> int:
-    try:
-        cfg = C.load(a.config, a.overrides)
-    except C.ConfigError as e:
-        print(f"ffscale: config error: {e}")
-        return 2
-    yaml_text = C.to_yaml(cfg)
+    cfg = config.load(a.config, a.overrides)  # a ConfigError is reported by the cli
+    yaml_text = config.to_yaml(cfg)
     o = ClusterOpts(
         **{k: getattr(a, k) for k in ClusterOpts.__dataclass_fields__ if getattr(a, k, None) is not None}
     )

@@ -8,7 +8,6 @@ Everything is validated and resolved once, here, before any process or device is
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A config problem, phrased for the user: names the file and/or the full key."""
+from .atomic import write_atomic
+from .errors import ConfigError
 
 
 @dataclass
@@ -283,7 +281,4 @@ def to_yaml(cfg: Config) -> str:
 
 def save(cfg: Config, path: Path) -> None:
     """Write the resolved config atomically (rank 0)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, path)
+    write_atomic(path, to_yaml(cfg))

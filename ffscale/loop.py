@@ -1,27 +1,29 @@
-"""One stage's training loop: epochs of micro-steps, progress, periodic eval and checkpoints.
+"""One stage's training: set up, run epochs, evaluate and checkpoint at each epoch's end, export.
 
 Sees plain tensors and the small Engine interface; knows nothing of DeepSpeed, DALI or MLflow.
 """
 
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import flops, preempt
-from .config import ConfigError, Stage, check_world
+from . import flops, nonfinite
+from .build import build_model, model_kwargs
+from .config import ConfigError, RunCfg, Stage
 from .data.augment import DeviceOps
 from .data.loader import build_loader
-from .engine.checkpoint import latest_tag, needs_reshard
 from .engine.dist import DistInfo
 from .engine.engine import Engine
 from .hostenv import allocator
-from .models import create_model
 from .models.resize import adapt_state_dict
-from .progress import Meter, fmt_time
+from .progress import Meter, eval_line, train_line
+from .record import Recorder
+from .schedule import plan_steps
+from .weights import load_weights
 
 
 def log(dist: DistInfo, msg: str) -> None:
@@ -29,242 +31,242 @@ def log(dist: DistInfo, msg: str) -> None:
         print(msg, flush=True)
 
 
-def model_kwargs(stage: Stage, num_classes: int) -> dict:
-    m = stage.cfg.model
-    return dict(
-        img_size=m.img_size or stage.cfg.data.img_size,
-        patch_size=m.patch_size,
-        in_chans=m.in_chans,
-        num_classes=num_classes,
-        drop_path=m.drop_path,
-        grad_ckpt=m.grad_ckpt,
-        dim=m.dim,
-        depth=m.depth,
-        **({"token_hidden": m.token_hidden} if m.token_hidden else {}),
-    )
+@dataclass
+class Progress:
+    """The loop's own state, saved with every checkpoint (keys kept stable across versions)."""
+
+    epoch: int = 0
+    micro_in_epoch: int = 0
+    accum: int = 1
+    best: dict = field(default_factory=dict)
+    skipped: int = 0  # non-finite steps skipped (optim.nonfinite=skip)
 
 
-def run_stage(
-    stage: Stage,
-    dist: DistInfo,
-    tracker,
-    seed: int,
-    log_every: int,
-    eval_every: int,
-    init_weights: Path | None,
-) -> dict:
-    s = stage.cfg
-    p = f"stage {stage.name}"
-    accum = check_world(s, dist.world, f"stages.{stage.name}.")
-    train, train_m = build_loader(
-        s.data,
-        s.data.train,
-        True,
-        dist.rank,
-        dist.world,
-        s.optim.micro_batch,
-        seed,
-        s.model.num_classes,
-        dist.device,
-    )
-    num_classes = s.model.num_classes or train_m.num_classes
-    val, val_m = build_loader(
-        s.data, s.data.val, False, dist.rank, dist.world, s.optim.micro_batch, seed, num_classes, dist.device
-    )
-    if val_m.classes != train_m.classes:
-        raise ConfigError(f"{p}: {s.data.val} has other classes than {s.data.train}")
+def run_stage(stage: Stage, dist: DistInfo, tracker, run: RunCfg, init_weights: Path | None) -> dict:
+    """Train one stage to its end (or to schedule.stop_at_step); the stage summary."""
+    r = StageRun(stage, dist, tracker, run, init_weights)
+    if init_weights is not None and r.fresh:
+        r.evaluate_carried(init_weights)
+    while r.progress.epoch < r.s.schedule.epochs:
+        if not r.train_epoch():
+            return {"finished": False}
+        r.end_epoch()
+    return r.finish()
 
-    kw = model_kwargs(stage, num_classes)
-    torch.manual_seed(seed)  # same initial weights on every rank
-    model = create_model(s.model.name, **kw)
-    if init_weights is not None:
-        from .engine.checkpoint import load_weights
 
-        state = adapt_state_dict(
-            load_weights(init_weights), model, lambda m: log(dist, m), s.model.carry_token_mlp
-        )
-        model.load_state_dict(state)
-
-    micro_per_epoch = train.steps_per_epoch // accum * accum  # epochs end on a step boundary
-    steps_per_epoch = micro_per_epoch // accum
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{p}: one epoch of {s.data.train} is smaller than optim.global_batch")
-    total = s.schedule.epochs * steps_per_epoch
-    warmup = int(s.schedule.warmup_epochs * steps_per_epoch)
-    ckpt_dir = stage.dir / "checkpoints"
-    reshard = s.checkpoint.reshard and needs_reshard(ckpt_dir)  # another rank count's ZeRO shards
-    engine = Engine(model, s, dist, accum, total, warmup, universal=reshard, ema_decay=s.optim.ema_decay)
-    ops = DeviceOps(s.data, num_classes, dist.device, engine.dtype)
-
-    stage.dir.mkdir(parents=True, exist_ok=True)
-    client = engine.load(ckpt_dir, s.checkpoint.reshard)  # None: fresh start
-    epoch, skip = 0, 0
-    if client:
-        # micro-steps done in this epoch, counted in this run's accumulation (the rank count may differ)
-        epoch, skip = client["epoch"], client["micro_in_epoch"] // client.get("accum", accum) * accum
-        log(
+class StageRun:
+    def __init__(self, stage: Stage, dist: DistInfo, tracker, run: RunCfg, init_weights: Path | None):
+        self.stage, self.s, self.dist, self.run = stage, stage.cfg, dist, run
+        self.where = f"stage {stage.name}"
+        self._loaders()
+        self.steps = plan_steps(self.s, dist.world, self.train.steps_per_epoch, stage.name)
+        model = self._model(init_weights)
+        self.engine = Engine(
+            model,
+            self.s,
             dist,
-            f"{p}: resumed from {ckpt_dir}/{latest_tag(ckpt_dir)} (epoch {epoch}, step {engine.global_step})"
-            + (
-                f"; resharded to {dist.world} ranks: the rest of this epoch sees another sample order"
-                if reshard
-                else ""
-            ),
+            self.steps.accum,
+            self.steps.total,
+            self.steps.warmup,
+            stage.dir / "checkpoints",
         )
-    best = client.get("best", {}) if client else {}
-    skipped = client.get("skipped", 0) if client else 0  # non-finite steps skipped (optim.nonfinite=skip)
+        self.ops = DeviceOps(self.s.data, self.num_classes, dist.device, self.engine.dtype)
+        stage.dir.mkdir(parents=True, exist_ok=True)
+        self.progress = self._resume()
+        self.meter = self._meter()
+        self._announce()
+        tracker.stage_started(stage, self.train_m, self.val_m, self.engine.num_params)
+        self.record = Recorder(stage.dir / "metrics.jsonl", tracker, dist.rank)
+        self.last_eval: dict = {}
 
-    fpi = flops.train_flops_per_image(
-        lambda: create_model(s.model.name, **kw), kw["img_size"], kw["in_chans"]
-    )
-    peak = flops.rank_peak(dist, engine.precision)
-    meter = Meter(total, s.optim.global_batch, fpi, peak * dist.world)  # MFU over all devices
-    cpu_alloc = f" ({allocator()})" if dist.device.type == "cpu" else ""
-    n_params = sum(getattr(q, "ds_numel", q.numel()) for q in model.parameters())  # ZeRO-3 partitions
-    log(
-        dist,
-        f"{p}: {s.model.name} {n_params / 1e6:.2f}M params, {fpi / 3e9:.3f} GFLOPs/img fwd, "
-        f"{train_m.num_samples} train / {val_m.num_samples} val images, {num_classes} classes, "
-        f"{dist.world} rank(s) on {dist.device.type}{cpu_alloc}, {engine.precision}, ZeRO-{s.deepspeed.zero_stage}, "
-        f"{steps_per_epoch} steps/epoch x {s.schedule.epochs} epochs, accum {accum}, lr {engine.lr:.2e}",
-    )
-    tracker.stage_started(stage, train_m, val_m, n_params)
-    metrics_file = stage.dir / "metrics.jsonl"
+    # -- set-up ------------------------------------------------------------------------------
+    def _loaders(self) -> None:
+        s, d = self.s, self.dist
+        args = (d.rank, d.world, s.optim.micro_batch, self.run.seed)
+        self.train, self.train_m = build_loader(
+            s.data, s.data.train, True, *args, s.model.num_classes, d.device
+        )
+        self.num_classes = s.model.num_classes or self.train_m.num_classes
+        self.val, self.val_m = build_loader(s.data, s.data.val, False, *args, self.num_classes, d.device)
+        if self.val_m.classes != self.train_m.classes:
+            raise ConfigError(f"{self.where}: {s.data.val} has other classes than {s.data.train}")
 
-    def record(row: dict) -> None:
-        if dist.rank == 0:
-            with open(metrics_file, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
+    def _model(self, init_weights: Path | None) -> torch.nn.Module:
+        torch.manual_seed(self.run.seed)  # same initial weights on every rank
+        model = build_model(self.s, self.num_classes)
+        if init_weights is not None:
+            say = lambda m: log(self.dist, m)  # noqa: E731
+            state = adapt_state_dict(load_weights(init_weights), model, say, self.s.model.carry_token_mlp)
+            model.load_state_dict(state)
+        return model
 
-    def save(epoch: int, micro_in_epoch: int) -> None:
-        state = {
-            "epoch": epoch,
-            "micro_in_epoch": micro_in_epoch,
-            "accum": accum,
-            "best": best,
-            "skipped": skipped,
-        }
-        engine.save(ckpt_dir, f"step{engine.global_step}", state, s.checkpoint.keep)
+    def _resume(self) -> Progress:
+        resumed = self.engine.resume()
+        self.fresh = resumed is None
+        if resumed is None:
+            return Progress(accum=self.steps.accum)
+        prog = Progress(**{k: v for k, v in resumed.state.items() if k in Progress.__dataclass_fields__})
+        # micro-steps done in this epoch, counted in this run's accumulation (the rank count may differ)
+        prog.micro_in_epoch = (
+            prog.micro_in_epoch // resumed.state.get("accum", self.steps.accum) * self.steps.accum
+        )
+        prog.accum = self.steps.accum
+        log(self.dist, f"{self.where}: {resumed.note}")
+        return prog
 
-    if init_weights is not None and client is None:  # what the carried weights are worth as-is
-        ev = evaluate(engine, val, ops)
-        record({"step": 0, "init_val_top1": ev["val_top1"], "init_val_top5": ev["val_top5"]})
-        log(dist, f"{p}: weights from {init_weights}: top-1 {ev['val_top1']:.2f}% before training")
+    def _meter(self) -> Meter:
+        kw = model_kwargs(self.s, self.num_classes)
+        self.flops_per_image = flops.train_flops_per_image(
+            lambda: build_model(self.s, self.num_classes), kw["img_size"], kw["in_chans"]
+        )
+        peak = flops.rank_peak(self.dist, self.engine.precision)
+        meter = Meter(
+            self.steps.total, self.s.optim.global_batch, self.flops_per_image, peak * self.dist.world
+        )
+        meter.update(self.engine.global_step)
+        return meter
 
-    loss_sum = torch.zeros((), device=dist.device)
-    step_loss = torch.zeros((), device=dist.device)
-    n_loss = 0
-    stopped = False
-    last_eval: dict = {}
-    meter.update(engine.global_step)
-    while epoch < s.schedule.epochs and not stopped:
-        for i, (x, y) in enumerate(train.epoch(epoch, skip), start=skip):
-            if i >= micro_per_epoch:
+    def _announce(self) -> None:
+        s, d, e = self.s, self.dist, self.engine
+        alloc = f" ({allocator()})" if d.device.type == "cpu" else ""
+        log(
+            d,
+            f"{self.where}: {s.model.name} {e.num_params / 1e6:.2f}M params, "
+            f"{self.flops_per_image / 3e9:.3f} GFLOPs/img fwd, {self.train_m.num_samples} train / "
+            f"{self.val_m.num_samples} val images, {self.num_classes} classes, {d.world} rank(s) on "
+            f"{d.device.type}{alloc}, {e.precision}, ZeRO-{s.deepspeed.zero_stage}, {self.steps.per_epoch} "
+            f"steps/epoch x {s.schedule.epochs} epochs, accum {self.steps.accum}, lr {e.lr:.2e}",
+        )
+
+    def evaluate_carried(self, init_weights: Path) -> None:
+        """What the carried weights are worth before any training."""
+        ev = self.engine.validate(self._val_batches())
+        self.record({"step": 0, "init_val_top1": ev["val_top1"], "init_val_top5": ev["val_top5"]})
+        log(
+            self.dist,
+            f"{self.where}: weights from {init_weights}: top-1 {ev['val_top1']:.2f}% before training",
+        )
+
+    # -- one epoch ---------------------------------------------------------------------------
+    def train_epoch(self) -> bool:
+        """Train the rest of the current epoch; False when the stage stopped at stop_at_step."""
+        prog, st, e = self.progress, self.steps, self.engine
+        loss = Mean(self.dist.device)
+        for i, (x, y) in enumerate(
+            self.train.epoch(prog.epoch, prog.micro_in_epoch), start=prog.micro_in_epoch
+        ):
+            if i >= st.micro_per_epoch:
                 break
             # Seeded per micro-step: drop path and augmentation replay exactly after a resume.
-            torch.manual_seed(seed + 1_000_003 * dist.rank + epoch * micro_per_epoch + i)
-            x, target = ops.train_batch(x, y, s.optim.label_smoothing)
-            step_loss += engine.train_step(x, target)
-            if (i + 1) % accum:
-                continue
-            step = engine.global_step
-            if engine.step_finite:
-                loss_sum += step_loss
-                n_loss += accum
-            else:  # nothing was applied; no checkpoint can hold NaN weights
-                skipped += 1
-                record({"step": step, "skipped_steps": skipped})
-                nonfinite(s.optim, step, skipped, ckpt_dir, p)
-                log(
-                    dist,
-                    f"{p}: loss not finite at step {step}: step skipped ({skipped}/{s.optim.max_skipped})",
-                )
-            step_loss.zero_()
-            if n_loss and (step % log_every == 0 or i + 1 == micro_per_epoch):
-                loss = loss_sum.item() / n_loss
-                loss_sum.zero_()
-                n_loss = 0
-                perf = meter.update(step)
-                row = {
-                    "step": step,
-                    "epoch": epoch + (i + 1) / micro_per_epoch,
-                    "loss": loss,
-                    "lr": engine.lr,
-                    **perf,
-                }
-                record(row)
-                mfu = f" | MFU {perf['mfu']:.1f}%" if "mfu" in perf else ""
-                log(
-                    dist,
-                    f"{stage.name} ep {epoch + 1}/{s.schedule.epochs} step {step}/{total} | loss {loss:.4f} | "
-                    f"lr {engine.lr:.2e} | {perf.get('img_per_s', 0):,.0f} img/s{mfu} | ETA {fmt_time(perf.get('eta_s', 0))}",
-                )
-            if preempt.requested_anywhere(dist.device):
-                save(epoch, i + 1)
-                log(dist, f"{p}: SIGTERM: checkpoint written at step {step}; rerun to continue")
-                raise preempt.Preempted(step)
-            if s.checkpoint.every_steps and step % s.checkpoint.every_steps == 0:
-                save(epoch, i + 1)
-            if s.schedule.stop_at_step and step >= s.schedule.stop_at_step:
-                stopped = True
-                save(epoch, i + 1)
-                log(dist, f"{p}: stopped at schedule.stop_at_step={step}; rerun to continue")
-                break
-        if stopped:
-            break
-        epoch, skip = epoch + 1, 0
-        if epoch % eval_every == 0 or epoch == s.schedule.epochs:
-            t0 = time.perf_counter()
-            ev = evaluate(engine, val, ops)
-            if engine.ema is not None:  # DeiT reports the EMA model beside the trained one
-                ev |= engine.evaluate_ema(
-                    (ops.eval_batch(x, y) for x, y in val.epoch(0)), lambda: create_model(s.model.name, **kw)
-                )
-            ev["epoch"] = epoch
-            last_eval = ev
-            if ev["val_top1"] >= best.get("val_top1", -1):
-                best = {"val_top1": ev["val_top1"], "val_top5": ev["val_top5"], "epoch": epoch}
-            record({"step": engine.global_step, **ev})
-            log(
-                dist,
-                f"{stage.name} eval ep {epoch}: top-1 {ev['val_top1']:.2f}% top-5 {ev['val_top5']:.2f}% "
-                f"loss {ev['val_loss']:.4f} on {ev['val_samples']} images"
-                + (f" | EMA top-1 {ev['val_top1_ema']:.2f}%" if "val_top1_ema" in ev else "")
-                + f" ({time.perf_counter() - t0:.1f}s)",
+            torch.manual_seed(
+                self.run.seed + 1_000_003 * self.dist.rank + prog.epoch * st.micro_per_epoch + i
             )
-        if s.checkpoint.every_epochs and epoch % s.checkpoint.every_epochs == 0 or epoch == s.schedule.epochs:
-            save(epoch, 0)
-    if stopped:
-        return {"finished": False}
-    digest = engine.export(stage.dir / "weights.safetensors")
-    ema = {"ema_digest": engine.export_ema(stage.dir / "weights_ema.safetensors")} if engine.ema else {}
-    return {
-        **ema,
-        "finished": True,
-        "best": best,
-        "last_eval": last_eval,
-        "steps": engine.global_step,
-        "weights_digest": digest,
-        "ranks": dist.world,
-    }
+            x, target = self.ops.train_batch(x, y, self.s.optim.label_smoothing)
+            loss.add_micro(e.train_step(x, target))
+            if (i + 1) % st.accum:
+                continue
+            prog.micro_in_epoch = i + 1
+            loss.end_step(e.step_finite, st.accum)
+            if not e.step_finite:
+                self._skip_step()
+            if loss.n and (e.global_step % self.run.log_every == 0 or i + 1 == st.micro_per_epoch):
+                self._log_progress(loss.take())
+            e.stop_if_requested(asdict(prog))
+            if self.s.checkpoint.every_steps and e.global_step % self.s.checkpoint.every_steps == 0:
+                e.save(asdict(prog))
+            if self.s.schedule.stop_at_step and e.global_step >= self.s.schedule.stop_at_step:
+                e.save(asdict(prog))
+                log(
+                    self.dist,
+                    f"{self.where}: stopped at schedule.stop_at_step={e.global_step}; rerun to continue",
+                )
+                return False
+        prog.epoch, prog.micro_in_epoch = prog.epoch + 1, 0
+        return True
+
+    def _skip_step(self) -> None:
+        """Nothing was applied, so no checkpoint can hold NaN weights; stop past the limit."""
+        prog, step = self.progress, self.engine.global_step
+        prog.skipped += 1
+        self.record({"step": step, "skipped_steps": prog.skipped})
+        nonfinite.check(self.s.optim, step, prog.skipped, self.engine.last_checkpoint(), self.where)
+        log(
+            self.dist,
+            f"{self.where}: loss not finite at step {step}: step skipped ({prog.skipped}/{self.s.optim.max_skipped})",
+        )
+
+    def _log_progress(self, loss: float) -> None:
+        e, prog = self.engine, self.progress
+        perf = self.meter.update(e.global_step)
+        epoch = prog.epoch + self.steps.epoch_of(prog.micro_in_epoch)
+        self.record({"step": e.global_step, "epoch": epoch, "loss": loss, "lr": e.lr, **perf})
+        epochs = self.s.schedule.epochs
+        log(
+            self.dist,
+            train_line(
+                self.stage.name, prog.epoch, epochs, e.global_step, self.steps.total, loss, e.lr, perf
+            ),
+        )
+
+    # -- end of an epoch, end of the stage -----------------------------------------------------
+    def end_epoch(self) -> None:
+        prog, epochs = self.progress, self.s.schedule.epochs
+        if prog.epoch % self.run.eval_every == 0 or prog.epoch == epochs:
+            self._evaluate()
+        every = self.s.checkpoint.every_epochs
+        if every and prog.epoch % every == 0 or prog.epoch == epochs:
+            self.engine.save(asdict(prog))
+
+    def _evaluate(self) -> None:
+        t0, prog, e = time.perf_counter(), self.progress, self.engine
+        ev = e.validate(self._val_batches())
+        if e.ema is not None:  # DeiT reports the EMA model beside the trained one
+            ev |= e.validate_ema(self._val_batches(), lambda: build_model(self.s, self.num_classes))
+        ev["epoch"] = prog.epoch
+        self.last_eval = ev
+        if ev["val_top1"] >= prog.best.get("val_top1", -1):
+            prog.best = {"val_top1": ev["val_top1"], "val_top5": ev["val_top5"], "epoch": prog.epoch}
+        self.record({"step": e.global_step, **ev})
+        log(self.dist, eval_line(self.stage.name, prog.epoch, ev, time.perf_counter() - t0))
+
+    def _val_batches(self):
+        return (self.ops.eval_batch(x, y) for x, y in self.val.epoch(0))
+
+    def finish(self) -> dict:
+        e, d = self.engine, self.stage.dir
+        digest = e.export(d / "weights.safetensors")
+        ema = {"ema_digest": e.export_ema(d / "weights_ema.safetensors")} if e.ema else {}
+        return {
+            **ema,
+            "finished": True,
+            "best": self.progress.best,
+            "last_eval": self.last_eval,
+            "steps": e.global_step,
+            "weights_digest": digest,
+            "ranks": self.dist.world,
+        }
 
 
-def nonfinite(optim, step: int, skipped: int, ckpt_dir: Path, p: str) -> None:
-    """Stop, naming the step, unless optim.nonfinite=skip and the limit is not yet passed."""
-    if optim.nonfinite == "skip" and skipped <= optim.max_skipped:
-        return
-    why = (
-        f"{skipped} steps skipped, more than optim.max_skipped={optim.max_skipped}"
-        if optim.nonfinite == "skip"
-        else "optim.nonfinite=stop"
-    )
-    raise FloatingPointError(
-        f"{p}: loss is NaN or inf at step {step} ({why}). The step was not applied; the last "
-        f"checkpoint is {ckpt_dir / latest_tag(ckpt_dir) if latest_tag(ckpt_dir) else 'none yet'}. Lower optim.base_lr or set optim.clip_grad"
-        + ("" if optim.nonfinite == "skip" else ", or skip such steps with optim.nonfinite=skip")
-    )
+class Mean:
+    """Mean training loss over the finite steps since the last progress line, kept on the device
+    so reading it costs one host sync per progress line, not per step."""
 
+    def __init__(self, device: torch.device):
+        self.sum = torch.zeros((), device=device)
+        self.step = torch.zeros((), device=device)
+        self.n = 0
 
-def evaluate(engine: Engine, val, ops: DeviceOps) -> dict:
-    return engine.evaluate(ops.eval_batch(x, y) for x, y in val.epoch(0))
+    def add_micro(self, loss: torch.Tensor) -> None:
+        self.step += loss
+
+    def end_step(self, finite: bool, accum: int) -> None:
+        if finite:
+            self.sum += self.step
+            self.n += accum
+        self.step.zero_()
+
+    def take(self) -> float:
+        value = self.sum.item() / self.n
+        self.sum.zero_()
+        self.n = 0
+        return value

@@ -33,3 +33,21 @@ class Meter:
         if self.peak:
             out["mfu"] = 100 * ips * self.fpi / self.peak
         return out
+
+
+def train_line(
+    stage: str, epoch: int, epochs: int, step: int, total: int, loss: float, lr: float, perf: dict
+) -> str:
+    mfu = f" | MFU {perf['mfu']:.1f}%" if "mfu" in perf else ""
+    return (
+        f"{stage} ep {epoch + 1}/{epochs} step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | "
+        f"{perf.get('img_per_s', 0):,.0f} img/s{mfu} | ETA {fmt_time(perf.get('eta_s', 0))}"
+    )
+
+
+def eval_line(stage: str, epoch: int, ev: dict, seconds: float) -> str:
+    ema = f" | EMA top-1 {ev['val_top1_ema']:.2f}%" if "val_top1_ema" in ev else ""
+    return (
+        f"{stage} eval ep {epoch}: top-1 {ev['val_top1']:.2f}% top-5 {ev['val_top5']:.2f}% "
+        f"loss {ev['val_loss']:.4f} on {ev['val_samples']} images{ema} ({seconds:.1f}s)"
+    )

@@ -8,23 +8,37 @@ written with `log_batch`; a tracking server that is down costs one warning, not 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import time
 from pathlib import Path
 
+from .atomic import write_atomic
+
 SECRET = re.compile(r"(token|password|passwd|secret|credential|api_?key)", re.I)
 URI_CREDS = re.compile(r"(//)[^/@\s]+@")
-
-for k, v in {
+MLFLOW_ENV = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",
     "GIT_PYTHON_REFRESH": "quiet",
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",  # a dead server must not block training for minutes
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}.items():
-    os.environ.setdefault(k, v)
+}
+
+
+def _client(uri: str):
+    """An MlflowClient, MLflow configured quietly first (its settings are read at import)."""
+    for k, v in MLFLOW_ENV.items():
+        os.environ.setdefault(k, v)
+    from mlflow import MlflowClient
+
+    return MlflowClient(uri)
+
+
+def as_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
 
 
 def redact(value: str) -> str:
@@ -69,11 +83,9 @@ class NullTracker:
 
 class MlflowTracker:
     def __init__(self, cfg, run_dir: Path):
-        from mlflow import MlflowClient
-
         self.cfg, self.run_dir = cfg, run_dir
         self.uri = tracking_uri(cfg, run_dir)
-        self.client = MlflowClient(self.uri)
+        self.client = _client(self.uri)
         self.ids_file = run_dir / "mlflow_runs.json"
         self.ids = json.loads(self.ids_file.read_text()) if self.ids_file.is_file() else {"stages": {}}
         self.parent: str | None = None
@@ -106,10 +118,7 @@ class MlflowTracker:
             return None
 
     def _save_ids(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.ids_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.ids, indent=1))
-        tmp.replace(self.ids_file)
+        write_atomic(self.ids_file, json.dumps(self.ids, indent=1))
 
     def _resume_or_create(
         self, run_id: str | None, exp_id: str, name: str, tags: dict, params: dict
@@ -129,17 +138,13 @@ class MlflowTracker:
 
     # -- the tracker interface ---------------------------------------------------------------
     def pipeline_started(self, cfg) -> None:
-        from omegaconf import OmegaConf
-
         exp = self._try(self.client.get_experiment_by_name, cfg.tracking.experiment)
         self.exp_id = (
             exp.experiment_id if exp else self._try(self.client.create_experiment, cfg.tracking.experiment)
         )
         if self.exp_id is None:
             return
-        params = flatten(
-            {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(cfg)).items() if k != "stages"}
-        )
+        params = flatten({k: v for k, v in as_dict(cfg).items() if k != "stages"})
         params["stages"] = ",".join(cfg.stages or ["train"])
         tags = {"ffscale.pipeline": cfg.run.name, "ffscale.kind": "pipeline"}
         self.parent = self._resume_or_create(self.ids.get("parent"), self.exp_id, cfg.run.name, tags, params)
@@ -152,8 +157,6 @@ class MlflowTracker:
     def stage_started(self, stage, train_manifest, val_manifest, n_params) -> None:
         if not self.parent:
             return
-        from omegaconf import OmegaConf
-
         s = stage.cfg
         tags = {
             "mlflow.parentRunId": self.parent,
@@ -164,7 +167,7 @@ class MlflowTracker:
             "ffscale.dataset": train_manifest.name + ":" + train_manifest.digest,
             "ffscale.init_from": str(s.init_from or "previous"),
         }
-        params = flatten(OmegaConf.to_container(OmegaConf.structured(s)))
+        params = flatten(as_dict(s))
         params["model.params"] = str(n_params)
         old = self.ids["stages"].get(stage.name)
         self.child = self._resume_or_create(
@@ -262,17 +265,13 @@ def ensure_store(cfg, run_dir: Path) -> None:
     """Create the default SQLite store before ranks start: concurrent creation races."""
     uri = tracking_uri(cfg, run_dir)
     if uri.startswith("sqlite:"):
-        from mlflow import MlflowClient
-
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-        MlflowClient(uri).search_experiments(max_results=1)
+        _client(uri).search_experiments(max_results=1)
 
 
 def stage_runs(uri: str, experiment: str, filter_string: str = "") -> list:
     """Finished or not, every stage run of an experiment (for `ffscale compare`)."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient(uri)
+    client = _client(uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
@@ -281,6 +280,4 @@ def stage_runs(uri: str, experiment: str, filter_string: str = "") -> list:
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    from mlflow import MlflowClient
-
-    return sorted((m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key))
+    return sorted((m.step, m.value) for m in _client(uri).get_metric_history(run_id, key))

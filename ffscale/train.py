@@ -31,36 +31,21 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from ffscale import config
+    from ffscale.errors import guarded
 
-    try:
+    def body() -> int:
         cfg = config.load(args.config, args.overrides)
-    except config.ConfigError as e:
-        print(f"ffscale: config error: {e}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(config.to_yaml(cfg))
-        return 0
-    from ffscale.engine.dist import prepare_env
+        if args.print_config:
+            print(config.to_yaml(cfg))
+            return 0
+        from ffscale.engine.dist import prepare_env
 
-    prepare_env()
-    from ffscale import pipeline
-    from ffscale.engine.checkpoint import CheckpointMismatch, CheckpointWriteError
+        prepare_env()
+        from ffscale import pipeline
 
-    try:
         return pipeline.run(cfg)
-    except config.ConfigError as e:
-        print(f"ffscale: config error: {e}", file=sys.stderr)
-        return 2
-    except CheckpointMismatch as e:
-        print(f"ffscale: {e}", file=sys.stderr)
-        return 2
-    except CheckpointWriteError as e:  # the message names the rank that failed
-        print(f"ffscale: {e}", file=sys.stderr)
-        return 1
-    except FloatingPointError as e:  # every rank stops at the same step; one says so
-        if os.environ.get("RANK", "0") == "0":
-            print(f"ffscale: {e}", file=sys.stderr)
-        return 1
+
+    return guarded(body)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_cmd(args: list[str], nproc: int = 2) -> list[str]:
-    """The real `deepspeed` launcher running ffscale/train.py with `nproc` CPU ranks."""
+def launch_cmd(args: list[str], nproc: int = 2, script: Path = TRAIN_PY) -> list[str]:
+    """The real `deepspeed` launcher running ffscale/train.py (or `script`) with `nproc` CPU ranks."""
     launcher = Path(sys.executable).with_name("deepspeed")
     return [
         str(launcher),
@@ -30,27 +30,40 @@ def launch_cmd(args: list[str], nproc: int = 2) -> list[str]:
         str(nproc),
         "--master_port",
         str(free_port()),
-        str(TRAIN_PY),
+        str(script),
         *args,
     ]
 
 
 def launch_env(env: dict | None = None) -> dict:
+    """What every test job runs with: one thread per CPU rank, no warnings noise."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
 
 
 def launch(
-    args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None
+    args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None, script: Path = TRAIN_PY
 ) -> subprocess.CompletedProcess:
     """Run a training job to its end under the real `deepspeed` launcher."""
     return subprocess.run(
-        launch_cmd(args, nproc),
+        launch_cmd(args, nproc, script),
         cwd=ROOT,
         env=launch_env(env),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """A job that must have succeeded; its output's tail otherwise."""
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory, request) -> Path:
+    """A directory shared by one test module's scenario fixtures (their runs and MLflow store)."""
+    return tmp_path_factory.mktemp(request.module.__name__.removeprefix("test_"))
 
 
 @pytest.fixture(scope="session")

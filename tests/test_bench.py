@@ -17,6 +17,7 @@ def test_bench_data_reports_both_loaders_and_their_ratio(fm_shards):
     assert res["ratio_dali_over_webdataset"] > 0
 
 
+@pytest.mark.e2e
 def test_bench_train_measures_both_loops_and_zero3_halves_model_states_on_two_ranks():
     from ffscale.bench_train import run
 
@@ -41,6 +42,7 @@ def test_bench_train_measures_both_loops_and_zero3_halves_model_states_on_two_ra
     assert m3["total"] < 0.6 * m0["total"]  # issue 6's bar, on a small model
 
 
+@pytest.mark.e2e
 def test_bench_train_runs_compiled_checkpointed_and_offloaded():
     from ffscale.bench_train import run
 

@@ -3,7 +3,6 @@ Kubernetes schema validation and yamllint; the Dockerfile passes hadolint; the c
 equal a fresh render; two "nodes" started exactly as the pods start them train together."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, small_overrides
+from conftest import ROOT, free_port, launch_env, small_overrides
 
 from ffscale import cluster
 from ffscale import config as C
@@ -89,14 +88,14 @@ def node_cmd(rank: int, port: int, args: list[str]) -> list[str]:
 
 def start_nodes(args):
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return [
-        subprocess.Popen(node_cmd(r, port, args), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+        subprocess.Popen(node_cmd(r, port, args), cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
         for r in (0, 1)
     ]  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_two_nodes_train_zero3_together_and_a_dead_node_stops_the_other(fm_shards, tmp_path):
     # The MLflow server is down (nothing listens on port 9): training must go on, with one warning.
     args = small_overrides(fm_shards, tmp_path, "nodes") + [

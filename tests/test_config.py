@@ -65,8 +65,6 @@ def test_a_later_config_file_with_stages_replaces_the_pipeline(tmp_path):
 def test_every_shipped_config_loads(path):
     cfg = C.load([str(path)])
     assert C.stages(cfg)
-    text = path.read_text()
-    assert "Command:" in text and "Expected:" in text  # big_vision-style header
 
 
 def test_ffscale_train_rejects_a_bad_config_before_any_rank_starts():

@@ -1,10 +1,10 @@
 """The fault suite: real 2-rank DeepSpeed jobs (ZeRO-2, checkpoint every 8 steps) hit by the faults
-of docs/reliability.md, then rerun. Grouped into few launches:
+of docs/reliability.md, then rerun. One fixture per scenario, each a few launches:
 - `ref` straight through;
 - `k`: rank 0 SIGKILLed while it writes a checkpoint (it blocks on a FIFO planted where its file
   goes), rerun and rank 1 SIGKILLed mid-step, rerun to the end; must equal `ref`;
 - `full`: checkpoints on a 700 KiB tmpfs, the second checkpoint hits ENOSPC; more space, rerun;
-- `nan`: NaN losses injected on rank 0 (FFSCALE_FAULT_NAN_STEPS), skipped under ZeRO-0 and ZeRO-2
+- `nan`: NaN losses injected on rank 0 (tests/nan_train.py, FFSCALE_FAULT_NAN_STEPS), skipped under ZeRO-0 and ZeRO-2
   until the limit, then the stopped stage resumed by 1 rank (universal checkpoint); `nan_stop`:
   ZeRO-3, default nonfinite=stop."""
 
@@ -16,13 +16,16 @@ import signal
 import subprocess
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from conftest import ROOT, launch, launch_cmd, launch_env, small_overrides
+from conftest import ROOT, check, launch, launch_cmd, launch_env, small_overrides
 
+pytestmark = pytest.mark.e2e
+NAN_TRAIN = Path(__file__).with_name("nan_train.py")
 STAGE = "train"  # a config without `stages` has one stage of this name
 KILL_BOUND_S = 60  # a dead rank must end the job within this (no hang on a collective)
 
@@ -87,11 +90,6 @@ def started(job: Job) -> bool:
     return any(" params, " in ln for ln in job.lines)
 
 
-def check(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 def mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     r = subprocess.run(
@@ -100,20 +98,22 @@ def mount_tmpfs(path: Path, size: str) -> bool:
     return r.returncode == 0
 
 
+# One fixture per scenario: a failing scenario errors only the tests that read it.
 @pytest.fixture(scope="module")
-def faults(fm_shards, tmp_path_factory):
-    d = tmp_path_factory.mktemp("faults")
-    out: dict = {"dir": d}
-    out["ref"] = check(launch(args(fm_shards, d, "ref")))
+def ref_run(fm_shards, module_dir):
+    return {"dir": module_dir, "ref": check(launch(args(fm_shards, module_dir, "ref")))}
 
+
+@pytest.fixture(scope="module")
+def kills(fm_shards, module_dir):
+    d, out = module_dir, {"dir": module_dir}
     # 1. rank 0 killed while writing the step-16 checkpoint, after rank 1 wrote its shard of it
     ck = d / "k" / STAGE / "checkpoints"
     job = Job(args(fm_shards, d, "k"))
     job.wait_for(lambda: started(job))
     (ck / "step16").mkdir(parents=True)
     os.mkfifo(ck / "step16" / "mp_rank_00_model_states.pt")  # rank 0's open() blocks here
-    job.wait_for(lambda: (ck / "step16" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file())
-    time.sleep(0.5)
+    job.wait_for(lambda: zipfile.is_zipfile(ck / "step16" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"))
     out["write_kill"] = job.kill_rank(0)
     out["write_kill_latest"] = (ck / "latest").read_text()
     (ck / "step16" / "mp_rank_00_model_states.pt").unlink()  # the FIFO; rank 1's shard stays
@@ -124,8 +124,13 @@ def faults(fm_shards, tmp_path_factory):
     out["step_kill"] = job.kill_rank(1)
     out["step_kill_latest"] = (ck / "latest").read_text()
     out["k_final"] = check(launch(args(fm_shards, d, "k")))
+    return out
 
-    # 3. disk full during the second checkpoint
+
+@pytest.fixture(scope="module")
+def disk_full(fm_shards, module_dir):
+    """The second checkpoint hits a full disk (a 700 KiB tmpfs); more space, rerun."""
+    d, out = module_dir, {"dir": module_dir}
     full = d / "full" / STAGE / "checkpoints"
     out["tmpfs"] = mount_tmpfs(full, "700k")
     try:
@@ -137,9 +142,15 @@ def faults(fm_shards, tmp_path_factory):
     finally:
         if out["tmpfs"]:
             subprocess.run(["umount", "-l", str(full)])
+    return out
 
-    # 4. NaN losses on rank 0 at steps 5, 9, 10, 11 of each stage
-    nan = {"FFSCALE_FAULT_NAN_STEPS": "5,9,10,11"}
+
+NAN = {"FFSCALE_FAULT_NAN_STEPS": "5,9,10,11"}  # rank 0's loss is NaN at these steps of each stage
+
+
+@pytest.fixture(scope="module")
+def nan_skips(fm_shards, module_dir):
+    d, out = module_dir, {"dir": module_dir}
     stages = [
         "stages.z0.deepspeed.zero_stage=0",
         "stages.z0.optim.nonfinite=skip",
@@ -148,7 +159,7 @@ def faults(fm_shards, tmp_path_factory):
         "stages.z2.optim.max_skipped=3",
         "stages.z2.init_from=scratch",
     ]
-    out["nan"] = launch(args(fm_shards, d, "nan", "schedule.epochs=1", *stages), env=nan)
+    out["nan"] = launch(args(fm_shards, d, "nan", "schedule.epochs=1", *stages), env=NAN, script=NAN_TRAIN)
     ck = d / "nan" / "z2" / "checkpoints"
     out["nan_ckpts"] = {
         "latest": (ck / "latest").read_text(),
@@ -158,8 +169,13 @@ def faults(fm_shards, tmp_path_factory):
     out["nan_rows"] = {st: (d / "nan" / st / "metrics.jsonl").read_text() for st in ("z0", "z2")}
     # the stopped ZeRO-2 stage resumed by one rank: converted to a universal checkpoint
     out["nan_1rank"] = launch(args(fm_shards, d, "nan", "schedule.epochs=1", *stages), nproc=1)
-    out["nan_stop"] = launch(args(fm_shards, d, "nan_stop", "deepspeed.zero_stage=3"), env=nan)
     return out
+
+
+@pytest.fixture(scope="module")
+def nan_stop(fm_shards, module_dir):
+    job = args(fm_shards, module_dir, "nan_stop", "deepspeed.zero_stage=3")
+    return {"dir": module_dir, "nan_stop": launch(job, env=NAN, script=NAN_TRAIN)}
 
 
 def rows_by_step(run: Path) -> dict[int, dict]:
@@ -173,7 +189,8 @@ def final_digest(run: Path) -> str:
     return json.loads((run / STAGE / "DONE").read_text())["weights_digest"]
 
 
-def test_killed_rank_ends_the_job_and_rerun_reaches_the_same_result(faults):
+def test_killed_rank_ends_the_job_and_rerun_reaches_the_same_result(ref_run, kills):
+    faults = {**ref_run, **kills}
     d = faults["dir"]
     for key in ("write_kill", "step_kill"):
         rc, took, text = faults[key]
@@ -187,7 +204,8 @@ def test_killed_rank_ends_the_job_and_rerun_reaches_the_same_result(faults):
     assert final_digest(d / "k") == final_digest(d / "ref")  # bit-identical weights
 
 
-def test_kill_during_checkpoint_write_leaves_latest_on_the_previous_checkpoint(faults):
+def test_kill_during_checkpoint_write_leaves_latest_on_the_previous_checkpoint(kills):
+    faults = kills
     assert faults["write_kill_latest"] == "step8"  # step16 was half-written when rank 0 died
     assert faults["step_kill_latest"] in ("step16", "step24", "step32", "step40", "step48", "step56")
     # the rerun removed the half-written step16 and resumed from step8 (then wrote a full step16)
@@ -196,7 +214,8 @@ def test_kill_during_checkpoint_write_leaves_latest_on_the_previous_checkpoint(f
     assert "resumed from" in rerun_out and "step8 (epoch 0, step 8)" in rerun_out
 
 
-def test_disk_full_during_checkpoint_names_it_and_keeps_the_previous_one(faults):
+def test_disk_full_during_checkpoint_names_it_and_keeps_the_previous_one(ref_run, disk_full):
+    faults = {**ref_run, **disk_full}
     if not faults["tmpfs"]:
         pytest.skip("mounting a small tmpfs needs root (CAP_SYS_ADMIN)")
     r = faults["full"]
@@ -209,7 +228,8 @@ def test_disk_full_during_checkpoint_names_it_and_keeps_the_previous_one(faults)
     assert final_digest(faults["dir"] / "full") == final_digest(faults["dir"] / "ref")
 
 
-def test_nonfinite_loss_is_skipped_up_to_the_limit_and_never_checkpointed(faults):
+def test_nonfinite_loss_is_skipped_up_to_the_limit_and_never_checkpointed(nan_skips):
+    faults = nan_skips
     d = faults["dir"] / "nan"
     r = faults["nan"]
     text = r.stdout + r.stderr
@@ -228,7 +248,8 @@ def test_nonfinite_loss_is_skipped_up_to_the_limit_and_never_checkpointed(faults
     assert all(torch.isfinite(t).all() for t in states["module"].values()) and states["skipped"] == 1
 
 
-def test_nonfinite_loss_stops_at_the_step_by_default(faults):
+def test_nonfinite_loss_stops_at_the_step_by_default(nan_stop):
+    faults = nan_stop
     d = faults["dir"] / "nan_stop"
     r = faults["nan_stop"]
     assert r.returncode != 0
@@ -242,7 +263,8 @@ def test_nonfinite_loss_stops_at_the_step_by_default(faults):
     assert c.get_run(ids["stages"][STAGE]).info.status == "FAILED"
 
 
-def test_resume_with_another_rank_count_goes_through_a_universal_checkpoint(faults):
+def test_resume_with_another_rank_count_goes_through_a_universal_checkpoint(nan_skips):
+    faults = nan_skips
     r = check(faults["nan_1rank"])
     assert "stage z0: already finished" in r.stdout
     assert "holds ZeRO-2 shards of 2 ranks, this run has 1: converting to a universal checkpoint" in r.stdout

@@ -6,7 +6,6 @@ launches of one two-stage pipeline (ZeRO-2 stage `z2`, ZeRO-3 stage `z3`):
 Tracking goes to a real MLflow SQLite store; exported weights are evaluated without DeepSpeed."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,10 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, launch, small_overrides
+from conftest import ROOT, check, free_port, launch, launch_env, small_overrides
 
-from ffscale.evaluate import evaluate, find_stage
+from ffscale.evaluate import evaluate_weights, find_stage
 from ffscale.hostenv import jemalloc
+
+pytestmark = pytest.mark.e2e
 
 
 def read_metrics(stage_dir: Path) -> list[dict]:
@@ -42,18 +43,14 @@ def pipeline_args(shards, runs, name, *extra):
     ]
 
 
-def check(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
 def sigterm_during_z2(shards, runs) -> tuple[int, str]:
     """Start a run with `ffscale train`, SIGTERM it once z2 has taken a few steps; (exit code, output)."""
     cli = Path(sys.executable).with_name("ffscale")
     cmd = [str(cli), "train", "--nproc", "2", "--master-port", str(free_port())]
     cmd += pipeline_args(shards, runs, "term")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     metrics = runs / "term" / "z2" / "metrics.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline and p.poll() is None:
@@ -65,16 +62,26 @@ def sigterm_during_z2(shards, runs) -> tuple[int, str]:
     return p.returncode, out
 
 
+# One fixture per scenario: a failing scenario errors only the tests that read it.
 @pytest.fixture(scope="module")
-def runs(fm_shards, tmp_path_factory):
-    d = tmp_path_factory.mktemp("runs")
-    out = {"dir": d}
-    out["ref"] = check(launch(pipeline_args(fm_shards, d, "ref")))
+def ref_run(fm_shards, module_dir):
+    return {"dir": module_dir, "ref": check(launch(pipeline_args(fm_shards, module_dir, "ref")))}
+
+
+@pytest.fixture(scope="module")
+def cut_run(fm_shards, module_dir):
+    d, out = module_dir, {"dir": module_dir}
     out["cut"] = check(launch(pipeline_args(fm_shards, d, "cut", "stages.z3.schedule.stop_at_step=17")))
     out["cut_ids"] = json.loads((d / "cut" / "mlflow_runs.json").read_text())
     # ZeRO-3 shards of 2 ranks, resharding off
     out["one_rank"] = launch(pipeline_args(fm_shards, d, "cut", "checkpoint.reshard=false"), nproc=1)
     out["resumed"] = check(launch(pipeline_args(fm_shards, d, "cut")))
+    return out
+
+
+@pytest.fixture(scope="module")
+def term_run(fm_shards, module_dir):
+    d, out = module_dir, {"dir": module_dir}
     out["term_rc"], out["term_out"] = sigterm_during_z2(fm_shards, d)
     out["term_ids"] = json.loads((d / "term" / "mlflow_runs.json").read_text())
     from mlflow import MlflowClient
@@ -86,7 +93,8 @@ def runs(fm_shards, tmp_path_factory):
     return out
 
 
-def test_zero2_and_zero3_train_and_ranks_agree(runs):
+def test_zero2_and_zero3_train_and_ranks_agree(ref_run):
+    runs = ref_run
     for stage in ("z2", "z3"):
         done = json.loads((runs["dir"] / "ref" / stage / "DONE").read_text())
         assert done["ranks"] == 2 and done["weights_digest"]  # digests matched on both ranks
@@ -102,7 +110,8 @@ def test_zero2_and_zero3_train_and_ranks_agree(runs):
         assert "2 rank(s) on cpu (jemalloc)" in runs["ref"].stdout
 
 
-def test_stopped_then_resumed_run_continues_the_same_trajectory(runs):
+def test_stopped_then_resumed_run_continues_the_same_trajectory(ref_run, cut_run):
+    runs = {**ref_run, **cut_run}
     assert "stopped at schedule.stop_at_step=17" in runs["cut"].stdout
     assert "stage z2: already finished" in runs["resumed"].stdout
     assert "resumed from" in runs["resumed"].stdout
@@ -116,16 +125,18 @@ def test_stopped_then_resumed_run_continues_the_same_trajectory(runs):
     assert d_cut["ema_digest"] == d_ref["ema_digest"]  # each rank's EMA shard came back from the checkpoint
 
 
-def test_exported_weights_reproduce_the_final_eval_without_deepspeed(runs):
+def test_exported_weights_reproduce_the_final_eval_without_deepspeed(ref_run):
+    runs = ref_run
     stage = find_stage(runs["dir"] / "ref", None)
     assert stage.name == "z3"
-    res = evaluate(stage)
+    res = evaluate_weights(stage)
     done = json.loads((stage.dir / "DONE").read_text())
     assert res["samples"] == 512
     assert res["top1"] == pytest.approx(done["last_eval"]["val_top1"], abs=1e-6)
 
 
-def test_sigterm_checkpoints_marks_killed_and_rerun_resumes(runs):
+def test_sigterm_checkpoints_marks_killed_and_rerun_resumes(term_run):
+    runs = term_run
     assert runs["term_rc"] == 143
     assert "SIGTERM: checkpoint written at step" in runs["term_out"]
     assert runs["term_status"] == {"z2": "KILLED", "parent": "KILLED"}
@@ -137,7 +148,8 @@ def test_sigterm_checkpoints_marks_killed_and_rerun_resumes(runs):
     )
 
 
-def test_mlflow_holds_parent_and_stage_runs_with_lineage(runs):
+def test_mlflow_holds_parent_and_stage_runs_with_lineage(cut_run):
+    runs = cut_run
     from mlflow import MlflowClient
 
     c = MlflowClient(f"sqlite:///{runs['dir'] / 'mlflow.db'}")
@@ -162,7 +174,8 @@ def test_mlflow_holds_parent_and_stage_runs_with_lineage(runs):
     assert sorted(steps) == list(range(1, total + 1))  # every step once: 1-17 before the stop, the rest after
 
 
-def test_compare_prints_the_runs(runs, capsys):
+def test_compare_prints_the_runs(ref_run, cut_run, term_run, capsys):
+    runs = {**ref_run, **cut_run, **term_run}
     from argparse import Namespace
 
     from ffscale import compare
@@ -179,7 +192,8 @@ def test_compare_prints_the_runs(runs, capsys):
     assert png.stat().st_size > 10_000
 
 
-def test_resuming_with_another_rank_count_without_reshard_stops_with_the_conversion_command(runs):
+def test_resuming_with_another_rank_count_without_reshard_stops_with_the_conversion_command(cut_run):
+    runs = cut_run
     r = runs["one_rank"]
     assert r.returncode != 0
     text = r.stdout + r.stderr
@@ -188,7 +202,8 @@ def test_resuming_with_another_rank_count_without_reshard_stops_with_the_convers
     assert "--inject_missing_state, then rerun with checkpoint.reshard=true" in text
 
 
-def test_ema_of_the_weights_is_sharded_gathered_evaluated_and_exported(runs):
+def test_ema_of_the_weights_is_sharded_gathered_evaluated_and_exported(ref_run):
+    runs = ref_run
     import torch
     from safetensors.torch import load_file
 

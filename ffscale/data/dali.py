@@ -16,8 +16,8 @@ import torch
 from torch.nn import functional as F
 
 from ..config import DataCfg
-from .loader import Batch, ShardPlan
-from .manifest import DataError
+from ..errors import DataError
+from .plan import Batch, ShardPlan, pad_eval
 
 LABEL_BYTES = 16  # .cls is ASCII digits; padded to a fixed width and parsed with torch
 
@@ -93,6 +93,9 @@ def parse_labels(raw: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     ndig = (inside & (d >= 0) & (d <= 9)).sum(1)
     ok = (ndig > 0) & ((inside & ~ws).sum(1) == ndig) & (lengths.view(-1) <= LABEL_BYTES)
     digit = inside & (d >= 0) & (d <= 9)
+    first = torch.where(digit.any(1), digit.float().argmax(1), 0)
+    last = raw.shape[1] - 1 - digit.flip(1).float().argmax(1)
+    ok &= last - first + 1 == ndig  # one run of digits: "1 2" is not 12 (the host parser agrees)
     exp = (digit.flip(1).cumsum(1).flip(1) - 1).clamp(min=0)  # digits to the right of each digit
     val = (d.clamp(0, 9) * (10**exp) * digit).sum(1)
     return torch.where(ok, val, torch.full_like(val, -2))
@@ -113,16 +116,12 @@ class DaliLoader:
         for i in self.idx:
             if not i.is_file() or i.stat().st_size == 0:
                 raise DataError(f"DALI index {i} missing or empty: rewrite the shards with `ffscale shard`")
-        n = sum(plan.counts)
-        per_rank = [n * (r + 1) // plan.world - n * r // plan.world for r in range(plan.world)]
         if train:
-            self.steps_per_epoch = min(per_rank) // batch
+            self.steps_per_epoch = plan.split_train_steps(batch)
             self.num_samples = self.steps_per_epoch * batch * plan.world
-            if self.steps_per_epoch == 0:
-                raise DataError(f"{plan.files[0].parent}: too few samples for one batch per rank")
         else:
-            self.steps_per_epoch = max(-(-k // batch) for k in per_rank)
-            self.num_samples = n
+            self.steps_per_epoch = plan.split_eval_steps(batch)
+            self.num_samples = sum(plan.counts)
 
     def _batches(self, epoch: int, skip: int) -> Iterator[dict | None]:
         """One epoch's batches as {x, cls, len} (None for the `skip` first: not decoded to tensors)."""
@@ -202,19 +201,13 @@ class DaliLoader:
             msg = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
             self._locate(msg[-1] if msg else type(e).__name__)
         if not self.train:
-            size = self.cfg.img_size
-            while n < self.steps_per_epoch:
-                n += 1
-                yield (
-                    torch.zeros(1, 3, size, size, dtype=torch.uint8, device=self.device),
-                    torch.full((1,), -1),
-                )
+            yield from pad_eval(n, self.steps_per_epoch, self.cfg.img_size, self.device)
 
     def _locate(self, what: str):
         """DALI errors carry no file name: find the offending sample by reading the shards
         on the host, and raise naming its shard and key."""
+        from .samples import decode_image, parse_label
         from .shards import iter_samples
-        from .wds import decode_image, parse_label
 
         try:
             for s in iter_samples([Path(f) for f in self.plan.files]):

@@ -7,11 +7,10 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..atomic import write_atomic
+from ..errors import DataError
+
 MANIFEST = "manifest.json"
-
-
-class DataError(RuntimeError):
-    """Bad input data; the message names the directory, shard and/or sample key."""
 
 
 @dataclass
@@ -47,9 +46,7 @@ class Manifest:
 
     def save(self, root: Path) -> None:
         d = asdict(self) | {"num_samples": self.num_samples, "digest": self.digest}
-        tmp = root / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(d, indent=1))
-        tmp.replace(root / MANIFEST)
+        write_atomic(root / MANIFEST, json.dumps(d, indent=1))
 
 
 def broken_tar(e: Exception) -> bool:

@@ -11,6 +11,7 @@ import io
 import random
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from ..atomic import atomic_path
 from .manifest import DataError, Manifest, ShardInfo, broken_tar, sha256_file
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -122,15 +124,14 @@ def write_shards(
 
 def write_dali_indexes(files: list[Path]) -> None:
     """DALI's reader wants an index per tar; `wds2idx` ships with the DALI wheel."""
-    tool = shutil.which("wds2idx")
+    # on PATH, or beside this interpreter (a venv used without activating it)
+    tool = shutil.which("wds2idx") or shutil.which("wds2idx", path=str(Path(sys.executable).parent))
     if tool is None:
         return
     for f in files:
-        idx = f.with_suffix(".idx")
-        tmp = idx.with_suffix(".idx.tmp")
         # wds2idx ignores tar's exit status, so the tar was checked by writing it ourselves.
-        subprocess.run([tool, str(f), str(tmp)], check=True, capture_output=True)
-        tmp.replace(idx)
+        with atomic_path(f.with_suffix(".idx")) as tmp:
+            subprocess.run([tool, str(f), str(tmp)], check=True, capture_output=True)
 
 
 def iter_samples(files: list[Path]) -> Iterator[dict]:

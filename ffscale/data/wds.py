@@ -2,45 +2,18 @@
 
 from __future__ import annotations
 
-import io
 import random
 from collections.abc import Iterator
 
 import torch
 import webdataset as wds
-from PIL import Image
 
 from ..config import DataCfg
-from .loader import Batch, ShardPlan
-from .manifest import DataError, broken_tar
+from ..errors import DataError
+from .manifest import broken_tar
+from .plan import Batch, ShardPlan, pad_eval
+from .samples import decode_image, parse_label
 from .transforms import eval_transform, train_transform
-
-
-def parse_label(sample: dict, num_classes: int) -> int:
-    where = f"shard {sample.get('__url__')} sample {sample.get('__key__')}"
-    raw = sample.get("cls")
-    if raw is None:
-        raise DataError(f"{where}: no .cls label")
-    try:
-        y = int(raw.decode().strip())
-    except (UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"{where}: label {raw[:20]!r} is not an integer") from e
-    if not 0 <= y < num_classes:
-        raise DataError(f"{where}: label {y} out of range [0, {num_classes})")
-    return y
-
-
-def decode_image(sample: dict) -> Image.Image:
-    where = f"shard {sample.get('__url__')} sample {sample.get('__key__')}"
-    data = sample.get("jpg") or sample.get("jpeg") or sample.get("png")
-    if not data:
-        raise DataError(f"{where}: no image (.jpg) or an empty one")
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except Exception as e:
-        raise DataError(f"{where}: cannot decode image ({e})") from e
-    return img
 
 
 class WdsLoader:
@@ -59,10 +32,8 @@ class WdsLoader:
         if train:
             self.steps_per_epoch = plan.train_steps(batch, self.workers)
             self.num_samples = self.steps_per_epoch * batch * plan.world
-            if self.steps_per_epoch == 0:
-                raise DataError(f"{plan.files[0].parent}: too few samples for one batch per rank")
         else:
-            self.steps_per_epoch = max(plan.eval_batches(batch, self.workers, r) for r in range(plan.world))
+            self.steps_per_epoch = plan.eval_steps(batch, self.workers)
             self.num_samples = sum(plan.counts)
 
     def _samples(self, src: Iterator[dict], epoch: int, skip: int) -> Iterator[tuple]:
@@ -118,11 +89,8 @@ class WdsLoader:
                 break
             n += 1
             yield x, y
-        if not self.train:  # pad so every rank runs the same number of eval forwards
-            size = self.cfg.img_size
-            while n < self.steps_per_epoch:
-                n += 1
-                yield torch.zeros(1, 3, size, size, dtype=torch.uint8), torch.full((1,), -1)
+        if not self.train:
+            yield from pad_eval(n, self.steps_per_epoch, self.cfg.img_size, torch.device("cpu"))
         elif n < self.steps_per_epoch:  # samples were skipped as bad: top up from the next pass
             yield from self.epoch(epoch + 10_000, n)
 

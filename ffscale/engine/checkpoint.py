@@ -8,9 +8,7 @@ mid-save leaves `latest` naming the previous complete checkpoint.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,25 +16,14 @@ from pathlib import Path
 
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
-from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_path, write_atomic
+from ..errors import CheckpointMismatch, CheckpointWriteError
+from ..weights import save_weights, state_digest
 from .dist import barrier
 
 LATEST = "latest"
 META = "ffscale.json"  # world size and ZeRO stage of a checkpoint, read before DeepSpeed loads it
-
-
-class CheckpointMismatch(RuntimeError):
-    """A checkpoint this run cannot load as is; the message says what to do."""
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _world() -> int:
@@ -51,10 +38,6 @@ def latest_tag(ckpt_dir: Path) -> str | None:
     return tag if (Path(ckpt_dir) / tag).is_dir() else None
 
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, quota, I/O); the previous one is intact."""
-
-
 def _step(tag: str) -> int:
     return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else -1
 
@@ -63,15 +46,14 @@ def _rank_file(ckpt_dir: Path, tag: str, rank: int) -> Path:
     return ckpt_dir / tag / f"ffscale_rank{rank}.pt"
 
 
-def save(ds, ckpt_dir, tag: str, client_state: dict, keep: int, own: dict | None = None) -> None:
-    """`own`: tensors only this rank holds (its EMA shard), written beside DeepSpeed's files."""
+def save(ds, ckpt_dir, tag: str, client_state: dict, keep: int, rank_state: dict | None = None) -> None:
+    """`rank_state`: tensors only this rank holds (its EMA shard), written beside DeepSpeed's files."""
     ckpt_dir = Path(ckpt_dir)
     try:
         ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-        if own:
-            f = _rank_file(ckpt_dir, tag, ds.global_rank)
-            torch.save(own, f.with_suffix(".tmp"))
-            os.replace(f.with_suffix(".tmp"), f)
+        if rank_state:
+            with atomic_path(_rank_file(ckpt_dir, tag, ds.global_rank)) as tmp:
+                torch.save(rank_state, tmp)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as RuntimeError
         # This rank stops; the launcher (or the peers' collective timeouts) stops the others.
         free = shutil.disk_usage(ckpt_dir).free if ckpt_dir.is_dir() else 0
@@ -87,8 +69,8 @@ def save(ds, ckpt_dir, tag: str, client_state: dict, keep: int, own: dict | None
     if ds.global_rank == 0:
         meta = {"world_size": _world(), "zero_stage": ds.zero_optimization_stage()}
         meta["params"] = model_signature(ds.module)
-        _write_atomic(ckpt_dir / tag / META, json.dumps(meta))
-        _write_atomic(ckpt_dir / LATEST, tag)
+        write_atomic(ckpt_dir / tag / META, json.dumps(meta))
+        write_atomic(ckpt_dir / LATEST, tag)
         tags = sorted(
             (d for d in ckpt_dir.iterdir() if d.is_dir() and _step(d.name) >= 0), key=lambda d: _step(d.name)
         )
@@ -149,16 +131,14 @@ def _to_universal(ckpt_dir: Path, tag: str) -> str:
     """Convert with DeepSpeed's ds_to_universal (rank 0, once); written aside, renamed into place."""
     out = ckpt_dir / f"{tag}_universal"
     if not out.is_dir():
-        tmp = ckpt_dir / f"{tag}_universal.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder"]
-        cmd += [str(ckpt_dir / tag), "--output_folder", str(tmp), "--inject_missing_state"]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode:
-            raise CheckpointMismatch(
-                f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n{r.stderr[-2000:]}"
-            )
-        os.replace(tmp, out)
+        with atomic_path(out) as tmp:
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder"]
+            cmd += [str(ckpt_dir / tag), "--output_folder", str(tmp), "--inject_missing_state"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                raise CheckpointMismatch(
+                    f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n{r.stderr[-2000:]}"
+                )
     return out.name
 
 
@@ -219,14 +199,6 @@ def full_fp32_state(ds) -> dict[str, torch.Tensor]:
     return out
 
 
-def state_digest(state: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def export_fp32(ds, path) -> str:
     """Write consolidated fp32 weights (rank 0); every rank's gathered copy must be identical."""
     state = full_fp32_state(ds)
@@ -242,15 +214,6 @@ def export_fp32(ds, path) -> str:
 def write_weights(state: dict[str, torch.Tensor], path, rank: int, digest: str | None = None) -> str:
     """Rank 0 writes safetensors atomically; every rank returns the digest."""
     if rank == 0:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, path)
+        save_weights(state, path)
     barrier()
     return digest or state_digest(state)
-
-
-def load_weights(path) -> dict[str, torch.Tensor]:
-    """Consolidated weights from safetensors: no pickle, so loading cannot run code."""
-    return load_file(str(path))

@@ -6,6 +6,8 @@ import torch
 
 from ..config import StageCfg
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":

@@ -1,43 +1,48 @@
-"""The small engine interface the loop sees: step, evaluate, save, load, export."""
+"""The small engine interface the loop sees: step, validate, save, resume, export."""
 
 from __future__ import annotations
 
-import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import deepspeed
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import preempt
 from ..config import StageCfg
+from ..errors import NonFiniteLoss, Preempted
+from ..metrics import summarize, topk_counts
 from . import checkpoint, ds_config
 from .dist import DistInfo, all_reduce_sum
 from .ema import Ema
 from .masters import share_fp32_masters
 from .optim import build_optimizer
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+@dataclass
+class Resumed:
+    """Where a resumed stage stands: the loop's own state saved with the checkpoint."""
+
+    state: dict
+    note: str  # for the log: which checkpoint, and whether it was resharded
 
 
 class Engine:
     def __init__(
-        self,
-        model: nn.Module,
-        s: StageCfg,
-        dist: DistInfo,
-        accum: int,
-        total_steps: int,
-        warmup_steps: int,
-        universal: bool = False,
-        ema_decay: float = 0.0,
+        self, model: nn.Module, s: StageCfg, dist: DistInfo, accum: int, total: int, warmup: int, ckpt_dir
     ):
-        self.dist = dist
+        self.dist, self.s, self.accum = dist, s, accum
+        self.ckpt_dir = Path(ckpt_dir)
         self.precision = ds_config.resolve_precision(s.deepspeed.precision, dist.device)
-        self.dtype = DTYPES[self.precision]
+        self.dtype = ds_config.DTYPES[self.precision]
         n_params = sum(p.numel() for p in model.parameters())
         cuda = dist.device.type == "cuda"
-        cfg = ds_config.build(s, dist.world, accum, total_steps, warmup_steps, self.precision, n_params, cuda)
-        if universal:  # resuming another rank count's shards (checkpoint.load converts them)
+        cfg = ds_config.build(s, dist.world, accum, total, warmup, self.precision, n_params, cuda)
+        # Shards of another rank count: checkpoint.load converts them to a universal checkpoint.
+        self.reshard = s.checkpoint.reshard and checkpoint.needs_reshard(self.ckpt_dir)
+        if self.reshard:
             cfg = ds_config.merge(cfg, {"checkpoint": {"load_universal": True}})
         opt = build_optimizer(model, s.optim, ds_config.peak_lr(s))
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -51,16 +56,13 @@ class Engine:
         if s.model.compile:  # compiled inside the engine, so ZeRO hooks and checkpoints still see the module
             self.ds.compile()
         self.module = self.ds.module
+        ema_decay = s.optim.ema_decay
         self.ema = Ema(self.ds, ema_decay, dist.rank, dist.world) if ema_decay > 0 else None
         if self.scheduler.last_batch_iteration < 0:  # step 1 runs at warmup_lr, not at lr 0
             self.scheduler.step(0)
-        self.accum = accum
         self._bad = torch.zeros((), device=dist.device)  # non-finite micro-batch losses this step
         self.step_finite = True  # was the last optimizer step's loss finite on every rank?
-        # Fault injection for the fault suite (docs/reliability.md): rank 0's loss becomes NaN at
-        # these optimizer steps, e.g. FFSCALE_FAULT_NAN_STEPS=5,9.
-        nan_steps = os.environ.get("FFSCALE_FAULT_NAN_STEPS", "")
-        self._fault_nan = {int(v) for v in nan_steps.split(",") if v.strip()}
+        self.stop_requested = False  # has any rank been sent SIGTERM?
 
     @property
     def global_step(self) -> int:
@@ -71,32 +73,45 @@ class Engine:
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
+    @property
+    def num_params(self) -> int:
+        """Every parameter's full size, also under ZeRO-3 (where each rank holds a partition)."""
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters())
+
+    @property
+    def compiled(self) -> bool:
+        return bool(getattr(self.ds, "is_compiled", False))
+
     def train_step(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """One micro-batch: forward, backward; DeepSpeed steps at accumulation boundaries.
         `target` is class indices or soft targets (mixup), loss in fp32."""
         self.ds.train()
-        logits = self.ds(x).float()
-        loss = soft_cross_entropy(logits, target)
-        if self.dist.rank == 0 and self.global_step + 1 in self._fault_nan:
-            loss = loss * float("nan")
+        loss = soft_cross_entropy(self.ds(x).float(), target)
         boundary = self.ds.is_gradient_accumulation_boundary()
         self.ds.backward(loss)
         self._bad += (~torch.isfinite(loss.detach())).float()
-        if boundary:  # one scalar all-reduce per optimizer step: every rank decides alike
-            self.step_finite = all_reduce_sum(self._bad.clone()).item() == 0
-            self._bad.zero_()
+        if boundary:
+            self._agree()
             self._guarded_step()
         else:
             self.ds.step()
         return loss.detach()
+
+    def _agree(self) -> None:
+        """One collective per optimizer step, so every rank decides alike: was the loss finite
+        everywhere, and was any rank sent SIGTERM?"""
+        flags = torch.stack([self._bad, torch.tensor(float(preempt.requested()), device=self._bad.device)])
+        flags = all_reduce_sum(flags).tolist()
+        self.step_finite, self.stop_requested = flags[0] == 0, flags[1] > 0
+        self._bad.zero_()
 
     def _guarded_step(self) -> None:
         """Step; a non-finite step must leave the weights alone. DeepSpeed's ZeRO and bf16/fp16
         optimizers skip a step whose gradient norm is not finite (and say so in `overflow`); a bare
         torch optimizer (ZeRO-0, fp32) does not, so its gradients are dropped first."""
         opt = self.ds.optimizer
-        own = not hasattr(opt, "overflow")
-        if not self.step_finite and own:
+        bare_torch = not hasattr(opt, "overflow")
+        if not self.step_finite and bare_torch:
             for p in self.ds.module.parameters():
                 p.grad = None
         norm_off = not self.step_finite and getattr(opt, "compute_grad_norm", True) is False
@@ -105,16 +120,12 @@ class Engine:
         self.ds.step()
         if norm_off:
             opt.compute_grad_norm = False
-        if not self.step_finite and not own and not self.ds.optimizer.overflow:
-            raise FloatingPointError(
+        if not self.step_finite and not bare_torch and not self.ds.optimizer.overflow:
+            raise NonFiniteLoss(
                 f"step {self.global_step}: loss not finite but DeepSpeed applied the step; weights are suspect"
             )
         if self.ema is not None and self.step_finite:
             self.ema.update()
-
-    @property
-    def compiled(self) -> bool:
-        return bool(getattr(self.ds, "is_compiled", False))
 
     def model_states(self, x: torch.Tensor, target: torch.Tensor, exclude=()) -> dict[str, int]:
         """One training step, with this rank's model-state bytes measured at their peak: after
@@ -127,31 +138,53 @@ class Engine:
         self.ds.step()
         return mem
 
-    def evaluate(self, batches) -> dict:
+    # -- evaluation ------------------------------------------------------------------------
+    def validate(self, batches) -> dict:
         """Top-1/top-5 over every real sample (label -1 = padding); sums reduced across ranks."""
         self.ds.eval()
-        return evaluate_model(self.ds, batches, self.dist.device)
+        return validate_model(self.ds, batches, self.dist.device)
 
-    def evaluate_ema(self, batches, build) -> dict:
-        """The same evaluation for the EMA weights, in a plain copy of the model (`build()`)."""
+    def validate_ema(self, batches, build) -> dict:
+        """The same for the EMA weights, in a plain copy of the model (`build()`)."""
         model = build()
         model.load_state_dict(self.ema.full())
         model.to(self.dist.device, self.dtype).eval()
-        return {f"{k}_ema": v for k, v in evaluate_model(model, batches, self.dist.device).items()}
+        return {f"{k}_ema": v for k, v in validate_model(model, batches, self.dist.device).items()}
 
-    def save(self, ckpt_dir, tag: str, client_state: dict, keep: int) -> None:
-        own = {"ema": self.ema.state_dict()} if self.ema else {}
-        checkpoint.save(self.ds, ckpt_dir, tag, client_state, keep, own)
+    # -- checkpoints -----------------------------------------------------------------------
+    def save(self, state: dict) -> None:
+        """Checkpoint `step<N>` with the loop's `state`; `latest` moves once every rank wrote."""
+        rank_state = {"ema": self.ema.state_dict()} if self.ema else {}
+        tag = f"step{self.global_step}"
+        checkpoint.save(self.ds, self.ckpt_dir, tag, state, self.s.checkpoint.keep, rank_state)
 
-    def load(self, ckpt_dir, reshard: bool = True) -> dict | None:
-        client = checkpoint.load(self.ds, ckpt_dir, reshard)
-        if client is not None and self.ema is not None:
-            own = checkpoint.load_rank_state(ckpt_dir, self.dist.rank)
-            if "ema" in own:
-                self.ema.load_state_dict(own["ema"])
+    def resume(self) -> Resumed | None:
+        """Load the checkpoint `latest` names; None on a fresh start."""
+        state = checkpoint.load(self.ds, self.ckpt_dir, self.s.checkpoint.reshard)
+        if state is None:
+            return None
+        if self.ema is not None:
+            rank_state = checkpoint.load_rank_state(self.ckpt_dir, self.dist.rank)
+            if "ema" in rank_state:
+                self.ema.load_state_dict(rank_state["ema"])
             else:  # resharded, or saved without EMA: average from the restored weights on
                 self.ema.reset()
-        return client
+        note = f"resumed from {self.last_checkpoint()} (epoch {state['epoch']}, step {self.global_step})"
+        if self.reshard:
+            note += (
+                f"; resharded to {self.dist.world} ranks: the rest of this epoch sees another sample order"
+            )
+        return Resumed(state, note)
+
+    def last_checkpoint(self) -> Path | None:
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        return self.ckpt_dir / tag if tag else None
+
+    def stop_if_requested(self, state: dict) -> None:
+        """SIGTERM on any rank: write a checkpoint together and stop (exit 143)."""
+        if self.stop_requested:
+            self.save(state)
+            raise Preempted(f"SIGTERM: checkpoint written at step {self.global_step}; rerun to continue")
 
     def export(self, path) -> str:
         """Consolidated fp32 weights; returns their digest (checked equal on every rank)."""
@@ -162,27 +195,11 @@ class Engine:
 
 
 @torch.no_grad()
-def evaluate_model(forward, batches, device: torch.device) -> dict:
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # n, top1, top5, loss
+def validate_model(forward, batches, device: torch.device) -> dict:
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     for x, y in batches:
-        logits = forward(x).float()
-        real = y >= 0
-        if real.any():
-            lg, yy = logits[real], y[real]
-            k = min(5, lg.shape[1])
-            top = lg.topk(k, dim=1).indices
-            sums[0] += real.sum()
-            sums[1] += (top[:, 0] == yy).sum()
-            sums[2] += (top == yy[:, None]).any(dim=1).sum()
-            sums[3] += F.cross_entropy(lg, yy, reduction="sum")
-    all_reduce_sum(sums)
-    n = max(sums[0].item(), 1.0)
-    return {
-        "val_samples": int(sums[0].item()),
-        "val_top1": 100 * sums[1].item() / n,
-        "val_top5": 100 * sums[2].item() / n,
-        "val_loss": sums[3].item() / n,
-    }
+        sums += topk_counts(forward(x), y.to(device))
+    return summarize(all_reduce_sum(sums))
 
 
 def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

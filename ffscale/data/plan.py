@@ -1,0 +1,95 @@
+"""What every loader shares: the batch format, the per-rank shard plan with its step counts, and
+eval padding. Computed from the manifest alone, identically on every rank.
+
+Batch format: (images uint8 [B, 3, H, W], labels int64 [B]); label -1 marks eval padding, which
+keeps every rank doing the same number of forward passes (ZeRO-3 gathers parameters per forward).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from ..errors import DataError
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Loader(Protocol):
+    steps_per_epoch: int  # batches every rank yields per epoch (same on every rank)
+    num_samples: int  # samples one epoch covers over all ranks (eval: exact)
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]: ...
+
+
+@dataclass
+class ShardPlan:
+    files: list[Path]
+    counts: list[int]
+    rank: int
+    world: int
+    seed: int
+
+    def __post_init__(self):
+        if len(self.files) < self.world:
+            raise DataError(
+                f"{self.files[0].parent}: {len(self.files)} shard(s) for {self.world} ranks; "
+                "write more, smaller shards (ffscale shard --shard-size)"
+            )
+
+    # -- whole shards per rank (webdataset loader) ---------------------------------------------
+    def train_shards(self, epoch: int) -> list[int]:
+        """Shards shuffled per epoch, then split by rank: disjoint, so no sample twice."""
+        order = list(range(len(self.files)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order[self.rank :: self.world]
+
+    def eval_shards(self) -> list[int]:
+        return list(range(len(self.files)))[self.rank :: self.world]
+
+    def train_steps(self, batch: int, workers: int) -> int:
+        """Full batches every rank can yield in any epoch: a lower bound over shard assignments
+        (the smallest shards), less one batch per worker for each worker's partial remainder."""
+        per_rank = len(self.files) // self.world
+        smallest = sum(sorted(self.counts)[:per_rank])
+        return self._some(max(0, smallest // batch - max(workers, 1)))
+
+    def eval_steps(self, batch: int, workers: int) -> int:
+        """Batches of the rank with the most (every rank pads to it)."""
+        w = max(workers, 1)
+
+        def batches(rank: int) -> int:
+            idx = list(range(len(self.files)))[rank :: self.world]
+            return sum(-(-sum(self.counts[i] for i in idx[k::w]) // batch) for k in range(w))
+
+        return max(batches(r) for r in range(self.world))
+
+    # -- a contiguous range of samples per rank (DALI's reader shards so) ----------------------
+    def sample_split(self) -> list[int]:
+        n = sum(self.counts)
+        return [n * (r + 1) // self.world - n * r // self.world for r in range(self.world)]
+
+    def split_train_steps(self, batch: int) -> int:
+        return self._some(min(self.sample_split()) // batch)
+
+    def split_eval_steps(self, batch: int) -> int:
+        return max(-(-k // batch) for k in self.sample_split())
+
+    def _some(self, steps: int) -> int:
+        if steps == 0:
+            raise DataError(f"{self.files[0].parent}: too few samples for one batch per rank")
+        return steps
+
+
+def pad_eval(done: int, steps: int, img_size: int, device: torch.device) -> Iterator[Batch]:
+    """Padding batches (label -1) from `done` up to `steps`: every rank runs as many eval forwards."""
+    for _ in range(done, steps):
+        yield (
+            torch.zeros(1, 3, img_size, img_size, dtype=torch.uint8, device=device),
+            torch.full((1,), -1),
+        )

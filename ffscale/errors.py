@@ -1,0 +1,73 @@
+"""Every error a user can cause or fix, with its exit code, and the one place that reports them.
+
+Exit codes: 2 for what will not fix itself on a rerun (config, data, a checkpoint of another
+model), so a Kubernetes Job does not retry it; 1 for a failure worth a look (disk full, NaN);
+143 for a preempted job that wrote its checkpoint. A user's mistake is one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+
+class FfscaleError(Exception):
+    """Base: `exit_code`, the `kind` shown before the message, and whether every rank raises it
+    alike (then only rank 0 prints it) or one rank found it alone (then that rank prints it)."""
+
+    exit_code = 1
+    kind = ""
+    same_on_every_rank = True
+
+
+class ConfigError(FfscaleError, ValueError):
+    """A config problem, phrased for the user: names the file and/or the full key."""
+
+    exit_code, kind = 2, "config error"
+
+
+class DataError(FfscaleError, RuntimeError):
+    """Bad input data; the message names the directory, shard and/or sample key."""
+
+    exit_code, kind, same_on_every_rank = 2, "data error", False
+
+
+class CheckpointMismatch(FfscaleError, RuntimeError):
+    """A checkpoint this run cannot load as is; the message says what to do."""
+
+    exit_code = 2
+
+
+class CheckpointWriteError(FfscaleError, OSError):
+    """A checkpoint could not be written (disk full, quota, I/O); the previous one is intact."""
+
+    exit_code, same_on_every_rank = 1, False
+
+
+class NonFiniteLoss(FfscaleError, FloatingPointError):
+    """The loss was NaN/inf and optim.nonfinite says stop; every rank stops at the same step."""
+
+    exit_code = 1
+
+
+class Preempted(FfscaleError):
+    """SIGTERM: every rank wrote the checkpoint together and stops."""
+
+    exit_code = 143  # 128 + SIGTERM
+
+
+def report(e: FfscaleError, rank: int | None = None) -> int:
+    """Print `e` as one line (on the rank that should) and return its exit code."""
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    if str(e) and (rank == 0 or not e.same_on_every_rank):
+        print(f"ffscale: {e.kind + ': ' if e.kind else ''}{e}", file=sys.stderr, flush=True)
+    return e.exit_code
+
+
+def guarded(fn: Callable[[], int]) -> int:
+    """Run a command body; an FfscaleError becomes its one line and exit code."""
+    try:
+        return fn()
+    except FfscaleError as e:
+        return report(e)

@@ -1,0 +1,29 @@
+"""Consolidated weights on disk: safetensors (no pickle, so loading cannot run code), written
+atomically, identified by a content digest. No DeepSpeed: evaluation and export read these."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_path
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
