@@ -72,6 +72,7 @@ def child(a) -> int:
     from .build import build_model
     from .engine.ds_config import resolve_precision
 
+    s.optim.micro_batch = s.optim.micro_batch or 64
     s.optim.global_batch = s.optim.micro_batch * info.world
     s.optim.ema_decay = 0.0  # the plain loop keeps no EMA either
     num_classes = s.model.num_classes or 1000

@@ -58,6 +58,7 @@ def cmd_train(a) -> int:
 
     cfg = config.load(a.config, a.overrides)
     nproc = a.nproc or _default_nproc()
+    config.check_launch(cfg, a.nnodes, nproc)  # before NCCL init, not after
     launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
     train_py = str(Path(__file__).with_name("train.py"))
     cmd = [launcher, "-q", "--num_gpus", str(nproc), "--master_port", str(a.master_port)]
@@ -201,16 +202,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="throughput against a baseline run in the same process")
     bsub = b.add_subparsers(dest="what", required=True)
-    bd = bsub.add_parser("data", help="DALI vs webdataset loader: img/s and CPU-ms per image")
-    bd.add_argument(
-        "--shards", default="data/bench-shards", help="shard dir (default: made from Fashion-MNIST)"
+    bd = bsub.add_parser(
+        "data",
+        help="DALI vs webdataset loader, like for like on ImageNet-like JPEGs: img/s, CPU-ms/img, ratio",
     )
-    bd.add_argument("--images", type=int, default=2000, help="images in the generated bench set")
-    bd.add_argument("--source-size", type=int, default=320, help="side of the generated JPEGs")
+    bd.add_argument(
+        "--shards",
+        default="data/bench-imagenet-like",
+        help="shard dir (default: ImageNet-like JPEGs, made once)",
+    )
+    bd.add_argument("--images", type=int, default=3000, help="images in the generated set")
     bd.add_argument("--img-size", type=int, default=224)
     bd.add_argument("--batch", type=int, default=64)
-    bd.add_argument("--workers", type=int, default=2, help="DataLoader workers / DALI threads")
-    bd.add_argument("--rand-augment", action="store_true", help="DALI RandAugment (webdataset has none)")
+    bd.add_argument("--workers", type=int, default=2, help="DataLoader workers = DALI threads")
+    bd.add_argument(
+        "--rounds", type=int, default=3, help="rounds per loader, alternating, each a fresh process"
+    )
+    bd.add_argument("--warmup", type=int, default=5, help="batches per round not timed")
+    bd.add_argument(
+        "--crop-scale", type=float, nargs=2, default=[0.08, 1.0], metavar=("LO", "HI"),
+        help="random-resized-crop area (DeiT: 0.08 1); 1 1: both loaders decode every pixel",
+    )  # fmt: skip
     bd.add_argument("--json", action="store_true")
     bt = bsub.add_parser(
         "train", help="ffscale (DeepSpeed) step vs a plain PyTorch loop per ZeRO stage: ratio, MFU, memory"

@@ -41,7 +41,7 @@ def _name(s: str) -> str:
 
 def render(cfg: config.Config, config_yaml: str, o: ClusterOpts) -> dict[str, dict]:
     """{file name: manifest} for one training config."""
-    config.stages(cfg)  # validates stage overrides before anything is written
+    config.check_launch(cfg, o.nodes, o.gpus_per_node)  # a Job that cannot start is not rendered
     name = _name(f"ffscale-{cfg.run.name}")
     labels = {"app.kubernetes.io/name": "ffscale", "app.kubernetes.io/instance": name}
     meta = {"name": name, "namespace": o.namespace, "labels": labels}

@@ -8,6 +8,7 @@ Everything is validated and resolved once, here, before any process or device is
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,9 @@ class DataCfg:
 @dataclass
 class OptimCfg:
     global_batch: int = 1024  # images per optimizer step over all ranks
-    micro_batch: int = 64  # images per rank per forward; accumulation fills the rest
+    # images per rank per forward; unset: global_batch / ranks (no accumulation). Set it when a rank's
+    # memory needs gradient accumulation; accumulation then fills the rest.
+    micro_batch: int | None = None
     base_lr: float = 5e-4  # DeiT rule: lr = base_lr * global_batch / lr_batch_base
     lr_batch_base: int = 512
     weight_decay: float = 0.05
@@ -108,6 +111,7 @@ class CheckpointCfg:
 
 @dataclass
 class TrackingCfg:
+    enabled: bool = True  # false: no MLflow at all (metrics.jsonl only); a node without mlflow trains
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the run directory
     experiment: str = "ffscale"
     flush_every: int = 50  # metrics are buffered and written in batches
@@ -251,7 +255,9 @@ def validate(s: StageCfg, p: str = "") -> None:
         raise ConfigError(
             f"{p}model.img_size={img} is not divisible by {p}model.patch_size={s.model.patch_size}"
         )
-    if s.optim.micro_batch <= 0 or s.optim.global_batch % s.optim.micro_batch:
+    if s.optim.micro_batch is not None and (
+        s.optim.micro_batch <= 0 or s.optim.global_batch % s.optim.micro_batch
+    ):
         raise ConfigError(
             f"{p}optim.global_batch={s.optim.global_batch} is not a multiple of "
             f"{p}optim.micro_batch={s.optim.micro_batch}"
@@ -265,14 +271,42 @@ def validate(s: StageCfg, p: str = "") -> None:
 
 
 def check_world(s: StageCfg, world: int, p: str = "") -> int:
-    """Gradient accumulation steps for this world size, or a clear error."""
-    per_step = s.optim.micro_batch * world
-    if s.optim.global_batch % per_step:
-        raise ConfigError(
-            f"{p}optim.global_batch={s.optim.global_batch} is not divisible by ranks x micro_batch "
-            f"= {world} x {s.optim.micro_batch}; pick a global_batch that is a multiple of {per_step}"
+    """Gradient accumulation steps for this world size, or an error naming the keys and a fix."""
+    g, m = s.optim.global_batch, s.optim.micro_batch
+    if m is None:
+        if g % world:
+            raise ConfigError(
+                f"{p}optim.global_batch={g} is not divisible by {world} ranks; pick a multiple of {world}"
+            )
+        return 1
+    if g % (m * world):
+        fits = [d for d in range(min(m, g // world), 0, -1) if g % (d * world) == 0]
+        fix = (
+            f"set {p}optim.micro_batch={fits[0]} (accumulating {g // (fits[0] * world)}), or leave it unset"
+            if fits and g % world == 0
+            else f"pick a global_batch that is a multiple of {m * world}"
         )
-    return s.optim.global_batch // per_step
+        raise ConfigError(
+            f"{p}optim.global_batch={g} is not divisible by ranks x micro_batch = {world} x {m}; {fix}"
+        )
+    return g // (m * world)
+
+
+def for_world(s: StageCfg, world: int, p: str = "") -> StageCfg:
+    """The stage's config with optim.micro_batch resolved for `world` ranks (checked)."""
+    accum = check_world(s, world, p)
+    optim = dataclasses.replace(s.optim, micro_batch=s.optim.global_batch // (world * accum))
+    return dataclasses.replace(s, optim=optim)
+
+
+def check_launch(cfg: Config, nodes: int, per_node: int) -> None:
+    """Every stage of the pipeline can start on nodes x per_node ranks: checked before any starts."""
+    world = nodes * per_node
+    for stage in stages(cfg):
+        try:
+            check_world(stage.cfg, world, f"stages.{stage.name}." if cfg.stages else "")
+        except ConfigError as e:
+            raise ConfigError(f"{e} ({nodes} node(s) x {per_node} = {world} ranks)") from None
 
 
 def to_yaml(cfg: Config) -> str:

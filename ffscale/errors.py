@@ -33,6 +33,12 @@ class DataError(FfscaleError, RuntimeError):
     exit_code, kind, same_on_every_rank = 2, "data error", False
 
 
+class DaliFailure(FfscaleError, RuntimeError):
+    """DALI itself failed (no driver, a driver too old for its CUDA, nvJPEG, memory): not the data."""
+
+    exit_code, kind, same_on_every_rank = 1, "DALI error", False
+
+
 class CheckpointMismatch(FfscaleError, RuntimeError):
     """A checkpoint this run cannot load as is; the message says what to do."""
 

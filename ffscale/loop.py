@@ -13,7 +13,7 @@ import torch
 
 from . import flops, nonfinite
 from .build import build_model, model_kwargs
-from .config import ConfigError, RunCfg, Stage
+from .config import ConfigError, RunCfg, Stage, for_world
 from .data.augment import DeviceOps
 from .data.loader import build_loader
 from .engine.dist import DistInfo
@@ -23,6 +23,7 @@ from .models.resize import adapt_state_dict
 from .progress import Meter, eval_line, train_line
 from .record import Recorder
 from .schedule import plan_steps
+from .seeds import derive
 from .weights import load_weights
 
 
@@ -56,7 +57,8 @@ def run_stage(stage: Stage, dist: DistInfo, tracker, run: RunCfg, init_weights: 
 
 class StageRun:
     def __init__(self, stage: Stage, dist: DistInfo, tracker, run: RunCfg, init_weights: Path | None):
-        self.stage, self.s, self.dist, self.run = stage, stage.cfg, dist, run
+        self.stage, self.dist, self.run = stage, dist, run
+        self.s = for_world(stage.cfg, dist.world, f"stages.{stage.name}.")  # micro_batch for this world
         self.where = f"stage {stage.name}"
         self._loaders()
         self.steps = plan_steps(self.s, dist.world, self.train.steps_per_epoch, stage.name)
@@ -92,7 +94,7 @@ class StageRun:
             raise ConfigError(f"{self.where}: {s.data.val} has other classes than {s.data.train}")
 
     def _model(self, init_weights: Path | None) -> torch.nn.Module:
-        torch.manual_seed(self.run.seed)  # same initial weights on every rank
+        torch.manual_seed(derive(self.run.seed, "init"))  # same initial weights on every rank
         model = build_model(self.s, self.num_classes)
         if init_weights is not None:
             say = lambda m: log(self.dist, m)  # noqa: E731
@@ -135,7 +137,8 @@ class StageRun:
             f"{self.flops_per_image / 3e9:.3f} GFLOPs/img fwd, {self.train_m.num_samples} train / "
             f"{self.val_m.num_samples} val images, {self.num_classes} classes, {d.world} rank(s) on "
             f"{d.device.type}{alloc}, {e.precision}, ZeRO-{s.deepspeed.zero_stage}, {self.steps.per_epoch} "
-            f"steps/epoch x {s.schedule.epochs} epochs, accum {self.steps.accum}, lr {e.lr:.2e}",
+            f"steps/epoch x {s.schedule.epochs} epochs, accum {self.steps.accum}, lr {e.lr:.2e}; "
+            f"{self.train.choice}",
         )
 
     def evaluate_carried(self, init_weights: Path) -> None:
@@ -158,9 +161,7 @@ class StageRun:
             if i >= st.micro_per_epoch:
                 break
             # Seeded per micro-step: drop path and augmentation replay exactly after a resume.
-            torch.manual_seed(
-                self.run.seed + 1_000_003 * self.dist.rank + prog.epoch * st.micro_per_epoch + i
-            )
+            torch.manual_seed(derive(self.run.seed, "step", self.dist.rank, prog.epoch, i))
             x, target = self.ops.train_batch(x, y, self.s.optim.label_smoothing)
             loss.add_micro(e.train_step(x, target))
             if (i + 1) % st.accum:

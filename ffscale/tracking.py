@@ -258,11 +258,14 @@ class MlflowTracker:
 
 
 def create(cfg, run_dir: Path, rank: int):
-    return MlflowTracker(cfg, run_dir) if rank == 0 else NullTracker()
+    """Rank 0 tracks in MLflow unless tracking.enabled=false; every other rank gets the null tracker."""
+    return MlflowTracker(cfg, run_dir) if rank == 0 and cfg.tracking.enabled else NullTracker()
 
 
 def ensure_store(cfg, run_dir: Path) -> None:
     """Create the default SQLite store before ranks start: concurrent creation races."""
+    if not cfg.tracking.enabled:
+        return
     uri = tracking_uri(cfg, run_dir)
     if uri.startswith("sqlite:"):
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)

@@ -28,5 +28,8 @@ fi
 extras=${FFSCALE_EXTRAS:-dali,dev}
 if ! python -c "import ffscale, deepspeed, mlflow, nvidia.dali" 2>/dev/null || [ pyproject.toml -nt .venv/.ffscale-installed ]; then
   pip install -q -e ".[${extras}]"
+  # timm's RandAugment definitions for tests/test_randaug.py; without its dependencies, whose
+  # torchvision would replace the CPU torch wheel
+  case ",${extras}," in *,dev,*) pip install -q --no-deps "timm>=1.0" ;; esac
   touch .venv/.ffscale-installed
 fi

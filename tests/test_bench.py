@@ -4,17 +4,40 @@ from argparse import Namespace
 
 import pytest
 
-from ffscale.bench import bench_data
+from ffscale.bench_data import bench_cfg, bench_data
 from ffscale.models import create_model
 
 
 def test_bench_data_reports_both_loaders_and_their_ratio(fm_shards):
-    a = Namespace(shards=str(fm_shards / "train"), shards_given=True, images=0, source_size=0, img_size=64,
-                  batch=32, workers=0, rand_augment=False)  # fmt: skip
+    a = Namespace(shards=str(fm_shards / "train"), shards_given=True, images=0, img_size=64, batch=32,
+                  workers=0, rounds=1, warmup=1, crop_scale=[0.08, 1.0])  # fmt: skip
     res = bench_data(a)
     for kind in ("webdataset", "dali"):
         assert res[kind]["images"] >= 1900 and res[kind]["img_per_s"] > 0 and res[kind]["cpu_ms_per_img"] > 0
     assert res["ratio_dali_over_webdataset"] > 0
+
+
+def test_bench_data_gives_both_loaders_the_same_augmentation():
+    from dataclasses import asdict
+
+    web, dali = (asdict(bench_cfg(kind, 224, 2)) for kind in ("webdataset", "dali"))
+    assert {k for k in web if web[k] != dali[k]} == {"loader"}
+    assert not web["rand_augment"] and web["color_jitter"] == 0  # only DALI implements these
+
+
+def test_imagenet_like_input_has_imagenet_sizes():
+    import random
+
+    from ffscale.bench_data import imagenet_like_size, mosaic_jpeg
+    from ffscale.data.shards import fashion_mnist_arrays
+
+    rng = random.Random(0)
+    sizes = [imagenet_like_size(rng) for _ in range(400)]
+    assert 0.5 < sum(s in ((500, 375), (375, 500)) for s in sizes) / len(sizes) < 0.8
+    assert all(200 <= min(s) and max(s) <= 800 for s in sizes)
+    pictures, _ = fashion_mnist_arrays("val")
+    kb = [len(mosaic_jpeg(pictures, random.Random(i), sizes[i])) / 1024 for i in range(20)]
+    assert 60 < sum(kb) / len(kb) < 180  # ImageNet's JPEGs average about 110 KB
 
 
 @pytest.mark.e2e

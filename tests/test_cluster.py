@@ -125,3 +125,37 @@ def test_two_nodes_train_zero3_together_and_a_dead_node_stops_the_other(fm_shard
     t0 = time.time()
     procs[0].communicate(timeout=120)
     assert procs[0].returncode != 0 and time.time() - t0 < 90
+
+
+@pytest.mark.parametrize("cfg_file", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("nodes", [1, 2, 4, 8])
+def test_every_shipped_config_starts_on_1_to_8_nodes_of_8_gpus(cfg_file, nodes, tmp_path):
+    cfg = C.load([str(cfg_file)])
+    C.check_launch(cfg, nodes, 8)  # raises naming the keys if a stage could not start
+    cluster.render(cfg, C.to_yaml(cfg), cluster.ClusterOpts(nodes=nodes, gpus_per_node=8))
+    for stage in C.stages(cfg):
+        s = C.for_world(stage.cfg, nodes * 8)
+        assert s.optim.micro_batch * nodes * 8 * C.check_world(s, nodes * 8) == s.optim.global_batch
+
+
+def test_a_batch_that_cannot_split_stops_render_and_train_naming_the_keys_and_a_fix(tmp_path):
+    cfg = C.load([str(ROOT / "configs" / "ff_base.yaml")], ["optim.micro_batch=128"])
+    with pytest.raises(C.ConfigError, match=r"optim.global_batch=1024 is not divisible by ranks x micro_batch = "
+                       r"16 x 128; set optim.micro_batch=64 .*\(2 node\(s\) x 8 = 16 ranks\)"):  # fmt: skip
+        cluster.render(cfg, C.to_yaml(cfg), cluster.ClusterOpts(nodes=2, gpus_per_node=8))
+    cli = BIN / "ffscale"
+    r = subprocess.run(
+        [str(cli), "train", "--nproc", "8", "--nnodes", "2", "--config", str(ROOT / "configs" / "ff_base.yaml"),
+         "optim.micro_batch=128"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 2 and "set optim.micro_batch=64" in r.stderr and "deepspeed" not in r.stdout
+    assert len(r.stderr.strip().splitlines()) == 1  # one line, no traceback
+
+
+def test_the_cluster_readme_writes_shards_where_the_configs_read_them():
+    import re
+
+    text = (ROOT / "cluster" / "README.md").read_text()
+    written = set(re.findall(r"--out /mnt/shards(/\S+)", text))  # the volume, mounted at /data in pods
+    cfg = C.load([str(ROOT / "configs" / "imagenet_deit.yaml")])
+    assert {cfg.data.train.removeprefix("/data"), cfg.data.val.removeprefix("/data")} == written

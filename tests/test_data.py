@@ -120,6 +120,31 @@ def test_epochs_reshuffle_and_resume_replays_the_same_batches(id_shards, kind):
     assert resumed == e1[3 * 16 :]
 
 
+def shard_of_each_id(root: Path) -> dict[int, int]:
+    import io
+
+    from PIL import Image
+
+    out = {}
+    for k, f in enumerate(sorted(root.glob("*.tar"))):
+        for s in shards.iter_samples([f]):
+            img = np.array(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+            out[decode_id(torch.from_numpy(img).permute(2, 0, 1))] = k
+    return out
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_each_epoch_reads_the_shards_in_another_order(id_shards, kind):
+    """Beyond the shuffle buffer: epochs start in different shards (a reader fed the same file order
+    every epoch starts each in the same neighbourhood)."""
+    cfg = plain_cfg(kind)
+    cfg.shuffle_buffer = 4
+    loader, _ = build_loader(cfg, str(id_shards), True, 0, 1, 16, 0, None, torch.device("cpu"))
+    shard_of = shard_of_each_id(id_shards)
+    first = [frozenset(shard_of[i] for i in collect(loader, epoch)[0][:16]) for epoch in range(6)]
+    assert len(set(first)) >= 3, first
+
+
 def bad_shards(tmp: Path, case: str) -> Path:
     good = [{"__key__": f"{i:04d}", "jpg": jpeg_bytes(i), "cls": str(i % 3).encode()} for i in range(64)]
     bad = dict(good[5])
@@ -250,3 +275,39 @@ def test_dali_rand_augment_pipeline_runs(id_shards):
     )  # fmt: skip
     x, y = next(iter(loader.epoch(0)))
     assert x.shape == (16, 3, 32, 32) and x.dtype == torch.uint8 and y.min() >= 0
+
+
+def test_a_dali_failure_is_said_at_once_not_searched_for_in_the_data(id_shards, capsys):
+    """No GPU here: a DALI pipeline on cuda:0 fails as it would with no driver or one too old."""
+    from ffscale.errors import DaliFailure
+
+    loader, _ = build_loader(
+        plain_cfg("dali"), str(id_shards), True, 0, 1, 16, 0, None, torch.device("cuda", 0)
+    )
+    with pytest.raises(
+        DaliFailure, match=r"DALI failed on cuda:0 \(not a data error\): .*CUDA is not available"
+    ):
+        next(loader.epoch(0))
+    from ffscale.data.loader import choose
+
+    kind, why = choose(plain_cfg("auto"), torch.device("cuda", 0))  # auto: checked at start, falls back
+    assert kind == "webdataset" and "DALI cannot run on cuda:0" in why and "CUDA is not available" in why
+    assert capsys.readouterr().out.count("warning: DALI cannot run on cuda:0") == 1
+
+
+def test_dali_errors_are_told_apart_by_the_operator_that_failed():
+    from ffscale.data.dali import dali_error_line, is_data_error
+
+    decode = (
+        "Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image_random_crop`,\n"
+        "which was used ...\nencountered:\n\nnvImageCodec failure: '#3'\nCurrent pipeline object is no longer valid."
+    )
+    reader = (
+        "Error in CPU operator `nvidia.dali.fn.readers.webdataset`,\nencountered:\nUnderful sample detected"
+    )
+    oom = "Error in MIXED operator `nvidia.dali.fn.decoders.image`,\nencountered:\nCUDA error: out of memory"
+    build = 'Assert on "cuInitChecked()" failed: You are trying to create a GPU DALI pipeline while CUDA is not available.'
+    assert is_data_error(decode) and is_data_error(reader)
+    assert not is_data_error(oom) and not is_data_error(build)
+    assert dali_error_line(decode) == "nvImageCodec failure: '#3'"
+    assert dali_error_line(oom) == "CUDA error: out of memory"

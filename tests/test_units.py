@@ -167,7 +167,7 @@ def test_shard_plan_gives_ranks_disjoint_shards_that_change_per_epoch(tmp_path):
         a, b = (p.train_shards(epoch) for p in plans)
         assert not set(a) & set(b) and sorted(a + b) == list(range(8))
     assert plans[0].train_shards(0) != plans[0].train_shards(1)
-    assert plans[0].train_steps(batch=32, workers=2) == 400 // 32 - 2
+    assert plans[0].train_steps(batch=32, held_back=2) == 400 // 32 - 2
     assert plans[0].eval_steps(batch=32, workers=1) == -(-400 // 32)
     with pytest.raises(errors.DataError, match="3 shard\\(s\\) for 4 ranks"):
         ShardPlan(files[:3], [1] * 3, 0, 4, 0)
@@ -194,3 +194,12 @@ def test_errors_print_one_line_on_the_rank_that_should(capsys):
     assert capsys.readouterr().err == "ffscale: data error: shard a.tar sample 3: bad\n"
     assert errors.guarded(lambda: (_ for _ in ()).throw(errors.Preempted("SIGTERM"))) == 143
     assert errors.CheckpointWriteError().exit_code == 1 and errors.CheckpointMismatch().exit_code == 2
+
+
+def test_tracking_off_makes_no_store_and_logs_nothing(tmp_path):
+    from ffscale import tracking
+
+    cfg = C.load(None, ["tracking.enabled=false", f"run.dir={tmp_path}"])
+    tracking.ensure_store(cfg, tmp_path / "default")
+    tracker = tracking.create(cfg, tmp_path / "default", rank=0)
+    assert isinstance(tracker, tracking.NullTracker) and not any(tmp_path.iterdir())

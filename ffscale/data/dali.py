@@ -1,13 +1,18 @@
 """NVIDIA DALI pipelines: nvJPEG/hardware decode on the GPU (`device="mixed"`), the same graph on
 the CPU where there is no GPU. The only module that knows DALI.
 
-One pipeline per epoch, seeded from (seed, epoch, rank), with the reader's shard rotated by epoch:
-an epoch's batches are a pure function of those, so a resumed run replays them by skipping the
-batches it already trained on.
+One pipeline per epoch over this rank's shards of that epoch (ShardPlan: shuffled per epoch, split by
+rank, as the webdataset loader reads them), seeded from (seed, epoch, rank): an epoch's batches are a
+pure function of those, so a resumed run replays them by skipping the batches it already trained on.
+Without the per-epoch order DALI's reader would give each rank the same contiguous range of samples
+every epoch, shuffled only inside its `initial_fill` buffer.
 """
 
 from __future__ import annotations
 
+import io
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +21,11 @@ import torch
 from torch.nn import functional as F
 
 from ..config import DataCfg
-from ..errors import DataError
+from ..errors import DaliFailure, DataError
+from ..seeds import derive31
 from .plan import Batch, ShardPlan, pad_eval
 
+LOCATE_S = 120  # searching for a bad sample reads this rank's nearby shards for at most this long
 LABEL_BYTES = 16  # .cls is ASCII digits; padded to a fixed width and parsed with torch
 
 
@@ -31,11 +38,10 @@ def available() -> bool:
     return True
 
 
-def _pipeline(
-    files, idx, shard_id, num_shards, train, c: DataCfg, rand_aug: bool, decode_device: str, host_resize: bool
-):
+def _pipeline(files, idx, train, c: DataCfg, rand_aug: bool, decode_device: str, host_resize: bool):
     from nvidia.dali import fn, pipeline_def, types
-    from nvidia.dali.auto_aug import rand_augment
+
+    from . import randaug
 
     @pipeline_def(enable_conditionals=True)
     def pipe():
@@ -46,8 +52,6 @@ def _pipeline(
             missing_component_behavior="error",  # the default would label a missing .cls as 0
             random_shuffle=train,
             initial_fill=c.shuffle_buffer,
-            shard_id=shard_id,
-            num_shards=num_shards,
             pad_last_batch=not train,
             dont_use_mmap=True,  # a truncated shard is then an error, not a SIGSEGV
             name="reader",
@@ -68,8 +72,8 @@ def _pipeline(
                 label = fn.pad(cls[:LABEL_BYTES], axes=(0,), shape=(LABEL_BYTES,), fill_value=0)
                 return img, label, cls.shape(), mirror
             img = fn.resize(img, resize_x=c.img_size, resize_y=c.img_size)
-            if rand_aug:
-                img = rand_augment.rand_augment(img, n=2, m=9)
+            if rand_aug:  # DeiT's rand-m9-mstd0.5-inc1 at timm's magnitudes; filled with the mean grey
+                img = randaug.rand_augment(img, c.img_size, fill=round(255 * sum(c.mean) / len(c.mean)))
             mirror = fn.random.coin_flip(probability=c.hflip)
         else:
             img = fn.decoders.image(jpg, device=decode_device, output_type=types.RGB)
@@ -112,15 +116,15 @@ class DaliLoader:
             )
         self.cfg, self.plan, self.train, self.batch = cfg, plan, train, batch
         self.num_classes, self.device = num_classes, device
-        self.idx = [f.with_suffix(".idx") for f in plan.files]
-        for i in self.idx:
+        for f in plan.files:
+            i = f.with_suffix(".idx")
             if not i.is_file() or i.stat().st_size == 0:
                 raise DataError(f"DALI index {i} missing or empty: rewrite the shards with `ffscale shard`")
-        if train:
-            self.steps_per_epoch = plan.split_train_steps(batch)
+        if train:  # one reader streams across the rank's shards: only its last partial batch is lost
+            self.steps_per_epoch = plan.train_steps(batch, held_back=0)
             self.num_samples = self.steps_per_epoch * batch * plan.world
         else:
-            self.steps_per_epoch = plan.split_eval_steps(batch)
+            self.steps_per_epoch = plan.eval_steps(batch, workers=1)
             self.num_samples = sum(plan.counts)
 
     def _batches(self, epoch: int, skip: int) -> Iterator[dict | None]:
@@ -128,23 +132,25 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         gpu = self.device.type == "cuda"
-        world, rank = self.plan.world, self.plan.rank
-        shard_id = (rank + epoch) % world if self.train else rank  # rotate: epochs cover all data
+        shards = [
+            self.plan.files[i]
+            for i in (self.plan.train_shards(epoch) if self.train else self.plan.eval_shards())
+        ]
         rand_aug = self.cfg.rand_augment and self.train
         # On a CPU, DALI's resize costs ~1 ms per 224 px image, torch's uint8 SIMD resize ~0.15 ms.
         host = self.train and not gpu and not rand_aug
         pipe = _pipeline(
-            [str(f) for f in self.plan.files], [str(i) for i in self.idx], shard_id, world, self.train,
+            [str(f) for f in shards], [str(f.with_suffix(".idx")) for f in shards], self.train,
             self.cfg, rand_aug, "mixed" if gpu else "cpu", host,
         )(
             batch_size=self.batch,
             num_threads=max(1, self.cfg.workers),
             device_id=self.device.index or 0 if gpu else None,
-            seed=(self.plan.seed * 1_000_003 + epoch * 7919 + rank) % (2**31),
+            seed=derive31(self.plan.seed, "dali", epoch, self.plan.rank),
             prefetch_queue_depth=2,
         )  # fmt: skip
         pipe.build()
-        if host:  # train: exactly steps_per_epoch batches, each rank's shard never runs out
+        if host:  # train: exactly steps_per_epoch batches, no more than the rank's shards hold
             for n in range(self.steps_per_epoch):
                 img, cls, length, mirror = pipe.run()
                 if n < skip:
@@ -193,28 +199,92 @@ class DaliLoader:
                 y = parse_labels(d["cls"].cpu(), d["len"].cpu().view(-1))
                 bad = (y < 0) | (y >= self.num_classes)
                 if bad.any():
-                    self._locate(f"label {y[bad][0].item()} invalid or out of range [0, {self.num_classes})")
+                    what = f"label {y[bad][0].item()} invalid or out of range [0, {self.num_classes})"
+                    self._locate(epoch, n - 1, what)
                 yield d["x"], y
         except DataError:
             raise
         except RuntimeError as e:
-            msg = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-            self._locate(msg[-1] if msg else type(e).__name__)
+            what = dali_error_line(str(e))
+            if not is_data_error(str(e)):  # the driver, CUDA, nvJPEG, memory: said at once
+                raise DaliFailure(
+                    f"DALI failed on {self.device} (not a data error): {what}. Train without DALI with "
+                    "data.loader=webdataset"
+                ) from None
+            self._locate(epoch, n, what)
         if not self.train:
             yield from pad_eval(n, self.steps_per_epoch, self.cfg.img_size, self.device)
 
-    def _locate(self, what: str):
-        """DALI errors carry no file name: find the offending sample by reading the shards
-        on the host, and raise naming its shard and key."""
+    def _locate(self, epoch: int, batch: int, what: str, seconds: float = LOCATE_S):
+        """DALI's data errors carry no file name: read, on the host, the shards of this rank that
+        the failing batch can have come from (its reader position, plus the shuffle buffer and the
+        prefetched batches), at most `seconds`, and raise naming the shard and key."""
         from .samples import decode_image, parse_label
         from .shards import iter_samples
 
+        order = self.plan.train_shards(epoch) if self.train else self.plan.eval_shards()
+        lo, hi = max(0, (batch - 1) * self.batch), (batch + 3) * self.batch + self.cfg.shuffle_buffer
+        start, near = 0, []
+        for i in order:  # shards whose samples [start, start + count) meet [lo, hi) of the rank's stream
+            if start < hi and start + self.plan.counts[i] > lo:
+                near.append(Path(self.plan.files[i]))
+            start += self.plan.counts[i]
+        deadline = time.monotonic() + seconds
         try:
-            for s in iter_samples([Path(f) for f in self.plan.files]):
+            for s in iter_samples(near):
                 parse_label(s, self.num_classes)
                 decode_image(s)
+                if time.monotonic() > deadline:
+                    break
         except DataError as e:
             raise DataError(f"{e} (DALI: {what})") from None
         except Exception as e:  # a broken tar; iter_samples names the shard
             raise DataError(f"{e} (DALI: {what})") from None
-        raise DataError(f"DALI failed on shards under {self.plan.files[0].parent}: {what}")
+        names = ", ".join(f.name for f in near)
+        raise DataError(f"DALI failed reading {names} under {self.plan.files[0].parent}: {what}")
+
+
+def dali_error_line(message: str) -> str:
+    """The line of DALI's error that says what happened (after its 'encountered:' preamble)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    lines = [ln for ln in lines if ln != "Current pipeline object is no longer valid."] or lines
+    if "encountered:" in lines:
+        return (
+            lines[lines.index("encountered:") + 1]
+            if lines.index("encountered:") + 1 < len(lines)
+            else lines[-1]
+        )
+    return lines[-1] if lines else "unknown DALI error"
+
+
+def is_data_error(message: str) -> bool:
+    """A failure of DALI's reader or decoder on the bytes it was given, as opposed to DALI or the
+    device failing (driver, CUDA, nvJPEG resources, memory): only the former is worth a search."""
+    device = re.search(r"out of memory|cuda|driver|nvml|cuInit|NVJPEG_STATUS_(?!BAD_JPEG)", message, re.I)
+    in_data_op = re.search(r"operator `nvidia\.dali\.fn\.(readers\.webdataset|decoders\.\w+)`", message)
+    return bool(in_data_op) and not device
+
+
+def probe(device: torch.device) -> str | None:
+    """None when DALI builds and runs a decoding pipeline on `device` (mixed decode on a GPU);
+    otherwise DALI's reason, in one line."""
+    from nvidia.dali import fn, pipeline_def, types
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 120, 150)).save(buf, format="JPEG")
+    encoded = np.frombuffer(buf.getvalue(), dtype=np.uint8)
+    gpu = device.type == "cuda"
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=(device.index or 0) if gpu else None)
+    def pipe():
+        jpg = fn.external_source(source=lambda: [encoded], batch=True, device="cpu")
+        return fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB)
+
+    try:
+        p = pipe()
+        p.build()
+        p.run()
+    except Exception as e:
+        return dali_error_line(str(e))
+    return None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..config import DataCfg
@@ -20,16 +22,12 @@ def build_loader(
     num_classes: int | None,
     device: torch.device,
 ) -> tuple[Loader, Manifest]:
-    """`auto` picks DALI when it is installed. Labels are checked against `num_classes`
-    (default: the manifest's class count)."""
+    """The loader `choose` picks; its choice and reason in `loader.choice`. Labels are checked
+    against `num_classes` (default: the manifest's class count)."""
     manifest, files = load_manifest(root)
     num_classes = num_classes or manifest.num_classes
     plan = ShardPlan(files, [s.count for s in manifest.shards], rank, world, seed)
-    kind = cfg.loader
-    if kind == "auto":
-        from .dali import available
-
-        kind = "dali" if available() and cfg.on_error == "raise" else "webdataset"
+    kind, why = choose(cfg, device)
     if kind == "dali":
         from .dali import DaliLoader
 
@@ -38,4 +36,52 @@ def build_loader(
         from .wds import WdsLoader
 
         loader = WdsLoader(cfg, plan, train, micro_batch, num_classes, device)
+    loader.choice = f"{kind} loader ({why})"
     return loader, manifest
+
+
+def choose(cfg: DataCfg, device: torch.device) -> tuple[str, str]:
+    """(loader, why) for data.loader; `auto` decides by what each loader can do and how fast it is."""
+    if cfg.loader != "auto":
+        return cfg.loader, f"data.loader={cfg.loader}"
+    from .dali import available
+
+    if not available():
+        return "webdataset", "data.loader=auto: DALI is not installed"
+    if cfg.on_error == "skip":
+        return "webdataset", "data.loader=auto: data.on_error=skip drops samples, which DALI cannot"
+    if device.type == "cuda":
+        kind, why = "dali", "data.loader=auto: DALI decodes on the GPU"
+    elif cfg.rand_augment or cfg.color_jitter > 0:
+        kind, why = "dali", "data.loader=auto: RandAugment and colour jitter are DALI's"
+    else:
+        kind, why = CPU_LOADER, f"data.loader=auto: {CPU_EVIDENCE}"
+    if kind == "dali":
+        failed = _dali_probe(device)
+        if failed:  # one warning, then the run goes on without DALI
+            return (
+                "webdataset",
+                f"data.loader=auto: DALI cannot run on {device} ({failed}); webdataset instead",
+            )
+    return kind, why
+
+
+@functools.cache
+def _dali_probe(device: torch.device) -> str | None:
+    from .dali import probe
+
+    reason = probe(device)
+    if reason:
+        print(
+            f"ffscale: warning: DALI cannot run on {device}: {reason}; using the webdataset loader",
+            flush=True,
+        )
+    return reason
+
+
+# Which loader is faster on a CPU host, and the measurement that says so (docs/performance.md).
+CPU_LOADER = "dali"
+CPU_EVIDENCE = (
+    "DALI, 2.2x the webdataset loader's img/s on a CPU host "
+    "(`ffscale bench data`, docs/performance.md#input-pipeline)"
+)

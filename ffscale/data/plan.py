@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from ..errors import DataError
+from ..seeds import derive
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -23,6 +24,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class Loader(Protocol):
     steps_per_epoch: int  # batches every rank yields per epoch (same on every rank)
     num_samples: int  # samples one epoch covers over all ranks (eval: exact)
+    choice: str  # which loader and why (for the stage log)
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]: ...
 
@@ -42,22 +44,21 @@ class ShardPlan:
                 "write more, smaller shards (ffscale shard --shard-size)"
             )
 
-    # -- whole shards per rank (webdataset loader) ---------------------------------------------
     def train_shards(self, epoch: int) -> list[int]:
         """Shards shuffled per epoch, then split by rank: disjoint, so no sample twice."""
         order = list(range(len(self.files)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        random.Random(derive(self.seed, "shards", epoch)).shuffle(order)
         return order[self.rank :: self.world]
 
     def eval_shards(self) -> list[int]:
         return list(range(len(self.files)))[self.rank :: self.world]
 
-    def train_steps(self, batch: int, workers: int) -> int:
+    def train_steps(self, batch: int, held_back: int) -> int:
         """Full batches every rank can yield in any epoch: a lower bound over shard assignments
-        (the smallest shards), less one batch per worker for each worker's partial remainder."""
+        (the smallest shards), less `held_back` batches for streams that end on partial batches."""
         per_rank = len(self.files) // self.world
         smallest = sum(sorted(self.counts)[:per_rank])
-        return self._some(max(0, smallest // batch - max(workers, 1)))
+        return self._some(max(0, smallest // batch - held_back))
 
     def eval_steps(self, batch: int, workers: int) -> int:
         """Batches of the rank with the most (every rank pads to it)."""
@@ -68,17 +69,6 @@ class ShardPlan:
             return sum(-(-sum(self.counts[i] for i in idx[k::w]) // batch) for k in range(w))
 
         return max(batches(r) for r in range(self.world))
-
-    # -- a contiguous range of samples per rank (DALI's reader shards so) ----------------------
-    def sample_split(self) -> list[int]:
-        n = sum(self.counts)
-        return [n * (r + 1) // self.world - n * r // self.world for r in range(self.world)]
-
-    def split_train_steps(self, batch: int) -> int:
-        return self._some(min(self.sample_split()) // batch)
-
-    def split_eval_steps(self, batch: int) -> int:
-        return max(-(-k // batch) for k in self.sample_split())
 
     def _some(self, steps: int) -> int:
         if steps == 0:

@@ -46,13 +46,19 @@ def _read_idx(path: Path, offset: int) -> np.ndarray:
         return np.frombuffer(f.read(), dtype=np.uint8, offset=offset)
 
 
-def fashion_mnist(split: str, root: Path = FASHION_MNIST_DIR) -> tuple[list[str], list, str]:
-    """(classes, [(load_jpeg_bytes, label)], source) for split 'train' (60k) or 'val' (10k)."""
+def fashion_mnist_arrays(split: str, root: Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images [N, 28, 28] and labels [N] of split 'train' (60k) or 'val' (10k)."""
     prefix = {"train": "train", "val": "t10k"}[split]
     images = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(-1, 28, 28)
     labels = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz", 8)
     if len(images) != len(labels):
         raise DataError(f"{root}: {len(images)} images but {len(labels)} labels for {split}")
+    return images, labels
+
+
+def fashion_mnist(split: str, root: Path = FASHION_MNIST_DIR) -> tuple[list[str], list, str]:
+    """(classes, [(load_jpeg_bytes, label)], source) for split 'train' (60k) or 'val' (10k)."""
+    images, labels = fashion_mnist_arrays(split, root)
     items = [(lambda im=im: _jpeg(Image.fromarray(im, "L")), int(y)) for im, y in zip(images, labels)]
     return FASHION_MNIST_CLASSES, items, f"fashion-mnist:{split}"
 

@@ -10,6 +10,7 @@ import webdataset as wds
 
 from ..config import DataCfg
 from ..errors import DataError
+from ..seeds import derive
 from .manifest import broken_tar
 from .plan import Batch, ShardPlan, pad_eval
 from .samples import decode_image, parse_label
@@ -30,7 +31,9 @@ class WdsLoader:
                 flush=True,
             )
         if train:
-            self.steps_per_epoch = plan.train_steps(batch, self.workers)
+            self.steps_per_epoch = plan.train_steps(
+                batch, held_back=max(self.workers, 1)
+            )  # one per worker stream
             self.num_samples = self.steps_per_epoch * batch * plan.world
         else:
             self.steps_per_epoch = plan.eval_steps(batch, self.workers)
@@ -41,12 +44,12 @@ class WdsLoader:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         to_skip = len(range(wid, skip, nw)) * self.batch  # DataLoader takes batches round-robin
-        base = hash((self.plan.seed, epoch, self.plan.rank, wid))
         c = self.cfg
         for n, s in enumerate(src):
             if n < to_skip:
                 continue
-            rng = random.Random(base + n)  # per sample: a resumed epoch replays the same crops
+            # per sample: a resumed epoch replays the same crops
+            rng = random.Random(derive(self.plan.seed, "crop", epoch, self.plan.rank, wid, n))
             try:
                 y = parse_label(s, self.num_classes)
                 img = decode_image(s)
@@ -66,7 +69,7 @@ class WdsLoader:
         urls = [str(self.plan.files[i]) for i in idx]
         stages = [wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples(handler=broken_tar)]
         if self.train:
-            rng = random.Random(hash((self.plan.seed, epoch, self.plan.rank)))
+            rng = random.Random(derive(self.plan.seed, "shuffle", epoch, self.plan.rank))
             stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng))
         stages += [
             lambda src: self._samples(src, epoch, skip),

@@ -53,8 +53,11 @@ class _QuietScheduler(logging.Filter):
 def init(timeout_s: int = 600) -> DistInfo:
     import deepspeed
 
-    # Training never uses DeepSpeed's shared-memory comm op; skip its ~45 s JIT build.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not torch.cuda.is_available():
+        # CPU ranks: training never uses DeepSpeed's shared-memory comm op; skip its ~45 s JIT build.
+        # Only here: touching __compatible_ops__ makes DeepSpeed probe every op builder (compiler
+        # subprocesses, GPU queries) on every rank, which on a GPU node costs start-up for nothing.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     from deepspeed.utils import logger
 
     logger.addFilter(_QuietScheduler())
