@@ -94,8 +94,10 @@ def bench_cfg(kind: str, img_size: int, workers: int, scale: tuple[float, float]
                    mixup=0, cutmix=0, reprob=0, scale=list(scale))  # fmt: skip
 
 
-def measure(kind: str, root: str, img_size: int, batch: int, workers: int, warmup: int, scale) -> dict:
-    """One round of one loader: a whole epoch after `warmup` batches, in this process."""
+def measure(
+    kind: str, root: str, img_size: int, batch: int, workers: int, warmup: int, scale, max_batches: int = 0
+) -> dict:
+    """One round of one loader: an epoch (or `max_batches`) after `warmup` batches, in this process."""
     from .data.loader import build_loader
     from .hostenv import allocator
 
@@ -107,8 +109,10 @@ def measure(kind: str, root: str, img_size: int, batch: int, workers: int, warmu
     for _ in range(warmup):  # start-up (workers, pipeline build, first reads) is not throughput
         next(it)
     n, c0, t0 = 0, _cpu_seconds(), time.perf_counter()
-    for x, _ in it:
+    for i, (x, _) in enumerate(it):
         n += len(x)
+        if max_batches and i + 1 >= max_batches:
+            break
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0

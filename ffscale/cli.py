@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -44,58 +42,19 @@ def cmd_verify(a) -> int:
 
 
 def cmd_train(a) -> int:
-    """Validate the config here, then start the DeepSpeed launcher (one rank per GPU / CPU share).
-
-    The launcher runs in its own process group, and SIGTERM/SIGINT are forwarded to the whole
-    group: DeepSpeed's local runner does not forward them itself, so without this a preempted job
-    would lose the checkpoint the ranks write on SIGTERM.
-    """
-    import signal
-    import tempfile
-    import time
-
-    from . import config, tracking
+    """Validate the config and the launch here, then run the DeepSpeed launcher (ffscale/launch.py):
+    one rank per GPU, or the CPU's share."""
+    from . import config, launch, tracking
+    from .hostenv import rank_env
 
     cfg = config.load(a.config, a.overrides)
     nproc = a.nproc or _default_nproc()
     config.check_launch(cfg, a.nnodes, nproc)  # before NCCL init, not after
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    train_py = str(Path(__file__).with_name("train.py"))
-    cmd = [launcher, "-q", "--num_gpus", str(nproc), "--master_port", str(a.master_port)]
-    if a.nnodes > 1:
-        hosts = Path(tempfile.mkdtemp()) / "hostfile"
-        hosts.write_text("".join(f"node{i} slots={nproc}\n" for i in range(a.nnodes)))
-        cmd += ["--hostfile", str(hosts), "--no_ssh", "--num_nodes", str(a.nnodes)]
-        cmd += ["--node_rank", str(a.node_rank), "--master_addr", a.master_addr]
-    cmd += [train_py] + sum((["--config", c] for c in a.config), []) + a.overrides
     if a.node_rank == 0:
         tracking.ensure_store(cfg, Path(cfg.run.dir) / cfg.run.name)  # before ranks race to create it
-    from .hostenv import rank_env
-
     env = rank_env()  # CPU ranks: jemalloc keeping freed pages
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    print("+", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-    got = []
-
-    def forward(signum, frame):
-        got.append(signum)
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    rc = proc.wait()
-    deadline = time.time() + a.grace
-    while got and time.time() < deadline:  # ranks may still be writing their checkpoint
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.2)
-    return 128 + got[0] if got else rc
+    return launch.run(a, nproc, env)
 
 
 def _default_nproc() -> int:
@@ -164,7 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--nnodes", type=int, default=1, help="nodes in the job (multi-node without ssh)")
     t.add_argument("--node-rank", type=int, default=0, help="this node's index (0 hosts the master)")
     t.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
-    t.add_argument("--grace", type=float, default=60, help="seconds to wait for ranks after SIGTERM")
+    t.add_argument(
+        "--grace", type=float, default=60,
+        help="seconds the ranks get after SIGTERM to write their checkpoint before they are killed",
+    )  # fmt: skip
+    t.add_argument(
+        "--entry", help="a script run on every rank instead of ffscale/train.py: import your own models "
+        "(registry.register) there, then call ffscale.train.main()",
+    )  # fmt: skip
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a run's exported weights without DeepSpeed")
@@ -187,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("cluster", help="Kubernetes manifests for multi-node training")
     ksub = k.add_subparsers(dest="cluster_cmd", required=True)
-    r = ksub.add_parser("render", help="render Indexed Job + headless Service + ConfigMap")
+    r = ksub.add_parser(
+        "render", help="render a JobSet or an Indexed Job + headless Service, and a ConfigMap"
+    )
     r.add_argument("--config", "-c", action="append", default=[], help="training YAML file(s)")
     r.add_argument("overrides", nargs="*", help="key=value overrides")
     r.add_argument("--out", required=True, help="directory for the manifests")
@@ -198,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--shards-pvc", help="PVC holding shard directories, mounted read-only at /data")
     r.add_argument("--runs-pvc", help="shared PVC for run directories, mounted at /runs")
     r.add_argument("--node-selector", help="key=value")
+    r.add_argument(
+        "--kind", choices=["job", "jobset"], help="Indexed Job (default) or JobSet (restarts the group)"
+    )
+    r.add_argument(
+        "--grace-s", type=int, help="seconds a preempted pod gets for its checkpoint (default 300)"
+    )
+    r.add_argument(
+        "--rdma", help="RDMA device resource per pod, e.g. rdma/ib: adds IPC_LOCK and NCCL's IB settings"
+    )
+    r.add_argument("--host-network", action="store_true", default=None, help="pods on the node's network")
+    r.add_argument("--nccl-socket-ifname", help="NCCL_SOCKET_IFNAME, e.g. eth0")
+    r.add_argument("--queue", help="Kueue LocalQueue: labels the workload and creates it suspended")
     r.set_defaults(fn=lambda a: __import__("ffscale.cluster", fromlist=["main"]).main(a))
 
     b = sub.add_parser("bench", help="throughput against a baseline run in the same process")
@@ -254,6 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--steps", type=int, default=3)
     bs.add_argument("--json", action="store_true")
     b.set_defaults(fn=lambda a: __import__("ffscale.bench", fromlist=["main"]).main(a))
+
+    d = sub.add_parser(
+        "doctor",
+        help="prove this node can run a config's job: versions, devices, data, disk, tracking, a burst",
+    )
+    d.add_argument("--config", "-c", action="append", default=[], help="training YAML file(s)")
+    d.add_argument("overrides", nargs="*", help="key=value overrides")
+    d.add_argument(
+        "--nproc",
+        type=int,
+        default=0,
+        help="ranks for the all-reduce and the burst (default: GPUs, or 2 CPU ranks)",
+    )
+    d.add_argument("--json", metavar="FILE", help="also write the checks as JSON")
+    d.add_argument("--burst-steps", type=int, default=3, help="training steps of the configured model")
+    d.add_argument("--no-burst", action="store_true", help="skip the training burst")
+    d.add_argument("--verbose", action="store_true", help="time each section")
+    d.set_defaults(fn=lambda a: __import__("ffscale.doctor", fromlist=["run"]).run(a))
 
     m = sub.add_parser("models", help="list registered models with parameter counts")
     m.add_argument("filter", nargs="?")

@@ -1,8 +1,15 @@
 """`ffscale cluster render`: Kubernetes manifests for multi-node DeepSpeed, from a training config.
 
-No operator needed: an Indexed Job (one pod per node; JOB_COMPLETION_INDEX is the node rank) and a
-headless Service that gives pod 0 a stable DNS name for the rendezvous. The training config goes
-into a ConfigMap, so node and GPU counts are derived here, never copied by hand.
+Two shapes, one pod per node, the node rank from JOB_COMPLETION_INDEX:
+- `--kind jobset` (JobSet, jobset.x-k8s.io/v1alpha2): a failure on any node restarts the whole group,
+  which resumes from `latest`; a config or data error (exit 2) fails it at once; preemption restarts
+  it without counting against the restarts. JobSet gives pod 0 its DNS name.
+- `--kind job` (an Indexed Job and a headless Service, no operator): the Job recreates a failed pod;
+  the others leave their collectives after `run.collective_timeout_s` and are recreated too, so the
+  group re-forms and resumes. Slower than JobSet's restart, but needs nothing installed.
+The training config goes into a ConfigMap, so node and GPU counts are derived here, never copied.
+`--rdma` adds the RDMA device resource, IPC_LOCK and NCCL's InfiniBand settings; `--queue` the
+Kueue queue label (the workload is created suspended; Kueue admits it).
 """
 
 from __future__ import annotations
@@ -14,14 +21,17 @@ from pathlib import Path
 import yaml
 
 from . import config
+from .errors import ConfigError
 
-CONFIG_EXIT = 2  # ffscale's exit code for a config error: fail the Job at once, don't retry
+CONFIG_EXIT = 2  # ffscale's exit code for what a rerun cannot fix (config, data): never retried
+PORT = 29500
 
 
 @dataclass
 class ClusterOpts:
     nodes: int = 2
     gpus_per_node: int = 8
+    kind: str = "job"  # job | jobset
     image: str = "ghcr.io/ffscale/ffscale:0.1.0"
     namespace: str = "ml"
     shards_pvc: str = "imagenet-shards"
@@ -33,6 +43,11 @@ class ClusterOpts:
     memory_gi: int = 400
     node_selector: str = "nvidia.com/gpu.present=true"
     retries: int = 6
+    grace_s: int = 300  # checkpoint time a preempted pod gets (terminationGracePeriodSeconds - 20 s)
+    rdma: str = ""  # RDMA device resource, e.g. rdma/ib or nvidia.com/hostdev (one per pod)
+    host_network: bool = False  # pods on the node's network (some RoCE setups need it)
+    nccl_socket_ifname: str = ""  # NCCL_SOCKET_IFNAME for its bootstrap/TCP traffic, e.g. eth0
+    queue: str = ""  # Kueue LocalQueue name
 
 
 def _name(s: str) -> str:
@@ -41,52 +56,170 @@ def _name(s: str) -> str:
 
 def render(cfg: config.Config, config_yaml: str, o: ClusterOpts) -> dict[str, dict]:
     """{file name: manifest} for one training config."""
+    if o.kind not in ("job", "jobset"):
+        raise ConfigError(f"cluster render --kind {o.kind!r}: must be job or jobset")
     config.check_launch(cfg, o.nodes, o.gpus_per_node)  # a Job that cannot start is not rendered
     name = _name(f"ffscale-{cfg.run.name}")
     labels = {"app.kubernetes.io/name": "ffscale", "app.kubernetes.io/instance": name}
     meta = {"name": name, "namespace": o.namespace, "labels": labels}
-    master = f"{name}-0.{name}.{o.namespace}.svc"
-    port = 29500
+    if o.queue:
+        meta["labels"] = {**labels, "kueue.x-k8s.io/queue-name": o.queue}
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": f"{name}-config", "namespace": o.namespace, "labels": labels},
+        "data": {"config.yaml": config_yaml},
+    }
+    if o.kind == "jobset":  # JobSet's pods: <jobset>-<replicatedJob>-<job index>-<pod index>.<jobset>
+        pod = pod_template(o, name, labels, f"{name}-node-0-0.{name}.{o.namespace}.svc")
+        workload = {"jobset.yaml": jobset(o, meta, pod)}
+    else:
+        pod = pod_template(o, name, labels, f"{name}-0.{name}.{o.namespace}.svc")
+        service = {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {**meta, "labels": labels},
+            "spec": {
+                "clusterIP": "None",
+                "selector": labels,
+                "ports": [{"name": "rendezvous", "port": PORT}],
+            },
+        }
+        spec = job_spec(o, pod) | ({"suspend": True} if o.queue else {})  # Kueue unsuspends it
+        job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
+        workload = {"service.yaml": service, "job.yaml": job}
+    files = {"configmap.yaml": configmap, **workload}
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": list(files),
+    }
+    return {**files, "kustomization.yaml": kustomization}
+
+
+def job_spec(o: ClusterOpts, pod: dict, backoff: int | None = None) -> dict:
+    """An Indexed Job of one pod per node. Exit 2 (config, data, another model's checkpoint) fails
+    it at once; a disrupted pod (preemption, drain) does not count against its retries."""
+    return {
+        "completionMode": "Indexed",
+        "completions": o.nodes,
+        "parallelism": o.nodes,
+        "backoffLimit": o.retries * o.nodes if backoff is None else backoff,
+        "podFailurePolicy": {
+            "rules": [
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {"containerName": "train", "operator": "In", "values": [CONFIG_EXIT]},
+                },
+                {
+                    "action": "Ignore" if backoff is None else "FailJob",
+                    "onPodConditions": [{"type": "DisruptionTarget"}],
+                },
+            ]
+        },
+        "template": pod,
+    }
+
+
+def jobset(o: ClusterOpts, meta: dict, pod: dict) -> dict:
+    """One replicated Job of `nodes` pods; any pod's failure fails its Job (backoffLimit 0) and the
+    JobSet restarts every pod, which resume from `latest`."""
+    spec = {
+        "failurePolicy": {
+            "maxRestarts": o.retries,
+            "restartStrategy": "Recreate",
+            "rules": [
+                {  # the Job controller's message for the exit-code rule names the code
+                    "name": "config-or-data-error",
+                    "action": "FailJobSet",
+                    "onJobFailureReasons": ["PodFailurePolicy"],
+                    "onJobFailureMessagePatterns": [f"exit code {CONFIG_EXIT} matching FailJob rule"],
+                },
+                {
+                    "name": "preempted",
+                    "action": "RestartJobSetAndIgnoreMaxRestarts",
+                    "onJobFailureReasons": ["PodFailurePolicy"],
+                    "onJobFailureMessagePatterns": ["DisruptionTarget"],
+                },
+            ],
+        },
+        "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+        "replicatedJobs": [
+            {"name": "node", "replicas": 1, "template": {"spec": job_spec(o, pod, backoff=0)}},
+        ],
+    }
+    if o.queue:
+        spec["suspend"] = True  # Kueue admits (unsuspends) it when the quota is there
+    return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": meta, "spec": spec}
+
+
+def pod_template(o: ClusterOpts, name: str, labels: dict, master: str) -> dict:
+    sel_k, _, sel_v = o.node_selector.partition("=")
+    spec = {
+        "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": o.grace_s + 20,
+        "nodeSelector": {sel_k: sel_v} if sel_k else {},
+        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
+        "containers": [container(o, master)],
+        "volumes": [
+            {"name": "config", "configMap": {"name": f"{name}-config"}},
+            {"name": "shards", "persistentVolumeClaim": {"claimName": o.shards_pvc, "readOnly": True}},
+            {"name": "runs", "persistentVolumeClaim": {"claimName": o.runs_pvc}},
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{o.shm_gi}Gi"}},
+        ],
+    }
+    if o.kind == "job":
+        spec["subdomain"] = name  # the headless Service's name: pod 0 is <name>-0.<name>
+    if o.host_network:
+        spec |= {"hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet"}
+    return {"metadata": {"labels": labels}, "spec": spec}
+
+
+def container(o: ClusterOpts, master: str) -> dict:
     cmd = [
         "ffscale", "train",
         "--nproc", str(o.gpus_per_node),
         "--nnodes", str(o.nodes),
         "--node-rank", "$(JOB_COMPLETION_INDEX)",
         "--master-addr", master,
-        "--master-port", str(port),
-        "--grace", "100",
+        "--master-port", str(PORT),
+        "--grace", str(o.grace_s),
         "--config", "/etc/ffscale/config.yaml",
         "run.dir=/runs",
     ]  # fmt: skip
-    sel_k, _, sel_v = o.node_selector.partition("=")
-    container = {
+    env = [
+        {"name": "NCCL_DEBUG", "value": "INFO" if o.rdma else "WARN"},  # INFO logs the transport: NET/IB
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "TORCH_EXTENSIONS_DIR", "value": "/runs/.torch_extensions"},
+    ]
+    if o.rdma:
+        env += [{"name": "NCCL_IB_DISABLE", "value": "0"}, {"name": "NCCL_NET_GDR_LEVEL", "value": "PHB"}]
+    if o.nccl_socket_ifname:
+        env.append({"name": "NCCL_SOCKET_IFNAME", "value": o.nccl_socket_ifname})
+    devices = {"nvidia.com/gpu": str(o.gpus_per_node), **({o.rdma: "1"} if o.rdma else {})}
+    capabilities: dict = {"drop": ["ALL"]}
+    if o.rdma:
+        capabilities["add"] = ["IPC_LOCK"]  # RDMA pins (locks) its buffers
+    return {
         "name": "train",
         "image": o.image,
         "imagePullPolicy": "IfNotPresent",
         "command": cmd,
-        "ports": [{"name": "rendezvous", "containerPort": port}],
-        "env": [
-            {"name": "NCCL_DEBUG", "value": "WARN"},
-            {"name": "PYTHONUNBUFFERED", "value": "1"},
-            {"name": "TORCH_EXTENSIONS_DIR", "value": "/runs/.torch_extensions"},
-        ],
+        "ports": [{"name": "rendezvous", "containerPort": PORT}],
+        "env": env,
         "envFrom": [
             {"configMapRef": {"name": o.mlflow_configmap, "optional": True}},
             {"secretRef": {"name": o.mlflow_secret, "optional": True}},
         ],
         "resources": {
-            "requests": {
-                "cpu": str(o.cpu),
-                "memory": f"{o.memory_gi}Gi",
-                "nvidia.com/gpu": str(o.gpus_per_node),
-            },
-            "limits": {"memory": f"{o.memory_gi}Gi", "nvidia.com/gpu": str(o.gpus_per_node)},
+            "requests": {"cpu": str(o.cpu), "memory": f"{o.memory_gi}Gi", **devices},
+            "limits": {"memory": f"{o.memory_gi}Gi", **devices},
         },
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": 1000,
             "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
+            "capabilities": capabilities,
         },
         "volumeMounts": [
             {"name": "config", "mountPath": "/etc/ffscale", "readOnly": True},
@@ -94,69 +227,6 @@ def render(cfg: config.Config, config_yaml: str, o: ClusterOpts) -> dict[str, di
             {"name": "runs", "mountPath": "/runs"},
             {"name": "dshm", "mountPath": "/dev/shm"},
         ],
-    }
-    job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": meta,
-        "spec": {
-            "completionMode": "Indexed",
-            "completions": o.nodes,
-            "parallelism": o.nodes,
-            "backoffLimit": o.retries * o.nodes,
-            "podFailurePolicy": {
-                "rules": [
-                    {
-                        "action": "FailJob",
-                        "onExitCodes": {"containerName": "train", "operator": "In", "values": [CONFIG_EXIT]},
-                    },
-                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                ]
-            },
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "subdomain": name,
-                    "restartPolicy": "Never",
-                    "terminationGracePeriodSeconds": 120,
-                    "nodeSelector": {sel_k: sel_v} if sel_k else {},
-                    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
-                    "containers": [container],
-                    "volumes": [
-                        {"name": "config", "configMap": {"name": f"{name}-config"}},
-                        {
-                            "name": "shards",
-                            "persistentVolumeClaim": {"claimName": o.shards_pvc, "readOnly": True},
-                        },
-                        {"name": "runs", "persistentVolumeClaim": {"claimName": o.runs_pvc}},
-                        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{o.shm_gi}Gi"}},
-                    ],
-                },
-            },
-        },
-    }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": meta,
-        "spec": {"clusterIP": "None", "selector": labels, "ports": [{"name": "rendezvous", "port": port}]},
-    }
-    configmap = {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {**meta, "name": f"{name}-config"},
-        "data": {"config.yaml": config_yaml},
-    }
-    kustomization = {
-        "apiVersion": "kustomize.config.k8s.io/v1beta1",
-        "kind": "Kustomization",
-        "resources": ["configmap.yaml", "service.yaml", "job.yaml"],
-    }
-    return {
-        "configmap.yaml": configmap,
-        "service.yaml": service,
-        "job.yaml": job,
-        "kustomization.yaml": kustomization,
     }
 
 

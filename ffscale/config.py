@@ -124,6 +124,10 @@ class RunCfg:
     seed: int = 0
     log_every: int = 20  # steps between progress lines
     eval_every: int = 1  # epochs between evaluations (the last epoch always evaluates)
+    # A collective that waits longer fails the rank, so a lost or frozen node stops every other node
+    # (and a JobSet or Job restarts the group) instead of leaving them hanging. Above the longest
+    # wait of a healthy run: a checkpoint write, or rank 0 converting a checkpoint for resharding.
+    collective_timeout_s: int = 600
 
 
 @dataclass

