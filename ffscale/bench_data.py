@@ -105,6 +105,10 @@ def measure(
     dev = torch.device("cuda" if torch.cuda.is_available() and kind == "dali" else "cpu")
     torch.set_num_threads(1)  # the loaders' own workers/threads do the work; the consumer only counts
     loader, _ = build_loader(cfg, root, True, 0, 1, batch, 0, None, dev)
+    if loader.steps_per_epoch <= warmup:
+        raise SystemExit(
+            f"bench data: {root} gives {loader.steps_per_epoch} batches of {batch}; more images or a smaller --batch"
+        )
     it = loader.epoch(0)
     for _ in range(warmup):  # start-up (workers, pipeline build, first reads) is not throughput
         next(it)
@@ -142,7 +146,8 @@ def _round(kind: str, a, root: Path) -> dict:
 def bench_data(a) -> dict:
     from .data.dali import available
 
-    root = Path(a.shards) if a.shards_given else imagenet_like_shards(Path(a.shards), a.images)
+    given = a.shards_given and (Path(a.shards) / "manifest.json").is_file()  # else written there
+    root = Path(a.shards) if given else imagenet_like_shards(Path(a.shards), a.images)
     kinds = [k for k in LOADERS if k != "dali" or available()]
     rounds: dict[str, list[dict]] = {k: [] for k in kinds}
     for _ in range(a.rounds):

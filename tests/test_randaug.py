@@ -80,3 +80,22 @@ def test_at_m9_rotation_reaches_27_degrees_not_dalis_9():
     rotate = randaug.timm_suite(224)["Rotate"]
     mags = np.linspace(*rotate.mag_range, randaug.BINS)
     assert rotate.mag_to_param(mags[90]) == pytest.approx(27.0)  # bin 90 = level 9.0
+
+
+def test_the_pipeline_runs_at_the_top_magnitude():
+    """N(10, 0.5) clipped to 10 lands on the last magnitude bin half the time (DALI's cast rounds
+    100.5 up: a bin past the table failed the run)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    images = [np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8) for i in range(64)]
+
+    @pipeline_def(batch_size=64, num_threads=1, device_id=None, seed=0, enable_conditionals=True)
+    def pipe():
+        img = fn.external_source(source=lambda: images, batch=True, layout="HWC", dtype=types.UINT8)
+        return randaug.rand_augment(img, 32, m=10.0, mstd=0.5)
+
+    p = pipe()
+    p.build()
+    for _ in range(4):
+        (out,) = p.run()
+        assert np.asarray(out[0]).shape == (32, 32, 3)

@@ -88,7 +88,9 @@ def rand_augment(
     applied = fn.random.coin_flip(probability=prob, shape=(n,), dtype=types.INT32)
     op_idx = chosen * applied + skip * (1 - applied)
     level = dmath.clamp(fn.random.normal(mean=m, stddev=mstd, shape=(n,)), 0.0, LEVELS)
-    bins = signed_bin(fn.cast(level * ((BINS - 1) / LEVELS) + 0.5, dtype=types.INT32), shape=(n,))
+    # DALI's cast rounds to nearest (100.5 -> 101): no +0.5 here, and the bin is clamped anyway
+    bins = dmath.clamp(fn.cast(level * ((BINS - 1) / LEVELS), dtype=types.INT32), 0, BINS - 1)
+    bins = signed_bin(bins, shape=(n,))
     for i in range(n):
         img = select(
             ops, op_idx[i], data=img, magnitude_bin=bins[i], num_magnitude_bins=BINS, fill_value=fill

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import random
 import shutil
 import subprocess
@@ -22,7 +23,8 @@ from PIL import Image
 from ..atomic import atomic_path
 from .manifest import DataError, Manifest, ShardInfo, broken_tar, sha256_file
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Debian's dataset-fashion-mnist; FFSCALE_FASHION_MNIST_DIR points elsewhere (a host without it)
+FASHION_MNIST_DIR = Path(os.environ.get("FFSCALE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = [
     "t-shirt", "trouser", "pullover", "dress", "coat",
     "sandal", "shirt", "sneaker", "bag", "ankle-boot",
