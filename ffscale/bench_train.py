@@ -123,7 +123,32 @@ def _ffscale_step(s, info, num_classes: int, x, y, warmup: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     mem = engine.model_states(xe, y, exclude=(x,))
     peak_mem = torch.cuda.max_memory_allocated() if info.device.type == "cuda" else None
-    return {"engine": engine, "step": step, "losses": losses, "mem": mem, "peak_mem": peak_mem}
+    syncs = host_syncs(lambda: engine.train_step(xe, y), info.device)
+    return {
+        "engine": engine,
+        "step": step,
+        "losses": losses,
+        "mem": mem,
+        "peak_mem": peak_mem,
+        "syncs": syncs,
+    }
+
+
+def host_syncs(step, device: torch.device) -> int | None:
+    """Operations in one step that make the host wait for the GPU (torch's sync debug mode counts
+    them: DeepSpeed's own, e.g. its gradient-norm check, and ours). None on a CPU, which has no queue."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def _plain_step(s, info, num_classes: int, x, y, prec: str):
@@ -172,6 +197,7 @@ def _result(s, info, zero: int, prec: str, ff: dict, t_plain: float, t_ff: float
         "peak_tflops": peak / 1e12,
         "model_states_mib": {k: v / 2**20 for k, v in mem.items()},
         "peak_mem_gib": peak_mem / 2**30 if peak_mem else None,
+        "host_syncs_per_step": ff["syncs"],
         "device": torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu",
     }
 
@@ -182,11 +208,11 @@ def print_table(res: dict) -> None:
     print(
         f"{r0['model']} {r0['img_size']}px, micro-batch {r0['micro_batch']}, {r0['ranks']} rank(s), "
         f"{r0['precision']} on {r0['device']}, {r0['gflops_per_img']:.2f} GFLOP/img (fwd+bwd), "
-        f"peak {r0['peak_tflops']:.2f} TFLOP/s per device"
+        f"peak {r0['peak_tflops']:.2f} TFLOP/s per device; syncs: host waits for the GPU per step (GPU only)"
     )
     print(
         f"{'ZeRO':>4} {'plain s/step':>12} {'ffscale s/step':>14} {'ratio':>6} {'img/s':>8} {'MFU %':>6} "
-        f"{'MiB/rank':>9} {'params':>7} {'grads':>7} {'optim':>7} {'buffers':>7}"
+        f"{'MiB/rank':>9} {'params':>7} {'grads':>7} {'optim':>7} {'buffers':>7} {'syncs':>5}"
     )
     base = None
     for r in rows:
@@ -195,6 +221,7 @@ def print_table(res: dict) -> None:
         print(
             f"{r['zero']:>4} {r['plain_step_s']:>12.3f} {r['ffscale_step_s']:>14.3f} {r['ratio']:>6.2f} "
             f"{r['img_per_s']:>8.1f} {r['mfu_pct'] or 0:>6.1f} {m['total']:>9.1f} {m['params']:>7.1f} "
-            f"{m['grads']:>7.1f} {m['optimizer']:>7.1f} {m['zero_buffers']:>7.1f}"
+            f"{m['grads']:>7.1f} {m['optimizer']:>7.1f} {m['zero_buffers']:>7.1f} "
+            f"{'-' if r['host_syncs_per_step'] is None else r['host_syncs_per_step']:>5}"
             + (f"  ({m['total'] / base:.2f}x ZeRO-0)" if base and r["zero"] else "")
         )

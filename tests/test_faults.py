@@ -244,6 +244,8 @@ def test_nonfinite_loss_is_skipped_up_to_the_limit_and_never_checkpointed(nan_sk
     assert r.returncode != 0
     assert "stage z2: loss is NaN or inf at step 11 (4 steps skipped, more than optim.max_skipped=3)" in text
     assert faults["nan_ckpts"] == {"latest": "step8", "dirs": ["step8"]}
+    # the non-finite check and the SIGTERM flag share one collective per optimizer step
+    assert "ffscale all-reduces per optimizer step: 1.00" in r.stdout
     states = faults["nan_step8"]
     assert all(torch.isfinite(t).all() for t in states["module"].values()) and states["skipped"] == 1
 

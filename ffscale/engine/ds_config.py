@@ -71,11 +71,10 @@ def zero(s: StageCfg, n_params: int = 0, cuda: bool = True) -> dict:
         "reduce_bucket_size": elems(d.bucket_mb),
         "allgather_bucket_size": elems(d.bucket_mb),
     }
-    # Nothing reads the norm without clipping: skip a pass over every gradient per step (DeepSpeed
-    # refuses it with offload). The engine turns it back on for a step whose loss was not finite:
-    # the non-finite norm is how ZeRO-2 skips one.
-    if d.zero_stage == 2 and s.optim.clip_grad == 0 and not d.offload_optimizer:
-        z["compute_grad_norm"] = False
+    # compute_grad_norm stays on even without clipping: a non-finite norm is how ZeRO-1/2 skip a step
+    # whose loss was NaN/inf on the device, which lets the engine read its NaN flag after the step is
+    # queued instead of draining the GPU first. Its cost did not show: `ffscale bench train --zero 0,2
+    # ... data.img_size=112 optim.micro_batch=16` gave ZeRO-2 0.89x plain with it and without (2026-11-27).
     if d.zero_stage == 3:
         z |= {
             "stage3_prefetch_bucket_size": elems(d.prefetch_mb),

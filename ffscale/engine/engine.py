@@ -15,7 +15,7 @@ from ..config import StageCfg
 from ..errors import NonFiniteLoss, Preempted
 from ..metrics import summarize, topk_counts
 from . import checkpoint, ds_config
-from .dist import DistInfo, all_reduce_sum
+from .dist import DistInfo, all_reduce_sum, all_reduce_sum_async
 from .ema import Ema
 from .masters import share_fp32_masters
 from .optim import build_optimizer
@@ -61,6 +61,9 @@ class Engine:
         if self.scheduler.last_batch_iteration < 0:  # step 1 runs at warmup_lr, not at lr 0
             self.scheduler.step(0)
         self._bad = torch.zeros((), device=dist.device)  # non-finite micro-batch losses this step
+        if dist.device.type == "cuda":
+            self._host_flags = torch.zeros(2, pin_memory=True)
+            self._flags_ready = torch.cuda.Event()
         self.step_finite = True  # was the last optimizer step's loss finite on every rank?
         self.stop_requested = False  # has any rank been sent SIGTERM?
 
@@ -91,41 +94,50 @@ class Engine:
         self.ds.backward(loss)
         self._bad += (~torch.isfinite(loss.detach())).float()
         if boundary:
-            self._agree()
-            self._guarded_step()
+            self._optimizer_step()
         else:
             self.ds.step()
         return loss.detach()
 
-    def _agree(self) -> None:
-        """One collective per optimizer step, so every rank decides alike: was the loss finite
-        everywhere, and was any rank sent SIGTERM?"""
-        flags = torch.stack([self._bad, torch.tensor(float(preempt.requested()), device=self._bad.device)])
-        flags = all_reduce_sum(flags).tolist()
-        self.step_finite, self.stop_requested = flags[0] == 0, flags[1] > 0
+    def _optimizer_step(self) -> None:
+        """The step, with the one collective of the step: [non-finite micro-batch losses, SIGTERM]
+        summed over ranks. A non-finite step leaves the weights alone on the device (DeepSpeed's ZeRO
+        and bf16 optimizers skip a step whose gradient norm is not finite; a bare torch AdamW (ZeRO-0,
+        fp32) gets the flag as `found_inf` and its fused kernel skips), so the host reads the flags
+        only once the step is queued: every rank then decides alike, and the GPU is not drained."""
+        flags = torch.stack([self._bad, torch.full_like(self._bad, float(preempt.requested()))])
         self._bad.zero_()
-
-    def _guarded_step(self) -> None:
-        """Step; a non-finite step must leave the weights alone. DeepSpeed's ZeRO and bf16/fp16
-        optimizers skip a step whose gradient norm is not finite (and say so in `overflow`); a bare
-        torch optimizer (ZeRO-0, fp32) does not, so its gradients are dropped first."""
+        all_reduce_sum_async(flags).wait()
         opt = self.ds.optimizer
         bare_torch = not hasattr(opt, "overflow")
-        if not self.step_finite and bare_torch:
-            for p in self.ds.module.parameters():
-                p.grad = None
-        norm_off = not self.step_finite and getattr(opt, "compute_grad_norm", True) is False
-        if norm_off:  # ZeRO-2 without clipping skips the norm; the non-finite norm is what skips a step
-            opt.compute_grad_norm = True
+        if bare_torch:
+            opt.found_inf = (flags[0] > 0).float()  # 0-dim, as torch.amp gives it
+        on_host = self._to_host(flags)
         self.ds.step()
-        if norm_off:
-            opt.compute_grad_norm = False
-        if not self.step_finite and not bare_torch and not self.ds.optimizer.overflow:
+        if bare_torch:
+            del opt.found_inf
+        bad, stop = on_host()
+        self.step_finite, self.stop_requested = bad == 0, stop > 0
+        if not self.step_finite and not bare_torch and not opt.overflow:
             raise NonFiniteLoss(
                 f"step {self.global_step}: loss not finite but DeepSpeed applied the step; weights are suspect"
             )
         if self.ema is not None and self.step_finite:
             self.ema.update()
+
+    def _to_host(self, flags: torch.Tensor):
+        """Start copying `flags` to the host; returns the reader. On a GPU the copy goes to pinned
+        memory behind an event, so reading waits for the collective, not for the queued step."""
+        if flags.device.type != "cuda":
+            return lambda: flags.tolist()
+        self._host_flags.copy_(flags, non_blocking=True)
+        self._flags_ready.record()
+
+        def read():
+            self._flags_ready.synchronize()
+            return self._host_flags.tolist()
+
+        return read
 
     def model_states(self, x: torch.Tensor, target: torch.Tensor, exclude=()) -> dict[str, int]:
         """One training step, with this rank's model-state bytes measured at their peak: after
