@@ -93,6 +93,9 @@ class ScheduleCfg:
 class DeepSpeedCfg:
     zero_stage: int = 2
     precision: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | bf16 | fp16 | fp32
+    # bf16/fp16: the dtype gradients are reduced across ranks in (they accumulate in fp32): fp32 as
+    # DDP with AMP reduces them, or bf16 for half the bytes on a slow network
+    comm_dtype: str = "fp32"
     offload_optimizer: bool = False  # optimizer states + step on the CPU (ZeRO 1-3): fits bigger models
     bucket_mb: int = 50  # ZeRO gradient reduce / parameter all-gather bucket, MiB of fp32 (13M elements)
     prefetch_mb: int = 50  # ZeRO-3: parameters fetched ahead of the layer that needs them, MiB
@@ -248,6 +251,7 @@ def validate(s: StageCfg, p: str = "") -> None:
     _choice(s.data.on_error, ("raise", "skip"), f"{p}data.on_error")
     _choice(s.optim.nonfinite, ("stop", "skip"), f"{p}optim.nonfinite")
     _choice(s.deepspeed.precision, ("auto", "bf16", "fp16", "fp32"), f"{p}deepspeed.precision")
+    _choice(s.deepspeed.comm_dtype, ("fp32", "bf16", "fp16"), f"{p}deepspeed.comm_dtype")
     if s.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"{p}deepspeed.zero_stage={s.deepspeed.zero_stage}: must be 0, 1, 2 or 3")
     from .models import list_models

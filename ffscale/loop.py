@@ -131,12 +131,14 @@ class StageRun:
     def _announce(self) -> None:
         s, d, e = self.s, self.dist, self.engine
         alloc = f" ({allocator()})" if d.device.type == "cpu" else ""
+        asked = s.deepspeed.zero_stage
+        zero_note = f" (asked: {asked})" if asked != e.zero_stage else ""
         log(
             d,
             f"{self.where}: {s.model.name} {e.num_params / 1e6:.2f}M params, "
             f"{self.flops_per_image / 3e9:.3f} GFLOPs/img fwd, {self.train_m.num_samples} train / "
             f"{self.val_m.num_samples} val images, {self.num_classes} classes, {d.world} rank(s) on "
-            f"{d.device.type}{alloc}, {e.precision}, ZeRO-{s.deepspeed.zero_stage}, {self.steps.per_epoch} "
+            f"{d.device.type}{alloc}, {e.precision}, ZeRO-{e.zero_stage}{zero_note}, {self.steps.per_epoch} "
             f"steps/epoch x {s.schedule.epochs} epochs, accum {self.steps.accum}, lr {e.lr:.2e}; "
             f"{self.train.choice}",
         )

@@ -203,3 +203,15 @@ def test_tracking_off_makes_no_store_and_logs_nothing(tmp_path):
     tracking.ensure_store(cfg, tmp_path / "default")
     tracker = tracking.create(cfg, tmp_path / "default", rank=0)
     assert isinstance(tracker, tracking.NullTracker) and not any(tmp_path.iterdir())
+
+
+def test_bf16_accumulates_in_fp32_and_zero0_takes_the_fused_bf16_optimizer():
+    s = stage_cfg("deepspeed.zero_stage=0", "deepspeed.comm_dtype=bf16")
+    cfg = ds_config.build(s, 8, 4, 100, 10, "bf16")
+    assert cfg["data_types"] == {"grad_accum_dtype": "fp32"} and cfg["communication_data_type"] == "bf16"
+    assert cfg["zero_optimization"]["stage"] == 1  # DeepSpeed's ZeRO-0 bf16 path is per-tensor and bf16-only
+    fp32 = ds_config.build(s, 8, 4, 100, 10, "fp32")
+    assert fp32["zero_optimization"]["stage"] == 0 and "data_types" not in fp32
+    assert ds_config.build(stage_cfg(), 8, 4, 100, 10, "bf16")["communication_data_type"] == "fp32"  # default
+    with pytest.raises(C.ConfigError, match="deepspeed.comm_dtype='int8': must be one of fp32, bf16, fp16"):
+        stage_cfg("deepspeed.comm_dtype=int8")

@@ -33,7 +33,7 @@ def build(
         "train_micro_batch_size_per_gpu": s.optim.micro_batch,
         "gradient_accumulation_steps": accum,
         "gradient_clipping": s.optim.clip_grad,  # DeepSpeed 0.19 defaults to 1.0; DeiT uses none
-        "zero_optimization": zero(s, n_params, cuda),
+        "zero_optimization": zero(s, n_params, cuda, zero_stage(s, precision)),
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         "scheduler": {
@@ -50,10 +50,24 @@ def build(
         "steps_per_print": 10**9,  # progress is ours
         "wall_clock_breakdown": False,
     }
+    if precision in ("bf16", "fp16"):
+        # Gradients accumulate over micro-batches in fp32 (DeepSpeed would add them up in the model's
+        # bf16) and are reduced across ranks in deepspeed.comm_dtype (fp32 by default, as DDP with AMP
+        # reduces DeiT's fp32 gradients; bf16 halves the bytes).
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+        cfg["communication_data_type"] = s.deepspeed.comm_dtype
     return merge(cfg | offload(s), dict(s.deepspeed.extra))
 
 
-def zero(s: StageCfg, n_params: int = 0, cuda: bool = True) -> dict:
+def zero_stage(s: StageCfg, precision: str) -> int:
+    """The ZeRO stage DeepSpeed runs: ZeRO-0 in bf16 runs as ZeRO-1's bf16 optimizer. DeepSpeed's
+    ZeRO-0 bf16 path steps one tensor at a time (FP16_UnfusedOptimizer, a host sync per tensor) and
+    cannot accumulate gradients in fp32; ZeRO-1 on one rank partitions nothing, on N ranks it only
+    splits the optimizer states (less memory, the same all-reduce volume)."""
+    return 1 if s.deepspeed.zero_stage == 0 and precision == "bf16" else s.deepspeed.zero_stage
+
+
+def zero(s: StageCfg, n_params: int = 0, cuda: bool = True, stage: int | None = None) -> dict:
     """ZeRO settings written out: buckets sized in MiB (never above a quarter of the model: DeepSpeed
     allocates them whole), overlap on, and CPU optimizer offload."""
     d = s.deepspeed
@@ -62,8 +76,9 @@ def zero(s: StageCfg, n_params: int = 0, cuda: bool = True) -> dict:
     def elems(mb: int) -> int:  # DeepSpeed counts elements, and wants buckets aligned for NCCL
         return max(256, min(int(mb * 2**20 // 4), cap) // 256 * 256)
 
+    stage = d.zero_stage if stage is None else stage
     z: dict = {
-        "stage": d.zero_stage,
+        "stage": stage,
         "overlap_comm": True,
         # GPU: gradients copied into one buffer as produced, against allocator fragmentation. A CPU
         # has no such problem and the extra copy of every gradient cost 0.16 s of a 2.6 s ZeRO-2 step.
@@ -75,13 +90,13 @@ def zero(s: StageCfg, n_params: int = 0, cuda: bool = True) -> dict:
     # whose loss was NaN/inf on the device, which lets the engine read its NaN flag after the step is
     # queued instead of draining the GPU first. Its cost did not show: `ffscale bench train --zero 0,2
     # ... data.img_size=112 optim.micro_batch=16` gave ZeRO-2 0.89x plain with it and without (2026-11-27).
-    if d.zero_stage == 3:
+    if stage == 3:
         z |= {
             "stage3_prefetch_bucket_size": elems(d.prefetch_mb),
             "stage3_param_persistence_threshold": 10 * 2**10,  # tiny params (norms, biases) stay whole
             "stage3_max_live_parameters": elems(4 * d.prefetch_mb),
         }
-    if d.offload_optimizer and d.zero_stage > 0:
+    if d.offload_optimizer and stage > 0:
         z["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return z
 

@@ -1,14 +1,19 @@
-"""Exponential moving average of the weights (DeiT's model EMA), sharded the way ZeRO shards.
+"""Exponential moving average of the weights (DeiT's model EMA), of the fp32 master weights, sharded
+the way ZeRO shards them.
 
-Each rank averages only what it owns, in fp32: under ZeRO-3 its partition of every parameter
-(`p.ds_tensor`, the slice DeepSpeed updates), under ZeRO 0-2 every world-th whole parameter. So the
-EMA costs 4/N bytes per parameter per rank, and gathering it is a collective (`full`).
+Each rank averages only the fp32 masters it owns: under ZeRO-3 its partition of every parameter,
+under ZeRO-1/2 and DeepSpeed's bf16 optimizer its fragment of each parameter's flat fp32 master
+(`_hp_mapping`), and with a bare torch optimizer (ZeRO-0, fp32, where the parameters are the masters)
+every world-th whole parameter. So the EMA costs 4/N bytes per parameter per rank, and it averages
+fp32 values even when the model computes in bf16: an update smaller than one bf16 step of a weight
+still reaches the average. Gathering it is a collective (`full`).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as tdist
+from deepspeed.utils import safe_get_local_fp32_param
 
 
 class Ema:
@@ -17,12 +22,20 @@ class Ema:
         self.z3 = ds.zero_optimization_stage() == 3
         self.module = ds.module
         self.params = list(ds.module.named_parameters())
+        self.fragments = not self.z3 and any(
+            getattr(p, "_hp_mapping", None) is not None for _, p in self.params
+        )
         self.shadow: dict[str, torch.Tensor] = {}
         self.reset()
 
     def _source(self, i: int, p: torch.Tensor) -> torch.Tensor | None:
+        """This rank's fp32 master values of parameter i (fetched anew: DeepSpeed re-links its
+        views after a checkpoint load), or None when it owns none of them."""
         if self.z3:
-            return p.ds_tensor
+            return safe_get_local_fp32_param(p)
+        if self.fragments:
+            mapping = getattr(p, "_hp_mapping", None)
+            return mapping.get_hp_fragment() if mapping is not None else None
         return p if i % self.world == self.rank else None
 
     @torch.no_grad()
@@ -55,11 +68,9 @@ class Ema:
         out = {}
         for i, (n, p) in enumerate(self.params):
             if self.z3:
-                parts = [self.shadow[n]]
-                if self.world > 1:
-                    parts = [torch.empty_like(parts[0]) for _ in range(self.world)]
-                    tdist.all_gather(parts, self.shadow[n])
-                out[n] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu()
+                out[n] = self._gather_partitions(n, p)
+            elif self.fragments:
+                out[n] = self._sum_fragments(n, p)
             else:
                 t = self.shadow.get(n)
                 if t is None:
@@ -70,3 +81,21 @@ class Ema:
         for n, b in self.module.named_buffers():
             out[n] = b.detach().float().cpu().clone()
         return out
+
+    def _gather_partitions(self, n: str, p) -> torch.Tensor:
+        parts = [self.shadow[n]]
+        if self.world > 1:
+            parts = [torch.empty_like(parts[0]) for _ in range(self.world)]
+            tdist.all_gather(parts, self.shadow[n])
+        return torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu()
+
+    def _sum_fragments(self, n: str, p) -> torch.Tensor:
+        """Each rank writes its fragment at its place in a zeroed flat tensor; a sum fills it."""
+        flat = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+        mapping = getattr(p, "_hp_mapping", None)
+        if mapping is not None:
+            where = mapping.lp_fragment_address
+            flat.narrow(0, where.start, where.numel).copy_(self.shadow[n])
+        if self.world > 1:
+            tdist.all_reduce(flat)
+        return flat.view(p.shape).cpu()

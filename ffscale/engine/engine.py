@@ -48,7 +48,7 @@ class Engine:
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, config=cfg
         )
-        if dist.world == 1 and s.deepspeed.zero_stage == 0:
+        if dist.world == 1 and ds_config.zero_stage(s, self.precision) == 0:
             # One rank has nothing to average: skip DeepSpeed's flatten + all-reduce + copy-back of
             # every gradient (~20% of a CPU step for ff_base at 112 px).
             self.ds.enable_backward_allreduce = False
@@ -80,6 +80,11 @@ class Engine:
     def num_params(self) -> int:
         """Every parameter's full size, also under ZeRO-3 (where each rank holds a partition)."""
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters())
+
+    @property
+    def zero_stage(self) -> int:
+        """The stage DeepSpeed runs (ZeRO-0 in bf16 runs as ZeRO-1: ds_config.zero_stage)."""
+        return self.ds.zero_optimization_stage()
 
     @property
     def compiled(self) -> bool:
@@ -175,18 +180,20 @@ class Engine:
         state = checkpoint.load(self.ds, self.ckpt_dir, self.s.checkpoint.reshard)
         if state is None:
             return None
+        ema_note = ""
         if self.ema is not None:
             rank_state = checkpoint.load_rank_state(self.ckpt_dir, self.dist.rank)
-            if "ema" in rank_state:
+            try:
                 self.ema.load_state_dict(rank_state["ema"])
-            else:  # resharded, or saved without EMA: average from the restored weights on
+            except (KeyError, ValueError):  # resharded, saved without EMA or with another layout
                 self.ema.reset()
+                ema_note = "; the EMA of the weights restarts from the restored weights"
         note = f"resumed from {self.last_checkpoint()} (epoch {state['epoch']}, step {self.global_step})"
         if self.reshard:
             note += (
                 f"; resharded to {self.dist.world} ranks: the rest of this epoch sees another sample order"
             )
-        return Resumed(state, note)
+        return Resumed(state, note + ema_note)
 
     def last_checkpoint(self) -> Path | None:
         tag = checkpoint.latest_tag(self.ckpt_dir)
