@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,21 @@ def launch(
         text=True,
         timeout=timeout,
     )
+
+
+def sigterm_after_rows(cmd: list[str], metrics: Path, rows: int, timeout: int = 240) -> tuple[int, str]:
+    """Start `cmd`, SIGTERM it once `metrics` has `rows` rows (or it ended); (exit code, output)."""
+    p = subprocess.Popen(
+        cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.time() + 180
+    while time.time() < deadline and p.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= rows:
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=timeout)
+    return p.returncode, out
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

@@ -98,15 +98,34 @@ def mount_tmpfs(path: Path, size: str) -> bool:
     return r.returncode == 0
 
 
-# One fixture per scenario: a failing scenario errors only the tests that read it.
 @pytest.fixture(scope="module")
 def ref_run(fm_shards, module_dir):
     return {"dir": module_dir, "ref": check(launch(args(fm_shards, module_dir, "ref")))}
 
 
 @pytest.fixture(scope="module")
+def disk_full(fm_shards, module_dir):
+    """The second checkpoint hits a full disk (a 700 KiB tmpfs); more space, rerun."""
+    d = module_dir
+    out: dict = {"dir": d}
+    full = d / "full" / STAGE / "checkpoints"
+    out["tmpfs"] = mount_tmpfs(full, "700k")
+    try:
+        if out["tmpfs"]:
+            out["full"] = launch(args(fm_shards, d, "full"))
+            out["full_latest"] = (full / "latest").read_text()
+            subprocess.run(["mount", "-o", "remount,size=64m", str(full)], check=True)
+            out["full_rerun"] = check(launch(args(fm_shards, d, "full")))
+    finally:
+        if out["tmpfs"]:
+            subprocess.run(["umount", "-l", str(full)])
+    return out
+
+
+@pytest.fixture(scope="module")
 def kills(fm_shards, module_dir):
-    d, out = module_dir, {"dir": module_dir}
+    d = module_dir
+    out: dict = {"dir": d}
     # 1. rank 0 killed while writing the step-16 checkpoint, after rank 1 wrote its shard of it
     ck = d / "k" / STAGE / "checkpoints"
     job = Job(args(fm_shards, d, "k"))
@@ -127,30 +146,13 @@ def kills(fm_shards, module_dir):
     return out
 
 
-@pytest.fixture(scope="module")
-def disk_full(fm_shards, module_dir):
-    """The second checkpoint hits a full disk (a 700 KiB tmpfs); more space, rerun."""
-    d, out = module_dir, {"dir": module_dir}
-    full = d / "full" / STAGE / "checkpoints"
-    out["tmpfs"] = mount_tmpfs(full, "700k")
-    try:
-        if out["tmpfs"]:
-            out["full"] = launch(args(fm_shards, d, "full"))
-            out["full_latest"] = (full / "latest").read_text()
-            subprocess.run(["mount", "-o", "remount,size=64m", str(full)], check=True)
-            out["full_rerun"] = check(launch(args(fm_shards, d, "full")))
-    finally:
-        if out["tmpfs"]:
-            subprocess.run(["umount", "-l", str(full)])
-    return out
-
-
 NAN = {"FFSCALE_FAULT_NAN_STEPS": "5,9,10,11"}  # rank 0's loss is NaN at these steps of each stage
 
 
 @pytest.fixture(scope="module")
 def nan_skips(fm_shards, module_dir):
-    d, out = module_dir, {"dir": module_dir}
+    d = module_dir
+    out: dict = {"dir": d}
     stages = [
         "stages.z0.deepspeed.zero_stage=0",
         "stages.z0.optim.nonfinite=skip",

@@ -6,14 +6,11 @@ launches of one two-stage pipeline (ZeRO-2 stage `z2`, ZeRO-3 stage `z3`):
 Tracking goes to a real MLflow SQLite store; exported weights are evaluated without DeepSpeed."""
 
 import json
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, check, free_port, launch, launch_env, small_overrides
+from conftest import check, free_port, launch, sigterm_after_rows, small_overrides
 
 from ffscale.evaluate import evaluate_weights, find_stage
 from ffscale.hostenv import jemalloc
@@ -48,21 +45,9 @@ def sigterm_during_z2(shards, runs) -> tuple[int, str]:
     cli = Path(sys.executable).with_name("ffscale")
     cmd = [str(cli), "train", "--nproc", "2", "--master-port", str(free_port())]
     cmd += pipeline_args(shards, runs, "term")
-    p = subprocess.Popen(
-        cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    metrics = runs / "term" / "z2" / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and p.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
-    out, _ = p.communicate(timeout=120)
-    return p.returncode, out
+    return sigterm_after_rows(cmd, runs / "term" / "z2" / "metrics.jsonl", rows=5, timeout=120)
 
 
-# One fixture per scenario: a failing scenario errors only the tests that read it.
 @pytest.fixture(scope="module")
 def ref_run(fm_shards, module_dir):
     return {"dir": module_dir, "ref": check(launch(pipeline_args(fm_shards, module_dir, "ref")))}
@@ -230,18 +215,8 @@ def test_a_preemption_checkpoint_gets_the_grace_not_the_launchers_30_seconds(fm_
     cmd = [str(cli), "train", "--nproc", "2", "--master-port", str(free_port()), "--grace", "120"]
     cmd += ["--entry", str(Path(__file__).with_name("slow_save_train.py"))]
     cmd += small_overrides(fm_shards, tmp_path, "slow") + ["schedule.epochs=5"]
-    p = subprocess.Popen(
-        cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    metrics = tmp_path / "slow" / "train" / "metrics.jsonl"
-    deadline = time.time() + 180
-    while time.time() < deadline and p.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
-    out, _ = p.communicate(timeout=240)
-    assert p.returncode == 143, out[-3000:]
+    rc, out = sigterm_after_rows(cmd, tmp_path / "slow" / "train" / "metrics.jsonl", rows=3)
+    assert rc == 143, out[-3000:]
     assert "slow checkpoint: 35 s" in out and "SIGTERM: checkpoint written at step" in out
     ckpt = tmp_path / "slow" / "train" / "checkpoints"
     latest = (ckpt / "latest").read_text()
