@@ -8,6 +8,7 @@ model), so a Kubernetes Job does not retry it; 1 for a failure worth a look (dis
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -72,8 +73,27 @@ def report(e: FfscaleError, rank: int | None = None) -> int:
 
 
 def guarded(fn: Callable[[], int]) -> int:
-    """Run a command body; an FfscaleError becomes its one line and exit code."""
+    """Run a command body; an FfscaleError becomes its one line and exit code. A rank whose peer
+    stopped (its collective fails when the peer's sockets close, or times out) says so in one line:
+    the peer's own message is the one that explains."""
     try:
         return fn()
     except FfscaleError as e:
         return report(e)
+    except RuntimeError as e:
+        if not PEER_GONE.search(str(e)):
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(f"ffscale: rank {rank} stopped: another rank failed or stopped answering ({_first_line(e)})",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return 1
+
+
+# gloo's and NCCL's words for a collective whose peer is gone, or that waited past its timeout
+PEER_GONE = re.compile(r"Connection closed by peer|Connection reset by peer|Broken pipe|NCCL communicator was aborted|"
+                       r"timed out", re.I)  # fmt: skip
+
+
+def _first_line(e: Exception) -> str:
+    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return re.sub(r"^\[[^\]]*\]\s*", "", line)[:200]

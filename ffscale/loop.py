@@ -43,9 +43,11 @@ class Progress:
     skipped: int = 0  # non-finite steps skipped (optim.nonfinite=skip)
 
 
-def run_stage(stage: Stage, dist: DistInfo, tracker, run: RunCfg, init_weights: Path | None) -> dict:
+def run_stage(
+    stage: Stage, dist: DistInfo, tracker, run: RunCfg, init_weights: Path | None, lineage: str = "scratch"
+) -> dict:
     """Train one stage to its end (or to schedule.stop_at_step); the stage summary."""
-    r = StageRun(stage, dist, tracker, run, init_weights)
+    r = StageRun(stage, dist, tracker, run, init_weights, lineage)
     if init_weights is not None and r.fresh:
         r.evaluate_carried(init_weights)
     while r.progress.epoch < r.s.schedule.epochs:
@@ -56,7 +58,9 @@ def run_stage(stage: Stage, dist: DistInfo, tracker, run: RunCfg, init_weights: 
 
 
 class StageRun:
-    def __init__(self, stage: Stage, dist: DistInfo, tracker, run: RunCfg, init_weights: Path | None):
+    def __init__(
+        self, stage: Stage, dist: DistInfo, tracker, run: RunCfg, init_weights: Path | None, lineage: str
+    ):
         self.stage, self.dist, self.run = stage, dist, run
         self.s = for_world(stage.cfg, dist.world, f"stages.{stage.name}.")  # micro_batch for this world
         self.where = f"stage {stage.name}"
@@ -77,7 +81,7 @@ class StageRun:
         self.progress = self._resume()
         self.meter = self._meter()
         self._announce()
-        tracker.stage_started(stage, self.train_m, self.val_m, self.engine.num_params)
+        tracker.stage_started(stage, self.train_m, self.val_m, self.engine.num_params, lineage)
         self.record = Recorder(stage.dir / "metrics.jsonl", tracker, dist.rank)
         self.last_eval: dict = {}
 

@@ -10,27 +10,28 @@ from .atomic import write_atomic
 from .engine import dist as distributed
 from .errors import Preempted
 from .loop import log, run_stage
+from .weights import file_digest
 
 DONE = "DONE"
 
 
-def init_weights_for(stage: config.Stage, previous: list[config.Stage]) -> Path | None:
-    """A stage starts from the previous stage's weights unless init_from says otherwise:
-    'scratch', another stage's name, or a path to a .safetensors file."""
+def init_weights_for(stage: config.Stage, previous: list[config.Stage]) -> tuple[Path | None, str]:
+    """The weights a stage starts from and its lineage, as it happens: 'scratch', 'stage:<name>'
+    (the previous stage's weights unless init_from names another stage), or 'file:<path>@<digest>'."""
     ref = stage.cfg.init_from
     if ref == "scratch" or (ref is None and not previous):
-        return None
+        return None, "scratch"
     if ref is None:
-        return previous[-1].dir / "weights.safetensors"
+        return previous[-1].dir / "weights.safetensors", f"stage:{previous[-1].name}"
     named = {s.name: s for s in previous}
     if ref in named:
-        return named[ref].dir / "weights.safetensors"
+        return named[ref].dir / "weights.safetensors", f"stage:{ref}"
     path = Path(ref)
     if not path.is_file():
         raise config.ConfigError(
             f"stages.{stage.name}.init_from={ref!r}: neither an earlier stage nor a file"
         )
-    return path
+    return path, f"file:{path.resolve()}@{file_digest(path)}"
 
 
 def run(cfg: config.Config) -> int:
@@ -62,7 +63,8 @@ def run_stages(cfg: config.Config, dist: distributed.DistInfo, tracker) -> str:
             log(dist, f"stage {stage.name}: already finished ({stage.dir / DONE}), skipping")
             done.append(stage)
             continue
-        result = run_stage(stage, dist, tracker, cfg.run, init_weights_for(stage, done))
+        weights, lineage = init_weights_for(stage, done)
+        result = run_stage(stage, dist, tracker, cfg.run, weights, lineage)
         if not result["finished"]:
             tracker.stage_ended(stage, "RUNNING")
             return "RUNNING"

@@ -75,7 +75,7 @@ class _Down(Exception):
 
 class NullTracker:
     def pipeline_started(self, cfg) -> None: ...
-    def stage_started(self, stage, train_manifest, val_manifest, n_params) -> None: ...
+    def stage_started(self, stage, train_manifest, val_manifest, n_params, lineage) -> None: ...
     def log_metrics(self, metrics: dict, step: int) -> None: ...
     def stage_ended(self, stage, status: str, summary: dict | None = None) -> None: ...
     def pipeline_ended(self, status: str) -> None: ...
@@ -154,7 +154,8 @@ class MlflowTracker:
             if (self.run_dir / "config.yaml").is_file():
                 self._try(self.client.log_artifact, self.parent, str(self.run_dir / "config.yaml"))
 
-    def stage_started(self, stage, train_manifest, val_manifest, n_params) -> None:
+    def stage_started(self, stage, train_manifest, val_manifest, n_params, lineage: str) -> None:
+        """`lineage`: where the stage's weights came from (pipeline.init_weights_for)."""
         if not self.parent:
             return
         s = stage.cfg
@@ -165,7 +166,7 @@ class MlflowTracker:
             "ffscale.stage": stage.name,
             "ffscale.model": s.model.name,
             "ffscale.dataset": train_manifest.name + ":" + train_manifest.digest,
-            "ffscale.init_from": str(s.init_from or "previous"),
+            "ffscale.init_from": lineage,
         }
         params = flatten(as_dict(s))
         params["model.params"] = str(n_params)

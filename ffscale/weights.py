@@ -27,3 +27,12 @@ def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> None:
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a weights file (16 hex digits), for lineage records."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]

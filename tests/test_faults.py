@@ -276,3 +276,22 @@ def test_resume_with_another_rank_count_goes_through_a_universal_checkpoint(nan_
     done = json.loads((faults["dir"] / "nan" / "z2" / "DONE").read_text())
     assert done["ranks"] == 1 and done["steps"] == 32
     assert done["last_eval"]["val_samples"] == 512 and done["last_eval"]["val_top1"] > 30
+
+
+def test_a_data_error_inside_a_rank_is_one_line_and_exit_2(fm_shards, tmp_path):
+    """A corrupt JPEG met mid-training: the rank that meets it names shard and key in one line and
+    the job exits 2 (a rerun cannot fix it: a Kubernetes Job must not retry), no traceback."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_data import bad_shards
+
+    bad = bad_shards(tmp_path, "corrupt_jpeg")
+    job = small_overrides(fm_shards, tmp_path, "bad") + [
+        f"data.train={bad}", f"data.val={bad}", "optim.global_batch=16", "optim.micro_batch=8",
+    ]  # fmt: skip
+    r = launch(job)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ffscale: data error")]
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert len(errors) == 1 and "shard" in errors[0] and "sample 0005: cannot decode image" in errors[0]
+    assert "Traceback" not in r.stderr  # the other rank, left in a collective, says so in one line too

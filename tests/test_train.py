@@ -150,6 +150,7 @@ def test_mlflow_holds_parent_and_stage_runs_with_lineage(cut_run):
         assert r.info.status == "FINISHED"
         assert r.data.tags["mlflow.parentRunId"] == ids["parent"]
         assert r.data.tags["ffscale.stage"] == stage and r.data.tags["ffscale.model"] == "ff_tiny"
+        assert r.data.tags["ffscale.init_from"] == "scratch"  # z2 is first, z3 says init_from=scratch
         assert r.data.params["deepspeed.zero_stage"] == stage[1]
         assert {"loss", "lr", "img_per_s", "val_top1", "val_top5", "best_val_top1"} <= set(r.data.metrics)
         arts = {a.path for a in c.list_artifacts(r.info.run_id)}

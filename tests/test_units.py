@@ -215,3 +215,24 @@ def test_bf16_accumulates_in_fp32_and_zero0_takes_the_fused_bf16_optimizer():
     assert ds_config.build(stage_cfg(), 8, 4, 100, 10, "bf16")["communication_data_type"] == "fp32"  # default
     with pytest.raises(C.ConfigError, match="deepspeed.comm_dtype='int8': must be one of fp32, bf16, fp16"):
         stage_cfg("deepspeed.comm_dtype=int8")
+
+
+def test_lineage_says_where_a_stages_weights_came_from(tmp_path):
+    from ffscale.pipeline import init_weights_for
+    from ffscale.weights import file_digest
+
+    w = tmp_path / "w.safetensors"
+    w.write_bytes(b"weights")
+    cfg = C.load(None, ["stages.pre.init_from=null", "stages.ft.init_from=null", f"stages.file.init_from={w}",
+                        "stages.named.init_from=pre", "stages.fresh.init_from=scratch", f"run.dir={tmp_path}"])  # fmt: skip
+    pre, ft, file, named, fresh = C.stages(cfg)
+    assert init_weights_for(pre, []) == (None, "scratch")  # a first stage trains from scratch
+    assert init_weights_for(ft, [pre]) == (pre.dir / "weights.safetensors", "stage:pre")
+    assert init_weights_for(file, [pre, ft]) == (w, f"file:{w.resolve()}@{file_digest(w)}")
+    assert init_weights_for(named, [pre, ft, file])[1] == "stage:pre"
+    assert init_weights_for(fresh, [pre])[1] == "scratch"
+    missing = C.load(None, ["stages.x.init_from=nowhere.safetensors"])
+    with pytest.raises(
+        C.ConfigError, match="stages.x.init_from='nowhere.safetensors': neither an earlier stage nor a file"
+    ):
+        init_weights_for(C.stages(missing)[0], [pre])
