@@ -247,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="ranks for the all-reduce and the burst (default: GPUs, or 2 CPU ranks)",
     )
+    d.add_argument(
+        "--nnodes", type=int, default=1, help="run on every node of a job: all-reduce across nodes"
+    )
+    d.add_argument("--node-rank", type=int, default=0)
+    d.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
+    d.add_argument("--master-port", type=int, default=0, help="default: a free port (one node)")
     d.add_argument("--json", metavar="FILE", help="also write the checks as JSON")
     d.add_argument("--burst-steps", type=int, default=3, help="training steps of the configured model")
     d.add_argument("--no-burst", action="store_true", help="skip the training burst")

@@ -48,6 +48,7 @@ class ClusterOpts:
     host_network: bool = False  # pods on the node's network (some RoCE setups need it)
     nccl_socket_ifname: str = ""  # NCCL_SOCKET_IFNAME for its bootstrap/TCP traffic, e.g. eth0
     queue: str = ""  # Kueue LocalQueue name
+    preflight: bool = True  # ffscale doctor in an init container before training
 
 
 def _name(s: str) -> str:
@@ -161,6 +162,9 @@ def pod_template(o: ClusterOpts, name: str, labels: dict, master: str) -> dict:
         "nodeSelector": {sel_k: sel_v} if sel_k else {},
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
         "containers": [container(o, master)],
+        # the preflight, on the same node with the same devices and volumes: a node that cannot run
+        # the job fails its pod before training starts (`kubectl logs <pod> -c preflight`)
+        "initContainers": [preflight(o, container(o, master))] if o.preflight else [],
         "volumes": [
             {"name": "config", "configMap": {"name": f"{name}-config"}},
             {"name": "shards", "persistentVolumeClaim": {"claimName": o.shards_pvc, "readOnly": True}},
@@ -173,6 +177,12 @@ def pod_template(o: ClusterOpts, name: str, labels: dict, master: str) -> dict:
     if o.host_network:
         spec |= {"hostNetwork": True, "dnsPolicy": "ClusterFirstWithHostNet"}
     return {"metadata": {"labels": labels}, "spec": spec}
+
+
+def preflight(o: ClusterOpts, train: dict) -> dict:
+    cmd = ["ffscale", "doctor", "--config", "/etc/ffscale/config.yaml", "run.dir=/runs", "--no-burst",
+           "--nproc", str(o.gpus_per_node)]  # fmt: skip
+    return {**{k: v for k, v in train.items() if k != "ports"}, "name": "preflight", "command": cmd}
 
 
 def container(o: ClusterOpts, master: str) -> dict:

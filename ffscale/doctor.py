@@ -106,29 +106,33 @@ def devices(cfg, stage, a) -> list[Check]:
                 ok=bf16 or stage.cfg.deepspeed.precision != "bf16",
             ),
         ]
-    out.append(
-        allreduce(a.nproc or max(torch.cuda.device_count(), 2 if not torch.cuda.is_available() else 1))
-    )
+    nproc = a.nproc or max(torch.cuda.device_count(), 2 if not torch.cuda.is_available() else 1)
+    out.append(allreduce(nproc, a))
     return out
 
 
-def allreduce(nproc: int) -> Check:
-    """All-reduce bus bandwidth over this node's ranks (NCCL on GPUs, gloo on CPUs)."""
-    if nproc < 2:
+def allreduce(nproc: int, a) -> Check:
+    """All-reduce bus bandwidth over this node's ranks (NCCL on GPUs, gloo on CPUs), or over every
+    node's when doctor runs on each node with --nnodes/--node-rank/--master-addr (as ffscale train)."""
+    if nproc * a.nnodes < 2:
         return Check("all-reduce", "one rank: nothing to reduce", fatal=False)
     from .engine.dist import free_port
     from .hostenv import rank_env
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", "-m", "ffscale.doctor_allreduce"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={a.nnodes}",
+           f"--node-rank={a.node_rank}", f"--master-addr={a.master_addr}",
+           f"--master-port={a.master_port or free_port()}", "-m", "ffscale.doctor_allreduce"]  # fmt: skip
     env = {**rank_env(), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("busbw_gbps ")]
+    if r.returncode == 0 and not lines:  # another node's rank 0 measured it
+        return Check("all-reduce", f"joined the all-reduce of {a.nnodes} nodes; node 0 reports its bandwidth")
     if r.returncode or not lines:
         return Check("all-reduce", f"failed over {nproc} ranks: {(r.stderr or r.stdout)[-300:]}", ok=False)
     gbps = float(lines[-1].split()[1])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    return Check("all-reduce", f"{gbps:.2f} GB/s bus bandwidth, {nproc} ranks, {backend}, 64 MiB fp32")
+    where = f"{a.nnodes} nodes x {nproc}" if a.nnodes > 1 else f"{nproc}"
+    return Check("all-reduce", f"{gbps:.2f} GB/s bus bandwidth, {where} ranks, {backend}, 64 MiB fp32")
 
 
 def data(cfg, stage, a) -> list[Check]:

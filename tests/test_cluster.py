@@ -234,3 +234,21 @@ def test_a_frozen_node_stops_the_other_within_the_collective_timeout(fm_shards, 
             proc.kill()
     assert procs[0].returncode != 0, out[-2000:]
     assert 15 < took < 90, took  # the timeout, not NCCL's 10 minutes, not a hang
+
+
+def test_every_pod_runs_the_preflight_first_on_its_node():
+    cfg = C.load([str(ROOT / "configs" / "ff_base.yaml")])
+    for kind in ("job", "jobset"):
+        files = cluster.render(cfg, C.to_yaml(cfg), cluster.ClusterOpts(kind=kind))
+        job = (
+            files["job.yaml"]["spec"]
+            if kind == "job"
+            else files["jobset.yaml"]["spec"]["replicatedJobs"][0]["template"]["spec"]
+        )
+        pod = job["template"]["spec"]
+        (init,) = pod["initContainers"]
+        assert init["command"][:2] == ["ffscale", "doctor"] and "--no-burst" in init["command"]
+        assert init["resources"] == pod["containers"][0]["resources"]  # the same devices, the same node
+        assert init["volumeMounts"] == pod["containers"][0]["volumeMounts"]
+    off = cluster.render(cfg, C.to_yaml(cfg), cluster.ClusterOpts(preflight=False))
+    assert off["job.yaml"]["spec"]["template"]["spec"]["initContainers"] == []

@@ -41,3 +41,22 @@ def test_doctor_fails_naming_what_would_break_the_job(fm_shards, tmp_path):
     missing = tmp_path / "nowhere" / "manifest.json"
     assert re.search(rf"^FAIL +data\.train +no shard manifest at {re.escape(str(missing))}$", r.stdout, re.M)
     assert "doctor: FAILED: data.train" in r.stdout and "tracking off" in r.stdout
+
+
+def test_doctor_on_two_nodes_measures_the_all_reduce_across_them(fm_shards, tmp_path):
+    from conftest import free_port
+
+    port = str(free_port())
+    common = [f"data.train={fm_shards / 'train'}", f"data.val={fm_shards / 'val'}", f"run.dir={tmp_path}",
+              "tracking.enabled=false", "--no-burst", "--nproc", "1", "--nnodes", "2", "--master-port", port]  # fmt: skip
+    cmd = [str(CLI), "doctor", "--config", str(ROOT / "configs" / "demo.yaml"), *common]
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--node-rank", str(r)], cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, text=True
+        )
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=180)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "GB/s bus bandwidth, 2 nodes x 1 ranks, gloo" in outs[0]
+    assert "joined the all-reduce of 2 nodes" in outs[1]
