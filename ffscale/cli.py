@@ -267,8 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "what", None) == "data":
-        args.shards_given = "--shards" in (argv or sys.argv)
     from .errors import guarded
 
     return guarded(lambda: args.fn(args))

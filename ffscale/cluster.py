@@ -156,15 +156,16 @@ def jobset(o: ClusterOpts, meta: dict, pod: dict) -> dict:
 
 def pod_template(o: ClusterOpts, name: str, labels: dict, master: str) -> dict:
     sel_k, _, sel_v = o.node_selector.partition("=")
+    train = container(o, master)
     spec = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": o.grace_s + 20,
         "nodeSelector": {sel_k: sel_v} if sel_k else {},
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
-        "containers": [container(o, master)],
+        "containers": [train],
         # the preflight, on the same node with the same devices and volumes: a node that cannot run
         # the job fails its pod before training starts (`kubectl logs <pod> -c preflight`)
-        "initContainers": [preflight(o, container(o, master))] if o.preflight else [],
+        "initContainers": [preflight(o, train)] if o.preflight else [],
         "volumes": [
             {"name": "config", "configMap": {"name": f"{name}-config"}},
             {"name": "shards", "persistentVolumeClaim": {"claimName": o.shards_pvc, "readOnly": True}},

@@ -53,29 +53,25 @@ def run(a) -> int:
 
 
 def versions(cfg, stage, a) -> list[Check]:
-    import deepspeed
+    from .engine.dist import deepspeed_version
 
     out = [
         Check("python", platform.python_version()),
         Check("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"),
-        Check("deepspeed", deepspeed.__version__),
+        Check("deepspeed", deepspeed_version()),
     ]
     if torch.cuda.is_available():
         out.append(Check("nccl", ".".join(map(str, torch.cuda.nccl.version()))))
         out.append(Check("driver", _driver_version()))
-    from .data.dali import available
+    from .data.dali import available, probe, version
 
     if not available():
         out.append(Check("dali", "not installed (the webdataset loader serves)", ok=False, fatal=False))
     else:
-        import nvidia.dali
-
-        from .data.dali import probe
-
         dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         reason = probe(dev)
         where = "mixed decode on cuda:0" if dev.type == "cuda" else "CPU pipeline"
-        figure = f"{nvidia.dali.__version__}, {where}: " + ("runs" if reason is None else f"fails: {reason}")
+        figure = f"{version()}, {where}: " + ("runs" if reason is None else f"fails: {reason}")
         out.append(Check("dali", figure, ok=reason is None, fatal=stage.cfg.data.loader == "dali"))
     return out
 
@@ -218,12 +214,15 @@ def run_dir(cfg, stage, a) -> list[Check]:
 
 
 def checkpoint_bytes(s) -> int:
-    """fp32 weights + Adam's two moments (+ fp32 masters under bf16), over all ranks."""
+    """What one checkpoint holds over all ranks: the module's weights (4 bytes fp32, 2 bf16/fp16),
+    fp32 masters beside bf16/fp16 weights (4), Adam's two moments (8)."""
     from .build import build_model
+    from .engine.ds_config import resolve_precision
 
     with torch.device("meta"):
         n = sum(p.numel() for p in build_model(s, s.model.num_classes or 1000).parameters())
-    return n * (16 if s.deepspeed.precision == "bf16" else 12)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return n * (12 if resolve_precision(s.deepspeed.precision, device) == "fp32" else 14)
 
 
 def tracking(cfg, stage, a) -> list[Check]:

@@ -37,10 +37,6 @@ def _client(uri: str):
     return MlflowClient(uri)
 
 
-def as_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
-
-
 def redact(value: str) -> str:
     return URI_CREDS.sub(r"\1***@", value)
 
@@ -144,7 +140,7 @@ class MlflowTracker:
         )
         if self.exp_id is None:
             return
-        params = flatten({k: v for k, v in as_dict(cfg).items() if k != "stages"})
+        params = flatten({k: v for k, v in dataclasses.asdict(cfg).items() if k != "stages"})
         params["stages"] = ",".join(cfg.stages or ["train"])
         tags = {"ffscale.pipeline": cfg.run.name, "ffscale.kind": "pipeline"}
         self.parent = self._resume_or_create(self.ids.get("parent"), self.exp_id, cfg.run.name, tags, params)
@@ -168,7 +164,7 @@ class MlflowTracker:
             "ffscale.dataset": train_manifest.name + ":" + train_manifest.digest,
             "ffscale.init_from": lineage,
         }
-        params = flatten(as_dict(s))
+        params = flatten(dataclasses.asdict(s))
         params["model.params"] = str(n_params)
         old = self.ids["stages"].get(stage.name)
         self.child = self._resume_or_create(

@@ -29,6 +29,12 @@ LOCATE_S = 120  # searching for a bad sample reads this rank's nearby shards for
 LABEL_BYTES = 16  # .cls is ASCII digits; padded to a fixed width and parsed with torch
 
 
+def version() -> str:
+    import nvidia.dali
+
+    return nvidia.dali.__version__
+
+
 def available() -> bool:
     try:
         import nvidia.dali  # noqa: F401

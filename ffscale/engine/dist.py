@@ -73,6 +73,12 @@ def init(timeout_s: int = 600) -> DistInfo:
     return DistInfo(rank, world, local_rank, local_world, device)
 
 
+def deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()

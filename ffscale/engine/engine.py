@@ -48,7 +48,7 @@ class Engine:
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, config=cfg
         )
-        if dist.world == 1 and ds_config.zero_stage(s, self.precision) == 0:
+        if dist.world == 1 and self.zero_stage == 0:
             # One rank has nothing to average: skip DeepSpeed's flatten + all-reduce + copy-back of
             # every gradient (~20% of a CPU step for ff_base at 112 px).
             self.ds.enable_backward_allreduce = False
