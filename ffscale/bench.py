@@ -1,8 +1,9 @@
-"""`ffscale bench data|train`: throughput against a baseline measured in the same process.
+"""`ffscale bench data|train|memory|shard|scaling`: throughput against a baseline measured in the same process.
 
 data:  the DALI and webdataset loaders like for like on ImageNet-like JPEGs (ffscale/bench_data.py).
 train: ffscale's DeepSpeed step against a plain PyTorch loop per ZeRO stage (ffscale/bench_train.py).
 memory: model states and activations extrapolated to GPU clusters (ffscale/engine/memory.py).
+shard: sharding img/s with 1 and N writer processes on the same input (ffscale/bench_shard.py).
 scaling: step time against image size for FF-only (both token widths) and ViT (ffscale/bench_scaling.py).
 """
 
@@ -31,6 +32,12 @@ def main(a) -> int:
 
         res = scaling(a)
         print(json.dumps(res, indent=1)) if a.json else print_scaling(res)
+        return 0
+    if a.what == "shard":
+        from .bench_shard import bench_shard, print_shard
+
+        res = bench_shard(a)
+        print(json.dumps(res, indent=1)) if a.json else print_shard(res)
         return 0
     from .bench_data import bench_data, print_data
 

@@ -64,6 +64,7 @@ def imagenet_like_shards(out: Path, n: int, seed: int = 0) -> Path:
     """`n` ImageNet-like JPEGs from Fashion-MNIST's test pictures, sharded (cached in `out`)."""
     from .data import shards
     from .data.manifest import load_manifest
+    from .data.writer import write_shards
 
     source = f"{SOURCE}:{n}:{seed}"
     if (out / "manifest.json").is_file():
@@ -76,7 +77,7 @@ def imagenet_like_shards(out: Path, n: int, seed: int = 0) -> Path:
     for i in range(n):
         size, r = imagenet_like_size(rng), random.Random(seed * 1_000_003 + i)
         items.append((lambda size=size, r=r: mosaic_jpeg(pictures, r, size), int(labels[i % len(labels)])))
-    shards.write_shards(items, shards.FASHION_MNIST_CLASSES, out, "bench", source, 250)
+    write_shards(shards.Source(source, shards.FASHION_MNIST_CLASSES, items), out, "bench", 250)
     return out
 
 

@@ -7,27 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-
-def cmd_shard(a) -> int:
-    from .data import shards
-
-    out = Path(a.out)
-    if a.source == "fashion-mnist":
-        for split in ("train", "val"):
-            classes, items, src = shards.fashion_mnist(split)
-            m = shards.write_shards(items, classes, out / split, split, src, a.shard_size, a.seed, a.limit)
-            print(f"{out / split}: {m.num_samples} samples in {len(m.shards)} shards, digest {m.digest}")
-        return 0
-    if not a.root:
-        print("ffscale shard folder: give --root DIR (root/<class>/<image>)", file=sys.stderr)
-        return 2
-    classes, items, src = shards.image_folder(Path(a.root))
-    name = a.name or Path(a.root).name
-    m = shards.write_shards(items, classes, out, name, src, a.shard_size, a.seed, a.limit)
-    print(
-        f"{out}: {m.num_samples} samples of {m.num_classes} classes in {len(m.shards)} shards, digest {m.digest}"
-    )
-    return 0
+from . import shard_cmd
 
 
 def cmd_verify(a) -> int:
@@ -45,11 +25,13 @@ def cmd_train(a) -> int:
     """Validate the config and the launch here, then run the DeepSpeed launcher (ffscale/launch.py):
     one rank per GPU, or the CPU's share."""
     from . import config, launch, tracking
+    from .data.check import check_stages
     from .hostenv import rank_env
 
     cfg = config.load(a.config, a.overrides)
     nproc = a.nproc or _default_nproc()
     config.check_launch(cfg, a.nnodes, nproc)  # before NCCL init, not after
+    check_stages(cfg, a.nnodes * nproc)  # data of every stage: one line, exit 2, no rank started
     if a.node_rank == 0:
         tracking.ensure_store(cfg, Path(cfg.run.dir) / cfg.run.name)  # before ranks race to create it
     env = rank_env()  # CPU ranks: jemalloc keeping freed pages
@@ -101,15 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("shard", help="write WebDataset shards + manifest from a dataset")
-    s.add_argument("source", choices=["fashion-mnist", "folder"], help="dataset kind")
-    s.add_argument("--root", help="folder: root/<class>/<image> (ImageNet train or val layout)")
-    s.add_argument("--out", required=True, help="output directory (fashion-mnist: gets train/ and val/)")
-    s.add_argument("--name", help="shard file prefix (default: the root's name)")
-    s.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    s.add_argument("--seed", type=int, default=0, help="write-time shuffle seed")
-    s.add_argument("--limit", type=int, default=0, help="keep only the first N shuffled samples")
-    s.set_defaults(fn=cmd_shard)
+    shard_cmd.add_parser(sub)
 
     v = sub.add_parser("verify", help="check every shard's sha256 against its manifest")
     v.add_argument("dirs", nargs="+", help="shard directories (holding manifest.json)")
@@ -217,6 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--json", action="store_true")
     bt.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     bt.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    bsh = bsub.add_parser("shard", help="sharding img/s with 1 and N writer processes on the same input")
+    bsh.add_argument(
+        "--root", help="a class-folder tree of your own (default: ImageNet-like JPEGs, made once)"
+    )
+    bsh.add_argument("--input", default="data/bench-shard-input", help="where the generated input is kept")
+    bsh.add_argument("--images", type=int, default=2000, help="images in the generated input")
+    bsh.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="N (default: all cores)")
+    bsh.add_argument("--shard-size", type=int, default=500)
+    bsh.add_argument("--max-side", type=int, default=0, help="also downscale (e.g. 512)")
+    bsh.add_argument("--rounds", type=int, default=3, help="alternating 1 / N rounds; best kept")
+    bsh.add_argument("--tmp", help="where outputs are written (default: the system's temp dir)")
+    bsh.add_argument("--json", action="store_true")
     bm = bsub.add_parser("memory", help="model states per GPU by ZeRO stage and GPU count; batch that fits")
     bm.add_argument("--models", default="ff_tiny,ff_base,ff_large,vit_base")
     bm.add_argument("--gpus", default="8,64,512")

@@ -13,11 +13,12 @@ import torch
 
 from . import flops, nonfinite
 from .build import build_model, model_kwargs
-from .config import ConfigError, RunCfg, Stage, for_world
+from .config import RunCfg, Stage, for_world
 from .data.augment import DeviceOps
 from .data.loader import build_loader
 from .engine.dist import DistInfo
 from .engine.engine import Engine
+from .errors import DataError
 from .hostenv import allocator
 from .models.resize import adapt_state_dict
 from .progress import Meter, eval_line, train_line
@@ -94,8 +95,8 @@ class StageRun:
         )
         self.num_classes = s.model.num_classes or self.train_m.num_classes
         self.val, self.val_m = build_loader(s.data, s.data.val, False, *args, self.num_classes, d.device)
-        if self.val_m.classes != self.train_m.classes:
-            raise ConfigError(f"{self.where}: {s.data.val} has other classes than {s.data.train}")
+        if self.val_m.identity != self.train_m.identity:
+            raise DataError(f"{self.where}: {s.data.val} has other classes than {s.data.train}")
 
     def _model(self, init_weights: Path | None) -> torch.nn.Module:
         torch.manual_seed(derive(self.run.seed, "init"))  # same initial weights on every rank

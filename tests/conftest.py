@@ -87,11 +87,11 @@ def module_dir(tmp_path_factory, request) -> Path:
 def fm_shards(tmp_path_factory) -> Path:
     """2,048 train + 512 val real Fashion-MNIST images in 8 + 4 shards."""
     from ffscale.data import shards
+    from ffscale.data.writer import write_shards
 
     out = tmp_path_factory.mktemp("fm")
     for split, n, size in (("train", 2048, 256), ("val", 512, 128)):
-        classes, items, src = shards.fashion_mnist(split)
-        shards.write_shards(items, classes, out / split, split, src, shard_size=size, limit=n)
+        write_shards(shards.fashion_mnist(split), out / split, split, shard_size=size, limit=n)
     return out
 
 

@@ -160,7 +160,9 @@ def test_the_cluster_readme_writes_shards_where_the_configs_read_them():
     import re
 
     text = (ROOT / "cluster" / "README.md").read_text()
-    written = set(re.findall(r"--out /mnt/shards(/\S+)", text))  # the volume, mounted at /data in pods
+    # `ffscale shard imagenet --out D` writes D/train and D/val; the volume is mounted at /data in pods
+    written = {f"{d}/{split}" for d in re.findall(r"shard imagenet .*--out /mnt/shards(/\S+)", text)
+               for split in ("train", "val")}  # fmt: skip
     cfg = C.load([str(ROOT / "configs" / "imagenet_deit.yaml")])
     assert {cfg.data.train.removeprefix("/data"), cfg.data.val.removeprefix("/data")} == written
 

@@ -10,6 +10,8 @@ from ffscale.config import DataCfg
 from ffscale.data import shards
 from ffscale.data.loader import build_loader
 from ffscale.data.manifest import DataError, load_manifest, verify
+from ffscale.data.samples import iter_samples
+from ffscale.data.writer import write_dali_indexes, write_shards
 
 N, CLASSES = 300, 7
 LOADERS = ["webdataset", "dali"]
@@ -19,8 +21,7 @@ LOADERS = ["webdataset", "dali"]
 def id_shards(tmp_path_factory) -> Path:
     root = make_id_folder(tmp_path_factory.mktemp("ids") / "src", N, CLASSES)
     out = root.parent / "shards"
-    classes, items, src = shards.image_folder(root)
-    shards.write_shards(items, classes, out, "ids", src, shard_size=40)
+    write_shards(shards.image_folder(root), out, "ids", shard_size=40)
     return out
 
 
@@ -57,7 +58,7 @@ def test_fashion_mnist_shards_round_trip(fm_shards):
     m, files = load_manifest(fm_shards / "train")
     assert m.num_samples == 2048 and m.num_classes == 10 and len(files) == 8
     verify(fm_shards / "train")
-    raw = list(shards.iter_samples(files))
+    raw = list(iter_samples(files))
     assert len(raw) == 2048 and len({s["__key__"] for s in raw}) == 2048
     labels = np.bincount([int(s["cls"]) for s in raw], minlength=10)
     assert labels.min() > 120  # shuffled at write time: every class present in a 2k prefix
@@ -71,7 +72,7 @@ def test_folder_shards_hold_every_image_once_with_its_label(id_shards):
 
     from PIL import Image
 
-    for s in shards.iter_samples(files):
+    for s in iter_samples(files):
         img = np.array(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
         i = decode_id(torch.from_numpy(img).permute(2, 0, 1))
         assert int(s["cls"]) == i % CLASSES
@@ -127,7 +128,7 @@ def shard_of_each_id(root: Path) -> dict[int, int]:
 
     out = {}
     for k, f in enumerate(sorted(root.glob("*.tar"))):
-        for s in shards.iter_samples([f]):
+        for s in iter_samples([f]):
             img = np.array(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
             out[decode_id(torch.from_numpy(img).permute(2, 0, 1))] = k
     return out
@@ -164,7 +165,7 @@ def bad_shards(tmp: Path, case: str) -> Path:
     from ffscale.data.manifest import Manifest, ShardInfo, sha256_file
 
     files = sorted(d.glob("*.tar"))
-    shards.write_dali_indexes(files)
+    write_dali_indexes(files)
     Manifest("s", ["a", "b", "c"], [ShardInfo(f.name, 32, sha256_file(f)) for f in files]).save(d)
     return d
 

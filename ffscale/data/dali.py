@@ -11,10 +11,10 @@ every epoch, shuffled only inside its `initial_fill` buffer.
 from __future__ import annotations
 
 import io
+import json
 import re
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,7 +26,6 @@ from ..seeds import derive31
 from .plan import Batch, ShardPlan, pad_eval
 
 LOCATE_S = 120  # searching for a bad sample reads this rank's nearby shards for at most this long
-LABEL_BYTES = 16  # .cls is ASCII digits; padded to a fixed width and parsed with torch
 
 
 def version() -> str:
@@ -44,17 +43,19 @@ def available() -> bool:
     return True
 
 
-def _pipeline(files, idx, train, c: DataCfg, rand_aug: bool, decode_device: str, host_resize: bool):
+def _pipeline(files, idx, members, train, c: DataCfg, rand_aug: bool, decode_device: str, host_resize: bool):
     from nvidia.dali import fn, pipeline_def, types
 
     from . import randaug
+
+    width = members.label_bytes  # labels leave DALI as fixed-width bytes, parsed on the host
 
     @pipeline_def(enable_conditionals=True)
     def pipe():
         jpg, cls = fn.readers.webdataset(
             paths=files,
             index_paths=idx,
-            ext=["jpg", "cls"],
+            ext=[";".join(members.image_exts), members.label.partition(":")[0]],
             missing_component_behavior="error",  # the default would label a missing .cls as 0
             random_shuffle=train,
             initial_fill=c.shuffle_buffer,
@@ -75,7 +76,7 @@ def _pipeline(files, idx, train, c: DataCfg, rand_aug: bool, decode_device: str,
                 )  # fmt: skip
             if host_resize:  # the crops, their flips and labels; resized in torch (DaliLoader._resize)
                 mirror = fn.random.coin_flip(probability=c.hflip)
-                label = fn.pad(cls[:LABEL_BYTES], axes=(0,), shape=(LABEL_BYTES,), fill_value=0)
+                label = fn.pad(cls[:width], axes=(0,), shape=(width,), fill_value=0)
                 return img, label, cls.shape(), mirror
             img = fn.resize(img, resize_x=c.img_size, resize_y=c.img_size)
             if rand_aug:  # DeiT's rand-m9-mstd0.5-inc1 at timm's magnitudes; filled with the mean grey
@@ -88,20 +89,32 @@ def _pipeline(files, idx, train, c: DataCfg, rand_aug: bool, decode_device: str,
         img = fn.crop_mirror_normalize(
             img, dtype=types.UINT8, output_layout="CHW", crop=(c.img_size, c.img_size), mirror=mirror
         )
-        label = fn.pad(cls[:LABEL_BYTES], axes=(0,), shape=(LABEL_BYTES,), fill_value=0)
+        label = fn.pad(cls[:width], axes=(0,), shape=(width,), fill_value=0)
         return img, label, cls.shape()
 
     return pipe
 
 
+def json_labels(raw: torch.Tensor, lengths: torch.Tensor, key: str) -> torch.Tensor:
+    """[B, W] uint8 JSON members (zero padded) -> int64 `key` values; -2 where there is none."""
+    out = []
+    for row, n in zip(raw.numpy(), lengths.tolist()):
+        try:
+            y = json.loads(row[:n].tobytes())[key] if n <= len(row) else None
+        except (ValueError, KeyError, TypeError):
+            y = None
+        out.append(y if isinstance(y, int) else -2)
+    return torch.tensor(out, dtype=torch.int64)
+
+
 def parse_labels(raw: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """[B, 16] uint8 ASCII (zero padded) -> int64 labels; -2 where not a plain decimal number."""
+    """[B, W] uint8 ASCII (zero padded) -> int64 labels; -2 where not a plain decimal number."""
     d = raw.long() - 48
     pos = torch.arange(raw.shape[1])
     inside = pos[None, :] < lengths.view(-1, 1)
     ws = (raw == 10) | (raw == 13) | (raw == 32)
     ndig = (inside & (d >= 0) & (d <= 9)).sum(1)
-    ok = (ndig > 0) & ((inside & ~ws).sum(1) == ndig) & (lengths.view(-1) <= LABEL_BYTES)
+    ok = (ndig > 0) & ((inside & ~ws).sum(1) == ndig) & (lengths.view(-1) <= raw.shape[1])
     digit = inside & (d >= 0) & (d <= 9)
     first = torch.where(digit.any(1), digit.float().argmax(1), 0)
     last = raw.shape[1] - 1 - digit.flip(1).float().argmax(1)
@@ -122,10 +135,13 @@ class DaliLoader:
             )
         self.cfg, self.plan, self.train, self.batch = cfg, plan, train, batch
         self.num_classes, self.device = num_classes, device
-        for f in plan.files:
-            i = f.with_suffix(".idx")
+        self.indexes = plan.indexes or [f.with_suffix(".idx") for f in plan.files]
+        for i in self.indexes:
             if not i.is_file() or i.stat().st_size == 0:
-                raise DataError(f"DALI index {i} missing or empty: rewrite the shards with `ffscale shard`")
+                raise DataError(
+                    f"DALI index {i} missing or empty: rewrite the shards with `ffscale shard`, or "
+                    f"describe them with `ffscale shard index {plan.files[0].parent}`"
+                )
         if train:  # one reader streams across the rank's shards: only its last partial batch is lost
             self.steps_per_epoch = plan.train_steps(batch, held_back=0)
             self.num_samples = self.steps_per_epoch * batch * plan.world
@@ -138,15 +154,13 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         gpu = self.device.type == "cuda"
-        shards = [
-            self.plan.files[i]
-            for i in (self.plan.train_shards(epoch) if self.train else self.plan.eval_shards())
-        ]
+        order = self.plan.train_shards(epoch) if self.train else self.plan.eval_shards()
         rand_aug = self.cfg.rand_augment and self.train
         # On a CPU, DALI's resize costs ~1 ms per 224 px image, torch's uint8 SIMD resize ~0.15 ms.
         host = self.train and not gpu and not rand_aug
         pipe = _pipeline(
-            [str(f) for f in shards], [str(f.with_suffix(".idx")) for f in shards], self.train,
+            [str(self.plan.files[i]) for i in order], [str(self.indexes[i]) for i in order], self.plan.members,
+            self.train,
             self.cfg, rand_aug, "mixed" if gpu else "cpu", host,
         )(
             batch_size=self.batch,
@@ -178,6 +192,10 @@ class DaliLoader:
         finally:
             del it
 
+    def _labels(self, raw: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        member, _, key = self.plan.members.label.partition(":")
+        return json_labels(raw, lengths, key) if key else parse_labels(raw, lengths)
+
     def _resize(self, crops, mirror) -> torch.Tensor:
         """Each decoded crop (HWC uint8) to img_size, bilinear with antialiasing, flipped as drawn."""
         size = self.cfg.img_size
@@ -202,7 +220,7 @@ class DaliLoader:
                 n += 1
                 if d is None:
                     continue
-                y = parse_labels(d["cls"].cpu(), d["len"].cpu().view(-1))
+                y = self._labels(d["cls"].cpu(), d["len"].cpu().view(-1))
                 bad = (y < 0) | (y >= self.num_classes)
                 if bad.any():
                     what = f"label {y[bad][0].item()} invalid or out of range [0, {self.num_classes})"
@@ -225,28 +243,28 @@ class DaliLoader:
         """DALI's data errors carry no file name: read, on the host, the shards of this rank that
         the failing batch can have come from (its reader position, plus the shuffle buffer and the
         prefetched batches), at most `seconds`, and raise naming the shard and key."""
-        from .samples import decode_image, parse_label
-        from .shards import iter_samples
+        from .samples import decode_image, iter_samples, parse_label
 
         order = self.plan.train_shards(epoch) if self.train else self.plan.eval_shards()
         lo, hi = max(0, (batch - 1) * self.batch), (batch + 3) * self.batch + self.cfg.shuffle_buffer
         start, near = 0, []
         for i in order:  # shards whose samples [start, start + count) meet [lo, hi) of the rank's stream
             if start < hi and start + self.plan.counts[i] > lo:
-                near.append(Path(self.plan.files[i]))
+                near.append(i)
             start += self.plan.counts[i]
         deadline = time.monotonic() + seconds
         try:
-            for s in iter_samples(near):
-                parse_label(s, self.num_classes)
-                decode_image(s)
+            label, exts = self.plan.members.label, tuple(e.lower() for e in self.plan.members.image_exts)
+            for s in iter_samples([self.plan.files[i] for i in near], [self.plan.counts[i] for i in near]):
+                parse_label(s, self.num_classes, label)
+                decode_image(s, exts)
                 if time.monotonic() > deadline:
                     break
         except DataError as e:
             raise DataError(f"{e} (DALI: {what})") from None
         except Exception as e:  # a broken tar; iter_samples names the shard
             raise DataError(f"{e} (DALI: {what})") from None
-        names = ", ".join(f.name for f in near)
+        names = ", ".join(self.plan.files[i].name for i in near)
         raise DataError(f"DALI failed reading {names} under {self.plan.files[0].parent}: {what}")
 
 

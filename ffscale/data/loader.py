@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import torch
 
@@ -26,7 +27,11 @@ def build_loader(
     against `num_classes` (default: the manifest's class count)."""
     manifest, files = load_manifest(root)
     num_classes = num_classes or manifest.num_classes
-    plan = ShardPlan(files, [s.count for s in manifest.shards], rank, world, seed)
+    counts, idx = (
+        [s.count for s in manifest.shards],
+        [manifest.index_file(Path(root), s) for s in manifest.shards],
+    )
+    plan = ShardPlan(files, counts, rank, world, seed, manifest.members, idx)
     kind, why = choose(cfg, device)
     if kind == "dali":
         from .dali import DaliLoader

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -21,12 +22,29 @@ class ShardInfo:
     size: int = 0  # bytes; 0 in manifests written before sizes were recorded
 
 
+@dataclass(frozen=True)
+class Members:
+    """Which tar members of a sample hold its image and its label, as the loaders read them."""
+
+    image_exts: tuple[str, ...] = ("jpg",)
+    label: str = "cls"  # or "json:<field>"
+    label_bytes: int = 16
+
+
 @dataclass
 class Manifest:
     name: str
     classes: list[str]
     shards: list[ShardInfo] = field(default_factory=list)
     source: str = ""
+    class_ids: list[str] | None = None  # e.g. WordNet synsets; names (`classes`) need not be unique
+    # how a sample is stored: image member extensions, the label member ("cls", or "json:<field>")
+    # and the longest label member in bytes (DALI reads labels at a fixed width)
+    image_exts: list[str] = field(default_factory=lambda: ["jpg"])
+    label: str = "cls"
+    label_bytes: int = 16
+    converted: dict[str, int] = field(default_factory=dict)  # re-encoded to RGB JPEG, by reason
+    max_side: int = 0  # images downscaled to this longer side at sharding time (0: not)
 
     @property
     def num_samples(self) -> int:
@@ -43,6 +61,19 @@ class Manifest:
         for s in self.shards:
             h.update(s.sha256.encode())
         return h.hexdigest()[:16]
+
+    @property
+    def members(self) -> Members:
+        return Members(tuple(self.image_exts), self.label, self.label_bytes)
+
+    @property
+    def identity(self) -> list[str]:
+        """What makes two splits' labels mean the same classes."""
+        return self.class_ids or self.classes
+
+    def index_file(self, root: Path, shard: ShardInfo) -> Path:
+        """DALI's index of a shard: beside the manifest (shards indexed in place may live elsewhere)."""
+        return root / (Path(shard.file).stem + ".idx")
 
     def save(self, root: Path) -> None:
         d = asdict(self) | {"num_samples": self.num_samples, "digest": self.digest}
@@ -68,21 +99,25 @@ def load_manifest(root: str | Path) -> tuple[Manifest, list[Path]]:
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
+        if any(root.glob("*.tar")):
+            raise DataError(
+                f"no shard manifest at {path}: shards written by another tool? "
+                f"`ffscale shard index {root}` describes them without rewriting them"
+            )
         hint = " (create shards with `ffscale shard ...`)" if root.exists() else ""
         raise DataError(f"no shard manifest at {path}{hint}")
     try:
         d = json.loads(path.read_text())
-        m = Manifest(
-            name=d["name"],
-            classes=list(d["classes"]),
-            shards=[ShardInfo(**s) for s in d["shards"]],
-            source=d.get("source", ""),
-        )
+        known = set(Manifest.__dataclass_fields__)
+        m = Manifest(**{k: v for k, v in d.items() if k in known})
+        m.shards = [ShardInfo(**s) for s in d["shards"]]
+        if not isinstance(m.classes, list) or not m.classes:
+            raise ValueError("no class list")
     except (KeyError, TypeError, ValueError) as e:
         raise DataError(f"{path}: not a valid ffscale shard manifest ({e})") from e
     if not m.shards:
         raise DataError(f"{path}: lists no shards")
-    files = [root / s.file for s in m.shards]
+    files = [Path(os.path.normpath(root / s.file)) for s in m.shards]  # indexed shards: ../x.tar
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise DataError(f"{path}: shard(s) missing on disk: {', '.join(missing[:3])}")

@@ -17,6 +17,7 @@ import torch
 
 from ..errors import DataError
 from ..seeds import derive
+from .manifest import Members
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -36,6 +37,8 @@ class ShardPlan:
     rank: int
     world: int
     seed: int
+    members: Members = Members()
+    indexes: list[Path] | None = None  # DALI's .idx per shard (default: beside it)
 
     def __post_init__(self):
         if len(self.files) < self.world:

@@ -4,6 +4,8 @@ shard and key. Used by the webdataset loader and to locate a sample DALI failed 
 from __future__ import annotations
 
 import io
+import json
+from collections.abc import Iterator
 
 from PIL import Image
 
@@ -14,26 +16,61 @@ def where(sample: dict) -> str:
     return f"shard {sample.get('__url__')} sample {sample.get('__key__')}"
 
 
-def parse_label(sample: dict, num_classes: int) -> int:
-    raw = sample.get("cls")
+def parse_label(sample: dict, num_classes: int, label: str = "cls") -> int:
+    """The sample's class from its `.cls` member, or from a field of its `.json` ("json:<field>")."""
+    member, _, key = label.partition(":")
+    raw = sample.get(member)
     if raw is None:
-        raise DataError(f"{where(sample)}: no .cls label")
+        raise DataError(f"{where(sample)}: no .{member} label")
     try:
-        y = int(raw.decode().strip())
-    except (UnicodeDecodeError, ValueError) as e:
-        raise DataError(f"{where(sample)}: label {raw[:20]!r} is not an integer") from e
+        y = json.loads(raw)[key] if key else int(raw.decode().strip())
+        if not isinstance(y, int):
+            raise ValueError(f"{key} is not an integer")
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{where(sample)}: label {raw[:20]!r} is not an integer ({e})") from e
     if not 0 <= y < num_classes:
         raise DataError(f"{where(sample)}: label {y} out of range [0, {num_classes})")
     return y
 
 
-def decode_image(sample: dict) -> Image.Image:
-    data = sample.get("jpg") or sample.get("jpeg") or sample.get("png")
+def decode_image(sample: dict, exts: tuple[str, ...] = ("jpg",)) -> Image.Image:
+    data = next((sample[e] for e in exts if sample.get(e)), None)
     if not data:
-        raise DataError(f"{where(sample)}: no image (.jpg) or an empty one")
+        raise DataError(f"{where(sample)}: no image (.{'/.'.join(exts)}) or an empty one")
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
     except Exception as e:
         raise DataError(f"{where(sample)}: cannot decode image ({e})") from e
     return img
+
+
+def iter_samples(files: list, counts: list[int] | None = None) -> Iterator[dict]:
+    """Raw samples of the given shards, in order; a broken tar (or, given the manifest's `counts`,
+    one that ends early) raises DataError naming it."""
+    import webdataset as wds
+
+    from .manifest import broken_tar
+
+    src = wds.DataPipeline(
+        wds.SimpleShardList([str(f) for f in files]), wds.tarfile_to_samples(handler=broken_tar)
+    )
+    yield from whole_shards(src, {str(f): n for f, n in zip(files, counts)}) if counts else src
+
+
+def whole_shards(src: Iterator[dict], expect: dict[str, int]) -> Iterator[dict]:
+    """Each shard read to its manifest count: Python's tarfile ends an archive silently at a
+    damaged header past the first, which would drop the rest of the shard unnoticed."""
+    url, n = None, 0
+    for s in src:
+        if s["__url__"] != url:
+            _check(url, n, expect)
+            url, n = s["__url__"], 0
+        n += 1
+        yield s
+    _check(url, n, expect)
+
+
+def _check(url: str | None, n: int, expect: dict[str, int]) -> None:
+    if url is not None and n != expect.get(url, n):
+        raise DataError(f"shard {url}: not a readable tar past sample {n} of {expect[url]} (damaged?)")

@@ -1,27 +1,27 @@
-"""Write shuffled WebDataset tar shards (`<key>.jpg` + `<key>.cls`) with a manifest.
+"""Where the images to shard come from: a `Source` of (locator, label) items.
 
-Sources: an ImageNet-style class-folder tree (`root/<class>/<image>`) and Debian's Fashion-MNIST
-IDX files. Samples are shuffled at write time, since DALI's reader only shuffles inside a buffer.
+A locator is a file path, a `Span` (bytes at an offset of a file: a member of an uncompressed tar,
+read without unpacking it) or a callable returning bytes (generated images). Items are read only by
+the process writing their shard. Sources here: Debian's Fashion-MNIST IDX files, a class-folder tree
+(`root/<class>/<image>`) and a flat folder with a labels file; ImageNet's own layouts are in
+`imagenet.py`.
 """
 
 from __future__ import annotations
 
+import csv
 import gzip
-import io
 import os
-import random
-import shutil
-import subprocess
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
-from ..atomic import atomic_path
-from .manifest import DataError, Manifest, ShardInfo, broken_tar, sha256_file
+from .images import to_jpeg
+from .manifest import DataError
 
 # Debian's dataset-fashion-mnist; FFSCALE_FASHION_MNIST_DIR points elsewhere (a host without it)
 FASHION_MNIST_DIR = Path(os.environ.get("FFSCALE_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -32,10 +32,46 @@ FASHION_MNIST_CLASSES = [
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
-def _jpeg(img: Image.Image, quality: int = 95) -> bytes:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+class Span(NamedTuple):
+    """`size` bytes at `offset` of `path`: a member of an uncompressed tar."""
+
+    path: str
+    offset: int
+    size: int
+    name: str  # for messages: archive.tar:member
+
+
+Locator = Path | Span | Callable[[], bytes]
+
+
+@dataclass
+class Source:
+    description: str  # recorded in the manifest as `source`
+    classes: list[str]  # names; label k is classes[k]
+    items: list[tuple[Locator, int]]
+    class_ids: list[str] | None = None  # e.g. WordNet synsets, where names are not identifiers
+
+    def __post_init__(self):
+        if not self.items:
+            raise DataError(f"{self.description}: no images found")
+
+
+def read(loc: Locator, fds: dict) -> tuple[bytes, str]:
+    """(bytes, name) of one item; `fds` caches open archives for this process."""
+    if isinstance(loc, Span):
+        fd = fds.get(loc.path)
+        if fd is None:
+            fd = fds[loc.path] = os.open(loc.path, os.O_RDONLY)
+        data = os.pread(fd, loc.size, loc.offset)
+        if len(data) != loc.size:
+            raise DataError(f"{loc.name}: archive ended early (truncated download?)")
+        return data, loc.name
+    if isinstance(loc, Path):
+        try:
+            return loc.read_bytes(), str(loc)
+        except OSError as e:
+            raise DataError(f"{loc}: cannot read ({e.strerror})") from e
+    return loc(), "generated image"
 
 
 def _read_idx(path: Path, offset: int) -> np.ndarray:
@@ -58,92 +94,68 @@ def fashion_mnist_arrays(split: str, root: Path = FASHION_MNIST_DIR) -> tuple[np
     return images, labels
 
 
-def fashion_mnist(split: str, root: Path = FASHION_MNIST_DIR) -> tuple[list[str], list, str]:
-    """(classes, [(load_jpeg_bytes, label)], source) for split 'train' (60k) or 'val' (10k)."""
+def fashion_mnist(split: str, root: Path = FASHION_MNIST_DIR) -> Source:
+    """Split 'train' (60k) or 'val' (10k) as JPEGs."""
     images, labels = fashion_mnist_arrays(split, root)
-    items = [(lambda im=im: _jpeg(Image.fromarray(im, "L")), int(y)) for im, y in zip(images, labels)]
-    return FASHION_MNIST_CLASSES, items, f"fashion-mnist:{split}"
+    items = [(lambda im=im: to_jpeg(Image.fromarray(im, "L")), int(y)) for im, y in zip(images, labels)]
+    return Source(f"fashion-mnist:{split}", FASHION_MNIST_CLASSES, items)
 
 
-def image_folder(root: Path) -> tuple[list[str], list, str]:
-    """(classes, items, source) from `root/<class>/<image>`; classes sorted as ImageNet tools do."""
+def _images_in(d: Path) -> list[Path]:
+    return sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+
+
+def image_folder(root: Path, names: dict[str, str] | None = None) -> Source:
+    """`root/<class>/<image>`; class k is the k-th directory name in sorted order (as timm and
+    torchvision number ImageNet's synsets); `names` maps a directory name to a class name (the
+    directory names are then kept as class ids)."""
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
+    dirs = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not dirs:
         raise DataError(f"{root}: no class sub-directories (expected root/<class>/<image>)")
+    items = [(f, y) for y, c in enumerate(dirs) for f in _images_in(root / c)]
+    classes = [names.get(c, c) for c in dirs] if names is not None else dirs
+    return Source(f"folder:{root}", classes, items, dirs if names is not None else None)
+
+
+def read_labels(path: Path) -> list[tuple[str, str]]:
+    """(file, label) rows of a `file,label` CSV (a header row is skipped) or `file label` text."""
+    if not path.is_file():
+        raise DataError(f"labels file {path} does not exist")
+    text = path.read_text()
+    if path.suffix.lower() == ".csv":
+        rows = [r for r in csv.reader(text.splitlines()) if r]
+    else:
+        rows = [line.split(maxsplit=1) for line in text.splitlines() if line.strip()]
+    bad = next((n for n, r in enumerate(rows, 1) if len(r) < 2), None)
+    if bad is not None:
+        raise DataError(f"{path}:{bad}: expected `file,label` (csv) or `file label`")
+    out = [(r[0].strip(), r[1].strip()) for r in rows]
+    if out and not (out[0][0].lower().endswith(tuple(IMAGE_EXTS)) or (path.parent / out[0][0]).exists()):
+        out = out[1:]  # a header row
+    return out
+
+
+def numbered_classes(labels: list[str]) -> tuple[list[str], dict[str, int]]:
+    """Integer labels keep their value (names "0".."K-1"); names are numbered in sorted order."""
+    if all(v.isdigit() for v in labels):
+        k = max(int(v) for v in labels) + 1
+        return [str(i) for i in range(k)], {v: int(v) for v in set(labels)}
+    classes = sorted(set(labels))
+    return classes, {c: i for i, c in enumerate(classes)}
+
+
+def flat_folder(root: Path, labels: Path) -> Source:
+    """Images in one folder (or below it), labelled by a labels file naming them relative to it."""
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    rows = read_labels(labels)
+    classes, index = numbered_classes([y for _, y in rows])
     items = []
-    for y, c in enumerate(classes):
-        for f in sorted((root / c).iterdir()):
-            if f.suffix.lower() in IMAGE_EXTS:
-                items.append((lambda f=f: _load_image_file(f), y))
-    if not items:
-        raise DataError(f"{root}: no images found under its class directories")
-    return classes, items, f"folder:{root}"
-
-
-def _load_image_file(f: Path) -> bytes:
-    data = f.read_bytes()
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.verify()  # catch corrupt files here, at sharding time, naming the file
-    except Exception as e:
-        raise DataError(f"{f}: not a readable image ({e})") from e
-    if img.format == "JPEG":
-        return data  # keep original bytes: no second lossy encode
-    return _jpeg(Image.open(io.BytesIO(data)))
-
-
-def write_shards(
-    items: list,
-    classes: list[str],
-    out: Path,
-    name: str,
-    source: str = "",
-    shard_size: int = 1000,
-    seed: int = 0,
-    limit: int = 0,
-) -> Manifest:
-    """Shuffle, then write `out/<name>-%06d.tar` and `out/manifest.json` (+ DALI .idx if present)."""
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob(f"{name}-*.tar"):
-        old.unlink()
-    order = list(range(len(items)))
-    random.Random(seed).shuffle(order)
-    if limit:
-        order = order[:limit]
-    pattern = str(out / f"{name}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
-        for i, idx in enumerate(order):
-            load, label = items[idx]
-            sink.write({"__key__": f"{i:08d}", "jpg": load(), "cls": str(label).encode()})
-    files = sorted(out.glob(f"{name}-*.tar"))
-    counts = [min(shard_size, len(order) - i * shard_size) for i in range(len(files))]
-    m = Manifest(
-        name=name,
-        classes=classes,
-        shards=[ShardInfo(f.name, n, sha256_file(f), f.stat().st_size) for f, n in zip(files, counts)],
-        source=source,
-    )
-    write_dali_indexes(files)
-    m.save(out)
-    return m
-
-
-def write_dali_indexes(files: list[Path]) -> None:
-    """DALI's reader wants an index per tar; `wds2idx` ships with the DALI wheel."""
-    # on PATH, or beside this interpreter (a venv used without activating it)
-    tool = shutil.which("wds2idx") or shutil.which("wds2idx", path=str(Path(sys.executable).parent))
-    if tool is None:
-        return
-    for f in files:
-        # wds2idx ignores tar's exit status, so the tar was checked by writing it ourselves.
-        with atomic_path(f.with_suffix(".idx")) as tmp:
-            subprocess.run([tool, str(f), str(tmp)], check=True, capture_output=True)
-
-
-def iter_samples(files: list[Path]) -> Iterator[dict]:
-    """Raw samples of the given shards, in order; a broken tar raises DataError naming it."""
-    yield from wds.DataPipeline(
-        wds.SimpleShardList([str(f) for f in files]), wds.tarfile_to_samples(handler=broken_tar)
-    )
+    for n, (f, y) in enumerate(rows, 1):
+        p = root / f
+        if not p.is_file():
+            raise DataError(f"{labels}:{n}: {p} does not exist")
+        items.append((p, index[y]))
+    return Source(f"flat:{root}:{labels.name}", classes, items)

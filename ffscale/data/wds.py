@@ -13,7 +13,7 @@ from ..errors import DataError
 from ..seeds import derive
 from .manifest import broken_tar
 from .plan import Batch, ShardPlan, pad_eval
-from .samples import decode_image, parse_label
+from .samples import decode_image, parse_label, whole_shards
 from .transforms import eval_transform, train_transform
 
 
@@ -44,15 +44,15 @@ class WdsLoader:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         to_skip = len(range(wid, skip, nw)) * self.batch  # DataLoader takes batches round-robin
-        c = self.cfg
+        c, label, exts = self.cfg, self.plan.members.label, _lower(self.plan.members.image_exts)
         for n, s in enumerate(src):
             if n < to_skip:
                 continue
             # per sample: a resumed epoch replays the same crops
             rng = random.Random(derive(self.plan.seed, "crop", epoch, self.plan.rank, wid, n))
             try:
-                y = parse_label(s, self.num_classes)
-                img = decode_image(s)
+                y = parse_label(s, self.num_classes, label)
+                img = decode_image(s, exts)
             except DataError as e:
                 if c.on_error == "raise":
                     raise
@@ -67,7 +67,11 @@ class WdsLoader:
     def _dataset(self, epoch: int, skip: int) -> wds.DataPipeline:
         idx = self.plan.train_shards(epoch) if self.train else self.plan.eval_shards()
         urls = [str(self.plan.files[i]) for i in idx]
-        stages = [wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples(handler=broken_tar)]
+        expect = {str(f): n for f, n in zip(self.plan.files, self.plan.counts)}
+        stages = [
+            wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples(handler=broken_tar),
+            lambda src: whole_shards(src, expect),
+        ]  # fmt: skip
         if self.train:
             rng = random.Random(derive(self.plan.seed, "shuffle", epoch, self.plan.rank))
             stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng))
@@ -101,3 +105,7 @@ class WdsLoader:
 def _collate(samples: list[tuple]) -> Batch:
     xs, ys = zip(*samples)
     return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+
+
+def _lower(exts: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(e.lower() for e in exts)  # webdataset lower-cases member extensions
