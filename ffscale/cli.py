@@ -24,19 +24,29 @@ def cmd_verify(a) -> int:
 def cmd_train(a) -> int:
     """Validate the config and the launch here, then run the DeepSpeed launcher (ffscale/launch.py):
     one rank per GPU, or the CPU's share."""
-    from . import config, launch, tracking
+    from . import changes, config, launch, runlock, tracking
     from .data.check import check_stages
     from .hostenv import rank_env
+    from .runlock import RunLock
 
+    a.overrides += config.allow_change_overrides(a.allow_change)
     cfg = config.load(a.config, a.overrides)
     nproc = a.nproc or _default_nproc()
     config.check_launch(cfg, a.nnodes, nproc)  # before NCCL init, not after
     check_stages(cfg, a.nnodes * nproc)  # data of every stage: one line, exit 2, no rank started
-    if a.node_rank == 0:
-        tracking.ensure_store(cfg, Path(cfg.run.dir) / cfg.run.name)  # before ranks race to create it
+    for stage in config.stages(cfg):  # a resumed stage's config changes: allowed, or one line
+        changes.check(stage, cfg.run, set(cfg.run.allow_change))
     env = rank_env()  # CPU ranks: jemalloc keeping freed pages
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return launch.run(a, nproc, env)
+    if a.node_rank != 0:
+        return launch.run(a, nproc, env)
+    run_dir = Path(cfg.run.dir) / cfg.run.name
+    with RunLock(run_dir, cfg.run.lock_stale_s).acquire(
+        a.wait_lock
+    ) as lock:  # one job per run, before any rank
+        tracking.ensure_store(cfg, run_dir)  # before ranks race to create it
+        env[runlock.ENV] = lock.me.token  # the ranks know their launcher holds it
+        return launch.run(a, nproc, env)
 
 
 def _default_nproc() -> int:
@@ -102,6 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds the ranks get after SIGTERM to write their checkpoint before they are killed",
     )  # fmt: skip
     t.add_argument(
+        "--wait-lock", type=float, default=0, metavar="SECONDS",
+        help="when another job holds the run directory, wait this long for it to end before exiting 2 "
+        "(rendered pods: the grace of the pod they replace)",
+    )  # fmt: skip
+    t.add_argument(
+        "--allow-change", action="append", default=[], metavar="KEY",
+        help="resume a stage with a new value for KEY (e.g. optim.base_lr), applied from the resumed step "
+        "and recorded; without it a changed config stops the resume with the differences",
+    )  # fmt: skip
+    t.add_argument(
         "--entry", help="a script run on every rank instead of ffscale/train.py: import your own models "
         "(registry.register) there, then call ffscale.train.main()",
     )  # fmt: skip
@@ -115,6 +135,19 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    pr = sub.add_parser("predict", help="classify images with a trained model: top-5 with class names")
+    pr.add_argument(
+        "--model",
+        required=True,
+        help="run directory (its last stage), stage directory, or models:/NAME/VERSION",
+    )
+    pr.add_argument("images", nargs="+", help="image files")
+    pr.add_argument("--top", type=int, default=5)
+    pr.add_argument("--ema", action="store_true", help="the EMA weights instead of the final ones")
+    pr.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
+    pr.add_argument("--json", action="store_true", help="one JSON object per image")
+    pr.set_defaults(fn=lambda a: __import__("ffscale.predict", fromlist=["main"]).main(a))
 
     c = sub.add_parser("compare", help="compare stage runs tracked in MLflow (Table 1 layout)")
     c.add_argument("--runs", default="runs", help="run.dir whose mlflow.db to read (default: runs)")
@@ -252,7 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides after an option (`--allow-change k a.b=1`): argparse leaves them over
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .errors import guarded
 
     return guarded(lambda: args.fn(args))

@@ -195,6 +195,8 @@ def container(o: ClusterOpts, master: str) -> dict:
         "--master-addr", master,
         "--master-port", str(PORT),
         "--grace", str(o.grace_s),
+        # a replacement pod may start while the pod it replaces still writes its checkpoint
+        "--wait-lock", str(o.grace_s + 120),
         "--config", "/etc/ffscale/config.yaml",
         "run.dir=/runs",
     ]  # fmt: skip

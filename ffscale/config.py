@@ -118,6 +118,8 @@ class TrackingCfg:
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the run directory
     experiment: str = "ffscale"
     flush_every: int = 50  # metrics are buffered and written in batches
+    # the final stage's model is logged to its stage run; with a name, also registered under it
+    register_as: str | None = None
 
 
 @dataclass
@@ -131,6 +133,10 @@ class RunCfg:
     # (and a JobSet or Job restarts the group) instead of leaving them hanging. Above the longest
     # wait of a healthy run: a checkpoint write, or rank 0 converting a checkpoint for resharding.
     collective_timeout_s: int = 600
+    # Keys a resumed stage may take new values for (`--allow-change KEY`); see ffscale/changes.py
+    allow_change: list[str] = field(default_factory=list)
+    # The run directory's lock is taken over when its holder's heartbeat is older than this
+    lock_stale_s: float = 60.0
 
 
 @dataclass
@@ -315,6 +321,11 @@ def check_launch(cfg: Config, nodes: int, per_node: int) -> None:
             check_world(stage.cfg, world, f"stages.{stage.name}." if cfg.stages else "")
         except ConfigError as e:
             raise ConfigError(f"{e} ({nodes} node(s) x {per_node} = {world} ranks)") from None
+
+
+def allow_change_overrides(keys: list[str]) -> list[str]:
+    """`--allow-change a --allow-change b` -> the override run.allow_change=[a,b]."""
+    return [f"run.allow_change=[{','.join(keys)}]"] if keys else []
 
 
 def to_yaml(cfg: Config) -> str:

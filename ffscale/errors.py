@@ -46,6 +46,12 @@ class CheckpointMismatch(FfscaleError, RuntimeError):
     exit_code = 2
 
 
+class LockHeld(FfscaleError, RuntimeError):
+    """Another job holds the run directory: retrying at once cannot help."""
+
+    exit_code, kind = 2, "run in use"
+
+
 class CheckpointWriteError(FfscaleError, OSError):
     """A checkpoint could not be written (disk full, quota, I/O); the previous one is intact."""
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import flops, nonfinite
+from . import changes, flops, nonfinite
 from .build import build_model, model_kwargs
 from .config import RunCfg, Stage, for_world
 from .data.augment import DeviceOps
@@ -21,6 +21,7 @@ from .engine.engine import Engine
 from .errors import DataError
 from .hostenv import allocator
 from .models.resize import adapt_state_dict
+from .predict import CARD, write_card
 from .progress import Meter, eval_line, train_line
 from .record import Recorder
 from .schedule import plan_steps
@@ -65,6 +66,7 @@ class StageRun:
         self.stage, self.dist, self.run = stage, dist, run
         self.s = for_world(stage.cfg, dist.world, f"stages.{stage.name}.")  # micro_batch for this world
         self.where = f"stage {stage.name}"
+        self.changes = changes.check(stage, run, set(run.allow_change))  # before any heavy set-up
         self._loaders()
         self.steps = plan_steps(self.s, dist.world, self.train.steps_per_epoch, stage.name)
         model = self._model(init_weights)
@@ -84,6 +86,7 @@ class StageRun:
         self._announce()
         tracker.stage_started(stage, self.train_m, self.val_m, self.engine.num_params, lineage)
         self.record = Recorder(stage.dir / "metrics.jsonl", tracker, dist.rank)
+        self._config_history(tracker)
         self.last_eval: dict = {}
 
     # -- set-up ------------------------------------------------------------------------------
@@ -120,6 +123,20 @@ class StageRun:
         prog.accum = self.steps.accum
         log(self.dist, f"{self.where}: {resumed.note}")
         return prog
+
+    def _config_history(self, tracker) -> None:
+        """A fresh stage starts its config history; a resumed one records the changes it applies."""
+        step = self.engine.global_step
+        if self.dist.rank == 0 and (self.fresh or not changes.history(self.stage.dir)):
+            changes.started(self.stage, self.run)
+        if not self.changes:
+            return
+        if self.dist.rank == 0:
+            changes.record(self.stage, step, self.changes)
+        what = changes.describe(self.changes)
+        self.record({"step": step, "config_change": what})
+        tracker.config_changed(self.stage, step, self.changes)
+        log(self.dist, f"{self.where}: from step {step}: {what} (allowed; config-history.jsonl)")
 
     def _meter(self) -> Meter:
         kw = model_kwargs(self.s, self.num_classes)
@@ -244,6 +261,16 @@ class StageRun:
         e, d = self.engine, self.stage.dir
         digest = e.export(d / "weights.safetensors")
         ema = {"ema_digest": e.export_ema(d / "weights_ema.safetensors")} if e.ema else {}
+        if self.dist.rank == 0:  # what `ffscale predict` and the registered model read
+            write_card(
+                d / CARD,
+                self.s,
+                self.num_classes,
+                self.train_m,
+                self.val_m,
+                self.s.data.train,
+                self.s.data.val,
+            )
         return {
             **ema,
             "finished": True,

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import torch
 
 from . import config, preempt, tracking
 from .atomic import write_atomic
 from .engine import dist as distributed
-from .errors import Preempted
+from .errors import LockHeld, Preempted
 from .loop import log, run_stage
+from .runlock import ENV, RunLock
 from .weights import file_digest
 
 DONE = "DONE"
@@ -39,20 +43,39 @@ def run(cfg: config.Config) -> int:
     run_dir = Path(cfg.run.dir) / cfg.run.name
     preempt.install()
     dist = distributed.init(cfg.run.collective_timeout_s)
-    if dist.rank == 0:
-        config.save(cfg, run_dir / "config.yaml")
-        tracking.ensure_store(cfg, run_dir)
-    tracker = tracking.create(cfg, run_dir, dist.rank)
-    tracker.pipeline_started(cfg)
-    status = "FAILED"
+    lock = _lock(run_dir, cfg.run, dist)
     try:
-        status = run_stages(cfg, dist, tracker)
-        return 0
-    except Preempted:
-        status = "KILLED"
-        raise
+        if dist.rank == 0:
+            config.save(cfg, run_dir / "config.yaml")
+            tracking.ensure_store(cfg, run_dir)
+        tracker = tracking.create(cfg, run_dir, dist.rank)
+        tracker.pipeline_started(cfg)
+        status = "FAILED"
+        try:
+            status = run_stages(cfg, dist, tracker)
+            return 0
+        except Preempted:
+            status = "KILLED"
+            raise
+        finally:
+            tracker.pipeline_ended(status)
     finally:
-        tracker.pipeline_ended(status)
+        if lock is not None:
+            lock.release()
+
+
+def _lock(run_dir: Path, run: config.RunCfg, dist: distributed.DistInfo) -> RunLock | None:
+    """Rank 0 takes the run directory's lock unless `ffscale train` (its launcher) holds it; every
+    rank learns whether it did, so all stop alike (rank 0 names the holder)."""
+    lock, failed = None, None
+    if dist.rank == 0 and os.environ.get(ENV) is None:
+        try:
+            lock = RunLock(run_dir, run.lock_stale_s, say=lambda m: log(dist, m)).acquire()
+        except LockHeld as e:
+            failed = e
+    if distributed.all_reduce_sum(torch.tensor(float(failed is not None), device=dist.device)).item():
+        raise failed or LockHeld("")  # only rank 0 knows the holder: it prints the line
+    return lock
 
 
 def run_stages(cfg: config.Config, dist: distributed.DistInfo, tracker) -> str:
@@ -73,6 +96,8 @@ def run_stages(cfg: config.Config, dist: distributed.DistInfo, tracker) -> str:
         tracker.stage_ended(stage, "FINISHED", result)
         distributed.barrier()
         done.append(stage)
+    if dist.rank == 0:
+        tracker.model_ready(done[-1], done)
     top1 = json.loads((done[-1].dir / DONE).read_text()).get("last_eval", {}).get("val_top1")
     if top1 is not None:
         weights = done[-1].dir / "weights.safetensors"

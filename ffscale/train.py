@@ -25,6 +25,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dot-list overrides, e.g. optim.base_lr=1e-3")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="resume a stage with a new value for KEY (recorded from the resumed step)")  # fmt: skip
     return p
 
 
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from ffscale.errors import guarded
 
     def body() -> int:
-        cfg = config.load(args.config, args.overrides)
+        cfg = config.load(args.config, args.overrides + config.allow_change_overrides(args.allow_change))
         if args.print_config:
             print(config.to_yaml(cfg))
             return 0

@@ -16,6 +16,7 @@ from ffscale.evaluate import evaluate_weights, find_stage
 from ffscale.hostenv import jemalloc
 
 pytestmark = pytest.mark.e2e
+CLI_BIN = Path(sys.executable).with_name("ffscale")
 
 
 def read_metrics(stage_dir: Path) -> list[dict]:
@@ -24,6 +25,9 @@ def read_metrics(stage_dir: Path) -> list[dict]:
 
 def losses(rows):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+MODEL = "ffscale-test"  # the reference pipeline registers its final model under this name
 
 
 def pipeline_args(shards, runs, name, *extra):
@@ -50,7 +54,8 @@ def sigterm_during_z2(shards, runs) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def ref_run(fm_shards, module_dir):
-    return {"dir": module_dir, "ref": check(launch(pipeline_args(fm_shards, module_dir, "ref")))}
+    ref = check(launch(pipeline_args(fm_shards, module_dir, "ref", f"tracking.register_as={MODEL}")))
+    return {"dir": module_dir, "ref": ref}
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +227,77 @@ def test_a_preemption_checkpoint_gets_the_grace_not_the_launchers_30_seconds(fm_
     ckpt = tmp_path / "slow" / "train" / "checkpoints"
     latest = (ckpt / "latest").read_text()
     assert (ckpt / latest / "ffscale.json").is_file()  # written last, after every rank's shards
+
+
+def test_the_final_model_is_registered_and_predicts_as_eval_measures(
+    ref_run, fm_shards, tmp_path, monkeypatch
+):
+    """`mlflow models predict` on the registered model, `ffscale predict` on the run directory and
+    on models:/, and `ffscale eval` on shards of the same images agree image by image."""
+    import os
+    import subprocess
+
+    from mlflow import MlflowClient
+    from mlflow.models import get_model_info
+    from PIL import Image
+
+    from ffscale.cli import main
+    from ffscale.data.manifest import load_manifest
+    from ffscale.data.shards import FASHION_MNIST_CLASSES, fashion_mnist_arrays
+
+    d = ref_run["dir"]
+    uri = f"sqlite:///{d / 'mlflow.db'}"
+    ids = json.loads((d / "ref" / "mlflow_runs.json").read_text())
+    c = MlflowClient(uri)
+    v = c.get_model_version(MODEL, "1")
+    assert v.run_id == ids["stages"]["z3"] and v.tags["ffscale.pipeline_run"] == ids["parent"]
+    assert json.loads(v.tags["ffscale.stage_runs"]) == ids["stages"]
+    data = json.loads(v.tags["ffscale.data"])
+    assert data["train"]["digest"] == load_manifest(fm_shards / "train")[0].digest
+    assert data["val"]["digest"] == load_manifest(fm_shards / "val")[0].digest
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    sig = get_model_info(f"models:/{MODEL}/1").signature
+    assert sig.inputs.input_names() == ["image"] and "class_name" in sig.outputs.input_names()
+
+    images, labels = fashion_mnist_arrays("val")
+    files = []
+    for i in range(24):  # JPEGs: sharding keeps their bytes, so eval sees the very same pixels
+        f = tmp_path / "imgs" / f"{i:03d}.jpg"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i], "L").convert("RGB").save(f, quality=95)
+        files.append(f)
+    (tmp_path / "in.csv").write_text("image\n" + "".join(f"{f}\n" for f in files))
+    r = subprocess.run([str(Path(sys.executable).with_name("mlflow")), "models", "predict", "-m", f"models:/{MODEL}/1",
+                        "-i", str(tmp_path / "in.csv"), "-t", "csv", "--env-manager", "local", "-o",
+                        str(tmp_path / "out.json")], capture_output=True, text=True, timeout=180,
+                       env={**os.environ, "MLFLOW_TRACKING_URI": uri})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    served = json.loads((tmp_path / "out.json").read_text())["predictions"]
+    top1 = [p["class_index"] for p in served]
+    assert [p["class_name"] for p in served] == [FASHION_MNIST_CLASSES[k] for k in top1]
+
+    for model in (str(d / "ref"), f"models:/{MODEL}/1"):
+        r = subprocess.run([str(CLI_BIN), "predict", "--model", model, "--json", *map(str, files)],
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "MLFLOW_TRACKING_URI": uri})  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        rows = [json.loads(line) for line in r.stdout.splitlines()]
+        assert [row["top"][0]["index"] for row in rows] == top1 and all(len(row["top"]) == 5 for row in rows)
+
+    pngs = []
+    for i in range(3):  # PNGs too: predict reads any image PIL reads
+        pngs.append(tmp_path / f"test{i}.png")
+        Image.fromarray(images[100 + i], "L").save(pngs[-1])
+    r = subprocess.run([str(CLI_BIN), "predict", "--model", str(d / "ref"), *map(str, pngs)], capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 3, r.stderr[-2000:]
+    for f, line in zip(pngs, r.stdout.splitlines()):
+        assert line.startswith(f"{f}: ") and line.count("%") == 5
+        assert line.split(": ")[1].split(" (")[0] in FASHION_MNIST_CLASSES  # top-1 by name
+
+    truth = [int(y) for y in labels[:24]]
+    (tmp_path / "labels.txt").write_text("".join(f"{f.name} {y}\n" for f, y in zip(files, truth)))
+    assert main(["shard", "flat", "--root", str(tmp_path / "imgs"), "--labels", str(tmp_path / "labels.txt"),
+                 "--out", str(tmp_path / "shards")]) == 0  # fmt: skip
+    res = evaluate_weights(find_stage(d / "ref", None), data=str(tmp_path / "shards"))
+    assert res["samples"] == 24
+    assert res["top1"] == pytest.approx(100 * sum(a == b for a, b in zip(top1, truth)) / 24)

@@ -15,7 +15,8 @@ import re
 import time
 from pathlib import Path
 
-from .atomic import write_atomic
+from ..atomic import write_atomic
+from ..errors import ConfigError
 
 SECRET = re.compile(r"(token|password|passwd|secret|credential|api_?key)", re.I)
 URI_CREDS = re.compile(r"(//)[^/@\s]+@")
@@ -73,7 +74,9 @@ class NullTracker:
     def pipeline_started(self, cfg) -> None: ...
     def stage_started(self, stage, train_manifest, val_manifest, n_params, lineage) -> None: ...
     def log_metrics(self, metrics: dict, step: int) -> None: ...
+    def config_changed(self, stage, step: int, diff: dict) -> None: ...
     def stage_ended(self, stage, status: str, summary: dict | None = None) -> None: ...
+    def model_ready(self, final, stages) -> None: ...
     def pipeline_ended(self, status: str) -> None: ...
 
 
@@ -200,6 +203,25 @@ class MlflowTracker:
         except Exception:
             self.monitor = None
 
+    def config_changed(self, stage, step: int, diff: dict) -> None:
+        """Params are immutable: a resumed stage's allowed change is a tag per key with its step
+        (`ffscale.change.<key>` = `old -> new @ step N`, every change in `ffscale.changes`), and the
+        stage's config history as an artifact."""
+        if not self.child:
+            return
+        from ..changes import HISTORY
+
+        run = self._try(self.client.get_run, self.child)
+        past = run.data.tags.get("ffscale.changes", "") if run else ""
+        line = f"step {step}: " + "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in diff.items())
+        self._try(self.client.set_tag, self.child, "ffscale.changes", f"{past}\n{line}".strip())
+        for k, (old, new) in diff.items():
+            self._try(
+                self.client.set_tag, self.child, f"ffscale.change.{k}", f"{old!r} -> {new!r} @ step {step}"
+            )
+        if (stage.dir / HISTORY).is_file():
+            self._try(self.client.log_artifact, self.child, str(stage.dir / HISTORY))
+
     def log_metrics(self, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
 
@@ -246,12 +268,65 @@ class MlflowTracker:
             self._try(self.client.set_terminated, self.child, status)
         self.child = None
 
+    def model_ready(self, final, stages) -> None:
+        """The final stage's weights as an MLflow model in its stage run, registered under
+        tracking.register_as, the version tagged with the runs and the data it came from."""
+        run_id = self.ids["stages"].get(final.name)
+        if not run_id or not (final.dir / "model.json").is_file():
+            return
+        try:
+            info = self._call(self._log_model, final, run_id)
+        except _Down:
+            return
+        name, version = self.cfg.tracking.register_as, getattr(info, "registered_model_version", None)
+        if not name or version is None:
+            return
+        card = json.loads((final.dir / "model.json").read_text())
+        tags = {
+            "ffscale.pipeline": self.cfg.run.name,
+            "ffscale.pipeline_run": self.parent or "",
+            "ffscale.stage_run": run_id,
+            "ffscale.stage_runs": json.dumps({s.name: self.ids["stages"].get(s.name) for s in stages}),
+            "ffscale.data": json.dumps(card["data"]),
+            "ffscale.preprocessing": json.dumps(card["preprocessing"]),
+        }
+        for k, v in tags.items():
+            self._try(self.client.set_model_version_tag, name, str(version), k, v)
+        self._try(
+            self.client.update_model_version, name, str(version),
+            description=f"{card['model']} from pipeline {self.cfg.run.name}, stage {final.name} "
+            f"(run {run_id}); trained on {card['data']['train']['name']}:{card['data']['train']['digest']}",
+        )  # fmt: skip
+        print(f"ffscale: registered models:/{name}/{version} (stage run {run_id})", flush=True)
+
+    def _log_model(self, final, run_id: str):
+        import mlflow
+
+        from .pyfunc import log
+
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=run_id):
+            return log(final.dir, self.cfg.tracking.register_as)
+
     def pipeline_ended(self, status: str) -> None:
         self.flush()
         if self.child:
             self.stage_ended(None, status)
         if self.parent and status != "RUNNING":
             self._try(self.client.set_terminated, self.parent, status)
+
+
+def download_model(uri: str) -> Path:
+    """A models:/ or runs:/ model's artifacts (model.json and weights) in a local directory."""
+    import mlflow
+
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri.rstrip("/")))
+    except Exception as e:
+        raise ConfigError(
+            f"{uri}: cannot download it from MLflow at {redact(mlflow.get_tracking_uri())} ({e})"
+        ) from None
+    return local / "artifacts" if (local / "artifacts").is_dir() else local
 
 
 def create(cfg, run_dir: Path, rank: int):

@@ -1,0 +1,108 @@
+"""Config changes on resume are explicit: a stage resumed with a resolved config other than the one
+it started with stops with the differences, unless the user allows them (`--allow-change KEY`).
+
+Each stage keeps `config-history.jsonl`: its config when it started, then one line per allowed
+change with the optimizer step it applied from. Keys that do not change what is trained (FREE) may
+differ silently; keys that cannot change mid-stage (FIXED: the model's shape, the data, the batch
+and schedule the step count and checkpoint depend on) are refused even when allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from .config import RunCfg, Stage
+from .errors import ConfigError
+
+HISTORY = "config-history.jsonl"
+FREE = ("schedule.stop_at_step", "checkpoint.", "data.workers", "data.loader", "deepspeed.bucket_mb",
+        "deepspeed.prefetch_mb", "model.compile", "model.grad_ckpt", "optim.micro_batch")  # fmt: skip
+FIXED = ("model.", "data.train", "data.val", "data.img_size", "data.mean", "data.std", "optim.global_batch",
+         "optim.lr_batch_base", "optim.ema_decay", "schedule.epochs", "schedule.warmup_epochs",
+         "deepspeed.zero_stage", "deepspeed.precision", "init_from", "run.seed")  # fmt: skip
+
+
+def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes)
+
+
+def flat(stage: Stage, run: RunCfg) -> dict:
+    out = {"run.seed": run.seed}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "extra":
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+
+    walk(dataclasses.asdict(stage.cfg), "")
+    return out
+
+
+def history(stage_dir: Path) -> list[dict]:
+    path = stage_dir / HISTORY
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def effective(rows: list[dict]) -> dict:
+    """The config the stage trains with: its start, with every recorded change applied."""
+    cfg = dict(rows[0]["config"])
+    for r in rows[1:]:
+        cfg.update({k: new for k, (_, new) in r["changes"].items()})
+    return cfg
+
+
+def resuming(stage: Stage) -> bool:
+    """The stage has a complete checkpoint to continue from (engine/checkpoint.py's `latest`) and
+    has not finished (pipeline.py's DONE: a finished stage is skipped, whatever the config says)."""
+    return (stage.dir / "checkpoints" / "latest").is_file() and not (stage.dir / "DONE").is_file()
+
+
+def check(stage: Stage, run: RunCfg, allowed: set[str], where: str = "") -> dict:
+    """{key: [old, new]} of the allowed changes a resumed stage applies (empty: none, or not
+    resuming); ConfigError naming every refused difference."""
+    rows = history(stage.dir)
+    if not rows or not resuming(stage):
+        return {}
+    old, new = effective(rows), flat(stage, run)
+    diff = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not _matches(k, FREE)}  # fmt: skip
+    if not diff:
+        return {}
+    fixed = [k for k in diff if _matches(k, FIXED)]
+    if fixed:
+        raise ConfigError(
+            f"{where}stage {stage.name} resumes with {describe({k: diff[k] for k in fixed})}: cannot change mid-stage (model shape, "
+            "data, batch and schedule); start another run.name, or a new stage with init_from"
+        )
+    refused = [k for k in diff if k not in allowed]
+    if refused:
+        flags = " ".join(f"--allow-change {k}" for k in refused)
+        raise ConfigError(
+            f"{where}stage {stage.name} resumes with another config: {describe({k: diff[k] for k in refused})}; run with {flags} "
+            "to apply it from the resumed step, or resume with the values it started with"
+        )
+    return diff
+
+
+def started(stage: Stage, run: RunCfg) -> None:
+    """A fresh stage: its history begins with the config it starts with (rank 0)."""
+    from .atomic import write_atomic
+
+    write_atomic(
+        stage.dir / HISTORY, json.dumps({"step": 0, "time": time.time(), "config": flat(stage, run)}) + "\n"
+    )
+
+
+def record(stage: Stage, step: int, diff: dict) -> None:
+    """An allowed change, from optimizer step `step` on (rank 0)."""
+    with open(stage.dir / HISTORY, "a") as f:
+        f.write(json.dumps({"step": step, "time": time.time(), "changes": diff}) + "\n")
+
+
+def describe(diff: dict) -> str:
+    return "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())
