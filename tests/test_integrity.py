@@ -134,7 +134,7 @@ def test_second_job_on_a_run_stops_naming_the_first_and_after_kill_9_a_third_tak
     try:
         deadline = time.time() + 120
         while time.time() < deadline and not any(
-            r.get("step", 0) >= 6 for r in _rows(metrics) if "loss" in r
+            r.get("step", 0) >= 5 for r in _rows(metrics) if "loss" in r
         ):
             time.sleep(0.2)
         second = subprocess.run(_job("locked", "schedule.epochs=40"), cwd=ROOT, env=launch_env(),
@@ -152,7 +152,7 @@ def test_second_job_on_a_run_stops_naming_the_first_and_after_kill_9_a_third_tak
         first.wait()
         psutil.wait_procs(tree[1:], timeout=30)
     assert (runs / "locked" / LOCK).exists()
-    third = check(subprocess.run(_job("locked", "schedule.epochs=40", "schedule.stop_at_step=12"),
+    third = check(subprocess.run(_job("locked", "schedule.epochs=40", "schedule.stop_at_step=8"),
                                  cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=240))  # fmt: skip
     assert "taking over the run lock of host" in third.stdout and "resum" in third.stdout.lower()
     assert not (runs / "locked" / LOCK).exists()  # released when it stopped
@@ -166,7 +166,7 @@ def test_a_changed_key_on_resume_stops_with_the_diff_and_when_allowed_trains_on_
 
     def run(*extra, allow=()):
         a = sum((["--allow-change", k] for k in allow), [])
-        return subprocess.run(_job("changed", "schedule.epochs=2", *a, *extra), cwd=ROOT,
+        return subprocess.run(_job("changed", "schedule.epochs=1", *a, *extra), cwd=ROOT,
                               env=launch_env(), capture_output=True, text=True, timeout=240)  # fmt: skip
 
     check(run("schedule.stop_at_step=8"))

@@ -73,6 +73,7 @@ def cut_run(fm_shards, module_dir):
 def term_run(fm_shards, module_dir):
     d, out = module_dir, {"dir": module_dir}
     out["term_rc"], out["term_out"] = sigterm_during_z2(fm_shards, d)
+    out["term_lock"] = (d / "term" / ".lock").exists()
     out["term_ids"] = json.loads((d / "term" / "mlflow_runs.json").read_text())
     from mlflow import MlflowClient
 
@@ -130,6 +131,7 @@ def test_exported_weights_reproduce_the_final_eval_without_deepspeed(ref_run):
 def test_sigterm_checkpoints_marks_killed_and_rerun_resumes(term_run):
     runs = term_run
     assert runs["term_rc"] == 143
+    assert not runs["term_lock"]  # a preempted job releases the run directory
     assert "SIGTERM: checkpoint written at step" in runs["term_out"]
     assert runs["term_status"] == {"z2": "KILLED", "parent": "KILLED"}
     assert "resumed from" in runs["term_resumed"].stdout
