@@ -14,6 +14,9 @@ from .metrics import summarize, topk_counts
 from .weights import load_weights
 
 
+EVAL_BATCH = 64  # one process evaluates: the config's micro-batch when set (it fit in training), else this
+
+
 def find_stage(run_dir: Path, stage_name: str | None) -> config.Stage:
     cfg_file = run_dir / "config.yaml"
     if not cfg_file.is_file():
@@ -45,7 +48,7 @@ def evaluate_weights(
     dev = torch.device(device)
     model.to(dev).eval()
     loader, _ = build_loader(
-        s.data, data or s.data.val, False, 0, 1, s.optim.micro_batch, 0, num_classes, dev
+        s.data, data or s.data.val, False, 0, 1, s.optim.micro_batch or EVAL_BATCH, 0, num_classes, dev
     )
     ops = DeviceOps(s.data, num_classes, dev, torch.float32)
     sums = torch.zeros(4, dtype=torch.float64, device=dev)
