@@ -13,7 +13,6 @@ from .data.loader import build_loader
 from .metrics import summarize, topk_counts
 from .weights import load_weights
 
-
 EVAL_BATCH = 64  # one process evaluates: the config's micro-batch when set (it fit in training), else this
 
 

@@ -89,11 +89,13 @@ def third_party(d: Path, split: str, n: int, label: str, ext: str) -> None:
 
 @pytest.fixture(scope="module")
 def foreign(tmp_path_factory) -> Path:
-    """train (.jpeg + .cls) and val (.png + .json) of another tool in one directory, indexed."""
+    """train (.jpeg + .cls), val (.png + .json), webp (.webp + .json) of another tool in one
+    directory, each split indexed on its own."""
     d = tmp_path_factory.mktemp("foreign")
     third_party(d / "shards", "train", 96, "cls", "jpeg") if (d / "shards").mkdir() is None else None
     third_party(d / "shards", "val", 48, "json", "png")
-    for split in ("train", "val"):
+    third_party(d / "shards", "webp", 24, "json", "webp")
+    for split in ("train", "val", "webp"):
         args = ["shard", "index", str(d / "shards"), "--pattern", f"other-{split}-*.tar"]
         assert main([*args, "--out", str(d / split), "--workers", "2"]) == 0
     return d
@@ -118,9 +120,9 @@ def test_other_tools_shards_are_indexed_without_rewriting_them(foreign, capsys):
 
 
 @pytest.mark.parametrize("kind", LOADERS)
-@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("split", ["train", "val", "webp"])
 def test_both_loaders_read_indexed_shards_with_their_labels(foreign, kind, split):
-    n = {"train": 96, "val": 48}[split]
+    n = {"train": 96, "val": 48, "webp": 24}[split]
     dev = torch.device("cpu")
     loader, _ = build_loader(plain_cfg(kind), str(foreign / split), False, 0, 1, 8, 0, None, dev)
     ids, labels, _ = collect(loader)
