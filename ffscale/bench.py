@@ -106,7 +106,9 @@ def add_parser(sub) -> None:
     )
     bsh.add_argument("--input", default="data/bench-shard-input", help="where the generated input is kept")
     bsh.add_argument("--images", type=int, default=2000, help="images in the generated input")
-    bsh.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="N (default: all cores)")
+    bsh.add_argument(
+        "--workers", type=int, default=len(os.sched_getaffinity(0)), help="N (default: all cores)"
+    )
     bsh.add_argument("--shard-size", type=int, default=500)
     bsh.add_argument("--max-side", type=int, default=0, help="also downscale (e.g. 512)")
     bsh.add_argument("--rounds", type=int, default=3, help="alternating 1 / N rounds; best kept")

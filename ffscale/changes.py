@@ -18,8 +18,10 @@ from .config import RunCfg, Stage
 from .errors import ConfigError
 
 HISTORY = "config-history.jsonl"
-FREE = ("schedule.stop_at_step", "checkpoint.", "data.workers", "data.loader", "deepspeed.bucket_mb",
-        "deepspeed.prefetch_mb", "model.compile", "model.grad_ckpt", "optim.micro_batch")  # fmt: skip
+# data.loader and data.workers are not free: they set the steps per epoch (the webdataset loader
+# holds back a batch per worker), so the schedule's length
+FREE = ("schedule.stop_at_step", "checkpoint.", "deepspeed.bucket_mb", "deepspeed.prefetch_mb", "model.compile",
+        "model.grad_ckpt", "optim.micro_batch")  # fmt: skip
 FIXED = ("model.", "data.train", "data.val", "data.img_size", "data.mean", "data.std", "optim.global_batch",
          "optim.lr_batch_base", "optim.ema_decay", "schedule.epochs", "schedule.warmup_epochs",
          "deepspeed.zero_stage", "deepspeed.precision", "init_from", "run.seed")  # fmt: skip
@@ -44,8 +46,15 @@ def flat(stage: Stage, run: RunCfg) -> dict:
 
 
 def history(stage_dir: Path) -> list[dict]:
+    """The stage's history; a last line cut short by a kill mid-append is dropped (it never applied)."""
     path = stage_dir / HISTORY
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    return rows
 
 
 def effective(rows: list[dict]) -> dict:
@@ -69,8 +78,10 @@ def check(stage: Stage, run: RunCfg, allowed: set[str], where: str = "") -> dict
     if not rows or not resuming(stage):
         return {}
     old, new = effective(rows), flat(stage, run)
-    diff = {k: [old.get(k), new.get(k)] for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and not _matches(k, FREE)}  # fmt: skip
+    # keys both know: a key a newer ffscale added (or dropped) is not a change of this run's
+    diff = {
+        k: [old[k], new[k]] for k in sorted(set(old) & set(new)) if old[k] != new[k] and not _matches(k, FREE)
+    }
     if not diff:
         return {}
     fixed = [k for k in diff if _matches(k, FIXED)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -73,8 +74,10 @@ class Classifier:
         x = (x.float() - self.mean) / self.std
         return self.model(x).float().softmax(-1).cpu()
 
-    def top(self, images: list[Image.Image], k: int = 5) -> list[list[tuple[int, str, float]]]:
-        p = self.probabilities(images)
+    def top(
+        self, images: list[Image.Image], k: int = 5, batch: int = 64
+    ) -> list[list[tuple[int, str, float]]]:
+        p = torch.cat([self.probabilities(images[i : i + batch]) for i in range(0, len(images), batch)])
         vals, idx = p.topk(min(k, p.shape[1]), dim=1)
         return [
             [(int(i), self.classes[int(i)], float(v)) for v, i in zip(vr, ir)] for vr, ir in zip(vals, idx)
@@ -86,7 +89,7 @@ def open_image(source: str | bytes) -> Image.Image:
     try:
         if isinstance(source, bytes):
             return Image.open(io.BytesIO(source)).convert("RGB")
-        if Path(source).is_file():
+        if len(source) < 4096 and os.path.isfile(source):  # base64 would be too long a name (ENAMETOOLONG)
             return Image.open(source).convert("RGB")
         import base64
 

@@ -1,8 +1,10 @@
 """One writer per run directory: `<run dir>/.lock`, created exclusively, refreshed by a heartbeat.
 
-The file says who holds it (host, pid, job start, heartbeat). Creation uses O_CREAT|O_EXCL, which
-NFSv3+ performs atomically on the server (a ReadWriteMany volume included); taking over a stale lock
-renames it aside first, so of two jobs that both find it stale only one wins. A lock is stale when
+The file says who holds it (host, pid, job start, heartbeat). It is written aside, then hard-linked
+into place: link() fails if the name exists and is atomic on the server over NFS (the classic NFS
+lock), so a contender never sees a half-written lock. Taking over a stale lock renames it aside
+first and checks it moved the lock it judged stale (else it puts it back), so of two jobs that
+both find it stale only one wins. A lock is stale when
 its holder is a dead process on this host, or when its heartbeat is older than `stale_s` (the
 holder's clock: hosts sharing a run directory are assumed NTP-synchronised to well under that).
 """
@@ -45,8 +47,9 @@ def read(path: Path) -> Holder | None:
         return Holder(**json.loads(path.read_text()))
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError):  # half-written by a holder killed mid-create: treat as stale
-        return Holder("?", "?", -1, 0.0, 0.0)
+    except (ValueError, TypeError):  # not ours (or damaged): stale once its mtime is old enough
+        mtime = path.stat().st_mtime if path.exists() else 0.0
+        return Holder("?", "?", -1, mtime, mtime)
 
 
 def _alive(pid: int) -> bool:
@@ -111,6 +114,14 @@ class RunLock:
                 os.rename(self.path, aside)  # only one of several contenders gets it
             except FileNotFoundError:
                 continue
+            moved = read(aside)
+            if moved is None or moved.token != h.token:  # another job took it over meanwhile: put back
+                try:
+                    os.link(aside, self.path)
+                except FileExistsError:
+                    pass
+                aside.unlink(missing_ok=True)
+                continue
             aside.unlink(missing_ok=True)
             self.say(f"ffscale: taking over the run lock of {h.describe(now)}: its holder is gone")
         raise LockHeld(
@@ -118,25 +129,28 @@ class RunLock:
         )
 
     def _create(self) -> bool:
+        tmp = self.path.with_name(f"{LOCK}.new-{self.me.token}")
+        write_atomic(tmp, json.dumps(asdict(self.me)))
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, self.path)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(asdict(self.me)))
-            f.flush()
-            os.fsync(f.fileno())
+        finally:
+            tmp.unlink(missing_ok=True)
         return True
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
-            h = read(self.path)
-            if h is None or h.token != self.me.token:
-                self.say(f"ffscale: warning: lost the run lock {self.path} (taken over by "
-                         f"{h.describe(time.time()) if h else 'nobody'}); this job no longer holds it")  # fmt: skip
-                return
-            self.me.heartbeat = time.time()
-            write_atomic(self.path, json.dumps(asdict(self.me)))
+            try:
+                h = read(self.path)
+                if h is None or h.token != self.me.token:
+                    self.say(f"ffscale: warning: lost the run lock {self.path} (taken over by "
+                             f"{h.describe(time.time()) if h else 'nobody'}); this job no longer holds it")  # fmt: skip
+                    return
+                self.me.heartbeat = time.time()
+                write_atomic(self.path, json.dumps(asdict(self.me)))
+            except OSError as e:  # a shared filesystem's hiccup: try again at the next beat
+                self.say(f"ffscale: warning: run lock heartbeat failed ({e}); retrying")
 
     def release(self) -> None:
         self._stop.set()

@@ -76,8 +76,8 @@ def _writer_args(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="write-time shuffle seed")
     p.add_argument("--limit", type=int, default=0, help="keep only the first N shuffled samples")
     p.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1,
-        help="processes, each writing whole shards (same bytes as 1; default: all cores)",
+        "--workers", type=int, default=len(os.sched_getaffinity(0)),
+        help="processes, each writing whole shards (same bytes as 1; default: the cores this process may use)",
     )  # fmt: skip
     p.add_argument(
         "--max-side", type=int, default=0,
@@ -124,5 +124,5 @@ def add_parser(sub) -> None:
     p.add_argument("--classes", help="class names, one per line (or `<synset> <words>` lines)")
     p.add_argument("--label-field", help="read labels from this integer field of the .json member")
     p.add_argument("--num-classes", type=int, default=0, help="classes when not every label occurs")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes reading tars")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes reading tars")
     p.set_defaults(fn=index)

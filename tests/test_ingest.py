@@ -256,3 +256,12 @@ def test_train_stops_on_bad_data_before_any_rank_starts(tmp_path, fm_shards, for
 
     assert re.search(expect, lines[0]), lines[0]
     assert "deepspeed" not in r.stdout.lower()
+
+
+def test_a_damaged_devkit_is_one_line_naming_it(tmp_path, capsys):
+    root = LAYOUTS["archives"](tmp_path / "in", Plan())
+    kit = root / "ILSVRC2012_devkit_t12.tar.gz"
+    kit.write_bytes(kit.read_bytes()[:200])  # a download cut short
+    assert main(["shard", "imagenet", "--root", str(root), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ILSVRC2012_devkit_t12.tar.gz: not a readable ILSVRC2012 devkit" in err[0]

@@ -91,7 +91,7 @@ def test_a_resumed_stage_refuses_changes_unless_allowed_and_never_fixed_keys(tmp
     assert changes.check(stage, run, set()) == {}  # not resuming yet: no checkpoint
     (stage.dir / "checkpoints" / "latest").write_text("step5")
     lr = stage.cfg.optim.base_lr
-    new, run = _stage(tmp_path, f"optim.base_lr={lr * 2}", "schedule.stop_at_step=9", "data.workers=7")
+    new, run = _stage(tmp_path, f"optim.base_lr={lr * 2}", "schedule.stop_at_step=9", "checkpoint.keep=5")
     with pytest.raises(
         ConfigError, match=rf"optim.base_lr: {lr!r} -> {lr * 2!r}; run with --allow-change optim.base_lr"
     ):
@@ -100,6 +100,8 @@ def test_a_resumed_stage_refuses_changes_unless_allowed_and_never_fixed_keys(tmp
         "optim.base_lr": [lr, lr * 2]
     }  # stop_at_step, workers: free
     changes.record(new, 5, {"optim.base_lr": [lr, lr * 2]})
+    with open(stage.dir / changes.HISTORY, "a") as f:
+        f.write('{"step": 7, "chan')  # an append cut short by a kill: never applied
     assert changes.check(new, run, set()) == {}  # the history's effective config has it now
     shape, run = _stage(tmp_path, f"optim.base_lr={lr * 2}", "model.depth=9")
     with pytest.raises(ConfigError, match="model.depth: 4 -> 9: cannot change mid-stage"):
@@ -202,3 +204,18 @@ def test_every_exit_code_in_the_readme_names_the_tests_that_check_it():
         named = re.findall(r"`(test_\w+)`", r)
         assert named, r
         assert all(f"def {t}(" in tests for t in named), r
+
+
+def test_predict_reads_images_as_paths_or_base64(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from ffscale.predict import open_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format="PNG")
+    (tmp_path / "a.png").write_bytes(buf.getvalue())
+    for source in (str(tmp_path / "a.png"), base64.b64encode(buf.getvalue()).decode(), buf.getvalue()):
+        assert open_image(source).size == (40, 30)

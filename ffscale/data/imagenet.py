@@ -81,16 +81,20 @@ def _devkit(root: Path) -> tuple[Synsets, list[int]] | None:
     path = _first(root, f"{DEVKIT}.tar.gz", f"{DEVKIT}.tar", DEVKIT)
     if path is None:
         return None
-    if path.is_dir():
-        meta, gt = (path / "data" / META).read_bytes(), (path / "data" / GROUND_TRUTH).read_text()
-    else:
-        with tarfile.open(path) as tf:
-            members = {Path(m.name).name: m for m in tf.getmembers() if m.isfile()}
-            if META not in members or GROUND_TRUTH not in members:
-                raise DataError(f"{path}: no data/{META} or data/{GROUND_TRUTH} in it")
-            meta = tf.extractfile(members[META]).read()
-            gt = tf.extractfile(members[GROUND_TRUTH]).read().decode()
-    return _read_meta(meta, path), [int(v) for v in gt.split()]
+    try:
+        if path.is_dir():
+            meta, gt = (path / "data" / META).read_bytes(), (path / "data" / GROUND_TRUTH).read_text()
+        else:
+            with tarfile.open(path) as tf:
+                members = {Path(m.name).name: m for m in tf.getmembers() if m.isfile()}
+                if META not in members or GROUND_TRUTH not in members:
+                    raise DataError(f"{path}: no data/{META} or data/{GROUND_TRUTH} in it")
+                meta = tf.extractfile(members[META]).read()
+                gt = tf.extractfile(members[GROUND_TRUTH]).read().decode()
+        truth = [int(v) for v in gt.split()]
+    except (OSError, EOFError, tarfile.TarError, ValueError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable ILSVRC2012 devkit ({e})") from None
+    return _read_meta(meta, path), truth
 
 
 def _read_meta(data: bytes, where: Path) -> Synsets:

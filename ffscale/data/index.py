@@ -12,6 +12,7 @@ import multiprocessing
 import os
 import tarfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +115,19 @@ def _sample(s: Scan, key: str | None, sample: dict) -> None:
 def _scan_and_index(args: tuple[Path, Path]) -> Scan:
     tar, idx = args
     s = scan(tar)
-    write_dali_indexes([tar], idx)
+    if s.count == 0:
+        raise DataError(f"shard {tar}: holds no samples")
+    try:
+        write_dali_indexes([tar], idx)
+    except OSError as e:
+        raise DataError(
+            f"{idx.parent}: cannot write DALI's index there ({e.strerror}); give --out DIR"
+        ) from None
+    if idx.is_file():  # DALI must see the samples this scan counted (names both split alike)
+        head = idx.read_text().split("\n", 1)[0].split()
+        if len(head) == 2 and head[1].isdigit() and int(head[1]) != s.count:
+            raise DataError(f"shard {tar}: DALI's wds2idx finds {head[1]} samples, ffscale {s.count}: "
+                            "members without an extension, hidden files or keys split across the tar?")  # fmt: skip
     return s
 
 
@@ -137,12 +150,17 @@ def index_shards(
             f"{root}: {pattern!r} picks {len(files)} of its tars (several splits): give --out DIR "
             "for this split's manifest and DALI indexes"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{out}: cannot create it ({e.strerror}); give --out DIR") from None
     jobs = [(f, out / (f.stem + ".idx")) for f in files]
     bar, scans = Bar(f"index {root}", len(files), enabled=progress, unit="shards"), {}
     if workers > 1 and len(files) > 1:
-        with multiprocessing.get_context("fork").Pool(min(workers, len(files))) as pool:
-            for s in pool.imap_unordered(_scan_and_index, jobs):
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(min(workers, len(files)), mp_context=ctx) as pool:
+            for fut in as_completed([pool.submit(_scan_and_index, j) for j in jobs]):
+                s = fut.result()
                 scans[s.file] = s
                 bar.update(1)
     else:

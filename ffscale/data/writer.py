@@ -13,12 +13,15 @@ import hashlib
 import io
 import json
 import multiprocessing
+import os
 import random
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +89,7 @@ def write_shards(
     for n in _run(job, todo, workers):
         bar.update(n)
     bar.close()
+    _index_missing(job)
     return _manifest(job)
 
 
@@ -94,13 +98,23 @@ def _resume(job: Job, fp: str) -> list[int]:
     state = job.out / STATE
     plan = state / f"{job.name}.json"
     same = plan.is_file() and json.loads(plan.read_text()).get("fingerprint") == fp
+    ours = re.compile(rf"{re.escape(job.name)}-\d{{6}}\.(tar|idx|done|tar\.tmp|idx\.tmp)$")
+    for old in [*job.out.iterdir(), *(state.iterdir() if state.is_dir() else [])]:
+        if ours.match(old.name) and (not same or old.name.endswith(".tmp")):  # another job's, or half-written
+            old.unlink()
     if not same:
-        for old in [*job.out.glob(f"{job.name}-*.tar"), *job.out.glob(f"{job.name}-*.idx")]:
-            old.unlink()
-        for old in state.glob(f"{job.name}-*.done"):
-            old.unlink()
         write_atomic(plan, json.dumps({"fingerprint": fp}))
     return [j for j in range(job.num_shards) if not (job.record(j).is_file() and job.file(j).is_file())]
+
+
+def _index_missing(job: Job) -> None:
+    """Shards finished on a host without DALI's wds2idx get their index once it is there."""
+    if wds2idx() is None:
+        return
+    for j in range(job.num_shards):
+        idx = job.file(j).with_suffix(".idx")
+        if not idx.is_file() or idx.stat().st_size == 0:
+            write_dali_indexes([job.file(j)])
 
 
 _JOB: Job | None = None  # the job of a forked worker (inherited, not pickled: items may be lambdas)
@@ -113,23 +127,31 @@ def _run(job: Job, todo: list[int], workers: int):
     if workers <= 1 or len(todo) <= 1:
         yield from (_write_one(j) for j in todo)
         return
-    with multiprocessing.get_context("fork").Pool(min(workers, len(todo))) as pool:
-        yield from pool.imap_unordered(_write_one, todo)
+    # an executor, not a Pool: a worker killed by the OOM killer raises BrokenProcessPool instead of
+    # leaving the job waiting forever
+    ctx = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
+        for fut in as_completed([pool.submit(_write_one, j) for j in todo]):
+            yield fut.result()
 
 
 def _write_one(j: int) -> int:
     """Write shard j atomically, then its `.done` record (count, sha256, size, conversions)."""
     job, fds, converted = _JOB, {}, Counter()
-    with atomic_path(job.file(j)) as tmp:
-        with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-            for i in job.positions(j):
-                loc, label = job.source.items[job.order[i]]
-                data, why = prepare(*read(loc, fds), job.max_side)
-                if why:
-                    converted[why] += 1
-                _add(tf, f"{i:08d}.jpg", data)
-                _add(tf, f"{i:08d}.cls", str(label).encode())
-        write_dali_indexes([tmp], job.file(j).with_suffix(".idx"))
+    try:
+        with atomic_path(job.file(j)) as tmp:
+            with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+                for i in job.positions(j):
+                    loc, label = job.source.items[job.order[i]]
+                    data, why = prepare(*read(loc, fds), job.max_side)
+                    if why:
+                        converted[why] += 1
+                    _add(tf, f"{i:08d}.jpg", data)
+                    _add(tf, f"{i:08d}.cls", str(label).encode())
+            write_dali_indexes([tmp], job.file(j).with_suffix(".idx"))
+    finally:
+        for fd in fds.values():  # archives opened for this shard (1,000 class tars would exhaust fds)
+            os.close(fd)
     f = job.file(j)
     rec = {"count": len(job.positions(j)), "sha256": sha256_file(f), "size": f.stat().st_size,
            "converted": dict(converted)}  # fmt: skip

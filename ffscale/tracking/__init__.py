@@ -272,12 +272,14 @@ class MlflowTracker:
         """The final stage's weights as an MLflow model in its stage run, registered under
         tracking.register_as, the version tagged with the runs and the data it came from."""
         run_id = self.ids["stages"].get(final.name)
-        if not run_id or not (final.dir / "model.json").is_file():
-            return
+        if not run_id or not (final.dir / "model.json").is_file() or self.ids.get("model_run") == run_id:
+            return  # a rerun of a finished pipeline logs (and registers) no second copy
         try:
             info = self._call(self._log_model, final, run_id)
         except _Down:
             return
+        self.ids["model_run"] = run_id
+        self._save_ids()
         name, version = self.cfg.tracking.register_as, getattr(info, "registered_model_version", None)
         if not name or version is None:
             return
@@ -305,8 +307,11 @@ class MlflowTracker:
         from .pyfunc import log
 
         mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=run_id):
+        mlflow.start_run(run_id=run_id)  # the stage finished: a failure to log must not mark it FAILED
+        try:
             return log(final.dir, self.cfg.tracking.register_as)
+        finally:
+            mlflow.end_run("FINISHED")
 
     def pipeline_ended(self, status: str) -> None:
         self.flush()
