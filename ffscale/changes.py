@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from .config import RunCfg, Stage
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 
 HISTORY = "config-history.jsonl"
 # data.loader and data.workers are not free: they set the steps per epoch (the webdataset loader
@@ -82,6 +82,10 @@ def check(stage: Stage, run: RunCfg, allowed: set[str], where: str = "") -> dict
     diff = {
         k: [old[k], new[k]] for k in sorted(set(old) & set(new)) if old[k] != new[k] and not _matches(k, FREE)
     }
+    started_on = rows[0].get("digests", {})
+    for k in ("data.train", "data.val"):  # the same shards at a new path (a moved mount) are no change
+        if k in diff and started_on.get(k) is not None and started_on[k] == _digest(new[k]):
+            del diff[k]
     if not diff:
         return {}
     fixed = [k for k in diff if _matches(k, FIXED)]
@@ -100,13 +104,27 @@ def check(stage: Stage, run: RunCfg, allowed: set[str], where: str = "") -> dict
     return diff
 
 
+def _digest(root: str) -> str | None:
+    from .data.manifest import load_manifest
+
+    try:
+        return load_manifest(root)[0].digest
+    except DataError:
+        return None
+
+
 def started(stage: Stage, run: RunCfg) -> None:
-    """A fresh stage: its history begins with the config it starts with (rank 0)."""
+    """A fresh stage: its history begins with the config it starts with and its data's digests (rank 0)."""
     from .atomic import write_atomic
 
-    write_atomic(
-        stage.dir / HISTORY, json.dumps({"step": 0, "time": time.time(), "config": flat(stage, run)}) + "\n"
-    )
+    cfg = flat(stage, run)
+    row = {
+        "step": 0,
+        "time": time.time(),
+        "config": cfg,
+        "digests": {k: _digest(cfg[k]) for k in ("data.train", "data.val")},
+    }
+    write_atomic(stage.dir / HISTORY, json.dumps(row) + "\n")
 
 
 def record(stage: Stage, step: int, diff: dict) -> None:

@@ -108,6 +108,23 @@ def test_a_resumed_stage_refuses_changes_unless_allowed_and_never_fixed_keys(tmp
         changes.check(shape, run, {"model.depth"})
 
 
+def test_the_same_shards_at_a_new_path_resume_and_other_shards_do_not(tmp_path, fm_shards):
+    import shutil
+
+    stage, run = _stage(tmp_path, f"data.train={fm_shards / 'train'}", f"data.val={fm_shards / 'val'}")
+    (stage.dir / "checkpoints").mkdir(parents=True)
+    changes.started(stage, run)
+    (stage.dir / "checkpoints" / "latest").write_text("step5")
+    shutil.copytree(fm_shards, tmp_path / "moved")  # the volume mounted elsewhere
+    moved, run = _stage(
+        tmp_path, f"data.train={tmp_path / 'moved' / 'train'}", f"data.val={tmp_path / 'moved' / 'val'}"
+    )
+    assert changes.check(moved, run, set()) == {}
+    other, run = _stage(tmp_path, f"data.train={fm_shards / 'val'}", f"data.val={fm_shards / 'val'}")
+    with pytest.raises(ConfigError, match="data.train: .* cannot change mid-stage"):
+        changes.check(other, run, {"data.train"})
+
+
 # -- end to end: two jobs on one directory, kill -9, takeover; a changed key on resume ----------
 
 
