@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from .config import RunCfg, Stage
+from .config import RunCfg, Stage, dotted
 from .errors import ConfigError, DataError
 
 HISTORY = "config-history.jsonl"
@@ -32,17 +32,7 @@ def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def flat(stage: Stage, run: RunCfg) -> dict:
-    out = {"run.seed": run.seed}
-
-    def walk(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict) and k != "extra":
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = v
-
-    walk(dataclasses.asdict(stage.cfg), "")
-    return out
+    return {"run.seed": run.seed, **dotted(dataclasses.asdict(stage.cfg))}
 
 
 def history(stage_dir: Path) -> list[dict]:

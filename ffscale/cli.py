@@ -41,8 +41,8 @@ def cmd_train(a) -> int:
     if a.node_rank != 0:
         return launch.run(a, nproc, env)
     run_dir = Path(cfg.run.dir) / cfg.run.name
-    with RunLock(run_dir, cfg.run.lock_stale_s).acquire(
-        a.wait_lock
+    with RunLock(
+        run_dir, cfg.run.lock_stale_s, wait_s=a.wait_lock
     ) as lock:  # one job per run, before any rank
         tracking.ensure_store(cfg, run_dir)  # before ranks race to create it
         env[runlock.ENV] = lock.me.token  # the ranks know their launcher holds it

@@ -323,6 +323,17 @@ def check_launch(cfg: Config, nodes: int, per_node: int) -> None:
             raise ConfigError(f"{e} ({nodes} node(s) x {per_node} = {world} ranks)") from None
 
 
+def dotted(d: dict, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {'optim.base_lr': 0.0005, ...}, values as they are."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(dotted(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def allow_change_overrides(keys: list[str]) -> list[str]:
     """`--allow-change a --allow-change b` -> the override run.allow_change=[a,b]."""
     return [f"run.allow_change=[{','.join(keys)}]"] if keys else []

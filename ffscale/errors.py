@@ -52,6 +52,12 @@ class LockHeld(FfscaleError, RuntimeError):
     exit_code, kind = 2, "run in use"
 
 
+class PeerGone(FfscaleError, RuntimeError):
+    """Another rank stopped; this one says so in one line (worth a retry: the job resumes)."""
+
+    exit_code, same_on_every_rank = 1, False
+
+
 class CheckpointWriteError(FfscaleError, OSError):
     """A checkpoint could not be written (disk full, quota, I/O); the previous one is intact."""
 
@@ -79,20 +85,21 @@ def report(e: FfscaleError, rank: int | None = None) -> int:
 
 
 def guarded(fn: Callable[[], int]) -> int:
-    """Run a command body; an FfscaleError becomes its one line and exit code. A rank whose peer
-    stopped (its collective fails when the peer's sockets close, or times out) says so in one line:
-    the peer's own message is the one that explains."""
+    """Run a command body; an FfscaleError becomes its one line and exit code."""
     try:
         return fn()
     except FfscaleError as e:
         return report(e)
-    except RuntimeError as e:
-        if not PEER_GONE.search(str(e)):
-            raise
-        rank = os.environ.get("RANK", "?")
-        print(f"ffscale: rank {rank} stopped: another rank failed or stopped answering ({_first_line(e)})",
-              file=sys.stderr, flush=True)  # fmt: skip
-        return 1
+
+
+def peer_gone(e: RuntimeError) -> PeerGone | None:
+    """A training rank's collective that failed because a peer stopped (its sockets closed, or it
+    stopped answering past the timeout), as one line: the peer's own message is the one that explains.
+    Only the ranks ask (ffscale/train.py): elsewhere "timed out" can mean anything."""
+    if not PEER_GONE.search(str(e)):
+        return None
+    rank = os.environ.get("RANK", "?")
+    return PeerGone(f"rank {rank} stopped: another rank failed or stopped answering ({_first_line(e)})")
 
 
 # gloo's and NCCL's words for a collective whose peer is gone, or that waited past its timeout

@@ -15,10 +15,10 @@ from . import changes, flops, nonfinite
 from .build import build_model, model_kwargs
 from .config import RunCfg, Stage, for_world
 from .data.augment import DeviceOps
+from .data.check import same_classes
 from .data.loader import build_loader
 from .engine.dist import DistInfo
 from .engine.engine import Engine
-from .errors import DataError
 from .hostenv import allocator
 from .models.resize import adapt_state_dict
 from .predict import CARD, write_card
@@ -98,8 +98,7 @@ class StageRun:
         )
         self.num_classes = s.model.num_classes or self.train_m.num_classes
         self.val, self.val_m = build_loader(s.data, s.data.val, False, *args, self.num_classes, d.device)
-        if self.val_m.identity != self.train_m.identity:
-            raise DataError(f"{self.where}: {s.data.val} has other classes than {s.data.train}")
+        same_classes(self.train_m, self.val_m, s.data.train, s.data.val, f"stages.{self.stage.name}.")
 
     def _model(self, init_weights: Path | None) -> torch.nn.Module:
         torch.manual_seed(derive(self.run.seed, "init"))  # same initial weights on every rank
@@ -262,15 +261,7 @@ class StageRun:
         digest = e.export(d / "weights.safetensors")
         ema = {"ema_digest": e.export_ema(d / "weights_ema.safetensors")} if e.ema else {}
         if self.dist.rank == 0:  # what `ffscale predict` and the registered model read
-            write_card(
-                d / CARD,
-                self.s,
-                self.num_classes,
-                self.train_m,
-                self.val_m,
-                self.s.data.train,
-                self.s.data.val,
-            )
+            write_card(d / CARD, self.s, self.num_classes, self.train_m, self.val_m)
         return {
             **ema,
             "finished": True,

@@ -96,8 +96,7 @@ def run_stages(cfg: config.Config, dist: distributed.DistInfo, tracker) -> str:
         tracker.stage_ended(stage, "FINISHED", result)
         distributed.barrier()
         done.append(stage)
-    if dist.rank == 0:
-        tracker.model_ready(done[-1], done)
+    tracker.model_ready(done[-1], done)  # rank 0's tracker; the others' do nothing
     top1 = json.loads((done[-1].dir / DONE).read_text()).get("last_eval", {}).get("val_top1")
     if top1 is not None:
         weights = done[-1].dir / "weights.safetensors"

@@ -27,7 +27,7 @@ from .weights import load_weights
 CARD = "model.json"
 
 
-def write_card(path: Path, s, num_classes: int, train_m, val_m, train_root: str, val_root: str) -> None:
+def write_card(path: Path, s, num_classes: int, train_m, val_m) -> None:
     """`s`: the stage's config; the manifests give class names and the data's digests."""
     from .atomic import write_atomic
 
@@ -38,8 +38,8 @@ def write_card(path: Path, s, num_classes: int, train_m, val_m, train_root: str,
         "class_ids": train_m.class_ids,
         "preprocessing": {"img_size": kw["img_size"], "crop_pct": s.data.crop_pct, "mean": s.data.mean,
                           "std": s.data.std, "resize": "shorter side to img_size / crop_pct, bilinear; centre crop"},
-        "data": {"train": {"path": train_root, "name": train_m.name, "digest": train_m.digest},
-                 "val": {"path": val_root, "name": val_m.name, "digest": val_m.digest}},
+        "data": {"train": {"path": s.data.train, "name": train_m.name, "digest": train_m.digest},
+                 "val": {"path": s.data.val, "name": val_m.name, "digest": val_m.digest}},
         "config": dataclasses.asdict(s),
     }  # fmt: skip
     write_atomic(path, json.dumps(card, indent=1))

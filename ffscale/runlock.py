@@ -69,19 +69,26 @@ def stale(h: Holder, now: float, stale_s: float) -> bool:
 
 
 class RunLock:
-    """`with RunLock(run_dir):` holds the run directory for the block, or raises LockHeld (exit 2)."""
+    """`with RunLock(run_dir):` holds the run directory for the block, or raises LockHeld (exit 2).
+    While a live job holds it, wait up to `wait_s` first (a replacement pod whose predecessor is still
+    writing its preemption checkpoint)."""
 
-    def __init__(self, run_dir: Path, stale_s: float = STALE_S, heartbeat_s: float = HEARTBEAT_S, say=print):
+    def __init__(
+        self,
+        run_dir: Path,
+        stale_s: float = STALE_S,
+        heartbeat_s: float = HEARTBEAT_S,
+        say=print,
+        wait_s: float = 0,
+    ):
         self.path = Path(run_dir) / LOCK
-        self.stale_s, self.heartbeat_s, self.say = stale_s, heartbeat_s, say
+        self.stale_s, self.heartbeat_s, self.say, self.wait_s = stale_s, heartbeat_s, say, wait_s
         self.me = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), time.time(), time.time())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def acquire(self, wait_s: float = 0.0) -> RunLock:
-        """Take the lock; while a live job holds it, wait up to `wait_s` (a replacement pod whose
-        predecessor is still writing its preemption checkpoint), then raise LockHeld."""
-        deadline, said = time.monotonic() + wait_s, False
+    def acquire(self) -> RunLock:
+        deadline, said = time.monotonic() + self.wait_s, False
         while True:
             try:
                 return self._acquire()
@@ -89,7 +96,7 @@ class RunLock:
                 if time.monotonic() >= deadline:
                     raise
                 if not said:
-                    self.say(f"ffscale: waiting up to {wait_s:.0f} s for the run lock: {e}")
+                    self.say(f"ffscale: waiting up to {self.wait_s:.0f} s for the run lock: {e}")
                     said = True
                 time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
 
@@ -161,7 +168,7 @@ class RunLock:
             self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> RunLock:
-        return self if self._thread is not None else self.acquire()  # `with RunLock(d).acquire(wait):`
+        return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()

@@ -33,7 +33,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from ffscale import config
-    from ffscale.errors import guarded
+    from ffscale.errors import guarded, peer_gone
 
     def body() -> int:
         cfg = config.load(args.config, args.overrides + config.allow_change_overrides(args.allow_change))
@@ -45,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         prepare_env()
         from ffscale import pipeline
 
-        return pipeline.run(cfg)
+        try:
+            return pipeline.run(cfg)
+        except RuntimeError as e:
+            if gone := peer_gone(e):
+                raise gone from None
+            raise
 
     return guarded(body)
 

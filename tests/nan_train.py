@@ -10,6 +10,7 @@ import atexit
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import torch.distributed
 
@@ -17,6 +18,7 @@ from ffscale import train
 from ffscale.engine.engine import Engine
 from ffscale.hostenv import reexec_with_rank_env
 
+FFSCALE = Path(train.__file__).resolve().parent  # the package's own files (not a .venv under the clone)
 NAN_STEPS = {int(v) for v in os.environ.get("FFSCALE_FAULT_NAN_STEPS", "").split(",") if v.strip()}
 _train_step = Engine.train_step
 _all_reduce = torch.distributed.all_reduce
@@ -38,7 +40,7 @@ def train_step(self, x, target):
 def all_reduce(*args, **kwargs):
     if counts["in_step"]:
         callers = [f.filename for f in traceback.extract_stack()[:-1]]
-        if "/ffscale/" in callers[-1]:
+        if Path(callers[-1]).resolve().is_relative_to(FFSCALE):  # not DeepSpeed's, wherever the venv is
             counts["ours"] += 1
     return _all_reduce(*args, **kwargs)
 

@@ -9,7 +9,7 @@ from ffscale.models import create_model
 
 
 def test_bench_data_reports_both_loaders_and_their_ratio(fm_shards):
-    a = Namespace(shards=str(fm_shards / "train"), shards_given=True, images=0, img_size=64, batch=32,
+    a = Namespace(shards=str(fm_shards / "train"), images=0, img_size=64, batch=32,
                   workers=0, rounds=1, warmup=1, crop_scale=[0.08, 1.0])  # fmt: skip
     res = bench_data(a)
     for kind in ("webdataset", "dali"):

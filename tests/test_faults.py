@@ -23,6 +23,7 @@ import psutil
 import pytest
 import torch
 from conftest import ROOT, check, launch, launch_cmd, launch_env, small_overrides
+from test_data import bad_shards
 
 pytestmark = pytest.mark.e2e
 NAN_TRAIN = Path(__file__).with_name("nan_train.py")
@@ -281,11 +282,6 @@ def test_resume_with_another_rank_count_goes_through_a_universal_checkpoint(nan_
 def test_a_data_error_inside_a_rank_is_one_line_and_exit_2(fm_shards, tmp_path):
     """A corrupt JPEG met mid-training: the rank that meets it names shard and key in one line and
     the job exits 2 (a rerun cannot fix it: a Kubernetes Job must not retry), no traceback."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_data import bad_shards
-
     bad = bad_shards(tmp_path, "corrupt_jpeg")
     job = small_overrides(fm_shards, tmp_path, "bad") + [
         f"data.train={bad}", f"data.val={bad}", "optim.global_batch=16", "optim.micro_batch=8",

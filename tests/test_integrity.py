@@ -45,7 +45,7 @@ def test_waiting_for_the_lock_gets_it_when_the_holder_ends_within_the_wait(tmp_p
     said = []
     first = RunLock(tmp_path).acquire()
     threading.Timer(0.5, first.release).start()  # a pod still writing its preemption checkpoint
-    second = RunLock(tmp_path, say=said.append).acquire(wait_s=30)
+    second = RunLock(tmp_path, say=said.append, wait_s=30).acquire()
     assert read(tmp_path / LOCK).token == second.me.token and said[0].startswith(
         "ffscale: waiting up to 30 s"
     )

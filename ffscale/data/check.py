@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..config import Config, for_world, stages
 from ..errors import DataError
-from .manifest import load_manifest
+from .manifest import Manifest, load_manifest
 from .plan import ShardPlan
 
 
@@ -27,13 +27,18 @@ def check_stages(cfg: Config, world: int) -> None:
             except DataError as e:
                 raise DataError(f"{p}data.{split}={root}: {e}") from None
             found[split] = m
-        train, val = found["train"], found["val"]
-        if train.identity != val.identity:
-            raise DataError(
-                f"{p}data.val={s.data.val} has other classes than {p}data.train={s.data.train} "
-                f"({val.num_classes} vs {train.num_classes}, or named differently)"
-            )
+        train = found["train"]
+        same_classes(train, found["val"], s.data.train, s.data.val, p)
         if s.model.num_classes and train.num_classes > s.model.num_classes:
             raise DataError(
                 f"{p}model.num_classes={s.model.num_classes} but {s.data.train} has {train.num_classes} classes"
             )
+
+
+def same_classes(train: Manifest, val: Manifest, train_root: str, val_root: str, p: str = "") -> None:
+    """Label k means the same class in both splits (synset ids where known, else names)."""
+    if train.identity != val.identity:
+        raise DataError(
+            f"{p}data.val={val_root} has other classes than {p}data.train={train_root} "
+            f"({val.num_classes} vs {train.num_classes}, or named differently)"
+        )

@@ -11,7 +11,6 @@ every epoch, shuffled only inside its `initial_fill` buffer.
 from __future__ import annotations
 
 import io
-import json
 import re
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from ..config import DataCfg
 from ..errors import DaliFailure, DataError
 from ..seeds import derive31
 from .plan import Batch, ShardPlan, pad_eval
+from .samples import decode_image, iter_samples, json_label, parse_label
 
 LOCATE_S = 120  # searching for a bad sample reads this rank's nearby shards for at most this long
 
@@ -55,7 +55,7 @@ def _pipeline(files, idx, members, train, c: DataCfg, rand_aug: bool, decode_dev
         jpg, cls = fn.readers.webdataset(
             paths=files,
             index_paths=idx,
-            ext=[";".join(members.image_exts), members.label.partition(":")[0]],
+            ext=[";".join(members.image_exts), members.label_member],
             missing_component_behavior="error",  # the default would label a missing .cls as 0
             random_shuffle=train,
             initial_fill=c.shuffle_buffer,
@@ -100,10 +100,9 @@ def json_labels(raw: torch.Tensor, lengths: torch.Tensor, key: str) -> torch.Ten
     out = []
     for row, n in zip(raw.numpy(), lengths.tolist()):
         try:
-            y = json.loads(row[:n].tobytes())[key] if n <= len(row) else None
-        except (ValueError, KeyError, TypeError):
-            y = None
-        out.append(y if isinstance(y, int) else -2)
+            out.append(json_label(row[:n].tobytes(), key) if n <= len(row) else -2)
+        except ValueError:
+            out.append(-2)
     return torch.tensor(out, dtype=torch.int64)
 
 
@@ -135,8 +134,7 @@ class DaliLoader:
             )
         self.cfg, self.plan, self.train, self.batch = cfg, plan, train, batch
         self.num_classes, self.device = num_classes, device
-        self.indexes = plan.indexes or [f.with_suffix(".idx") for f in plan.files]
-        for i in self.indexes:
+        for i in plan.indexes:
             if not i.is_file() or i.stat().st_size == 0:
                 raise DataError(
                     f"DALI index {i} missing or empty: rewrite the shards with `ffscale shard`, or "
@@ -159,7 +157,7 @@ class DaliLoader:
         # On a CPU, DALI's resize costs ~1 ms per 224 px image, torch's uint8 SIMD resize ~0.15 ms.
         host = self.train and not gpu and not rand_aug
         pipe = _pipeline(
-            [str(self.plan.files[i]) for i in order], [str(self.indexes[i]) for i in order], self.plan.members,
+            [str(self.plan.files[i]) for i in order], [str(self.plan.indexes[i]) for i in order], self.plan.members,
             self.train,
             self.cfg, rand_aug, "mixed" if gpu else "cpu", host,
         )(
@@ -193,7 +191,7 @@ class DaliLoader:
             del it
 
     def _labels(self, raw: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        member, _, key = self.plan.members.label.partition(":")
+        key = self.plan.members.label_key
         return json_labels(raw, lengths, key) if key else parse_labels(raw, lengths)
 
     def _resize(self, crops, mirror) -> torch.Tensor:
@@ -243,8 +241,6 @@ class DaliLoader:
         """DALI's data errors carry no file name: read, on the host, the shards of this rank that
         the failing batch can have come from (its reader position, plus the shuffle buffer and the
         prefetched batches), at most `seconds`, and raise naming the shard and key."""
-        from .samples import decode_image, iter_samples, parse_label
-
         order = self.plan.train_shards(epoch) if self.train else self.plan.eval_shards()
         lo, hi = max(0, (batch - 1) * self.batch), (batch + 3) * self.batch + self.cfg.shuffle_buffer
         start, near = 0, []
@@ -254,10 +250,9 @@ class DaliLoader:
             start += self.plan.counts[i]
         deadline = time.monotonic() + seconds
         try:
-            label, exts = self.plan.members.label, tuple(e.lower() for e in self.plan.members.image_exts)
             for s in iter_samples([self.plan.files[i] for i in near], [self.plan.counts[i] for i in near]):
-                parse_label(s, self.num_classes, label)
-                decode_image(s, exts)
+                parse_label(s, self.num_classes, self.plan.members)
+                decode_image(s, self.plan.members)
                 if time.monotonic() > deadline:
                     break
         except DataError as e:

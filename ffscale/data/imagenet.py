@@ -27,7 +27,6 @@ from .shards import IMAGE_EXTS, Source, Span, image_folder
 TRAIN_TAR, VAL_TAR, DEVKIT = "ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12"
 GROUND_TRUTH, META = "ILSVRC2012_validation_ground_truth.txt", "meta.mat"
 KAGGLE = Path("ILSVRC/Data/CLS-LOC")
-VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})")
 SYNSET = re.compile(r"n\d{8}$")
 
 
@@ -136,9 +135,12 @@ def _train(root: Path, synsets: Synsets | None, found: list[str]) -> Source | No
         found.append(f"train: {tar.name} (per-class tars, read in place)")
         return _train_tar(tar, synsets)
     folder = _first(root, "train", KAGGLE / "train")
-    if folder is None:
-        return None
-    found.append(f"train: {folder} (class folders)")
+    return None if folder is None else _class_folders(folder, synsets, "train", found)
+
+
+def _class_folders(folder: Path, synsets: Synsets | None, split: str, found: list[str]) -> Source:
+    """`folder/<synset>/<image>`, named by the synsets' words when known."""
+    found.append(f"{split}: {folder} (class folders)")
     src = image_folder(folder, synsets.words if synsets else {})
     _known(src.class_ids, synsets, folder)
     return Source(f"imagenet:{folder}", src.classes, src.items, src.class_ids)
@@ -192,16 +194,11 @@ def _val(root: Path, synsets: Synsets | None, truth: list[int] | None, found: li
     if tar is None and folder is None:
         return None
     if folder is not None and any(SYNSET.match(p.name) and p.is_dir() for p in folder.iterdir()):
-        found.append(f"val: {folder} (class folders)")
-        src = image_folder(folder, synsets.words if synsets else {})
-        _known(src.class_ids, synsets, folder)
-        return Source(f"imagenet:{folder}", src.classes, src.items, src.class_ids)
+        return _class_folders(folder, synsets, "val", found)
     images = _val_tar(tar) if tar is not None else _val_folder(folder)
     where = tar or folder
     if synsets is None:
-        raise DataError(
-            f"{where}: flat val images but no labels: add {DEVKIT}.tar.gz or LOC_val_solution.csv"
-        )
+        raise _unlabelled(where)
     labels, origin = _val_labels(root, synsets, truth, where)
     found.append(f"val: {where} (flat) labelled by {origin}")
     index, items = synsets.index(), []
@@ -213,6 +210,10 @@ def _val(root: Path, synsets: Synsets | None, truth: list[int] | None, found: li
     if len(items) != len(labels):
         raise DataError(f"{origin} labels {len(labels)} val images, {where} holds {len(items)}")
     return Source(f"imagenet:{where}", synsets.names(), items, synsets.ids)
+
+
+def _unlabelled(where: Path) -> DataError:
+    return DataError(f"{where}: flat val images but no labels: add {DEVKIT}.tar.gz or LOC_val_solution.csv")
 
 
 def _val_tar(path: Path) -> dict[str, Span]:
@@ -242,9 +243,7 @@ def _val_labels(
         }, GROUND_TRUTH
     sol = _first(root, "LOC_val_solution.csv")
     if sol is None:
-        raise DataError(
-            f"{where}: flat val images but no labels: add {DEVKIT}.tar.gz or LOC_val_solution.csv"
-        )
+        raise _unlabelled(where)
     out, known = {}, set(synsets.ids)
     rows = list(csv.reader(sol.read_text().splitlines()))
     for n, row in enumerate(rows[1:], 2):

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 import os
 import tarfile
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..progress import Bar
+from .forked import forked_map
 from .manifest import DataError, Manifest, ShardInfo
 from .writer import write_dali_indexes
 
@@ -156,17 +155,9 @@ def index_shards(
         raise DataError(f"{out}: cannot create it ({e.strerror}); give --out DIR") from None
     jobs = [(f, out / (f.stem + ".idx")) for f in files]
     bar, scans = Bar(f"index {root}", len(files), enabled=progress, unit="shards"), {}
-    if workers > 1 and len(files) > 1:
-        ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(min(workers, len(files)), mp_context=ctx) as pool:
-            for fut in as_completed([pool.submit(_scan_and_index, j) for j in jobs]):
-                s = fut.result()
-                scans[s.file] = s
-                bar.update(1)
-    else:
-        for j in jobs:
-            scans[j[0]] = _scan_and_index(j)
-            bar.update(1)
+    for s in forked_map(_scan_and_index, jobs, workers):
+        scans[s.file] = s
+        bar.update(1)
     bar.close()
     return _manifest([scans[f] for f in files], out, pattern, classes_file, label_field, num_classes)
 

@@ -30,6 +30,19 @@ class Members:
     label: str = "cls"  # or "json:<field>"
     label_bytes: int = 16
 
+    @property
+    def label_member(self) -> str:
+        return self.label.partition(":")[0]
+
+    @property
+    def label_key(self) -> str:
+        """The .json field holding the label ("" for .cls)."""
+        return self.label.partition(":")[2]
+
+    @property
+    def lower_exts(self) -> tuple[str, ...]:
+        return tuple(e.lower() for e in self.image_exts)  # webdataset lower-cases member extensions
+
 
 @dataclass
 class Manifest:

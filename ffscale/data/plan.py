@@ -41,6 +41,8 @@ class ShardPlan:
     indexes: list[Path] | None = None  # DALI's .idx per shard (default: beside it)
 
     def __post_init__(self):
+        if self.indexes is None:
+            self.indexes = [f.with_suffix(".idx") for f in self.files]
         if len(self.files) < self.world:
             raise DataError(
                 f"{self.files[0].parent}: {len(self.files)} shard(s) for {self.world} ranks; "

@@ -10,30 +10,41 @@ from collections.abc import Iterator
 from PIL import Image
 
 from ..errors import DataError
+from .manifest import Members
 
 
 def where(sample: dict) -> str:
     return f"shard {sample.get('__url__')} sample {sample.get('__key__')}"
 
 
-def parse_label(sample: dict, num_classes: int, label: str = "cls") -> int:
+def json_label(raw: bytes, key: str) -> int:
+    """The integer `key` of a .json member; ValueError when there is none."""
+    try:
+        y = json.loads(raw)[key]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"no {key!r} field") from e
+    if not isinstance(y, int):
+        raise ValueError(f"{key} is not an integer")
+    return y
+
+
+def parse_label(sample: dict, num_classes: int, members: Members = Members()) -> int:
     """The sample's class from its `.cls` member, or from a field of its `.json` ("json:<field>")."""
-    member, _, key = label.partition(":")
+    member, key = members.label_member, members.label_key
     raw = sample.get(member)
     if raw is None:
         raise DataError(f"{where(sample)}: no .{member} label")
     try:
-        y = json.loads(raw)[key] if key else int(raw.decode().strip())
-        if not isinstance(y, int):
-            raise ValueError(f"{key} is not an integer")
-    except (UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        y = json_label(raw, key) if key else int(raw.decode().strip())
+    except (UnicodeDecodeError, ValueError) as e:
         raise DataError(f"{where(sample)}: label {raw[:20]!r} is not an integer ({e})") from e
     if not 0 <= y < num_classes:
         raise DataError(f"{where(sample)}: label {y} out of range [0, {num_classes})")
     return y
 
 
-def decode_image(sample: dict, exts: tuple[str, ...] = ("jpg",)) -> Image.Image:
+def decode_image(sample: dict, members: Members = Members()) -> Image.Image:
+    exts = members.lower_exts
     data = next((sample[e] for e in exts if sample.get(e)), None)
     if not data:
         raise DataError(f"{where(sample)}: no image (.{'/.'.join(exts)}) or an empty one")

@@ -44,15 +44,15 @@ class WdsLoader:
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         to_skip = len(range(wid, skip, nw)) * self.batch  # DataLoader takes batches round-robin
-        c, label, exts = self.cfg, self.plan.members.label, _lower(self.plan.members.image_exts)
+        c, members = self.cfg, self.plan.members
         for n, s in enumerate(src):
             if n < to_skip:
                 continue
             # per sample: a resumed epoch replays the same crops
             rng = random.Random(derive(self.plan.seed, "crop", epoch, self.plan.rank, wid, n))
             try:
-                y = parse_label(s, self.num_classes, label)
-                img = decode_image(s, exts)
+                y = parse_label(s, self.num_classes, members)
+                img = decode_image(s, members)
             except DataError as e:
                 if c.on_error == "raise":
                     raise
@@ -105,7 +105,3 @@ class WdsLoader:
 def _collate(samples: list[tuple]) -> Batch:
     xs, ys = zip(*samples)
     return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
-
-
-def _lower(exts: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(e.lower() for e in exts)  # webdataset lower-cases member extensions

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import random
 import re
@@ -21,12 +20,12 @@ import subprocess
 import sys
 import tarfile
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_path, write_atomic
 from ..progress import Bar
+from .forked import forked_map
 from .images import prepare
 from .manifest import Manifest, ShardInfo, sha256_file
 from .shards import Source, Span, read
@@ -84,9 +83,10 @@ def write_shards(
     random.Random(seed).shuffle(order)
     job = Job(src, out, name, order[:limit] if limit else order, shard_size, max_side)
     todo = _resume(job, fingerprint(src, name, seed, shard_size, limit, max_side))
-    bar = Bar(f"{out}", len(job.order), sum(len(job.positions(j)) for j in range(job.num_shards)) - sum(
-        len(job.positions(j)) for j in todo), enabled=progress)  # fmt: skip
-    for n in _run(job, todo, workers):
+    bar = Bar(f"{out}", len(job.order), len(job.order) - sum(len(job.positions(j)) for j in todo), progress)
+    global _JOB
+    _JOB = job
+    for n in forked_map(_write_one, todo, workers):
         bar.update(n)
     bar.close()
     _index_missing(job)
@@ -118,21 +118,6 @@ def _index_missing(job: Job) -> None:
 
 
 _JOB: Job | None = None  # the job of a forked worker (inherited, not pickled: items may be lambdas)
-
-
-def _run(job: Job, todo: list[int], workers: int):
-    """Yield each finished shard's sample count, from this process or `workers` forked ones."""
-    global _JOB
-    _JOB = job
-    if workers <= 1 or len(todo) <= 1:
-        yield from (_write_one(j) for j in todo)
-        return
-    # an executor, not a Pool: a worker killed by the OOM killer raises BrokenProcessPool instead of
-    # leaving the job waiting forever
-    ctx = multiprocessing.get_context("fork")
-    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
-        for fut in as_completed([pool.submit(_write_one, j) for j in todo]):
-            yield fut.result()
 
 
 def _write_one(j: int) -> int:

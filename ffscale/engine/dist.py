@@ -88,15 +88,3 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
     return t
-
-
-class _Done:
-    def wait(self) -> None: ...
-
-
-def all_reduce_sum_async(t: torch.Tensor):
-    """Sum `t` over ranks in place; returns the work to wait on. With NCCL `wait()` only orders the
-    current stream after the collective (the host does not block); gloo's blocks the CPU."""
-    if torch.distributed.is_initialized():
-        return torch.distributed.all_reduce(t, async_op=True)
-    return _Done()

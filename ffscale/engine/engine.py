@@ -15,7 +15,7 @@ from ..config import StageCfg
 from ..errors import NonFiniteLoss, Preempted
 from ..metrics import summarize, topk_counts
 from . import checkpoint, ds_config
-from .dist import DistInfo, all_reduce_sum, all_reduce_sum_async
+from .dist import DistInfo, all_reduce_sum
 from .ema import Ema
 from .masters import share_fp32_masters
 from .optim import build_optimizer
@@ -112,7 +112,7 @@ class Engine:
         only once the step is queued: every rank then decides alike, and the GPU is not drained."""
         flags = torch.stack([self._bad, torch.full_like(self._bad, float(preempt.requested()))])
         self._bad.zero_()
-        all_reduce_sum_async(flags).wait()
+        all_reduce_sum(flags)  # NCCL: queued on the stream, the host does not wait
         opt = self.ds.optimizer
         bare_torch = not hasattr(opt, "overflow")
         if bare_torch:

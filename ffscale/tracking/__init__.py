@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..atomic import write_atomic
+from ..config import dotted
 from ..errors import ConfigError
 
 SECRET = re.compile(r"(token|password|passwd|secret|credential|api_?key)", re.I)
@@ -42,19 +43,10 @@ def redact(value: str) -> str:
     return URI_CREDS.sub(r"\1***@", value)
 
 
-def flatten(d, prefix: str = "") -> dict[str, str]:
+def flatten(d: dict) -> dict[str, str]:
     """Nested config -> {'optim.base_lr': '0.0005', ...}; secret-looking keys and URI credentials
     never leave the machine."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        elif SECRET.search(key):
-            continue
-        else:
-            out[key] = redact(str(v))[:6000]
-    return out
+    return {k: redact(str(v))[:6000] for k, v in dotted(d).items() if not SECRET.search(k)}
 
 
 def default_store(runs_root: Path) -> str:
@@ -209,11 +201,11 @@ class MlflowTracker:
         stage's config history as an artifact."""
         if not self.child:
             return
-        from ..changes import HISTORY
+        from ..changes import HISTORY, describe
 
         run = self._try(self.client.get_run, self.child)
         past = run.data.tags.get("ffscale.changes", "") if run else ""
-        line = f"step {step}: " + "; ".join(f"{k}: {o!r} -> {n!r}" for k, (o, n) in diff.items())
+        line = f"step {step}: {describe(diff)}"
         self._try(self.client.set_tag, self.child, "ffscale.changes", f"{past}\n{line}".strip())
         for k, (old, new) in diff.items():
             self._try(
@@ -272,7 +264,9 @@ class MlflowTracker:
         """The final stage's weights as an MLflow model in its stage run, registered under
         tracking.register_as, the version tagged with the runs and the data it came from."""
         run_id = self.ids["stages"].get(final.name)
-        if not run_id or not (final.dir / "model.json").is_file() or self.ids.get("model_run") == run_id:
+        from ..predict import CARD
+
+        if not run_id or not (final.dir / CARD).is_file() or self.ids.get("model_run") == run_id:
             return  # a rerun of a finished pipeline logs (and registers) no second copy
         try:
             info = self._call(self._log_model, final, run_id)
@@ -283,7 +277,7 @@ class MlflowTracker:
         name, version = self.cfg.tracking.register_as, getattr(info, "registered_model_version", None)
         if not name or version is None:
             return
-        card = json.loads((final.dir / "model.json").read_text())
+        card = json.loads((final.dir / CARD).read_text())
         tags = {
             "ffscale.pipeline": self.cfg.run.name,
             "ffscale.pipeline_run": self.parent or "",
