@@ -8,7 +8,6 @@ Everything is validated and resolved once, here, before any process or device is
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,14 +15,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .atomic import write_atomic
-from .errors import ConfigError
+from ffscale.errors import ConfigError
+from ffscale.util.atomic import write_atomic
 
 
 @dataclass
 class ModelCfg:
     name: str = "ff_tiny"
-    img_size: int | None = None  # None: data.img_size
+    img_size: int | None = None  # None: data.img_size (if set, it must equal it)
     patch_size: int | None = None  # None: the registered size's
     in_chans: int = 3
     num_classes: int | None = None  # None: from the training shards' manifest
@@ -133,7 +132,7 @@ class RunCfg:
     # (and a JobSet or Job restarts the group) instead of leaving them hanging. Above the longest
     # wait of a healthy run: a checkpoint write, or rank 0 converting a checkpoint for resharding.
     collective_timeout_s: int = 600
-    # Keys a resumed stage may take new values for (`--allow-change KEY`); see ffscale/changes.py
+    # Keys a resumed stage may take new values for (`--allow-change KEY`); see ffscale/run/changes.py
     allow_change: list[str] = field(default_factory=list)
     # The run directory's lock is taken over when its holder's heartbeat is older than this
     lock_stale_s: float = 60.0
@@ -246,6 +245,11 @@ def stages(cfg: Config) -> list[Stage]:
     return out
 
 
+def image_size(s: StageCfg) -> int:
+    """The one resolution of the model's image size: data.img_size unless model.img_size says (the same)."""
+    return s.model.img_size or s.data.img_size
+
+
 def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
@@ -260,11 +264,16 @@ def validate(s: StageCfg, p: str = "") -> None:
     _choice(s.deepspeed.comm_dtype, ("fp32", "bf16", "fp16"), f"{p}deepspeed.comm_dtype")
     if s.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"{p}deepspeed.zero_stage={s.deepspeed.zero_stage}: must be 0, 1, 2 or 3")
-    from .models import list_models
+    from ffscale.models import list_models
 
     if s.model.name not in list_models():
         raise ConfigError(f"{p}model.name={s.model.name!r}: unknown; known: {list_models()}")
-    img = s.model.img_size or s.data.img_size
+    if s.model.img_size is not None and s.model.img_size != s.data.img_size:  # else the first forward fails
+        raise ConfigError(
+            f"{p}model.img_size={s.model.img_size} but {p}data.img_size={s.data.img_size}: the loader makes "
+            f"{s.data.img_size} px images; leave model.img_size unset (it follows data.img_size) or make them equal"
+        )
+    img = image_size(s)
     if s.model.patch_size and img % s.model.patch_size:
         raise ConfigError(
             f"{p}model.img_size={img} is not divisible by {p}model.patch_size={s.model.patch_size}"
@@ -284,45 +293,6 @@ def validate(s: StageCfg, p: str = "") -> None:
         raise ConfigError(f"{p}schedule.epochs must be positive")
 
 
-def check_world(s: StageCfg, world: int, p: str = "") -> int:
-    """Gradient accumulation steps for this world size, or an error naming the keys and a fix."""
-    g, m = s.optim.global_batch, s.optim.micro_batch
-    if m is None:
-        if g % world:
-            raise ConfigError(
-                f"{p}optim.global_batch={g} is not divisible by {world} ranks; pick a multiple of {world}"
-            )
-        return 1
-    if g % (m * world):
-        fits = [d for d in range(min(m, g // world), 0, -1) if g % (d * world) == 0]
-        fix = (
-            f"set {p}optim.micro_batch={fits[0]} (accumulating {g // (fits[0] * world)}), or leave it unset"
-            if fits and g % world == 0
-            else f"pick a global_batch that is a multiple of {m * world}"
-        )
-        raise ConfigError(
-            f"{p}optim.global_batch={g} is not divisible by ranks x micro_batch = {world} x {m}; {fix}"
-        )
-    return g // (m * world)
-
-
-def for_world(s: StageCfg, world: int, p: str = "") -> StageCfg:
-    """The stage's config with optim.micro_batch resolved for `world` ranks (checked)."""
-    accum = check_world(s, world, p)
-    optim = dataclasses.replace(s.optim, micro_batch=s.optim.global_batch // (world * accum))
-    return dataclasses.replace(s, optim=optim)
-
-
-def check_launch(cfg: Config, nodes: int, per_node: int) -> None:
-    """Every stage of the pipeline can start on nodes x per_node ranks: checked before any starts."""
-    world = nodes * per_node
-    for stage in stages(cfg):
-        try:
-            check_world(stage.cfg, world, f"stages.{stage.name}." if cfg.stages else "")
-        except ConfigError as e:
-            raise ConfigError(f"{e} ({nodes} node(s) x {per_node} = {world} ranks)") from None
-
-
 def dotted(d: dict, prefix: str = "") -> dict[str, Any]:
     """Nested dicts -> {'optim.base_lr': 0.0005, ...}, values as they are."""
     out = {}
@@ -337,6 +307,24 @@ def dotted(d: dict, prefix: str = "") -> dict[str, Any]:
 def allow_change_overrides(keys: list[str]) -> list[str]:
     """`--allow-change a --allow-change b` -> the override run.allow_change=[a,b]."""
     return [f"run.allow_change=[{','.join(keys)}]"] if keys else []
+
+
+def add_args(p, allow_change: bool = False) -> None:
+    """The config's command-line flags, the same for every command that reads a training config:
+    YAML files merged in order, then key=value overrides (and `--allow-change` for training)."""
+    p.add_argument("--config", "-c", action="append", default=[], help="YAML file(s), merged in order")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.base_lr=1e-3")
+    if allow_change:
+        p.add_argument(
+            "--allow-change", action="append", default=[], metavar="KEY",
+            help="resume a stage with a new value for KEY (e.g. optim.base_lr), applied from the resumed step "
+            "and recorded; without it a changed config stops the resume with the differences",
+        )  # fmt: skip
+
+
+def from_args(a) -> Config:
+    """The config that `add_args`' flags describe."""
+    return load(a.config, a.overrides + allow_change_overrides(getattr(a, "allow_change", [])))
 
 
 def to_yaml(cfg: Config) -> str:

@@ -46,6 +46,12 @@ class CheckpointMismatch(FfscaleError, RuntimeError):
     exit_code = 2
 
 
+class UntrustedFile(FfscaleError, ValueError):
+    """A pickle that would have to run code to load; refused unless the user says they trust it."""
+
+    exit_code, kind = 2, "untrusted file"
+
+
 class LockHeld(FfscaleError, RuntimeError):
     """Another job holds the run directory: retrying at once cannot help."""
 
@@ -68,6 +74,14 @@ class NonFiniteLoss(FfscaleError, FloatingPointError):
     """The loss was NaN/inf and optim.nonfinite says stop; every rank stops at the same step."""
 
     exit_code = 1
+
+
+class ReportedElsewhere(FfscaleError):
+    """Rank 0 found an error every rank must stop for and printed it; this rank exits alike, silently."""
+
+    def __init__(self, exit_code: int):
+        super().__init__("")
+        self.exit_code = exit_code
 
 
 class Preempted(FfscaleError):

@@ -48,10 +48,10 @@ E2E=(--config configs/ff_tiny.yaml "data.train=$SHARDS" "data.val=$SHARDS" "data
   "run.dir=$OUT/runs" run.name=e2e tracking.enabled=false optim.global_batch=64 "schedule.epochs=$EPOCHS"
   schedule.warmup_epochs=0.2 optim.nonfinite=skip checkpoint.every_steps=5 run.log_every=5)
 launch() { "$PY" -c 'from deepspeed.launcher.runner import main; main()' -q --num_gpus 1 --master_port 29511 "$@"; }
-FFSCALE_FAULT_NAN_STEPS=3 step e2e_stop launch tests/nan_train.py "${E2E[@]}" schedule.stop_at_step=6
+FFSCALE_FAULT_NAN_STEPS=3 step e2e_stop launch tests/entries/nan_train.py "${E2E[@]}" schedule.stop_at_step=6
 step e2e_resume launch ffscale/train.py "${E2E[@]}"
 # 5. the same shards through two decode paths: labels identical, pixel differences
-step decode_check "$PY" -m ffscale.data.decode_check "$SHARDS" --img-size "$SIZE" --images 1000
+step decode_check ff bench decode "$SHARDS" --img-size "$SIZE" --images 1000
 
 "$PY" - "$OUT" <<'EOF'
 import json, sys

@@ -8,7 +8,7 @@ SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
-# jemalloc for CPU ranks (ffscale/hostenv.py); optional: without it CPU steps are a few % slower.
+# jemalloc for CPU ranks (ffscale/util/hostenv.py); optional: without it CPU steps are a few % slower.
 if ! ldconfig -p | grep -q libjemalloc.so; then
   { $SUDO apt-get install -y -qq libjemalloc2 || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libjemalloc2; }; } \
     >/dev/null 2>&1 || echo "setup: libjemalloc2 not installed (optional)"
@@ -28,7 +28,7 @@ fi
 extras=${FFSCALE_EXTRAS:-dali,dev}
 if ! python -c "import ffscale, deepspeed, mlflow, nvidia.dali" 2>/dev/null || [ pyproject.toml -nt .venv/.ffscale-installed ]; then
   pip install -q -e ".[${extras}]"
-  # timm's RandAugment definitions for tests/test_randaug.py; without its dependencies, whose
+  # timm's RandAugment definitions for tests/unit/test_randaug.py; without its dependencies, whose
   # torchvision would replace the CPU torch wheel
   case ",${extras}," in *,dev,*) pip install -q --no-deps "timm>=1.0" ;; esac
   touch .venv/.ffscale-installed

@@ -1,80 +1,12 @@
-"""Shared fixtures: small real shards, and a real DeepSpeed launch helper."""
+"""Shared fixtures: small real shards, a directory per test module for its scenarios. Helpers that
+tests call live in tests/helpers/; tests under tests/e2e/ are marked e2e (`pytest -m "not e2e"`
+runs tests/unit/ alone)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-TRAIN_PY = ROOT / "ffscale" / "train.py"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch_cmd(args: list[str], nproc: int = 2, script: Path = TRAIN_PY) -> list[str]:
-    """The real `deepspeed` launcher running ffscale/train.py (or `script`) with `nproc` CPU ranks."""
-    launcher = Path(sys.executable).with_name("deepspeed")
-    return [
-        str(launcher),
-        "-q",
-        "--num_gpus",
-        str(nproc),
-        "--master_port",
-        str(free_port()),
-        str(script),
-        *args,
-    ]
-
-
-def launch_env(env: dict | None = None) -> dict:
-    """What every test job runs with: one thread per CPU rank, no warnings noise."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-
-
-def launch(
-    args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None, script: Path = TRAIN_PY
-) -> subprocess.CompletedProcess:
-    """Run a training job to its end under the real `deepspeed` launcher."""
-    return subprocess.run(
-        launch_cmd(args, nproc, script),
-        cwd=ROOT,
-        env=launch_env(env),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def sigterm_after_rows(cmd: list[str], metrics: Path, rows: int, timeout: int = 240) -> tuple[int, str]:
-    """Start `cmd`, SIGTERM it once `metrics` has `rows` rows (or it ended); (exit code, output)."""
-    p = subprocess.Popen(
-        cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    deadline = time.time() + 180
-    while time.time() < deadline and p.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= rows:
-            break
-        time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
-    out, _ = p.communicate(timeout=timeout)
-    return p.returncode, out
-
-
-def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    """A job that must have succeeded; its output's tail otherwise."""
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +18,8 @@ def module_dir(tmp_path_factory, request) -> Path:
 @pytest.fixture(scope="session")
 def fm_shards(tmp_path_factory) -> Path:
     """2,048 train + 512 val real Fashion-MNIST images in 8 + 4 shards."""
-    from ffscale.data import shards
-    from ffscale.data.writer import write_shards
+    from ffscale.data.ingest import sources as shards
+    from ffscale.data.ingest.writer import write_shards
 
     out = tmp_path_factory.mktemp("fm")
     for split, n, size in (("train", 2048, 256), ("val", 512, 128)):
@@ -95,29 +27,16 @@ def fm_shards(tmp_path_factory) -> Path:
     return out
 
 
-def small_overrides(shards: Path, run_dir: Path, name: str) -> list[str]:
-    """A small FF model on the small shards: fast enough for several multi-rank launches."""
-    return [
-        f"data.train={shards / 'train'}",
-        f"data.val={shards / 'val'}",
-        f"run.dir={run_dir}",
-        f"run.name={name}",
-        "run.log_every=1",
-        "data.img_size=28",
-        "data.crop_pct=1.0",
-        "data.scale=[0.8,1.0]",
-        "model.patch_size=7",
-        "model.drop_path=0.1",
-        "model.dim=32",
-        "model.depth=2",
-        "data.workers=0",
-        "data.rand_augment=false",
-        "data.mixup=0.0",
-        "data.cutmix=0.0",
-        "data.reprob=0.0",
-        "optim.global_batch=64",
-        "optim.micro_batch=32",
-        "optim.base_lr=4e-3",
-        "schedule.warmup_epochs=0.2",
-        "optim.ema_decay=0",
-    ]
+@pytest.fixture(scope="session")
+def foreign(tmp_path_factory) -> Path:
+    """Another tool's shards in one directory, each split indexed on its own (helpers/foreign.py)."""
+    from helpers.foreign import make_foreign
+
+    return make_foreign(tmp_path_factory.mktemp("foreign"))
+
+
+def pytest_collection_modifyitems(config, items):
+    e2e = Path(__file__).parent / "e2e"
+    for item in items:
+        if Path(item.fspath).is_relative_to(e2e):
+            item.add_marker(pytest.mark.e2e)

@@ -1,1 +1,2 @@
-"""Shards -> batches on the device. Only this package knows webdataset and DALI."""
+"""Shards -> batches on the device: loaders, the per-rank plan, manifests, samples, checks and
+augmentation. Only this package knows webdataset and DALI (ingest/ writes shards offline)."""

@@ -12,7 +12,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from ..config import DataCfg
+from ffscale.config import DataCfg
 
 
 class DeviceOps:

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..config import DataCfg
-from ..errors import DaliFailure, DataError
-from ..seeds import derive31
-from .plan import Batch, ShardPlan, pad_eval
-from .samples import decode_image, iter_samples, json_label, parse_label
+from ffscale.config import DataCfg
+from ffscale.data.plan import Batch, ShardPlan, pad_eval
+from ffscale.data.samples import decode_image, iter_samples, json_label, parse_label
+from ffscale.errors import DaliFailure, DataError
+from ffscale.util.seeds import derive31
 
 LOCATE_S = 120  # searching for a bad sample reads this rank's nearby shards for at most this long
 
@@ -46,7 +46,7 @@ def available() -> bool:
 def _pipeline(files, idx, members, train, c: DataCfg, rand_aug: bool, decode_device: str, host_resize: bool):
     from nvidia.dali import fn, pipeline_def, types
 
-    from . import randaug
+    from ffscale.data import randaug
 
     width = members.label_bytes  # labels leave DALI as fixed-width bytes, parsed on the host
 

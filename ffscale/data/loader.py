@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import DataCfg
-from .manifest import Manifest, load_manifest
-from .plan import Loader, ShardPlan
+from ffscale.config import DataCfg
+from ffscale.data.manifest import Manifest, load_manifest
+from ffscale.data.plan import Loader, ShardPlan
 
 
 def build_loader(
@@ -34,11 +34,11 @@ def build_loader(
     plan = ShardPlan(files, counts, rank, world, seed, manifest.members, idx)
     kind, why = choose(cfg, device)
     if kind == "dali":
-        from .dali import DaliLoader
+        from ffscale.data.dali import DaliLoader
 
         loader = DaliLoader(cfg, plan, train, micro_batch, num_classes, device)
     else:
-        from .wds import WdsLoader
+        from ffscale.data.wds import WdsLoader
 
         loader = WdsLoader(cfg, plan, train, micro_batch, num_classes, device)
     loader.choice = f"{kind} loader ({why})"
@@ -49,7 +49,7 @@ def choose(cfg: DataCfg, device: torch.device) -> tuple[str, str]:
     """(loader, why) for data.loader; `auto` decides by what each loader can do and how fast it is."""
     if cfg.loader != "auto":
         return cfg.loader, f"data.loader={cfg.loader}"
-    from .dali import available
+    from ffscale.data.dali import available
 
     if not available():
         return "webdataset", "data.loader=auto: DALI is not installed"
@@ -73,7 +73,7 @@ def choose(cfg: DataCfg, device: torch.device) -> tuple[str, str]:
 
 @functools.cache
 def _dali_probe(device: torch.device) -> str | None:
-    from .dali import probe
+    from ffscale.data.dali import probe
 
     reason = probe(device)
     if reason:

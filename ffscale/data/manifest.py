@@ -8,8 +8,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..atomic import write_atomic
-from ..errors import DataError
+from ffscale.errors import DataError
+from ffscale.util.atomic import write_atomic
 
 MANIFEST = "manifest.json"
 

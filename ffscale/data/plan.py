@@ -15,9 +15,9 @@ from typing import Protocol
 
 import torch
 
-from ..errors import DataError
-from ..seeds import derive
-from .manifest import Members
+from ffscale.data.manifest import Members
+from ffscale.errors import DataError
+from ffscale.util.seeds import derive
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 from PIL import Image
 
-from ..errors import DataError
-from .manifest import Members
+from ffscale.data.manifest import Members
+from ffscale.errors import DataError
 
 
 def where(sample: dict) -> str:
@@ -61,7 +61,7 @@ def iter_samples(files: list, counts: list[int] | None = None) -> Iterator[dict]
     one that ends early) raises DataError naming it."""
     import webdataset as wds
 
-    from .manifest import broken_tar
+    from ffscale.data.manifest import broken_tar
 
     src = wds.DataPipeline(
         wds.SimpleShardList([str(f) for f in files]), wds.tarfile_to_samples(handler=broken_tar)

@@ -8,13 +8,13 @@ from collections.abc import Iterator
 import torch
 import webdataset as wds
 
-from ..config import DataCfg
-from ..errors import DataError
-from ..seeds import derive
-from .manifest import broken_tar
-from .plan import Batch, ShardPlan, pad_eval
-from .samples import decode_image, parse_label, whole_shards
-from .transforms import eval_transform, train_transform
+from ffscale.config import DataCfg
+from ffscale.data.manifest import broken_tar
+from ffscale.data.plan import Batch, ShardPlan, pad_eval
+from ffscale.data.samples import decode_image, parse_label, whole_shards
+from ffscale.data.transforms import eval_transform, train_transform
+from ffscale.errors import DataError
+from ffscale.util.seeds import derive
 
 
 class WdsLoader:

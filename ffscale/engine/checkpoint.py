@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
-from ..atomic import atomic_path, write_atomic
-from ..errors import CheckpointMismatch, CheckpointWriteError
-from ..weights import save_weights, state_digest
-from .dist import barrier
+from ffscale.engine.dist import barrier
+from ffscale.errors import CheckpointMismatch, CheckpointWriteError
+from ffscale.util.atomic import atomic_path, write_atomic
+from ffscale.util.weights import save_weights, state_digest
 
 LATEST = "latest"
 META = "ffscale.json"  # world size and ZeRO stage of a checkpoint, read before DeepSpeed loads it

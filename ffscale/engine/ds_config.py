@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..config import StageCfg
+from ffscale.config import StageCfg
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

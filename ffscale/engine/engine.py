@@ -10,15 +10,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import preempt
-from ..config import StageCfg
-from ..errors import NonFiniteLoss, Preempted
-from ..metrics import summarize, topk_counts
-from . import checkpoint, ds_config
-from .dist import DistInfo, all_reduce_sum
-from .ema import Ema
-from .masters import share_fp32_masters
-from .optim import build_optimizer
+from ffscale.config import StageCfg
+from ffscale.engine import checkpoint, ds_config, preempt
+from ffscale.engine.dist import DistInfo, all_reduce_sum
+from ffscale.engine.ema import Ema
+from ffscale.engine.masters import share_fp32_masters
+from ffscale.engine.optim import build_optimizer
+from ffscale.errors import NonFiniteLoss, Preempted
+from ffscale.util.topk import summarize, topk_counts
 
 
 @dataclass
@@ -147,7 +146,7 @@ class Engine:
     def model_states(self, x: torch.Tensor, target: torch.Tensor, exclude=()) -> dict[str, int]:
         """One training step, with this rank's model-state bytes measured at their peak: after
         backward (gradients alive), before the optimizer step (see memory.py)."""
-        from .memory import model_state_bytes
+        from ffscale.engine.memory import model_state_bytes
 
         loss = soft_cross_entropy(self.ds(x).float(), target)
         self.ds.backward(loss)

@@ -87,7 +87,7 @@ def cluster_table(
 ) -> list[dict]:
     """Per-GPU model states for each ZeRO stage and GPU count, and the largest bf16 micro-batch that
     fits `hbm_gib` (90% usable) with and without activation checkpointing."""
-    from ..models import create_model
+    from ffscale.models import create_model
 
     rows = []
     for name in models:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import OptimCfg
+from ffscale.config import OptimCfg
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

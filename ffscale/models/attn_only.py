@@ -11,9 +11,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from .layers import Attention, DropPath
-from .registry import register
-from .trunk import VisionTrunk
+from ffscale.models.layers import Attention, DropPath
+from ffscale.models.registry import register
+from ffscale.models.trunk import VisionTrunk
 
 
 class AttnOnlyBlock(nn.Module):

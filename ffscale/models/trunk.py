@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import PatchEmbed, init_weights
+from ffscale.models.layers import PatchEmbed, init_weights
 
 # A block factory gets (dim, num_tokens, drop_path) and returns a module mapping (B, T, C) -> same.
 BlockFn = Callable[[int, int, float], nn.Module]

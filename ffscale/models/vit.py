@@ -7,9 +7,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from .layers import Attention, DropPath, Mlp
-from .registry import register
-from .trunk import VisionTrunk
+from ffscale.models.layers import Attention, DropPath, Mlp
+from ffscale.models.registry import register
+from ffscale.models.trunk import VisionTrunk
 
 
 class AttnBlock(nn.Module):

@@ -2,7 +2,7 @@
 served by `mlflow models predict` / `mlflow models serve`, read back by `ffscale predict`.
 
 Its artifacts are the final stage's directory in small: `model.json` (model, preprocessing, class
-names, data digests: ffscale/predict.py), `weights.safetensors` and, when trained, the EMA's.
+names, data digests: ffscale/inference/predict.py), `weights.safetensors` and, when trained, the EMA's.
 Input: a column `image` holding image file paths or base64-encoded image bytes. Output per image:
 the top class (index, name, probability) and the top 5 as JSON.
 """
@@ -17,7 +17,8 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from ..predict import CARD, Classifier, open_image
+from ffscale.inference.card import CARD
+from ffscale.inference.predict import Classifier, open_image
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),

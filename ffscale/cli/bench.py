@@ -1,0 +1,127 @@
+"""`ffscale bench data|train|memory|shard|scaling|decode`: throughput against a baseline measured in
+the same run (ffscale/tools/bench/), printed as a table or, with --json, as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def _show(res, a, table) -> int:
+    print(json.dumps(res, indent=1)) if a.json else table(res)
+    return 0
+
+
+def data(a) -> int:
+    from ffscale.tools.bench.data import bench_data, print_data
+
+    return _show(bench_data(a), a, print_data)
+
+
+def train(a) -> int:
+    from ffscale.tools.bench.train import print_table, run
+
+    return _show(run(a), a, print_table)
+
+
+def memory(a) -> int:
+    from ffscale.tools.bench.memory import memory, print_memory
+
+    return _show(memory(a), a, lambda rows: print_memory(rows, a.hbm_gib))
+
+
+def shard(a) -> int:
+    from ffscale.tools.bench.shard import bench_shard, print_shard
+
+    return _show(bench_shard(a), a, print_shard)
+
+
+def scaling(a) -> int:
+    from ffscale.tools.bench.scaling import print_scaling, scaling
+
+    return _show(scaling(a), a, print_scaling)
+
+
+def decode(a) -> int:
+    from ffscale.tools.decode_check import run
+
+    print(json.dumps(run(a.shards, a.img_size, a.images)))
+    return 0
+
+
+def add_parser(sub) -> None:
+    from ffscale import config
+
+    b = sub.add_parser("bench", help="throughput against a baseline run in the same process")
+    bsub = b.add_subparsers(dest="what", required=True)
+    bd = bsub.add_parser(
+        "data",
+        help="DALI vs webdataset loader, like for like on ImageNet-like JPEGs: img/s, CPU-ms/img, ratio",
+    )
+    bd.add_argument(
+        "--shards",
+        default="data/bench-imagenet-like",
+        help="shard dir (default: ImageNet-like JPEGs, made once)",
+    )
+    bd.add_argument("--images", type=int, default=3000, help="images in the generated set")
+    bd.add_argument("--img-size", type=int, default=224)
+    bd.add_argument("--batch", type=int, default=64)
+    bd.add_argument("--workers", type=int, default=2, help="DataLoader workers = DALI threads")
+    bd.add_argument(
+        "--rounds", type=int, default=3, help="rounds per loader, alternating, each a fresh process"
+    )
+    bd.add_argument("--warmup", type=int, default=5, help="batches per round not timed")
+    bd.add_argument(
+        "--crop-scale", type=float, nargs=2, default=[0.08, 1.0], metavar=("LO", "HI"),
+        help="random-resized-crop area (DeiT: 0.08 1); 1 1: both loaders decode every pixel",
+    )  # fmt: skip
+    bd.add_argument("--json", action="store_true")
+    bt = bsub.add_parser(
+        "train", help="ffscale (DeepSpeed) step vs a plain PyTorch loop per ZeRO stage: ratio, MFU, memory"
+    )
+    config.add_args(bt)
+    bt.add_argument("--nproc", type=int, default=1, help="ranks (plain reference: DDP when > 1)")
+    bt.add_argument("--zero", default="0,2", help="ZeRO stages to measure, e.g. 0,1,2,3")
+    bt.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    bt.add_argument("--warmup", type=int, default=3)
+    bt.add_argument("--rounds", type=int, default=3, help="alternating plain/ffscale rounds; fastest kept")
+    bt.add_argument("--json", action="store_true")
+    bsh = bsub.add_parser("shard", help="sharding img/s with 1 and N writer processes on the same input")
+    bsh.add_argument(
+        "--root", help="a class-folder tree of your own (default: ImageNet-like JPEGs, made once)"
+    )
+    bsh.add_argument("--input", default="data/bench-shard-input", help="where the generated input is kept")
+    bsh.add_argument("--images", type=int, default=2000, help="images in the generated input")
+    bsh.add_argument(
+        "--workers", type=int, default=len(os.sched_getaffinity(0)), help="N (default: all cores)"
+    )
+    bsh.add_argument("--shard-size", type=int, default=500)
+    bsh.add_argument("--max-side", type=int, default=0, help="also downscale (e.g. 512)")
+    bsh.add_argument("--rounds", type=int, default=3, help="alternating 1 / N rounds; best kept")
+    bsh.add_argument("--tmp", help="where outputs are written (default: the system's temp dir)")
+    bsh.add_argument("--json", action="store_true")
+    bm = bsub.add_parser("memory", help="model states per GPU by ZeRO stage and GPU count; batch that fits")
+    bm.add_argument("--models", default="ff_tiny,ff_base,ff_large,vit_base")
+    bm.add_argument("--gpus", default="8,64,512")
+    bm.add_argument("--img-size", type=int, default=224)
+    bm.add_argument("--hbm-gib", type=float, default=80, help="GPU memory (H100: 80)")
+    bm.add_argument("--json", action="store_true")
+    bs = bsub.add_parser(
+        "scaling", help="step time vs image size: FF (4 x tokens and fixed token MLP) and ViT"
+    )
+    bs.add_argument("--sizes", default="64,96,128,160,192,224")
+    bs.add_argument("--dim", type=int, default=192, help="model width (small: this is about growth)")
+    bs.add_argument("--depth", type=int, default=4)
+    bs.add_argument("--token-hidden", type=int, default=256, help="fixed token-MLP width of the linear FF")
+    bs.add_argument("--batch", type=int, default=16)
+    bs.add_argument("--steps", type=int, default=3)
+    bs.add_argument("--json", action="store_true")
+    bdc = bsub.add_parser(
+        "decode", help="the same shards through two decode paths (GPU: DALI mixed vs CPU; CPU: DALI vs PIL)"
+    )
+    bdc.add_argument("shards", help="shard directory")
+    bdc.add_argument("--img-size", type=int, default=224)
+    bdc.add_argument("--images", type=int, default=1000)
+    for name, fn in (("data", data), ("train", train), ("memory", memory), ("shard", shard), ("scaling", scaling),
+                     ("decode", decode)):  # fmt: skip
+        bsub.choices[name].set_defaults(fn=fn)

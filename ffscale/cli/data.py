@@ -1,0 +1,143 @@
+"""`ffscale shard fashion-mnist|folder|flat|imagenet|index`: from the images people have to
+WebDataset shards with a manifest (docs: README "From ImageNet to shards"); `ffscale verify`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def _write(src, out: Path, name: str, a) -> None:
+    from ffscale.data.ingest.writer import write_shards
+
+    m = write_shards(src, out, name, a.shard_size, a.seed, a.limit, a.workers, a.max_side, progress=True)
+    conv = ", ".join(f"{n} {why}" for why, n in m.converted.items())
+    print(
+        f"{out}: {m.num_samples} samples of {m.num_classes} classes in {len(m.shards)} shards, "
+        f"digest {m.digest}" + (f"; re-encoded as RGB JPEG: {conv}" if conv else ""),
+        flush=True,
+    )
+
+
+def fashion_mnist(a) -> int:
+    from ffscale.data.ingest import sources as shards
+
+    for split in ("train", "val"):
+        _write(shards.fashion_mnist(split), Path(a.out) / split, split, a)
+    return 0
+
+
+def folder(a) -> int:
+    from ffscale.data.ingest import sources as shards
+
+    _write(shards.image_folder(Path(a.root)), Path(a.out), a.name or Path(a.root).name, a)
+    return 0
+
+
+def flat(a) -> int:
+    from ffscale.data.ingest import sources as shards
+
+    _write(shards.flat_folder(Path(a.root), Path(a.labels)), Path(a.out), a.name or Path(a.root).name, a)
+    return 0
+
+
+def imagenet(a) -> int:
+    from ffscale.data.ingest.imagenet import shard_sources
+
+    train, val, found = shard_sources(Path(a.root))
+    for line in found:
+        print(f"ffscale shard imagenet: {line}", flush=True)
+    for split, src in (("train", train), ("val", val)):
+        if src is not None:
+            _write(src, Path(a.out) / split, split, a)
+    return 0
+
+
+def index(a) -> int:
+    from ffscale.data.ingest.index import index_shards
+
+    root = Path(a.dir)
+    m = index_shards(
+        root, Path(a.out) if a.out else None, a.pattern, Path(a.classes) if a.classes else None,
+        a.label_field, a.num_classes, a.workers, progress=True,
+    )  # fmt: skip
+    print(
+        f"{a.out or root}: {m.num_samples} samples of {m.num_classes} classes in {len(m.shards)} shards "
+        f"({'/'.join(m.image_exts)} images, labels from {m.label}), digest {m.digest}",
+        flush=True,
+    )
+    return 0
+
+
+def verify(a) -> int:
+    from ffscale.data.manifest import verify
+
+    for root in a.dirs:
+        m = verify(root)
+        print(
+            f"{root}: {len(m.shards)} shards, {m.num_samples} samples, sha256 as in the manifest (digest {m.digest})"
+        )
+    return 0
+
+
+def _writer_args(p: argparse.ArgumentParser, out_help: str) -> None:
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="write-time shuffle seed")
+    p.add_argument("--limit", type=int, default=0, help="keep only the first N shuffled samples")
+    p.add_argument(
+        "--workers", type=int, default=len(os.sched_getaffinity(0)),
+        help="processes, each writing whole shards (same bytes as 1; default: the cores this process may use)",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-side", type=int, default=0,
+        help="downscale images whose longer side exceeds this many pixels (0: keep sizes)",
+    )  # fmt: skip
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser(
+        "shard", help="write WebDataset shards + manifest (ImageNet archives, folders), or index others'",
+        description="Rerunning an interrupted command keeps the finished shards and writes the rest.",
+    )  # fmt: skip
+    ss = s.add_subparsers(dest="source", required=True)
+    p = ss.add_parser("fashion-mnist", help="Debian's Fashion-MNIST -> OUT/train, OUT/val")
+    _writer_args(p, "output directory (gets train/ and val/)")
+    p.set_defaults(fn=fashion_mnist)
+    p = ss.add_parser("folder", help="a class-folder tree root/<class>/<image>")
+    p.add_argument("--root", required=True, help="root/<class>/<image>; class k = k-th name in sorted order")
+    p.add_argument("--name", help="shard file prefix (default: the root's name)")
+    _writer_args(p, "output directory")
+    p.set_defaults(fn=folder)
+    p = ss.add_parser(
+        "flat", help="images in one folder with a labels file (`file,label` csv or `file label`)"
+    )
+    p.add_argument("--root", required=True, help="the images' folder (labels name files relative to it)")
+    p.add_argument("--labels", required=True, help="labels file: .csv `file,label`, else `file label` lines")
+    p.add_argument("--name", help="shard file prefix (default: the root's name)")
+    _writer_args(p, "output directory")
+    p.set_defaults(fn=flat)
+    p = ss.add_parser(
+        "imagenet", help="ILSVRC2012 in any common layout (official tars + devkit, folders, Kaggle's)",
+        description="Finds the layout under --root by itself and writes OUT/train and OUT/val. Class k is "
+        "the k-th synset id in sorted order (as timm and torchvision number them); names are the synsets' words.",
+    )  # fmt: skip
+    p.add_argument("--root", required=True, help="directory holding the archives or folders")
+    _writer_args(p, "output directory (gets train/ and val/)")
+    p.set_defaults(fn=imagenet)
+    p = ss.add_parser(
+        "index", help="describe shards written by another tool (manifest + DALI indexes, tars untouched)"
+    )
+    p.add_argument("dir", help="directory of .tar shards")
+    p.add_argument("--pattern", default="*.tar", help="glob picking one split, e.g. 'imagenet1k-train-*.tar'")
+    p.add_argument("--out", help="where the manifest and .idx files go (default: DIR; needed with --pattern)")
+    p.add_argument("--classes", help="class names, one per line (or `<synset> <words>` lines)")
+    p.add_argument("--label-field", help="read labels from this integer field of the .json member")
+    p.add_argument("--num-classes", type=int, default=0, help="classes when not every label occurs")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes reading tars")
+    p.set_defaults(fn=index)
+
+    v = sub.add_parser("verify", help="check every shard's sha256 against its manifest")
+    v.add_argument("dirs", nargs="+", help="shard directories (holding manifest.json)")
+    v.set_defaults(fn=verify)

@@ -1,0 +1,89 @@
+"""`ffscale eval | predict | models`: finished models, without DeepSpeed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _device_default() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_parser(sub) -> None:
+    e = sub.add_parser("eval", help="evaluate a run's exported weights without DeepSpeed")
+    e.add_argument("--run", required=True, help="run directory (runs/<name>)")
+    e.add_argument("--stage", help="stage name (default: the last finished one)")
+    e.add_argument("--weights", help="a .safetensors file instead of the stage's")
+    e.add_argument("--data", help="shard directory to evaluate on (default: the stage's val)")
+    e.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=evaluate)
+
+    pr = sub.add_parser("predict", help="classify images with a trained model: top-5 with class names")
+    pr.add_argument(
+        "--model",
+        required=True,
+        help="run directory (its last stage), stage directory, or models:/NAME/VERSION",
+    )
+    pr.add_argument("images", nargs="+", help="image files")
+    pr.add_argument("--top", type=int, default=5)
+    pr.add_argument("--ema", action="store_true", help="the EMA weights instead of the final ones")
+    pr.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    pr.add_argument("--json", action="store_true", help="one JSON object per image")
+    pr.set_defaults(fn=predict)
+
+    m = sub.add_parser("models", help="list registered models with parameter counts")
+    m.add_argument("filter", nargs="?")
+    m.set_defaults(fn=models)
+
+
+def evaluate(a) -> int:
+    from ffscale.inference.evaluate import evaluate_weights, find_stage
+
+    stage = find_stage(Path(a.run), a.stage)
+    res = evaluate_weights(
+        stage, Path(a.weights) if a.weights else None, a.data, a.device or _device_default()
+    )
+    print(
+        json.dumps(res)
+        if a.json
+        else f"{stage.name}: top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% on {res['samples']} images"
+    )
+    return 0
+
+
+def package_of(ref: str) -> Path:
+    """A run directory (its last finished stage), a stage directory, or a models:/ (runs:/) URI."""
+    if ref.startswith(("models:/", "runs:/")):
+        from ffscale.tracking.store import download_model
+
+        return download_model(ref)
+    from ffscale.inference.card import find_package
+
+    return find_package(Path(ref))
+
+
+def predict(a) -> int:
+    from ffscale.inference.predict import Classifier, open_image
+
+    clf = Classifier(package_of(a.model), a.ema, a.device or _device_default())
+    images = [open_image(f) for f in a.images]
+    rows = clf.top(images, a.top)
+    for f, row in zip(a.images, rows):
+        if a.json:
+            print(json.dumps({"image": f, "top": [{"index": i, "class": c, "prob": p} for i, c, p in row]}))
+        else:
+            print(f"{f}: " + ", ".join(f"{c} ({i}) {100 * p:.1f}%" for i, c, p in row))
+    return 0
+
+
+def models(a) -> int:
+    from ffscale.models import create_model, list_models
+
+    for name in list_models(a.filter or ""):
+        m = create_model(name)
+        print(f"{name:18s} {sum(p.numel() for p in m.parameters()) / 1e6:8.2f}M params")
+    return 0

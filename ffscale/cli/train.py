@@ -1,0 +1,64 @@
+"""`ffscale train`: the whole job checked here, then the DeepSpeed launcher started and seen
+through (ffscale/run/launch.py): one rank per GPU, or the CPU's share."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def add_parser(sub) -> None:
+    from ffscale import config
+
+    t = sub.add_parser("train", help="check a config and its data, then launch training under DeepSpeed")
+    config.add_args(t, allow_change=True)
+    t.add_argument("--nproc", type=int, default=0, help="ranks on this machine (default: GPUs, or 1)")
+    t.add_argument("--master-port", type=int, default=29500)
+    t.add_argument("--nnodes", type=int, default=1, help="nodes in the job (multi-node without ssh)")
+    t.add_argument("--node-rank", type=int, default=0, help="this node's index (0 hosts the master)")
+    t.add_argument("--master-addr", default="127.0.0.1", help="address of node 0")
+    t.add_argument(
+        "--grace", type=float, default=60,
+        help="seconds the ranks get after SIGTERM to write their checkpoint before they are killed",
+    )  # fmt: skip
+    t.add_argument(
+        "--wait-lock", type=float, default=0, metavar="SECONDS",
+        help="when another job holds the run directory, wait this long for it to end before exiting 2 "
+        "(rendered pods: the grace of the pod they replace)",
+    )  # fmt: skip
+    t.add_argument(
+        "--entry", help="a script run on every rank instead of ffscale/train.py: import your own models "
+        "(registry.register) there, then call ffscale.train.main()",
+    )  # fmt: skip
+    t.set_defaults(fn=run)
+
+
+def run(a) -> int:
+    from ffscale import config, train
+    from ffscale.run import launch, preflight, runlock
+    from ffscale.run.runlock import RunLock
+    from ffscale.tracking import ensure_store
+    from ffscale.util.hostenv import rank_env
+
+    cfg = config.from_args(a)
+    nproc = a.nproc or _default_nproc()
+    preflight.check_job(cfg, a.nnodes, nproc)  # world, data, config changes: one line, exit 2, no rank
+    env = rank_env()  # CPU ranks: jemalloc keeping freed pages
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env[preflight.ENV] = "1"
+    entry = Path(a.entry).resolve() if a.entry else Path(train.__file__)
+    if a.node_rank != 0:
+        return launch.run(a, entry, nproc, env)
+    run_dir = Path(cfg.run.dir) / cfg.run.name
+    with RunLock(
+        run_dir, cfg.run.lock_stale_s, wait_s=a.wait_lock
+    ) as lock:  # one job per run, before any rank
+        ensure_store(cfg, run_dir)  # before ranks race to create it
+        env[runlock.ENV] = lock.me.token  # the ranks know their launcher holds it
+        return launch.run(a, entry, nproc, env)
+
+
+def _default_nproc() -> int:
+    import torch
+
+    return torch.cuda.device_count() or 1

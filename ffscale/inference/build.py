@@ -1,0 +1,30 @@
+"""A stage's config -> its model: the one place that maps config keys to model arguments.
+
+Training builds its model here, the model card (ffscale/inference/card.py) records these arguments,
+and evaluation and the benchmarks rebuild from them: a finished model is what this mapping made."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ffscale.config import StageCfg, image_size
+from ffscale.models import create_model
+
+
+def model_kwargs(s: StageCfg, num_classes: int) -> dict:
+    m = s.model
+    return dict(
+        img_size=image_size(s),
+        patch_size=m.patch_size,
+        in_chans=m.in_chans,
+        num_classes=num_classes,
+        drop_path=m.drop_path,
+        grad_ckpt=m.grad_ckpt,
+        dim=m.dim,
+        depth=m.depth,
+        **({"token_hidden": m.token_hidden} if m.token_hidden else {}),
+    )
+
+
+def build_model(s: StageCfg, num_classes: int) -> nn.Module:
+    return create_model(s.model.name, **model_kwargs(s, num_classes))

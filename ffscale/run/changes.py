@@ -1,0 +1,134 @@
+"""Config changes on resume are explicit: a stage resumed with a resolved config other than the one
+it started with stops with the differences, unless the user allows them (`--allow-change KEY`).
+
+Each stage keeps `config-history.jsonl`: its config when it started, then one line per allowed
+change with the optimizer step it applied from. Keys that do not change what is trained (FREE) may
+differ silently; keys that cannot change mid-stage (FIXED: the model's shape, the data, the batch
+and schedule the step count and checkpoint depend on) are refused even when allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from ffscale.config import RunCfg, Stage, dotted
+from ffscale.errors import ConfigError, DataError
+
+HISTORY = "config-history.jsonl"
+# data.loader and data.workers are not free: they set the steps per epoch (the webdataset loader
+# holds back a batch per worker), so the schedule's length
+FREE = ("schedule.stop_at_step", "checkpoint.", "deepspeed.bucket_mb", "deepspeed.prefetch_mb", "model.compile",
+        "model.grad_ckpt", "optim.micro_batch")  # fmt: skip
+FIXED = ("model.", "data.train", "data.val", "data.img_size", "data.mean", "data.std", "optim.global_batch",
+         "optim.lr_batch_base", "optim.ema_decay", "schedule.epochs", "schedule.warmup_epochs",
+         "deepspeed.zero_stage", "deepspeed.precision", "init_from", "run.seed")  # fmt: skip
+
+
+def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
+    return any(key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes)
+
+
+def flat(stage: Stage, run: RunCfg) -> dict:
+    return {"run.seed": run.seed, **dotted(dataclasses.asdict(stage.cfg))}
+
+
+def history(stage_dir: Path) -> list[dict]:
+    """The stage's history; a last line cut short by a kill mid-append is dropped (it never applied)."""
+    path = stage_dir / HISTORY
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    return rows
+
+
+def effective(rows: list[dict]) -> dict:
+    """The config the stage trains with: its start, with every recorded change applied."""
+    cfg = dict(rows[0]["config"])
+    for r in rows[1:]:
+        cfg.update({k: new for k, (_, new) in r["changes"].items()})
+    return cfg
+
+
+def resuming(stage: Stage) -> bool:
+    """The stage has a complete checkpoint to continue from (engine/checkpoint.py's `latest`) and
+    has not finished (pipeline.py's DONE: a finished stage is skipped, whatever the config says)."""
+    return (stage.dir / "checkpoints" / "latest").is_file() and not (stage.dir / "DONE").is_file()
+
+
+def pending(stage: Stage, run: RunCfg) -> dict:
+    """{key: [old, new]} of every difference a resumed stage would apply (empty: none, or not
+    resuming), free keys left out."""
+    rows = history(stage.dir)
+    if not rows or not resuming(stage):
+        return {}
+    old, new = effective(rows), flat(stage, run)
+    # keys both know: a key a newer ffscale added (or dropped) is not a change of this run's
+    diff = {
+        k: [old[k], new[k]] for k in sorted(set(old) & set(new)) if old[k] != new[k] and not _matches(k, FREE)
+    }
+    started_on = rows[0].get("digests", {})
+    for k in ("data.train", "data.val"):  # the same shards at a new path (a moved mount) are no change
+        if k in diff and started_on.get(k) is not None and started_on[k] == _digest(new[k]):
+            del diff[k]
+    return diff
+
+
+def check(stage: Stage, run: RunCfg, allowed: set[str], where: str = "") -> dict:
+    """The allowed changes a resumed stage applies (`pending`); ConfigError naming every refused
+    difference. Run once per job, before any rank trains (ffscale/run/preflight.py)."""
+    diff = pending(stage, run)
+    if not diff:
+        return {}
+    fixed = [k for k in diff if _matches(k, FIXED)]
+    if fixed:
+        raise ConfigError(
+            f"{where}stage {stage.name} resumes with {describe({k: diff[k] for k in fixed})}: cannot change mid-stage (model shape, "
+            "data, batch and schedule); start another run.name, or a new stage with init_from"
+        )
+    refused = [k for k in diff if k not in allowed]
+    if refused:
+        flags = " ".join(f"--allow-change {k}" for k in refused)
+        raise ConfigError(
+            f"{where}stage {stage.name} resumes with another config: {describe({k: diff[k] for k in refused})}; run with {flags} "
+            "to apply it from the resumed step, or resume with the values it started with"
+        )
+    return diff
+
+
+def _digest(root: str) -> str | None:
+    from ffscale.data.manifest import load_manifest
+
+    try:
+        return load_manifest(root)[0].digest
+    except DataError:
+        return None
+
+
+def started(stage: Stage, run: RunCfg) -> None:
+    """A fresh stage: its history begins with the config it starts with and its data's digests (rank 0)."""
+    from ffscale.util.atomic import write_atomic
+
+    cfg = flat(stage, run)
+    row = {
+        "step": 0,
+        "time": time.time(),
+        "config": cfg,
+        "digests": {k: _digest(cfg[k]) for k in ("data.train", "data.val")},
+    }
+    write_atomic(stage.dir / HISTORY, json.dumps(row) + "\n")
+
+
+def record(stage: Stage, step: int, diff: dict) -> None:
+    """An allowed change, from optimizer step `step` on (rank 0)."""
+    with open(stage.dir / HISTORY, "a") as f:
+        f.write(json.dumps({"step": step, "time": time.time(), "changes": diff}) + "\n")
+
+
+def describe(diff: dict) -> str:
+    return "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in diff.items())

@@ -1,0 +1,306 @@
+"""One stage's training: set up, run epochs, evaluate and checkpoint at each epoch's end, export.
+
+Sees plain tensors and the small Engine interface; knows nothing of DeepSpeed, DALI or MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ffscale.config import RunCfg, Stage, StageCfg
+from ffscale.data.augment import DeviceOps
+from ffscale.data.check import same_classes
+from ffscale.data.loader import build_loader
+from ffscale.engine.dist import DistInfo
+from ffscale.engine.engine import Engine
+from ffscale.inference.build import build_model, model_kwargs
+from ffscale.inference.card import CARD, write_card
+from ffscale.models.resize import adapt_state_dict
+from ffscale.run import changes, nonfinite
+from ffscale.run.progress import Meter, eval_line, train_line
+from ffscale.run.record import Recorder
+from ffscale.run.schedule import plan_steps
+from ffscale.run.world import for_world
+from ffscale.util import flops
+from ffscale.util.hostenv import allocator
+from ffscale.util.seeds import derive
+from ffscale.util.weights import load_weights
+
+
+def log(dist: DistInfo, msg: str) -> None:
+    if dist.rank == 0:
+        print(msg, flush=True)
+
+
+@dataclass
+class Progress:
+    """The loop's own state, saved with every checkpoint (keys kept stable across versions)."""
+
+    epoch: int = 0
+    micro_in_epoch: int = 0
+    accum: int = 1
+    best: dict = field(default_factory=dict)
+    skipped: int = 0  # non-finite steps skipped (optim.nonfinite=skip)
+
+
+def run_stage(
+    stage: Stage, dist: DistInfo, tracker, run: RunCfg, init_weights: Path | None, lineage: str = "scratch"
+) -> dict:
+    """Train one stage to its end (or to schedule.stop_at_step); the stage summary."""
+    r = StageRun(stage, dist, tracker, run, init_weights, lineage)
+    if init_weights is not None and r.fresh:
+        r.evaluate_carried(init_weights)
+    while r.progress.epoch < r.s.schedule.epochs:
+        if not r.train_epoch():
+            return {"finished": False}
+        r.end_epoch()
+    return r.finish()
+
+
+class StageRun:
+    def __init__(
+        self, stage: Stage, dist: DistInfo, tracker, run: RunCfg, init_weights: Path | None, lineage: str
+    ):
+        # the stage with its micro-batch resolved for this world: the one copy of its config here
+        self.stage = dataclasses.replace(stage, cfg=for_world(stage.cfg, dist.world, f"stages.{stage.name}."))
+        self.dist, self.run = dist, run
+        self.where = f"stage {stage.name}"
+        self.changes = changes.pending(self.stage, run)  # allowed: the job's preflight refused the rest
+        self._loaders()
+        self.steps = plan_steps(self.s, dist.world, self.train.steps_per_epoch, stage.name)
+        model = self._model(init_weights)
+        self.engine = Engine(
+            model,
+            self.s,
+            dist,
+            self.steps.accum,
+            self.steps.total,
+            self.steps.warmup,
+            stage.dir / "checkpoints",
+        )
+        self.ops = DeviceOps(self.s.data, self.num_classes, dist.device, self.engine.dtype)
+        stage.dir.mkdir(parents=True, exist_ok=True)
+        self.progress = self._resume()
+        self.meter = self._meter()
+        self._announce()
+        tracker.stage_started(stage, self.train_m, self.val_m, self.engine.num_params, lineage)
+        self.record = Recorder(stage.dir / "metrics.jsonl", tracker, dist.rank)
+        self._config_history(tracker)
+        self.last_eval: dict = {}
+
+    @property
+    def s(self) -> StageCfg:
+        return self.stage.cfg
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _loaders(self) -> None:
+        s, d = self.s, self.dist
+        args = (d.rank, d.world, s.optim.micro_batch, self.run.seed)
+        self.train, self.train_m = build_loader(
+            s.data, s.data.train, True, *args, s.model.num_classes, d.device
+        )
+        self.num_classes = s.model.num_classes or self.train_m.num_classes
+        self.val, self.val_m = build_loader(s.data, s.data.val, False, *args, self.num_classes, d.device)
+        same_classes(self.train_m, self.val_m, s.data.train, s.data.val, f"stages.{self.stage.name}.")
+
+    def _model(self, init_weights: Path | None) -> torch.nn.Module:
+        torch.manual_seed(derive(self.run.seed, "init"))  # same initial weights on every rank
+        model = build_model(self.s, self.num_classes)
+        if init_weights is not None:
+            say = lambda m: log(self.dist, m)  # noqa: E731
+            state = adapt_state_dict(load_weights(init_weights), model, say, self.s.model.carry_token_mlp)
+            model.load_state_dict(state)
+        return model
+
+    def _resume(self) -> Progress:
+        resumed = self.engine.resume()
+        self.fresh = resumed is None
+        if resumed is None:
+            return Progress(accum=self.steps.accum)
+        prog = Progress(**{k: v for k, v in resumed.state.items() if k in Progress.__dataclass_fields__})
+        # micro-steps done in this epoch, counted in this run's accumulation (the rank count may differ)
+        prog.micro_in_epoch = (
+            prog.micro_in_epoch // resumed.state.get("accum", self.steps.accum) * self.steps.accum
+        )
+        prog.accum = self.steps.accum
+        log(self.dist, f"{self.where}: {resumed.note}")
+        return prog
+
+    def _config_history(self, tracker) -> None:
+        """A fresh stage starts its config history; a resumed one records the changes it applies."""
+        step = self.engine.global_step
+        if self.dist.rank == 0 and (self.fresh or not changes.history(self.stage.dir)):
+            changes.started(self.stage, self.run)
+        if not self.changes:
+            return
+        if self.dist.rank == 0:
+            changes.record(self.stage, step, self.changes)
+        what = changes.describe(self.changes)
+        self.record({"step": step, "config_change": what})
+        tracker.config_changed(self.stage, step, self.changes, what, self.stage.dir / changes.HISTORY)
+        log(self.dist, f"{self.where}: from step {step}: {what} (allowed; config-history.jsonl)")
+
+    def _meter(self) -> Meter:
+        kw = model_kwargs(self.s, self.num_classes)
+        self.flops_per_image = flops.train_flops_per_image(
+            lambda: build_model(self.s, self.num_classes), kw["img_size"], kw["in_chans"]
+        )
+        peak = flops.rank_peak(self.dist, self.engine.precision)
+        meter = Meter(
+            self.steps.total, self.s.optim.global_batch, self.flops_per_image, peak * self.dist.world
+        )
+        meter.update(self.engine.global_step)
+        return meter
+
+    def _announce(self) -> None:
+        s, d, e = self.s, self.dist, self.engine
+        alloc = f" ({allocator()})" if d.device.type == "cpu" else ""
+        asked = s.deepspeed.zero_stage
+        zero_note = f" (asked: {asked})" if asked != e.zero_stage else ""
+        log(
+            d,
+            f"{self.where}: {s.model.name} {e.num_params / 1e6:.2f}M params, "
+            f"{self.flops_per_image / 3e9:.3f} GFLOPs/img fwd, {self.train_m.num_samples} train / "
+            f"{self.val_m.num_samples} val images, {self.num_classes} classes, {d.world} rank(s) on "
+            f"{d.device.type}{alloc}, {e.precision}, ZeRO-{e.zero_stage}{zero_note}, {self.steps.per_epoch} "
+            f"steps/epoch x {s.schedule.epochs} epochs, accum {self.steps.accum}, lr {e.lr:.2e}; "
+            f"{self.train.choice}",
+        )
+
+    def evaluate_carried(self, init_weights: Path) -> None:
+        """What the carried weights are worth before any training."""
+        ev = self.engine.validate(self._val_batches())
+        self.record({"step": 0, "init_val_top1": ev["val_top1"], "init_val_top5": ev["val_top5"]})
+        log(
+            self.dist,
+            f"{self.where}: weights from {init_weights}: top-1 {ev['val_top1']:.2f}% before training",
+        )
+
+    # -- one epoch ---------------------------------------------------------------------------
+    def train_epoch(self) -> bool:
+        """Train the rest of the current epoch; False when the stage stopped at stop_at_step."""
+        prog, st, e = self.progress, self.steps, self.engine
+        loss = Mean(self.dist.device)
+        for i, (x, y) in enumerate(
+            self.train.epoch(prog.epoch, prog.micro_in_epoch), start=prog.micro_in_epoch
+        ):
+            if i >= st.micro_per_epoch:
+                break
+            # Seeded per micro-step: drop path and augmentation replay exactly after a resume.
+            torch.manual_seed(derive(self.run.seed, "step", self.dist.rank, prog.epoch, i))
+            x, target = self.ops.train_batch(x, y, self.s.optim.label_smoothing)
+            loss.add_micro(e.train_step(x, target))
+            if (i + 1) % st.accum:
+                continue
+            prog.micro_in_epoch = i + 1
+            loss.end_step(e.step_finite, st.accum)
+            if not e.step_finite:
+                self._skip_step()
+            if loss.n and (e.global_step % self.run.log_every == 0 or i + 1 == st.micro_per_epoch):
+                self._log_progress(loss.take())
+            e.stop_if_requested(asdict(prog))
+            if self.s.checkpoint.every_steps and e.global_step % self.s.checkpoint.every_steps == 0:
+                e.save(asdict(prog))
+            if self.s.schedule.stop_at_step and e.global_step >= self.s.schedule.stop_at_step:
+                e.save(asdict(prog))
+                log(
+                    self.dist,
+                    f"{self.where}: stopped at schedule.stop_at_step={e.global_step}; rerun to continue",
+                )
+                return False
+        prog.epoch, prog.micro_in_epoch = prog.epoch + 1, 0
+        return True
+
+    def _skip_step(self) -> None:
+        """Nothing was applied, so no checkpoint can hold NaN weights; stop past the limit."""
+        prog, step = self.progress, self.engine.global_step
+        prog.skipped += 1
+        self.record({"step": step, "skipped_steps": prog.skipped})
+        nonfinite.check(self.s.optim, step, prog.skipped, self.engine.last_checkpoint(), self.where)
+        log(
+            self.dist,
+            f"{self.where}: loss not finite at step {step}: step skipped ({prog.skipped}/{self.s.optim.max_skipped})",
+        )
+
+    def _log_progress(self, loss: float) -> None:
+        e, prog = self.engine, self.progress
+        perf = self.meter.update(e.global_step)
+        epoch = prog.epoch + self.steps.epoch_of(prog.micro_in_epoch)
+        self.record({"step": e.global_step, "epoch": epoch, "loss": loss, "lr": e.lr, **perf})
+        epochs = self.s.schedule.epochs
+        log(
+            self.dist,
+            train_line(
+                self.stage.name, prog.epoch, epochs, e.global_step, self.steps.total, loss, e.lr, perf
+            ),
+        )
+
+    # -- end of an epoch, end of the stage -----------------------------------------------------
+    def end_epoch(self) -> None:
+        prog, epochs = self.progress, self.s.schedule.epochs
+        if prog.epoch % self.run.eval_every == 0 or prog.epoch == epochs:
+            self._evaluate()
+        every = self.s.checkpoint.every_epochs
+        if every and prog.epoch % every == 0 or prog.epoch == epochs:
+            self.engine.save(asdict(prog))
+
+    def _evaluate(self) -> None:
+        t0, prog, e = time.perf_counter(), self.progress, self.engine
+        ev = e.validate(self._val_batches())
+        if e.ema is not None:  # DeiT reports the EMA model beside the trained one
+            ev |= e.validate_ema(self._val_batches(), lambda: build_model(self.s, self.num_classes))
+        ev["epoch"] = prog.epoch
+        self.last_eval = ev
+        if ev["val_top1"] >= prog.best.get("val_top1", -1):
+            prog.best = {"val_top1": ev["val_top1"], "val_top5": ev["val_top5"], "epoch": prog.epoch}
+        self.record({"step": e.global_step, **ev})
+        log(self.dist, eval_line(self.stage.name, prog.epoch, ev, time.perf_counter() - t0))
+
+    def _val_batches(self):
+        return (self.ops.eval_batch(x, y) for x, y in self.val.epoch(0))
+
+    def finish(self) -> dict:
+        e, d = self.engine, self.stage.dir
+        digest = e.export(d / "weights.safetensors")
+        ema = {"ema_digest": e.export_ema(d / "weights_ema.safetensors")} if e.ema else {}
+        if self.dist.rank == 0:  # what `ffscale predict` and the registered model read
+            write_card(d / CARD, self.s, self.num_classes, self.train_m, self.val_m)
+        return {
+            **ema,
+            "finished": True,
+            "best": self.progress.best,
+            "last_eval": self.last_eval,
+            "steps": e.global_step,
+            "weights_digest": digest,
+            "ranks": self.dist.world,
+        }
+
+
+class Mean:
+    """Mean training loss over the finite steps since the last progress line, kept on the device
+    so reading it costs one host sync per progress line, not per step."""
+
+    def __init__(self, device: torch.device):
+        self.sum = torch.zeros((), device=device)
+        self.step = torch.zeros((), device=device)
+        self.n = 0
+
+    def add_micro(self, loss: torch.Tensor) -> None:
+        self.step += loss
+
+    def end_step(self, finite: bool, accum: int) -> None:
+        if finite:
+            self.sum += self.step
+            self.n += accum
+        self.step.zero_()
+
+    def take(self) -> float:
+        value = self.sum.item() / self.n
+        self.sum.zero_()
+        self.n = 0
+        return value

@@ -1,0 +1,122 @@
+"""Stages in order: skip finished ones, resume the running one, chain weights between them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ffscale import config, tracking
+from ffscale.engine import dist as distributed
+from ffscale.engine import preempt
+from ffscale.errors import FfscaleError, Preempted, ReportedElsewhere
+from ffscale.run import preflight
+from ffscale.run.loop import log, run_stage
+from ffscale.run.runlock import ENV, RunLock
+from ffscale.util.atomic import write_atomic
+from ffscale.util.weights import file_digest
+
+DONE = "DONE"
+
+
+def init_weights_for(stage: config.Stage, previous: list[config.Stage]) -> tuple[Path | None, str]:
+    """The weights a stage starts from and its lineage, as it happens: 'scratch', 'stage:<name>'
+    (the previous stage's weights unless init_from names another stage), or 'file:<path>@<digest>'."""
+    ref = stage.cfg.init_from
+    if ref == "scratch" or (ref is None and not previous):
+        return None, "scratch"
+    if ref is None:
+        return previous[-1].dir / "weights.safetensors", f"stage:{previous[-1].name}"
+    named = {s.name: s for s in previous}
+    if ref in named:
+        return named[ref].dir / "weights.safetensors", f"stage:{ref}"
+    path = Path(ref)
+    if not path.is_file():
+        raise config.ConfigError(
+            f"stages.{stage.name}.init_from={ref!r}: neither an earlier stage nor a file"
+        )
+    return path, f"file:{path.resolve()}@{file_digest(path)}"
+
+
+def run(cfg: config.Config) -> int:
+    """Run every unfinished stage; 0 when all are done or a stage stopped at schedule.stop_at_step."""
+    run_dir = Path(cfg.run.dir) / cfg.run.name
+    preempt.install()
+    dist = distributed.init(cfg.run.collective_timeout_s)
+    lock = _lock(run_dir, cfg.run, dist)
+    try:
+        # started by a plain launcher: the job is checked here, once, by rank 0 (every rank joins in)
+        on_rank0(
+            dist, lambda: None if preflight.done_by_launcher() else preflight.check_job(cfg, 1, dist.world)
+        )
+        if dist.rank == 0:
+            config.save(cfg, run_dir / "config.yaml")
+            tracking.ensure_store(cfg, run_dir)
+        tracker = tracking.create(cfg, run_dir, dist.rank)
+        tracker.pipeline_started(cfg)
+        status = "FAILED"
+        try:
+            status = run_stages(cfg, dist, tracker)
+            return 0
+        except Preempted:
+            status = "KILLED"
+            raise
+        finally:
+            tracker.pipeline_ended(status)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock(run_dir: Path, run: config.RunCfg, dist: distributed.DistInfo) -> RunLock | None:
+    """Rank 0 takes the run directory's lock unless `ffscale train` (its launcher) holds it. Every
+    rank takes part in the collective, whatever its node's launcher did."""
+
+    def take() -> RunLock | None:
+        if os.environ.get(ENV) is not None:
+            return None
+        return RunLock(run_dir, run.lock_stale_s, say=lambda m: log(dist, m)).acquire()
+
+    return on_rank0(dist, take)
+
+
+def on_rank0(dist: distributed.DistInfo, fn):
+    """fn() on rank 0; when it raises a user-facing error, every rank stops with its exit code (rank 0
+    prints the line). One collective that every rank must call, so all ranks stop alike."""
+    out, code = None, 0
+    if dist.rank == 0:
+        try:
+            out = fn()
+        except FfscaleError as e:
+            failed, code = e, e.exit_code
+    if code_all := int(distributed.all_reduce_sum(torch.tensor(float(code), device=dist.device)).item()):
+        raise failed if dist.rank == 0 else ReportedElsewhere(code_all)
+    return out
+
+
+def run_stages(cfg: config.Config, dist: distributed.DistInfo, tracker) -> str:
+    """FINISHED when every stage is done, RUNNING when one stopped at schedule.stop_at_step."""
+    done: list[config.Stage] = []
+    for stage in config.stages(cfg):
+        if (stage.dir / DONE).is_file():
+            log(dist, f"stage {stage.name}: already finished ({stage.dir / DONE}), skipping")
+            done.append(stage)
+            continue
+        weights, lineage = init_weights_for(stage, done)
+        result = run_stage(stage, dist, tracker, cfg.run, weights, lineage)
+        if not result["finished"]:
+            tracker.stage_ended(stage, "RUNNING")
+            return "RUNNING"
+        if dist.rank == 0:
+            write_atomic(stage.dir / DONE, json.dumps(result, indent=1))
+        tracker.stage_ended(stage, "FINISHED", result)
+        distributed.barrier()
+        done.append(stage)
+    tracker.model_ready(done[-1], done)  # rank 0's tracker; the others' do nothing
+    top1 = json.loads((done[-1].dir / DONE).read_text()).get("last_eval", {}).get("val_top1")
+    if top1 is not None:
+        weights = done[-1].dir / "weights.safetensors"
+        log(dist, f"pipeline {cfg.run.name}: done; final test top-1 {top1:.2f}% ({weights})")
+    return "FINISHED"

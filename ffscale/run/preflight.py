@@ -1,0 +1,31 @@
+"""The whole job checked once, before any rank trains: every stage's batch on this world size, its
+data, and a resumed stage's config changes. One line naming the key, exit 2.
+
+`ffscale train` runs it before it starts the launcher; a job started by a plain launcher
+(`deepspeed ffscale/train.py`, torchrun) runs it on rank 0 once the ranks have met
+(ffscale/run/pipeline.py). `ENV` tells the ranks which happened.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ffscale.config import Config, stages
+from ffscale.data.check import check_stage_data
+from ffscale.run import changes
+from ffscale.run.world import check_launch, for_world
+
+ENV = "FFSCALE_PREFLIGHT_DONE"
+
+
+def check_job(cfg: Config, nodes: int, per_node: int) -> None:
+    check_launch(cfg, nodes, per_node)  # before NCCL init, not after
+    world = nodes * per_node
+    for stage in stages(cfg):
+        p = f"stages.{stage.name}." if cfg.stages else ""
+        check_stage_data(for_world(stage.cfg, world, p), world, p)
+        changes.check(stage, cfg.run, set(cfg.run.allow_change))
+
+
+def done_by_launcher() -> bool:
+    return os.environ.get(ENV) == "1"

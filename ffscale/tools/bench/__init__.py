@@ -1,0 +1,1 @@
+"""`ffscale bench ...`: each figure against a baseline measured in the same run."""

@@ -1,0 +1,213 @@
+"""`ffscale bench data`: the DALI and webdataset loaders on the same shards, like for like.
+
+Both loaders get the same augmentation switches (random-resized crop + flip to `img_size`; no
+RandAugment or colour jitter, which only DALI has), the same number of decode workers, a warm-up,
+and each round runs in a fresh process started with the environment training ranks get (the same
+allocator: jemalloc on CPU hosts). Rounds alternate between the loaders, so drift on a shared machine
+hits both; the median and the spread of the rounds are reported.
+
+The default input looks like ImageNet: real images (mosaics of Fashion-MNIST pictures, coloured)
+stored as JPEGs of ImageNet's sizes (most 500x375 or 375x500, the rest 250-800 px a side), about
+110 KB each, so decoding and resizing cost what they cost on ImageNet rather than on thumbnails.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MARK = "FFSCALE_BENCH_DATA "
+SOURCE = "imagenet-like mosaics of fashion-mnist, jpeg q95"  # the generator's version: a change regenerates
+LOADERS = ("webdataset", "dali")
+
+
+def imagenet_like_size(rng: random.Random) -> tuple[int, int]:
+    """ImageNet's train set is mostly 500x375 / 375x500 (about two thirds), the rest spread out."""
+    if rng.random() < 0.65:
+        return (500, 375) if rng.random() < 0.75 else (375, 500)
+    long_side = rng.randint(250, 800)
+    aspect = rng.uniform(1.0, 1.8)
+    short = max(200, int(long_side / aspect))
+    return (long_side, short) if rng.random() < 0.7 else (short, long_side)
+
+
+def mosaic_jpeg(pictures: np.ndarray, rng: random.Random, size: tuple[int, int], quality: int = 95) -> bytes:
+    """A colour mosaic of real 28x28 pictures, each scaled to a random tile size: edges and texture
+    at every scale, so the JPEG is as large as a photo's (~110 KB at ImageNet's sizes)."""
+    from PIL import Image
+
+    w, h = size
+    tile = rng.choice((28, 35, 42))
+    canvas = np.zeros((h, w, 3), np.uint8)
+    for y in range(0, h, tile):
+        for x in range(0, w, tile):
+            pic = Image.fromarray(pictures[rng.randrange(len(pictures))]).resize((tile, tile), Image.BILINEAR)
+            tint = np.array([rng.uniform(0.35, 1.0) for _ in range(3)], np.float32)
+            block = (np.asarray(pic, np.float32)[..., None] * tint).astype(np.uint8)
+            canvas[y : y + tile, x : x + tile] = block[: h - y, : w - x]
+    buf = io.BytesIO()
+    Image.fromarray(canvas).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def imagenet_like_shards(out: Path, n: int, seed: int = 0) -> Path:
+    """`n` ImageNet-like JPEGs from Fashion-MNIST's test pictures, sharded (cached in `out`)."""
+    from ffscale.data.ingest import sources as shards
+    from ffscale.data.ingest.writer import write_shards
+    from ffscale.data.manifest import load_manifest
+
+    source = f"{SOURCE}:{n}:{seed}"
+    if (out / "manifest.json").is_file():
+        have = load_manifest(out)[0].source
+        if have == source or not have.startswith(SOURCE):  # this set, or shards of the user's own
+            return out
+    pictures, labels = shards.fashion_mnist_arrays("val")
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        size, r = imagenet_like_size(rng), random.Random(seed * 1_000_003 + i)
+        items.append((lambda size=size, r=r: mosaic_jpeg(pictures, r, size), int(labels[i % len(labels)])))
+    write_shards(shards.Source(source, shards.FASHION_MNIST_CLASSES, items), out, "bench", 250)
+    return out
+
+
+def _cpu_seconds() -> float:
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def bench_cfg(kind: str, img_size: int, workers: int, scale: tuple[float, float] = (0.08, 1.0)):
+    """The data config of a round: only `loader` differs between the two loaders. Augmentation is
+    what both implement (random-resized crop of `scale` of the area, flip); batch-level ops run on
+    the device later. DALI decodes only the crop's region, PIL every pixel: `scale` 1 1 makes the
+    crop the whole image, so both decode the same pixels."""
+    from ffscale.config import DataCfg
+
+    return DataCfg(loader=kind, img_size=img_size, workers=workers, rand_augment=False, color_jitter=0.0,
+                   mixup=0, cutmix=0, reprob=0, scale=list(scale))  # fmt: skip
+
+
+def measure(
+    kind: str, root: str, img_size: int, batch: int, workers: int, warmup: int, scale, max_batches: int = 0
+) -> dict:
+    """One round of one loader: an epoch (or `max_batches`) after `warmup` batches, in this process."""
+    from ffscale.data.loader import build_loader
+    from ffscale.util.hostenv import allocator
+
+    cfg = bench_cfg(kind, img_size, workers, scale)
+    dev = torch.device("cuda" if torch.cuda.is_available() and kind == "dali" else "cpu")
+    torch.set_num_threads(1)  # the loaders' own workers/threads do the work; the consumer only counts
+    loader, _ = build_loader(cfg, root, True, 0, 1, batch, 0, None, dev)
+    if loader.steps_per_epoch <= warmup:
+        raise SystemExit(
+            f"bench data: {root} gives {loader.steps_per_epoch} batches of {batch}; more images or a smaller --batch"
+        )
+    it = loader.epoch(0)
+    for _ in range(warmup):  # start-up (workers, pipeline build, first reads) is not throughput
+        next(it)
+    n, c0, t0 = 0, _cpu_seconds(), time.perf_counter()
+    for i, (x, _) in enumerate(it):
+        n += len(x)
+        if max_batches and i + 1 >= max_batches:
+            break
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    return {
+        "img_per_s": n / dt,
+        "cpu_ms_per_img": 1000 * cpu / max(n, 1),
+        "images": n,
+        "device": dev.type,
+        "allocator": allocator(),
+    }
+
+
+def _round(kind: str, a, root: Path) -> dict:
+    """`measure` in a fresh process with the environment of a training rank."""
+    from ffscale.util.hostenv import rank_env
+
+    cmd = [sys.executable, "-m", __name__, kind, str(root), str(a.img_size), str(a.batch)]
+    cmd += [str(a.workers), str(a.warmup), *map(str, a.crop_scale)]
+    env = {**rank_env(), "PYTHONWARNINGS": "ignore"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    found = [ln[len(MARK) :] for ln in p.stdout.splitlines() if ln.startswith(MARK)]
+    if p.returncode or not found:
+        raise RuntimeError(f"bench data round ({kind}) failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return json.loads(found[-1])
+
+
+def bench_data(a) -> dict:
+    from ffscale.data.dali import available
+
+    root = imagenet_like_shards(Path(a.shards), a.images)  # the user's shards are used as they are
+    kinds = [k for k in LOADERS if k != "dali" or available()]
+    rounds: dict[str, list[dict]] = {k: [] for k in kinds}
+    for _ in range(a.rounds):
+        for kind in kinds:
+            rounds[kind].append(_round(kind, a, root))
+    res: dict = {
+        "shards": str(root),
+        "rounds": a.rounds,
+        "crop_scale": list(a.crop_scale),
+        **_input_stats(root),
+    }
+    for kind, rs in rounds.items():
+        ips = [r["img_per_s"] for r in rs]
+        res[kind] = {
+            "img_per_s": statistics.median(ips),
+            "img_per_s_min": min(ips),
+            "img_per_s_max": max(ips),
+            "cpu_ms_per_img": statistics.median(r["cpu_ms_per_img"] for r in rs),
+            "images": rs[0]["images"],
+            "device": rs[0]["device"],
+            "allocator": rs[0]["allocator"],
+        }
+    if "dali" in res:
+        ratios = [d["img_per_s"] / w["img_per_s"] for d, w in zip(rounds["dali"], rounds["webdataset"])]
+        res["ratio_dali_over_webdataset"] = res["dali"]["img_per_s"] / res["webdataset"]["img_per_s"]
+        res["ratio_per_round"] = ratios
+    return res
+
+
+def _input_stats(root: Path) -> dict:
+    from ffscale.data.manifest import load_manifest
+
+    m, files = load_manifest(root)
+    return {
+        "input_images": m.num_samples,
+        "input_kb_per_image": sum(f.stat().st_size for f in files) / m.num_samples / 1024,
+    }
+
+
+def print_data(res: dict) -> None:
+    print(
+        f"{res['input_images']} images, {res['input_kb_per_image']:.0f} KB each on average ({res['shards']}); "
+        f"{res['rounds']} rounds per loader, alternating; crops of {res['crop_scale']} of the area"
+    )
+    print(f"{'loader':11} {'img/s median':>12} {'min':>8} {'max':>8} {'CPU-ms/img':>10}  device, allocator")
+    for kind in LOADERS:
+        if kind in res:
+            r = res[kind]
+            print(
+                f"{kind:11} {r['img_per_s']:>12,.0f} {r['img_per_s_min']:>8,.0f} {r['img_per_s_max']:>8,.0f} "
+                f"{r['cpu_ms_per_img']:>10.2f}  {r['device']}, {r['allocator']}"
+            )
+    if "ratio_dali_over_webdataset" in res:
+        per = ", ".join(f"{x:.2f}" for x in res["ratio_per_round"])
+        print(f"DALI / webdataset: {res['ratio_dali_over_webdataset']:.2f}x (rounds: {per})")
+
+
+if __name__ == "__main__":  # one round, in the process `_round` starts
+    kind, root, img_size, batch, workers, warmup, lo, hi = sys.argv[1:9]
+    r = measure(kind, root, int(img_size), int(batch), int(workers), int(warmup), (float(lo), float(hi)))
+    print(MARK + json.dumps(r), flush=True)

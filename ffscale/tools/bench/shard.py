@@ -1,0 +1,72 @@
+"""`ffscale bench shard`: sharding img/s with 1 and N writer processes on the same input.
+
+Input: a class-folder tree of ImageNet-like JPEGs (Fashion-MNIST mosaics at ImageNet's sizes, made
+once), or `--root` of your own. Rounds alternate 1 and N workers, each writing a fresh output; the
+best round per setting is reported with the spread, and the digests of all rounds must agree.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def bench_input(root: Path, n: int, classes: int = 10, seed: int = 0) -> Path:
+    from ffscale.data.ingest.sources import fashion_mnist_arrays
+    from ffscale.tools.bench.data import imagenet_like_size, mosaic_jpeg
+
+    done = root / f".complete-{n}-{classes}-{seed}"
+    if done.is_file():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    pictures, _ = fashion_mnist_arrays("val")
+    rng = random.Random(seed)
+    for i in range(n):
+        d = root / f"class{i % classes:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i:06d}.JPEG").write_bytes(mosaic_jpeg(pictures, random.Random(seed * 1_000_003 + i),
+                                                      imagenet_like_size(rng)))  # fmt: skip
+    done.touch()
+    return root
+
+
+def bench_shard(a) -> dict:
+    from ffscale.data.ingest.sources import image_folder
+    from ffscale.data.ingest.writer import write_shards
+
+    root = Path(a.root) if a.root else bench_input(Path(a.input), a.images)
+    src = image_folder(root)
+    settings = sorted({1, a.workers})
+    times: dict[int, list[float]] = {w: [] for w in settings}
+    digests = set()
+    for _ in range(a.rounds):
+        for w in settings:
+            out = Path(tempfile.mkdtemp(prefix="ffscale-bench-shard-", dir=a.tmp))
+            try:
+                t = time.perf_counter()
+                m = write_shards(src, out, "bench", a.shard_size, workers=w, max_side=a.max_side)
+                times[w].append(time.perf_counter() - t)
+                digests.add(m.digest)
+            finally:
+                shutil.rmtree(out, ignore_errors=True)
+    n = len(src.items)
+    rows = [{"workers": w, "img_per_s": n / min(ts), "spread_pct": 100 * (max(ts) - min(ts)) / min(ts),
+             "seconds": statistics.median(ts)} for w, ts in times.items()]  # fmt: skip
+    base = rows[0]["img_per_s"]
+    for r in rows:
+        r["ratio"] = r["img_per_s"] / base
+    return {"images": n, "input": str(root), "max_side": a.max_side, "same_digest": len(digests) == 1,
+            "digest": sorted(digests)[0], "rows": rows}  # fmt: skip
+
+
+def print_shard(res: dict) -> None:
+    print(f"sharding {res['images']} images from {res['input']} (max side {res['max_side'] or 'kept'})")
+    print(f"{'workers':>7} {'img/s':>8} {'spread':>7} {'vs 1':>6}")
+    for r in res["rows"]:
+        print(f"{r['workers']:>7} {r['img_per_s']:>8,.0f} {r['spread_pct']:>6.1f}% {r['ratio']:>5.2f}x")
+    print(f"same shards from every round and worker count: {'yes' if res['same_digest'] else 'NO'} "
+          f"(digest {res['digest']})")  # fmt: skip

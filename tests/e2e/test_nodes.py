@@ -1,0 +1,88 @@
+"""Two nodes on one machine: training together, and a dead or frozen node stopping the other."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers.launch import ROOT, free_port, launch_env, small_overrides
+
+BIN = Path(sys.executable).parent
+
+
+def node_cmd(rank: int, port: int, args: list[str]) -> list[str]:
+    """The pods' entry command (see job.yaml), with CPU ranks and this machine as node 0."""
+    return [str(BIN / "ffscale"), "train", "--nproc", "1", "--nnodes", "2", "--node-rank", str(rank),
+            "--master-addr", "127.0.0.1", "--master-port", str(port), *args]  # fmt: skip
+
+
+def start_nodes(args):
+    port = free_port()
+    return [
+        subprocess.Popen(node_cmd(r, port, args), cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        for r in (0, 1)
+    ]  # fmt: skip
+
+
+@pytest.mark.e2e
+def test_two_nodes_train_zero3_together_and_a_dead_node_stops_the_other(fm_shards, tmp_path):
+    # The MLflow server is down (nothing listens on port 9): training must go on, with one warning.
+    args = small_overrides(fm_shards, tmp_path, "nodes") + [
+        "deepspeed.zero_stage=3",
+        "schedule.epochs=1",
+        "tracking.uri=http://127.0.0.1:9",
+    ]
+    procs = start_nodes(args)
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    assert outs[0].count("MLflow at http://127.0.0.1:9 failed") == 1
+    done = json.loads((tmp_path / "nodes" / "train" / "DONE").read_text())
+    assert done["ranks"] == 2 and done["last_eval"]["val_samples"] == 512  # ranks agreed on weights
+
+    procs = start_nodes(
+        small_overrides(fm_shards, tmp_path, "dead") + ["deepspeed.zero_stage=3", "schedule.epochs=50"]
+    )
+    metrics = tmp_path / "dead" / "train" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    import psutil
+
+    node1 = psutil.Process(procs[1].pid)
+    for proc in [node1, *node1.children(recursive=True)]:  # node 1 vanishes, as a lost machine does
+        proc.kill()
+    t0 = time.time()
+    procs[0].communicate(timeout=120)
+    assert procs[0].returncode != 0 and time.time() - t0 < 90
+
+
+@pytest.mark.e2e
+def test_a_frozen_node_stops_the_other_within_the_collective_timeout(fm_shards, tmp_path):
+    """Node 1 stops answering (SIGSTOP: a hung host, not a closed socket): node 0 leaves its collective
+    after run.collective_timeout_s and exits non-zero, so the group can be restarted."""
+    import psutil
+
+    args = small_overrides(fm_shards, tmp_path, "frozen") + [
+        "deepspeed.zero_stage=3", "schedule.epochs=50", "run.collective_timeout_s=20",
+    ]  # fmt: skip
+    procs = start_nodes(args)
+    metrics = tmp_path / "frozen" / "train" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    node1 = psutil.Process(procs[1].pid)
+    frozen = [node1, *node1.children(recursive=True)]
+    for proc in frozen:
+        proc.suspend()
+    t0 = time.time()
+    try:
+        out = procs[0].communicate(timeout=150)[0]
+        took = time.time() - t0
+    finally:
+        for proc in frozen:
+            proc.kill()
+    assert procs[0].returncode != 0, out[-2000:]
+    assert 15 < took < 90, took  # the timeout, not NCCL's 10 minutes, not a hang

@@ -1,0 +1,69 @@
+"""The benchmarks' inputs and their like-for-like setup (the figures live in docs/performance.md)."""
+
+from argparse import Namespace
+
+from ffscale.tools.bench.data import bench_cfg, bench_data
+
+
+def test_bench_data_reports_both_loaders_and_their_ratio(fm_shards):
+    a = Namespace(shards=str(fm_shards / "train"), images=0, img_size=64, batch=32,
+                  workers=0, rounds=1, warmup=1, crop_scale=[0.08, 1.0])  # fmt: skip
+    res = bench_data(a)
+    for kind in ("webdataset", "dali"):
+        assert res[kind]["images"] >= 1900 and res[kind]["img_per_s"] > 0 and res[kind]["cpu_ms_per_img"] > 0
+    assert res["ratio_dali_over_webdataset"] > 0
+
+
+def test_bench_data_gives_both_loaders_the_same_augmentation():
+    from dataclasses import asdict
+
+    web, dali = (asdict(bench_cfg(kind, 224, 2)) for kind in ("webdataset", "dali"))
+    assert {k for k in web if web[k] != dali[k]} == {"loader"}
+    assert not web["rand_augment"] and web["color_jitter"] == 0  # only DALI implements these
+
+
+def test_imagenet_like_input_has_imagenet_sizes():
+    import random
+
+    from ffscale.data.ingest.sources import fashion_mnist_arrays
+    from ffscale.tools.bench.data import imagenet_like_size, mosaic_jpeg
+
+    rng = random.Random(0)
+    sizes = [imagenet_like_size(rng) for _ in range(400)]
+    assert 0.5 < sum(s in ((500, 375), (375, 500)) for s in sizes) / len(sizes) < 0.8
+    assert all(200 <= min(s) and max(s) <= 800 for s in sizes)
+    pictures, _ = fashion_mnist_arrays("val")
+    kb = [len(mosaic_jpeg(pictures, random.Random(i), sizes[i])) / 1024 for i in range(20)]
+    assert 60 < sum(kb) / len(kb) < 180  # ImageNet's JPEGs average about 110 KB
+
+
+def test_fixed_token_mlp_width_makes_ff_cost_linear_in_patches():
+    from ffscale.tools.bench.scaling import scaling
+
+    a = Namespace(sizes="64,128", dim=48, depth=1, token_hidden=64, batch=2, steps=1)
+    res = scaling(a)
+    growth = {k: g[1] / g[0] for k, g in res["gflops"].items()}  # 4x the patches
+    quad, lin, vit = (
+        growth["ff (token MLP 4 x tokens)"],
+        growth["ff (token MLP 64)"],
+        growth["vit (attention)"],
+    )
+    assert lin < 4.5 < quad and vit > lin  # linear ~4x; 4 x tokens and attention grow faster
+    assert all(t > 0 for ts in res["step_s"].values() for t in ts)
+
+
+def test_cpu_ranks_get_jemalloc_unless_opted_out_or_preloaded(monkeypatch):
+    from ffscale.util import hostenv
+
+    monkeypatch.setattr(hostenv, "jemalloc", lambda: "libjemalloc.so.2")
+    monkeypatch.setattr(hostenv, "gpu_host", lambda: False)
+    env = hostenv.rank_env({"PATH": "/bin"})
+    assert env["LD_PRELOAD"] == "libjemalloc.so.2" and "dirty_decay_ms:-1" in env["MALLOC_CONF"]
+    assert hostenv.rank_env({"MALLOC_CONF": "narenas:1"})["MALLOC_CONF"] == "narenas:1"  # the user's wins
+    for env in ({"FFSCALE_JEMALLOC": "0"}, {"LD_PRELOAD": "libtcmalloc.so"}):
+        assert hostenv.rank_env(env) == env
+    monkeypatch.setattr(hostenv, "gpu_host", lambda: True)  # a GPU host: ranks left as they are
+    assert "LD_PRELOAD" not in hostenv.rank_env({})
+    monkeypatch.setattr(hostenv, "gpu_host", lambda: False)
+    monkeypatch.setattr(hostenv, "jemalloc", lambda: None)  # not installed: nothing changes
+    assert hostenv.rank_env({}) == {}

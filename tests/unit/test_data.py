@@ -1,0 +1,265 @@
+"""Both loaders through the same checks: coverage, disjoint ranks, resume, bad data, augmentation."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers.ids import decode_id, make_id_folder
+from helpers.loaders import bad_shards, collect, plain_cfg
+
+from ffscale.data.ingest import sources as shards
+from ffscale.data.ingest.writer import write_shards
+from ffscale.data.loader import build_loader
+from ffscale.data.manifest import DataError, load_manifest, verify
+from ffscale.data.samples import iter_samples
+
+N, CLASSES = 300, 7
+
+
+LOADERS = ["webdataset", "dali"]
+
+
+@pytest.fixture(scope="module")
+def id_shards(tmp_path_factory) -> Path:
+    root = make_id_folder(tmp_path_factory.mktemp("ids") / "src", N, CLASSES)
+    out = root.parent / "shards"
+    write_shards(shards.image_folder(root), out, "ids", shard_size=40)
+    return out
+
+
+def test_fashion_mnist_shards_round_trip(fm_shards):
+    m, files = load_manifest(fm_shards / "train")
+    assert m.num_samples == 2048 and m.num_classes == 10 and len(files) == 8
+    verify(fm_shards / "train")
+    raw = list(iter_samples(files))
+    assert len(raw) == 2048 and len({s["__key__"] for s in raw}) == 2048
+    labels = np.bincount([int(s["cls"]) for s in raw], minlength=10)
+    assert labels.min() > 120  # shuffled at write time: every class present in a 2k prefix
+
+
+def test_folder_shards_hold_every_image_once_with_its_label(id_shards):
+    m, files = load_manifest(id_shards)
+    assert m.num_samples == N and m.classes == [f"class{c:03d}" for c in range(CLASSES)]
+    seen = {}
+    import io
+
+    from PIL import Image
+
+    for s in iter_samples(files):
+        img = np.array(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+        i = decode_id(torch.from_numpy(img).permute(2, 0, 1))
+        assert int(s["cls"]) == i % CLASSES
+        seen[i] = seen.get(i, 0) + 1
+    assert sorted(seen) == list(range(N)) and set(seen.values()) == {1}
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_two_ranks_train_disjoint_and_labels_right(id_shards, kind):
+    per_rank = []
+    for rank in (0, 1):
+        loader, _ = build_loader(
+            plain_cfg(kind), str(id_shards), True, rank, 2, 16, 0, None, torch.device("cpu")
+        )
+        ids, labels, sizes = collect(loader)
+        assert len(sizes) == loader.steps_per_epoch and set(sizes) == {16}
+        assert all(y == i % CLASSES for i, y in zip(ids, labels))
+        assert len(set(ids)) == len(ids)  # no sample twice in an epoch
+        per_rank.append(set(ids))
+    assert not per_rank[0] & per_rank[1]
+    assert len(per_rank[0]) == len(per_rank[1])  # same number of steps on every rank
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_eval_covers_every_sample_exactly_once_over_ranks(id_shards, kind):
+    all_ids, batches = [], []
+    for rank in (0, 1):
+        loader, _ = build_loader(
+            plain_cfg(kind), str(id_shards), False, rank, 2, 16, 0, None, torch.device("cpu")
+        )
+        ids, labels, sizes = collect(loader)
+        all_ids += ids
+        batches.append(len(sizes))
+        assert loader.num_samples == N
+    assert sorted(all_ids) == list(range(N))
+    assert batches[0] == batches[1]  # padded so ZeRO-3 ranks run equal forwards
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_epochs_reshuffle_and_resume_replays_the_same_batches(id_shards, kind):
+    loader, _ = build_loader(plain_cfg(kind), str(id_shards), True, 0, 1, 16, 0, None, torch.device("cpu"))
+    e0, _, _ = collect(loader, 0)
+    e1, _, _ = collect(loader, 1)
+    assert e0 != e1
+    resumed, _, _ = collect(loader, 1, skip=3)
+    assert resumed == e1[3 * 16 :]
+
+
+def shard_of_each_id(root: Path) -> dict[int, int]:
+    import io
+
+    from PIL import Image
+
+    out = {}
+    for k, f in enumerate(sorted(root.glob("*.tar"))):
+        for s in iter_samples([f]):
+            img = np.array(Image.open(io.BytesIO(s["jpg"])).convert("RGB"))
+            out[decode_id(torch.from_numpy(img).permute(2, 0, 1))] = k
+    return out
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_each_epoch_reads_the_shards_in_another_order(id_shards, kind):
+    """Beyond the shuffle buffer: epochs start in different shards (a reader fed the same file order
+    every epoch starts each in the same neighbourhood)."""
+    cfg = plain_cfg(kind)
+    cfg.shuffle_buffer = 4
+    loader, _ = build_loader(cfg, str(id_shards), True, 0, 1, 16, 0, None, torch.device("cpu"))
+    shard_of = shard_of_each_id(id_shards)
+    first = [frozenset(shard_of[i] for i in collect(loader, epoch)[0][:16]) for epoch in range(6)]
+    assert len(set(first)) >= 3, first
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+@pytest.mark.parametrize("case", ["label_range", "no_label", "corrupt_jpeg", "empty_jpeg"])
+def test_bad_samples_raise_naming_shard_and_key_or_are_skipped(tmp_path, kind, case):
+    d = bad_shards(tmp_path, case)
+    loader, _ = build_loader(plain_cfg(kind), str(d), False, 0, 1, 8, 0, None, torch.device("cpu"))
+    with pytest.raises(DataError, match=r"s-000000\.tar.*0005"):
+        collect(loader)
+    skip_cfg = plain_cfg(kind, on_error="skip")
+    if kind == "dali":  # DALI cannot drop a sample inside its graph: said plainly, up front
+        with pytest.raises(DataError, match="on_error=skip needs data.loader=webdataset"):
+            build_loader(skip_cfg, str(d), False, 0, 1, 8, 0, None, torch.device("cpu"))
+        return
+    loader, _ = build_loader(skip_cfg, str(d), False, 0, 1, 8, 0, None, torch.device("cpu"))
+    ids, labels, _ = collect(loader)
+    assert sorted(ids) == [i for i in range(64) if i != 5]
+    assert all(y == i % 3 for i, y in zip(ids, labels))
+
+
+def test_manifest_problems_are_named(tmp_path, id_shards):
+    with pytest.raises(DataError, match="no shard manifest"):
+        load_manifest(tmp_path)
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(id_shards, d)
+    tar = sorted(d.glob("*.tar"))[1]
+    tar.write_bytes(tar.read_bytes()[:5000])  # truncated: caught by size at every start
+    with pytest.raises(DataError, match=rf"{tar.name}: 5000 bytes, .* says \d+ \(truncated or replaced\)"):
+        load_manifest(d)
+    with pytest.raises(DataError, match=tar.name):
+        verify(d)
+    tar.unlink()
+    with pytest.raises(DataError, match="missing on disk"):
+        load_manifest(d)
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**m, "shards": m["shards"][:1]}))
+    with pytest.raises(DataError, match="digest does not match"):
+        load_manifest(d)
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_garbage_inside_a_tar_is_named_by_both_loaders_and_by_verify(tmp_path, id_shards, kind):
+    import shutil
+
+    d = tmp_path / "copy"
+    shutil.copytree(id_shards, d)
+    tar = sorted(d.glob("*.tar"))[2]
+    b = bytearray(tar.read_bytes())
+    b[10240 : 10240 + 4096] = b"\x13" * 4096  # same size: only content checks can see it
+    tar.write_bytes(bytes(b))
+    load_manifest(d)  # sizes agree
+    loader, _ = build_loader(plain_cfg(kind), str(d), False, 0, 1, 8, 0, None, torch.device("cpu"))
+    with pytest.raises(DataError, match=rf"shard .*{tar.name}: not a readable tar"):
+        collect(loader)
+    from ffscale.cli import main
+
+    assert main(["verify", str(d)]) == 2  # sha256 differs
+
+
+def test_dali_colour_jitter_changes_pixels_not_labels(id_shards):
+    def first(jitter):
+        cfg = plain_cfg("dali", color_jitter=jitter)
+        loader, _ = build_loader(cfg, str(id_shards), True, 0, 1, 16, 0, None, torch.device("cpu"))
+        return next(iter(loader.epoch(0)))
+
+    (x0, y0), (x1, y1) = first(0.0), first(0.4)
+    assert torch.equal(y0, y1) and x0.shape == x1.shape
+    assert (x0.float() - x1.float()).abs().mean() > 2  # brightness/contrast/saturation moved
+
+
+def test_mixup_and_cutmix_mix_images_and_targets_alike():
+    from ffscale.data.augment import mix
+
+    x = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(4)])
+    t = torch.eye(4)
+    torch.manual_seed(0)
+    xm, tm = mix(x, t, mixup=0.8, cutmix=0.0, prob=1.0, switch=0.5)
+    lam = float(tm[0, 0])
+    assert 0 < lam < 1 and torch.allclose(tm.sum(1), torch.ones(4))
+    assert torch.allclose(xm[0], torch.full((3, 8, 8), 0 * lam + 3 * (1 - lam)))
+    xc, tc = mix(x, t, mixup=0.0, cutmix=1.0, prob=1.0, switch=0.5)
+    pasted = float((xc[0] == 3.0).float().mean())  # sample 0 is paired with sample 3
+    assert tc[0, 3] == pytest.approx(pasted) and tc[0, 0] == pytest.approx(1 - pasted)
+    same, tsame = mix(x, t, mixup=0.8, cutmix=1.0, prob=0.0, switch=0.5)
+    assert torch.equal(same, x) and torch.equal(tsame, t)
+
+
+def test_random_erasing_is_per_sample_and_seeded():
+    from ffscale.data.augment import random_erase
+
+    x = torch.zeros(64, 3, 16, 16)
+    torch.manual_seed(1)
+    a = random_erase(x, 0.25)
+    torch.manual_seed(1)
+    b = random_erase(x, 0.25)
+    erased = (a.flatten(1).abs().sum(1) > 0).sum().item()
+    assert torch.equal(a, b) and 5 <= erased <= 30
+
+
+def test_dali_rand_augment_pipeline_runs(id_shards):
+    loader, _ = build_loader(
+        plain_cfg("dali").__class__(**{**plain_cfg("dali").__dict__, "rand_augment": True}),
+        str(id_shards), True, 0, 1, 16, 0, None, torch.device("cpu"),
+    )  # fmt: skip
+    x, y = next(iter(loader.epoch(0)))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.uint8 and y.min() >= 0
+
+
+def test_a_dali_failure_is_said_at_once_not_searched_for_in_the_data(id_shards, capsys):
+    """No GPU here: a DALI pipeline on cuda:0 fails as it would with no driver or one too old."""
+    from ffscale.errors import DaliFailure
+
+    loader, _ = build_loader(
+        plain_cfg("dali"), str(id_shards), True, 0, 1, 16, 0, None, torch.device("cuda", 0)
+    )
+    with pytest.raises(
+        DaliFailure, match=r"DALI failed on cuda:0 \(not a data error\): .*CUDA is not available"
+    ):
+        next(loader.epoch(0))
+    from ffscale.data.loader import choose
+
+    kind, why = choose(plain_cfg("auto"), torch.device("cuda", 0))  # auto: checked at start, falls back
+    assert kind == "webdataset" and "DALI cannot run on cuda:0" in why and "CUDA is not available" in why
+    assert capsys.readouterr().out.count("warning: DALI cannot run on cuda:0") == 1
+
+
+def test_dali_errors_are_told_apart_by_the_operator_that_failed():
+    from ffscale.data.dali import dali_error_line, is_data_error
+
+    decode = (
+        "Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.decoders.image_random_crop`,\n"
+        "which was used ...\nencountered:\n\nnvImageCodec failure: '#3'\nCurrent pipeline object is no longer valid."
+    )
+    reader = (
+        "Error in CPU operator `nvidia.dali.fn.readers.webdataset`,\nencountered:\nUnderful sample detected"
+    )
+    oom = "Error in MIXED operator `nvidia.dali.fn.decoders.image`,\nencountered:\nCUDA error: out of memory"
+    build = 'Assert on "cuInitChecked()" failed: You are trying to create a GPU DALI pipeline while CUDA is not available.'
+    assert is_data_error(decode) and is_data_error(reader)
+    assert not is_data_error(oom) and not is_data_error(build)
+    assert dali_error_line(decode) == "nvImageCodec failure: '#3'"
+    assert dali_error_line(oom) == "CUDA error: out of memory"

@@ -1,0 +1,144 @@
+"""One writer per run (the lock), explicit config changes on resume, the exit-code contract, predict's inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers.launch import ROOT
+
+from ffscale import config
+from ffscale.errors import ConfigError, LockHeld
+from ffscale.run import changes
+from ffscale.run.runlock import LOCK, Holder, RunLock, read
+
+CLI = Path(sys.executable).with_name("ffscale")
+
+
+def test_a_second_holder_is_refused_naming_the_first_and_release_frees_it(tmp_path):
+    with RunLock(tmp_path, heartbeat_s=0.05) as first:
+        h = read(tmp_path / LOCK)
+        assert (h.host, h.pid, h.token) == (socket.gethostname(), os.getpid(), first.me.token)
+        time.sleep(0.3)
+        assert read(tmp_path / LOCK).heartbeat > h.heartbeat  # the heartbeat moves
+        with pytest.raises(LockHeld, match=rf"in use by host {socket.gethostname()} pid {os.getpid()} "):
+            RunLock(tmp_path).acquire()
+    assert not (tmp_path / LOCK).exists()
+    RunLock(tmp_path).acquire().release()
+
+
+def test_waiting_for_the_lock_gets_it_when_the_holder_ends_within_the_wait(tmp_path):
+    import threading
+
+    said = []
+    first = RunLock(tmp_path).acquire()
+    threading.Timer(0.5, first.release).start()  # a pod still writing its preemption checkpoint
+    second = RunLock(tmp_path, say=said.append, wait_s=30).acquire()
+    assert read(tmp_path / LOCK).token == second.me.token and said[0].startswith(
+        "ffscale: waiting up to 30 s"
+    )
+    second.release()
+
+
+def _plant(d: Path, host: str, pid: int, age: float) -> None:
+    now = time.time()
+    (d / LOCK).write_text(json.dumps(Holder("t0", host, pid, now - age, now - age).__dict__))
+
+
+def test_a_stale_lock_is_taken_over_saying_so_and_a_live_one_on_another_host_is_not(tmp_path):
+    said = []
+    _plant(tmp_path, "node-7", 4242, age=5)  # another host, fresh heartbeat: held
+    with pytest.raises(LockHeld, match="host node-7 pid 4242 .*heartbeat 5 s ago"):
+        RunLock(tmp_path, stale_s=60).acquire()
+    _plant(tmp_path, "node-7", 4242, age=120)  # heartbeat older than stale_s: its node is gone
+    lock = RunLock(tmp_path, stale_s=60, say=said.append).acquire()
+    assert (
+        read(tmp_path / LOCK).token == lock.me.token and "taking over the run lock of host node-7" in said[0]
+    )
+    lock.release()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    _plant(tmp_path, socket.gethostname(), dead.pid, age=1)  # this host, pid gone: at once
+    RunLock(tmp_path, stale_s=3600).acquire().release()
+
+
+def _stage(tmp_path: Path, *overrides: str) -> tuple[config.Stage, config.RunCfg]:
+    cfg = config.load(
+        [str(ROOT / "configs" / "demo.yaml")], [f"run.dir={tmp_path}", "run.name=r", *overrides]
+    )
+    return config.stages(cfg)[0], cfg.run
+
+
+def test_a_resumed_stage_refuses_changes_unless_allowed_and_never_fixed_keys(tmp_path):
+    stage, run = _stage(tmp_path)
+    (stage.dir / "checkpoints").mkdir(parents=True)
+    changes.started(stage, run)
+    assert changes.check(stage, run, set()) == {}  # not resuming yet: no checkpoint
+    (stage.dir / "checkpoints" / "latest").write_text("step5")
+    lr = stage.cfg.optim.base_lr
+    new, run = _stage(tmp_path, f"optim.base_lr={lr * 2}", "schedule.stop_at_step=9", "checkpoint.keep=5")
+    with pytest.raises(
+        ConfigError, match=rf"optim.base_lr: {lr!r} -> {lr * 2!r}; run with --allow-change optim.base_lr"
+    ):
+        changes.check(new, run, set())
+    assert changes.check(new, run, {"optim.base_lr"}) == {
+        "optim.base_lr": [lr, lr * 2]
+    }  # stop_at_step, workers: free
+    changes.record(new, 5, {"optim.base_lr": [lr, lr * 2]})
+    with open(stage.dir / changes.HISTORY, "a") as f:
+        f.write('{"step": 7, "chan')  # an append cut short by a kill: never applied
+    assert changes.check(new, run, set()) == {}  # the history's effective config has it now
+    shape, run = _stage(tmp_path, f"optim.base_lr={lr * 2}", "model.depth=9")
+    with pytest.raises(ConfigError, match="model.depth: 4 -> 9: cannot change mid-stage"):
+        changes.check(shape, run, {"model.depth"})
+
+
+def test_the_same_shards_at_a_new_path_resume_and_other_shards_do_not(tmp_path, fm_shards):
+    import shutil
+
+    stage, run = _stage(tmp_path, f"data.train={fm_shards / 'train'}", f"data.val={fm_shards / 'val'}")
+    (stage.dir / "checkpoints").mkdir(parents=True)
+    changes.started(stage, run)
+    (stage.dir / "checkpoints" / "latest").write_text("step5")
+    shutil.copytree(fm_shards, tmp_path / "moved")  # the volume mounted elsewhere
+    moved, run = _stage(
+        tmp_path, f"data.train={tmp_path / 'moved' / 'train'}", f"data.val={tmp_path / 'moved' / 'val'}"
+    )
+    assert changes.check(moved, run, set()) == {}
+    other, run = _stage(tmp_path, f"data.train={fm_shards / 'val'}", f"data.val={fm_shards / 'val'}")
+    with pytest.raises(ConfigError, match="data.train: .* cannot change mid-stage"):
+        changes.check(other, run, {"data.train"})
+
+
+def test_every_exit_code_in_the_readme_names_the_tests_that_check_it():
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Exit codes") :].split("\n\n")[1]
+    rows = [r for r in table.splitlines() if re.match(r"\| (0|1|2|143)", r)]
+    assert [r.split("|")[1].strip().split()[0] for r in rows] == ["0", "2", "143", "1"]
+    tests = "".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
+    for r in rows:
+        named = re.findall(r"`(test_\w+)`", r)
+        assert named, r
+        assert all(f"def {t}(" in tests for t in named), r
+
+
+def test_predict_reads_images_as_paths_or_base64(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from ffscale.inference.predict import open_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, format="PNG")
+    (tmp_path / "a.png").write_bytes(buf.getvalue())
+    for source in (str(tmp_path / "a.png"), base64.b64encode(buf.getvalue()).decode(), buf.getvalue()):
+        assert open_image(source).size == (40, 30)

@@ -1,0 +1,87 @@
+"""The run's pure logic: the non-finite policy, step arithmetic, the progress meter, lineage."""
+
+from __future__ import annotations
+
+import pytest
+
+from ffscale import config as C
+from ffscale import errors
+from ffscale.run import nonfinite
+from ffscale.run.progress import Meter, fmt_time
+from ffscale.run.schedule import plan_steps
+
+
+def stage_cfg(*overrides: str) -> C.StageCfg:
+    return C.stages(C.load(None, list(overrides)))[0].cfg
+
+
+# -- the non-finite policy ---------------------------------------------------------------------
+def test_nonfinite_stop_names_the_step_and_the_checkpoint(tmp_path):
+    o = stage_cfg().optim
+    with pytest.raises(
+        errors.NonFiniteLoss, match=r"step 7 \(optim.nonfinite=stop\).*ck/step4.*nonfinite=skip"
+    ):
+        nonfinite.check(o, 7, 1, tmp_path / "ck" / "step4", "stage x")
+
+
+def test_nonfinite_skip_goes_on_until_past_the_limit():
+    o = stage_cfg("optim.nonfinite=skip", "optim.max_skipped=2").optim
+    nonfinite.check(o, 5, 1, None, "stage x")
+    nonfinite.check(o, 6, 2, None, "stage x")
+    with pytest.raises(
+        errors.NonFiniteLoss, match="3 steps skipped, more than optim.max_skipped=2.*none yet"
+    ):
+        nonfinite.check(o, 9, 3, None, "stage x")
+
+
+def test_steps_per_epoch_end_on_an_optimizer_step_and_warmup_scales():
+    s = stage_cfg(
+        "optim.global_batch=128", "optim.micro_batch=16", "schedule.epochs=3", "schedule.warmup_epochs=0.5"
+    )
+    st = plan_steps(s, world=2, loader_steps=37)  # accum 4: 37 micro-batches -> 36, 9 steps
+    assert (st.accum, st.micro_per_epoch, st.per_epoch, st.total, st.warmup) == (4, 36, 9, 27, 4)
+    assert st.epoch_of(18) == 0.5
+    with pytest.raises(
+        C.ConfigError, match="stage train: one epoch of .* is smaller than optim.global_batch"
+    ):
+        plan_steps(s, world=2, loader_steps=3)
+    with pytest.raises(
+        C.ConfigError,
+        match=r"stages.train.optim.global_batch=128 is not divisible by ranks x micro_batch = 3 x 16",
+    ):
+        plan_steps(s, world=3, loader_steps=37)
+
+
+# -- progress ------------------------------------------------------------------------------------
+def test_meter_reports_throughput_mfu_and_eta(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("ffscale.run.progress.time.perf_counter", lambda: now[0])
+    m = Meter(total_steps=100, images_per_step=64, flops_per_image=1e9, peak_flops=1e12)
+    assert m.update(10) == {}  # the first call only starts the clock
+    now[0] += 2.0
+    r = m.update(20)  # 10 steps x 64 images in 2 s
+    assert r["img_per_s"] == pytest.approx(320.0)
+    assert r["mfu"] == pytest.approx(100 * 320 * 1e9 / 1e12)
+    assert r["eta_s"] == pytest.approx(80 / 5.0)  # 80 steps left at 5 steps/s
+    assert (fmt_time(16), fmt_time(3725)) == ("0m16s", "1h02m")
+
+
+def test_lineage_says_where_a_stages_weights_came_from(tmp_path):
+    from ffscale.run.pipeline import init_weights_for
+    from ffscale.util.weights import file_digest
+
+    w = tmp_path / "w.safetensors"
+    w.write_bytes(b"weights")
+    cfg = C.load(None, ["stages.pre.init_from=null", "stages.ft.init_from=null", f"stages.file.init_from={w}",
+                        "stages.named.init_from=pre", "stages.fresh.init_from=scratch", f"run.dir={tmp_path}"])  # fmt: skip
+    pre, ft, file, named, fresh = C.stages(cfg)
+    assert init_weights_for(pre, []) == (None, "scratch")  # a first stage trains from scratch
+    assert init_weights_for(ft, [pre]) == (pre.dir / "weights.safetensors", "stage:pre")
+    assert init_weights_for(file, [pre, ft]) == (w, f"file:{w.resolve()}@{file_digest(w)}")
+    assert init_weights_for(named, [pre, ft, file])[1] == "stage:pre"
+    assert init_weights_for(fresh, [pre])[1] == "scratch"
+    missing = C.load(None, ["stages.x.init_from=nowhere.safetensors"])
+    with pytest.raises(
+        C.ConfigError, match="stages.x.init_from='nowhere.safetensors': neither an earlier stage nor a file"
+    ):
+        init_weights_for(C.stages(missing)[0], [pre])
