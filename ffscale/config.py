@@ -26,7 +26,11 @@ class ModelCfg:
     patch_size: int | None = None  # None: the registered size's
     in_chans: int = 3
     num_classes: int | None = None  # None: from the training shards' manifest
-    drop_path: float = 0.1
+    drop_path: float = 0.1  # stochastic depth of the last block (DeiT's --drop-path 0.1)
+    drop: float = (
+        0.0  # dropout after the position embedding and in the blocks (DeiT's --drop; the paper: 0.1)
+    )
+    heads: int | None = None  # ViT / attention-only: attention heads (None: the registered size's)
     dim: int | None = None
     depth: int | None = None
     token_hidden: int | None = None  # FF only: fixed token-MLP width (linear in patches)
@@ -42,6 +46,7 @@ class DataCfg:
     loader: str = "auto"  # auto | dali | webdataset
     img_size: int = 224
     crop_pct: float = 0.875  # eval: resize shorter side to img_size / crop_pct, centre crop
+    interpolation: str = "bicubic"  # bicubic (DeiT) | bilinear: every resize, train and eval
     scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     hflip: float = 0.5
@@ -86,6 +91,10 @@ class ScheduleCfg:
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     stop_at_step: int = 0  # >0: checkpoint and exit at this optimizer step; rerunning continues
+    stop_at_epoch: int = 0  # >0: checkpoint and exit after this epoch (the schedule stays `epochs` long)
+    # the lr follows timm's cosine (ffscale/engine/lr.py), read per optimizer step, or per epoch as
+    # DeiT's main.py steps it (epoch e at the value for e - 1; docs/recipe.md row 7)
+    lr_per: str = "step"  # step | epoch
 
 
 @dataclass
@@ -259,6 +268,8 @@ def validate(s: StageCfg, p: str = "") -> None:
     """Checks OmegaConf's types cannot express. `p` prefixes keys (stages.<name>.)."""
     _choice(s.data.loader, ("auto", "dali", "webdataset"), f"{p}data.loader")
     _choice(s.data.on_error, ("raise", "skip"), f"{p}data.on_error")
+    _choice(s.data.interpolation, ("bicubic", "bilinear"), f"{p}data.interpolation")
+    _choice(s.schedule.lr_per, ("step", "epoch"), f"{p}schedule.lr_per")
     _choice(s.optim.nonfinite, ("stop", "skip"), f"{p}optim.nonfinite")
     _choice(s.deepspeed.precision, ("auto", "bf16", "fp16", "fp32"), f"{p}deepspeed.precision")
     _choice(s.deepspeed.comm_dtype, ("fp32", "bf16", "fp16"), f"{p}deepspeed.comm_dtype")

@@ -52,6 +52,16 @@ FFSCALE_FAULT_NAN_STEPS=3 step e2e_stop launch tests/entries/nan_train.py "${E2E
 step e2e_resume launch ffscale/train.py "${E2E[@]}"
 # 5. the same shards through two decode paths: labels identical, pixel differences
 step decode_check ff bench decode "$SHARDS" --img-size "$SIZE" --images 1000
+# 6. optional: Table 1 from the paper's released weights. PAPER_CHECKPOINTS: a folder holding
+#    linear-tiny-checkpoint.pth and linear-base-checkpoint.pth; IMAGENET_VAL: val shards
+#    (`ffscale shard imagenet`). The paper's README gives 61.4% and 74.9% top-1.
+if [ -n "${PAPER_CHECKPOINTS:-}" ] && [ -n "${IMAGENET_VAL:-}" ]; then
+  for size in tiny base; do
+    step "paper_${size}_import" ff import "$PAPER_CHECKPOINTS/linear-$size-checkpoint.pth" --out "$OUT/paper-$size" \
+      "data.val=$IMAGENET_VAL" data.workers="$WORKERS"
+    step "paper_${size}_eval" ff eval --run "$OUT/paper-$size" --json
+  done
+fi
 
 "$PY" - "$OUT" <<'EOF'
 import json, sys
@@ -87,6 +97,10 @@ lines.append(f"e2e: NaN step skipped {'step skipped' in stop}, stopped {'stop_at
 check = last_json("decode_check")
 if check:
     lines.append(f"decode check: {check}")
+for size, paper in (("tiny", 61.4), ("base", 74.9)):
+    res = last_json(f"paper_{size}_eval")
+    if res:
+        lines.append(f"paper FF-{size} from its released weights: top-1 {res['top1']:.2f}% (paper {paper}%) on {res['samples']} images")
 (out / "report.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF

@@ -75,6 +75,9 @@ def add_parser(sub) -> None:
         "--crop-scale", type=float, nargs=2, default=[0.08, 1.0], metavar=("LO", "HI"),
         help="random-resized-crop area (DeiT: 0.08 1); 1 1: both loaders decode every pixel",
     )  # fmt: skip
+    bd.add_argument(
+        "--no-rand-augment", action="store_true", help="without RandAugment (both loaders run it by default)"
+    )
     bd.add_argument("--json", action="store_true")
     bt = bsub.add_parser(
         "train", help="ffscale (DeepSpeed) step vs a plain PyTorch loop per ZeRO stage: ratio, MFU, memory"

@@ -1,4 +1,4 @@
-"""`ffscale eval | predict | models`: finished models, without DeepSpeed."""
+"""`ffscale eval | predict | import | models`: finished models, without DeepSpeed."""
 
 from __future__ import annotations
 
@@ -34,6 +34,24 @@ def add_parser(sub) -> None:
     pr.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     pr.add_argument("--json", action="store_true", help="one JSON object per image")
     pr.set_defaults(fn=predict)
+
+    i = sub.add_parser(
+        "import", help="the paper's, DeiT's or timm's checkpoint as an ffscale model directory",
+        description="Reads DeiT-style .pth checkpoints (the paper's linear-*-checkpoint.pth), timm/DeiT ViTs and "
+        ".safetensors; writes OUT/config.yaml and OUT/imported/{weights.safetensors, model.json}.",
+    )  # fmt: skip
+    i.add_argument("checkpoint", help=".pth / .pt / .bin (a torch pickle) or .safetensors")
+    i.add_argument("--out", required=True, help="a new directory for the model")
+    i.add_argument("--model", help="ffscale model name (default: from the checkpoint's args or its tensors)")
+    i.add_argument(
+        "--ema", action="store_true", help="the EMA weights (DeiT's 'model_ema') instead of 'model'"
+    )
+    i.add_argument(
+        "--trust-pickle", action="store_true",
+        help="unpickle types beyond tensors and argparse.Namespace: code in the file may run",
+    )  # fmt: skip
+    i.add_argument("overrides", nargs="*", help="config keys over the source's, e.g. data.crop_pct=1.0")
+    i.set_defaults(fn=import_checkpoint)
 
     m = sub.add_parser("models", help="list registered models with parameter counts")
     m.add_argument("filter", nargs="?")
@@ -77,6 +95,19 @@ def predict(a) -> int:
             print(json.dumps({"image": f, "top": [{"index": i, "class": c, "prob": p} for i, c, p in row]}))
         else:
             print(f"{f}: " + ", ".join(f"{c} ({i}) {100 * p:.1f}%" for i, c, p in row))
+    return 0
+
+
+def import_checkpoint(a) -> int:
+    from ffscale.inference.convert import convert, write_package
+
+    src = Path(a.checkpoint)
+    imp = convert(src, a.model, a.ema, a.trust_pickle)
+    stage_dir = write_package(imp, src, Path(a.out), a.overrides, a.ema)
+    kw = imp.kwargs
+    print(f"{a.out}: {imp.model} ({imp.layout} layout{', EMA' if a.ema else ''}), {kw['img_size']} px, "
+          f"patch {kw['patch_size']}, width {kw['dim']}, depth {kw['depth']}, {kw['num_classes']} classes -> "
+          f"{stage_dir / 'weights.safetensors'}")  # fmt: skip
     return 0
 
 

@@ -1,5 +1,7 @@
 """Batch ops on the device, shared by every loader: normalise, label-smoothed soft targets,
-mixup / cutmix (timm's batch mode) and random erasing (timm's per-pixel mode), as in DeiT.
+random erasing (timm's per-pixel mode) per image, then mixup / cutmix (timm's batch mode): DeiT
+erases inside each image's transform, after Normalize, and mixes the batch later (timm 0.3.2
+transforms_factory.py:120-122; DeiT engine.py @ 2f76ec6 lines 31-35).
 
 Randomness comes from torch's global RNG, which the loop reseeds per micro-step, so a resumed run
 replays the same mixes and erasures.
@@ -34,9 +36,9 @@ class DeviceOps:
 
     def train_batch(self, x, y, smoothing: float):
         x, t = self.images(x), self.targets(y, smoothing)
-        x, t = mix(x, t, self.cfg.mixup, self.cfg.cutmix, self.cfg.mix_prob, self.cfg.mix_switch)
         if self.cfg.reprob > 0:
             x = random_erase(x, self.cfg.reprob)
+        x, t = mix(x, t, self.cfg.mixup, self.cfg.cutmix, self.cfg.mix_prob, self.cfg.mix_switch)
         return x.to(self.dtype), t
 
     def eval_batch(self, x, y):

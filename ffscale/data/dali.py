@@ -49,6 +49,7 @@ def _pipeline(files, idx, members, train, c: DataCfg, rand_aug: bool, decode_dev
     from ffscale.data import randaug
 
     width = members.label_bytes  # labels leave DALI as fixed-width bytes, parsed on the host
+    interp = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}[c.interpolation]
 
     @pipeline_def(enable_conditionals=True)
     def pipe():
@@ -78,13 +79,13 @@ def _pipeline(files, idx, members, train, c: DataCfg, rand_aug: bool, decode_dev
                 mirror = fn.random.coin_flip(probability=c.hflip)
                 label = fn.pad(cls[:width], axes=(0,), shape=(width,), fill_value=0)
                 return img, label, cls.shape(), mirror
-            img = fn.resize(img, resize_x=c.img_size, resize_y=c.img_size)
+            img = fn.resize(img, resize_x=c.img_size, resize_y=c.img_size, interp_type=interp)
             if rand_aug:  # DeiT's rand-m9-mstd0.5-inc1 at timm's magnitudes; filled with the mean grey
                 img = randaug.rand_augment(img, c.img_size, fill=round(255 * sum(c.mean) / len(c.mean)))
             mirror = fn.random.coin_flip(probability=c.hflip)
         else:
             img = fn.decoders.image(jpg, device=decode_device, output_type=types.RGB)
-            img = fn.resize(img, resize_shorter=int(c.img_size / c.crop_pct))
+            img = fn.resize(img, resize_shorter=int(c.img_size / c.crop_pct), interp_type=interp)
             mirror = 0
         img = fn.crop_mirror_normalize(
             img, dtype=types.UINT8, output_layout="CHW", crop=(c.img_size, c.img_size), mirror=mirror
@@ -195,15 +196,15 @@ class DaliLoader:
         return json_labels(raw, lengths, key) if key else parse_labels(raw, lengths)
 
     def _resize(self, crops, mirror) -> torch.Tensor:
-        """Each decoded crop (HWC uint8) to img_size, bilinear with antialiasing, flipped as drawn."""
-        size = self.cfg.img_size
+        """Each decoded crop (HWC uint8) to img_size (data.interpolation, antialiased), flipped as drawn."""
+        size, mode = self.cfg.img_size, self.cfg.interpolation
         out = torch.empty(len(crops), 3, size, size, dtype=torch.uint8)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one small image each: DALI's threads are decoding the next batch
         try:
             for i in range(len(crops)):
                 t = torch.from_numpy(np.asarray(crops[i])).permute(2, 0, 1).unsqueeze(0)  # channels-last view
-                r = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                r = F.interpolate(t, size=(size, size), mode=mode, antialias=True, align_corners=False)
                 out[i] = r[0].flip(-1) if mirror[i] else r[0]
         finally:
             torch.set_num_threads(threads)

@@ -24,11 +24,11 @@ class WdsLoader:
         self.cfg, self.plan, self.train, self.batch, self.device = cfg, plan, train, batch, device
         self.num_classes = num_classes
         self.workers = cfg.workers
-        if train and (cfg.rand_augment or cfg.color_jitter > 0) and plan.rank == 0:
+        # timm fills RandAugment's empty pixels with the mean colour (transforms_factory.py:85-88)
+        self.fill = tuple(min(255, round(255 * v)) for v in cfg.mean) if train and cfg.rand_augment else None
+        if train and cfg.color_jitter > 0 and not cfg.rand_augment and plan.rank == 0:
             print(
-                "ffscale: data.rand_augment and data.color_jitter are DALI-only; the webdataset loader "
-                "trains without them",
-                flush=True,
+                "ffscale: data.color_jitter is DALI-only; the webdataset loader trains without it", flush=True
             )
         if train:
             self.steps_per_epoch = plan.train_steps(
@@ -59,9 +59,11 @@ class WdsLoader:
                 print(f"ffscale: skipped ({e})", flush=True)  # names shard and key
                 continue
             if self.train:
-                x = train_transform(img, c.img_size, c.scale, c.ratio, c.hflip, rng)
+                x = train_transform(
+                    img, c.img_size, c.scale, c.ratio, c.hflip, rng, c.interpolation, self.fill
+                )
             else:
-                x = eval_transform(img, c.img_size, c.crop_pct)
+                x = eval_transform(img, c.img_size, c.crop_pct, c.interpolation)
             yield x, y
 
     def _dataset(self, epoch: int, skip: int) -> wds.DataPipeline:

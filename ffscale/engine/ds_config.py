@@ -21,13 +21,11 @@ def build(
     s: StageCfg,
     world: int,
     accum: int,
-    total_steps: int,
-    warmup_steps: int,
     precision: str,
     n_params: int = 0,
     cuda: bool = True,
 ) -> dict:
-    lr = s.optim.base_lr * s.optim.global_batch / s.optim.lr_batch_base
+    # no "scheduler": the engine sets each step's lr from ffscale/engine/lr.py (timm's schedule)
     cfg: dict = {
         "train_batch_size": s.optim.global_batch,
         "train_micro_batch_size_per_gpu": s.optim.micro_batch,
@@ -36,17 +34,6 @@ def build(
         "zero_optimization": zero(s, n_params, cuda, zero_stage(s, precision)),
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": max(total_steps, 2),
-                "warmup_num_steps": max(warmup_steps, 1),
-                "warmup_type": "linear",
-                # WarmupCosineLR starts at 0: begin warmup at DeiT's warmup_lr instead.
-                "warmup_min_ratio": min(1.0, s.schedule.warmup_lr / lr),
-                "cos_min_ratio": min(1.0, s.schedule.min_lr / lr),
-            },
-        },
         "steps_per_print": 10**9,  # progress is ours
         "wall_clock_breakdown": False,
     }

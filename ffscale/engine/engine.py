@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,23 +31,32 @@ class Resumed:
 
 class Engine:
     def __init__(
-        self, model: nn.Module, s: StageCfg, dist: DistInfo, accum: int, total: int, warmup: int, ckpt_dir
+        self,
+        model: nn.Module,
+        s: StageCfg,
+        dist: DistInfo,
+        accum: int,
+        lr_at: Callable[[int], float],
+        ckpt_dir,
     ):
+        """`lr_at(step)`: the lr of the optimizer step after `step` finished ones (ffscale/engine/lr.py)."""
         self.dist, self.s, self.accum = dist, s, accum
         self.ckpt_dir = Path(ckpt_dir)
         self.precision = ds_config.resolve_precision(s.deepspeed.precision, dist.device)
         self.dtype = ds_config.DTYPES[self.precision]
         n_params = sum(p.numel() for p in model.parameters())
         cuda = dist.device.type == "cuda"
-        cfg = ds_config.build(s, dist.world, accum, total, warmup, self.precision, n_params, cuda)
+        cfg = ds_config.build(s, dist.world, accum, self.precision, n_params, cuda)
         # Shards of another rank count: checkpoint.load converts them to a universal checkpoint.
         self.reshard = s.checkpoint.reshard and checkpoint.needs_reshard(self.ckpt_dir)
         if self.reshard:
             cfg = ds_config.merge(cfg, {"checkpoint": {"load_universal": True}})
         opt = build_optimizer(model, s.optim, ds_config.peak_lr(s))
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=opt, config=cfg
-        )
+        # the lr of each step comes from the step count, set before every step: no scheduler state to
+        # checkpoint, and a resume or an allowed optim.base_lr change recomputes it from the config
+        self.lr_at = lr_at
+        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        self._set_lr()
         if dist.world == 1 and self.zero_stage == 0:
             # One rank has nothing to average: skip DeepSpeed's flatten + all-reduce + copy-back of
             # every gradient (~20% of a CPU step for ff_base at 112 px).
@@ -57,8 +67,6 @@ class Engine:
         self.module = self.ds.module
         ema_decay = s.optim.ema_decay
         self.ema = Ema(self.ds, ema_decay, dist.rank, dist.world) if ema_decay > 0 else None
-        if self.scheduler.last_batch_iteration < 0:  # step 1 runs at warmup_lr, not at lr 0
-            self.scheduler.step(0)
         self._bad = torch.zeros((), device=dist.device)  # non-finite micro-batch losses this step
         if dist.device.type == "cuda":
             self._host_flags = torch.zeros(2, pin_memory=True)
@@ -74,6 +82,11 @@ class Engine:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def _set_lr(self) -> None:
+        """The lr of the next optimizer step."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(self.global_step)
 
     @property
     def num_params(self) -> int:
@@ -118,6 +131,7 @@ class Engine:
             opt.found_inf = (flags[0] > 0).float()  # 0-dim, as torch.amp gives it
         on_host = self._to_host(flags)
         self.ds.step()
+        self._set_lr()
         if bare_torch:
             del opt.found_inf
         bad, stop = on_host()
@@ -187,6 +201,7 @@ class Engine:
             except (KeyError, ValueError):  # resharded, saved without EMA or with another layout
                 self.ema.reset()
                 ema_note = "; the EMA of the weights restarts from the restored weights"
+        self._set_lr()
         note = f"resumed from {self.last_checkpoint()} (epoch {state['epoch']}, step {self.global_step})"
         if self.reshard:
             note += (

@@ -1,4 +1,5 @@
-"""AdamW with DeiT's weight-decay rule: none on biases, norms, cls token, position embedding."""
+"""AdamW with timm's weight-decay rule (0.3.2 optim_factory.py:25-37): none on 1-D parameters and on the
+names the model's `no_weight_decay()` gives, matched exactly (each family says which: ffscale/models/)."""
 
 from __future__ import annotations
 

@@ -19,10 +19,12 @@ def model_kwargs(s: StageCfg, num_classes: int) -> dict:
         in_chans=m.in_chans,
         num_classes=num_classes,
         drop_path=m.drop_path,
+        drop=m.drop,
         grad_ckpt=m.grad_ckpt,
         dim=m.dim,
         depth=m.depth,
         **({"token_hidden": m.token_hidden} if m.token_hidden else {}),
+        **({"heads": m.heads} if m.heads else {}),
     )
 
 

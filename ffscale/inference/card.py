@@ -20,20 +20,28 @@ from ffscale.util.atomic import write_atomic
 CARD = "model.json"
 
 
-def write_card(path: Path, s, num_classes: int, train_m, val_m) -> None:
-    """`s`: the stage's config; the manifests give class names and the data's digests."""
-    kw = model_kwargs(s, num_classes) | {"drop_path": 0.0, "grad_ckpt": False}
+def write_card(path: Path, s, num_classes: int, classes: list[str] | None, class_ids, data: dict) -> None:
+    """`s`: the stage's config; `classes` (names, or None: the indices), `class_ids` (synsets) and
+    `data` (what trained it: `trained_on`, or an import's source) describe the rest."""
+    kw = model_kwargs(s, num_classes) | {"drop_path": 0.0, "drop": 0.0, "grad_ckpt": False}
+    interp = s.data.interpolation
     card = {
         "model": s.model.name, "kwargs": kw, "num_classes": num_classes,
-        "classes": train_m.classes if len(train_m.classes) == num_classes else [str(k) for k in range(num_classes)],
-        "class_ids": train_m.class_ids,
+        "classes": classes if classes and len(classes) == num_classes else [str(k) for k in range(num_classes)],
+        "class_ids": class_ids,
         "preprocessing": {"img_size": kw["img_size"], "crop_pct": s.data.crop_pct, "mean": s.data.mean,
-                          "std": s.data.std, "resize": "shorter side to img_size / crop_pct, bilinear; centre crop"},
-        "data": {"train": {"path": s.data.train, "name": train_m.name, "digest": train_m.digest},
-                 "val": {"path": s.data.val, "name": val_m.name, "digest": val_m.digest}},
+                          "std": s.data.std, "interpolation": interp,
+                          "resize": f"shorter side to img_size / crop_pct, {interp}; centre crop"},
+        "data": data,
         "config": dataclasses.asdict(s),
     }  # fmt: skip
     write_atomic(path, json.dumps(card, indent=1))
+
+
+def trained_on(s, train_m, val_m) -> dict:
+    """The card's `data` of a trained stage: its shards' paths, names and digests."""
+    return {"train": {"path": s.data.train, "name": train_m.name, "digest": train_m.digest},
+            "val": {"path": s.data.val, "name": val_m.name, "digest": val_m.digest}}  # fmt: skip
 
 
 def read_card(package: Path) -> dict:

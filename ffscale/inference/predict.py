@@ -34,13 +34,16 @@ class Classifier:
         self.model.to(self.device).eval()
         p = self.card["preprocessing"]
         self.size, self.crop_pct = p["img_size"], p["crop_pct"]
+        self.interpolation = p.get("interpolation", "bilinear")  # cards before data.interpolation: bilinear
         self.mean = torch.tensor(p["mean"], device=self.device).view(1, -1, 1, 1) * 255
         self.std = torch.tensor(p["std"], device=self.device).view(1, -1, 1, 1) * 255
         self.classes = self.card["classes"]
 
     @torch.no_grad()
     def probabilities(self, images: list[Image.Image]) -> torch.Tensor:
-        x = torch.stack([eval_transform(img, self.size, self.crop_pct) for img in images]).to(self.device)
+        x = torch.stack(
+            [eval_transform(img, self.size, self.crop_pct, self.interpolation) for img in images]
+        ).to(self.device)
         x = (x.float() - self.mean) / self.std
         return self.model(x).float().softmax(-1).cpu()
 

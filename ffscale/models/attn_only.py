@@ -11,18 +11,18 @@ from functools import partial
 import torch
 from torch import nn
 
-from ffscale.models.layers import Attention, DropPath
+from ffscale.models.layers import Attention, DropPath, layer_norm
 from ffscale.models.registry import register
 from ffscale.models.trunk import VisionTrunk
 
 
 class AttnOnlyBlock(nn.Module):
-    def __init__(self, dim: int, num_tokens: int, drop_path: float, heads: int):
+    def __init__(self, dim: int, num_tokens: int, drop_path: float, drop: float, heads: int):
         super().__init__()
-        self.norm1 = nn.LayerNorm(num_tokens)
-        self.attn_features = Attention(num_tokens, 1)
-        self.norm2 = nn.LayerNorm(dim)
-        self.attn_tokens = Attention(dim, heads)
+        self.norm1 = layer_norm(num_tokens)
+        self.attn_features = Attention(num_tokens, 1, proj_drop=drop)
+        self.norm2 = layer_norm(dim)
+        self.attn_tokens = Attention(dim, heads, proj_drop=drop)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ffscale.models.layers import DropPath, Mlp
+from ffscale.models.layers import DropPath, Mlp, layer_norm
 from ffscale.models.registry import register
 from ffscale.models.trunk import VisionTrunk
 
@@ -24,14 +24,15 @@ class FFBlock(nn.Module):
         dim: int,
         num_tokens: int,
         drop_path: float,
+        drop: float = 0.0,
         mlp_ratio: float = 4.0,
         token_hidden: int | None = None,
     ):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.mlp_features = Mlp(dim, int(dim * mlp_ratio))
-        self.norm2 = nn.LayerNorm(num_tokens)
-        self.mlp_tokens = Mlp(num_tokens, token_hidden or int(num_tokens * mlp_ratio))
+        self.norm1 = layer_norm(dim)
+        self.mlp_features = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.norm2 = layer_norm(num_tokens)
+        self.mlp_tokens = Mlp(num_tokens, token_hidden or int(num_tokens * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +43,10 @@ class FFBlock(nn.Module):
 
 
 def ff_vit(token_hidden: int | None = None, **kw) -> VisionTrunk:
-    return VisionTrunk(partial(FFBlock, token_hidden=token_hidden), **kw)
+    # Weight decay on the position embedding, as the paper trained: its no_weight_decay() names
+    # 'pos_embed', but its parameters are pos_encoding.pos_embed / .cls_pos_embed, and timm 0.3.2
+    # matches names exactly (optim_factory.py:25-37), so only cls_token was spared (docs/recipe.md 8a).
+    return VisionTrunk(partial(FFBlock, token_hidden=token_hidden), no_decay=("cls_token",), **kw)
 
 
 register("ff_tiny", ff_vit, patch_size=16, dim=192, depth=12)  # 7.68M params

@@ -18,6 +18,11 @@ def list_models(pattern: str = "") -> list[str]:
     return sorted(n for n in _MODELS if pattern in n)
 
 
+def defaults(name: str) -> dict[str, Any]:
+    """The arguments a registered size fixes (patch_size, dim, depth, heads, ...)."""
+    return dict(_MODELS[name][1])
+
+
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build a registered model; keyword overrides (img_size, num_classes, ...) win over defaults.
 

@@ -8,14 +8,21 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ffscale.models.layers import PatchEmbed, init_weights
+from ffscale.models.layers import PatchEmbed, init_weights, layer_norm
 
-# A block factory gets (dim, num_tokens, drop_path) and returns a module mapping (B, T, C) -> same.
-BlockFn = Callable[[int, int, float], nn.Module]
+# A block factory gets (dim, num_tokens, drop_path, drop) and returns a module mapping (B, T, C) -> same.
+BlockFn = Callable[[int, int, float, float], nn.Module]
 
 
 class VisionTrunk(nn.Module):
-    """Patch embedding + cls token + learned position embedding -> blocks -> LayerNorm -> head(cls)."""
+    """Patch embedding + cls token + learned position embedding -> dropout -> blocks -> LayerNorm -> head(cls).
+
+    Args:
+        block_fn: the family's block (FF, attention, attention-only).
+        drop_path: stochastic depth of the last block (linear from 0 over depth).
+        drop: dropout after the position embedding and inside the blocks (DeiT/timm `drop_rate`).
+        no_decay: parameter names kept out of weight decay besides 1-D ones (`no_weight_decay`).
+    """
 
     def __init__(
         self,
@@ -27,7 +34,9 @@ class VisionTrunk(nn.Module):
         dim: int = 192,
         depth: int = 12,
         drop_path: float = 0.0,
+        drop: float = 0.0,
         grad_ckpt: bool = False,
+        no_decay: tuple[str, ...] = ("cls_token", "pos_embed"),
     ):
         super().__init__()
         self.grad_ckpt = grad_ckpt  # recompute blocks in backward instead of keeping activations
@@ -36,22 +45,23 @@ class VisionTrunk(nn.Module):
         self.num_tokens = self.patch_embed.num_patches + 1  # + cls
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, dim))
+        self.pos_drop = nn.Dropout(drop)
+        self.no_decay = set(no_decay)
         # Stochastic depth rises linearly from 0 at the first block to drop_path at the last.
         rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
-        self.blocks = nn.Sequential(*[block_fn(dim, self.num_tokens, r) for r in rates])
-        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.Sequential(*[block_fn(dim, self.num_tokens, r, drop) for r in rates])
+        self.norm = layer_norm(dim)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(init_weights)
 
     def no_weight_decay(self) -> set[str]:
-        # The paper's code decays pos_embed; DeiT does not. We follow DeiT.
-        return {"cls_token", "pos_embed"}
+        return self.no_decay
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.pos_drop(torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed)
         if self.grad_ckpt and self.training and torch.is_grad_enabled():
             for blk in self.blocks:  # the RNG state is replayed, so drop path recomputes alike
                 x = checkpoint(blk, x, use_reentrant=False)

@@ -7,18 +7,18 @@ from functools import partial
 import torch
 from torch import nn
 
-from ffscale.models.layers import Attention, DropPath, Mlp
+from ffscale.models.layers import Attention, DropPath, Mlp, layer_norm
 from ffscale.models.registry import register
 from ffscale.models.trunk import VisionTrunk
 
 
 class AttnBlock(nn.Module):
-    def __init__(self, dim: int, num_tokens: int, drop_path: float, heads: int, mlp_ratio=4.0):
+    def __init__(self, dim: int, num_tokens: int, drop_path: float, drop: float, heads: int, mlp_ratio=4.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, heads)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.norm1 = layer_norm(dim)
+        self.attn = Attention(dim, heads, proj_drop=drop)
+        self.norm2 = layer_norm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

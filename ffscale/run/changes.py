@@ -20,10 +20,10 @@ from ffscale.errors import ConfigError, DataError
 HISTORY = "config-history.jsonl"
 # data.loader and data.workers are not free: they set the steps per epoch (the webdataset loader
 # holds back a batch per worker), so the schedule's length
-FREE = ("schedule.stop_at_step", "checkpoint.", "deepspeed.bucket_mb", "deepspeed.prefetch_mb", "model.compile",
+FREE = ("schedule.stop_at_step", "schedule.stop_at_epoch", "checkpoint.", "deepspeed.bucket_mb", "deepspeed.prefetch_mb", "model.compile",
         "model.grad_ckpt", "optim.micro_batch")  # fmt: skip
 FIXED = ("model.", "data.train", "data.val", "data.img_size", "data.mean", "data.std", "optim.global_batch",
-         "optim.lr_batch_base", "optim.ema_decay", "schedule.epochs", "schedule.warmup_epochs",
+         "optim.lr_batch_base", "optim.ema_decay", "schedule.epochs", "schedule.warmup_epochs", "schedule.lr_per",
          "deepspeed.zero_stage", "deepspeed.precision", "init_from", "run.seed")  # fmt: skip
 
 

@@ -16,10 +16,11 @@ from ffscale.config import RunCfg, Stage, StageCfg
 from ffscale.data.augment import DeviceOps
 from ffscale.data.check import same_classes
 from ffscale.data.loader import build_loader
+from ffscale.engine import lr
 from ffscale.engine.dist import DistInfo
 from ffscale.engine.engine import Engine
 from ffscale.inference.build import build_model, model_kwargs
-from ffscale.inference.card import CARD, write_card
+from ffscale.inference.card import CARD, trained_on, write_card
 from ffscale.models.resize import adapt_state_dict
 from ffscale.run import changes, nonfinite
 from ffscale.run.progress import Meter, eval_line, train_line
@@ -59,6 +60,8 @@ def run_stage(
         if not r.train_epoch():
             return {"finished": False}
         r.end_epoch()
+        if r.stopped_at_epoch():
+            return {"finished": False}
     return r.finish()
 
 
@@ -79,8 +82,7 @@ class StageRun:
             self.s,
             dist,
             self.steps.accum,
-            self.steps.total,
-            self.steps.warmup,
+            lr.for_stage(self.s, self.steps.per_epoch),
             stage.dir / "checkpoints",
         )
         self.ops = DeviceOps(self.s.data, self.num_classes, dist.device, self.engine.dtype)
@@ -249,10 +251,26 @@ class StageRun:
         if every and prog.epoch % every == 0 or prog.epoch == epochs:
             self.engine.save(asdict(prog))
 
+    def stopped_at_epoch(self) -> bool:
+        """schedule.stop_at_epoch reached before the schedule's end: checkpointed, rerun to continue."""
+        stop, prog = self.s.schedule.stop_at_epoch, self.progress
+        if not stop or prog.epoch < stop or prog.epoch >= self.s.schedule.epochs:
+            return False
+        every = self.s.checkpoint.every_epochs
+        if not (every and prog.epoch % every == 0):  # end_epoch did not checkpoint this epoch
+            self.engine.save(asdict(prog))
+        log(
+            self.dist,
+            f"{self.where}: stopped after epoch {prog.epoch} (schedule.stop_at_epoch); rerun to continue",
+        )
+        return True
+
     def _evaluate(self) -> None:
         t0, prog, e = time.perf_counter(), self.progress, self.engine
         ev = e.validate(self._val_batches())
-        if e.ema is not None:  # DeiT reports the EMA model beside the trained one
+        if (
+            e.ema is not None
+        ):  # beside the trained model, whose top-1 is the headline (DeiT's main.py never evaluates its EMA)
             ev |= e.validate_ema(self._val_batches(), lambda: build_model(self.s, self.num_classes))
         ev["epoch"] = prog.epoch
         self.last_eval = ev
@@ -269,7 +287,10 @@ class StageRun:
         digest = e.export(d / "weights.safetensors")
         ema = {"ema_digest": e.export_ema(d / "weights_ema.safetensors")} if e.ema else {}
         if self.dist.rank == 0:  # what `ffscale predict` and the registered model read
-            write_card(d / CARD, self.s, self.num_classes, self.train_m, self.val_m)
+            m = self.train_m
+            write_card(
+                d / CARD, self.s, self.num_classes, m.classes, m.class_ids, trained_on(self.s, m, self.val_m)
+            )
         return {
             **ema,
             "finished": True,

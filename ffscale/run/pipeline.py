@@ -33,6 +33,11 @@ def init_weights_for(stage: config.Stage, previous: list[config.Stage]) -> tuple
     if ref in named:
         return named[ref].dir / "weights.safetensors", f"stage:{ref}"
     path = Path(ref)
+    if path.is_dir():  # a finished stage, a run directory or `ffscale import` output
+        from ffscale.inference.card import find_package
+
+        weights = find_package(path) / "weights.safetensors"
+        return weights, f"package:{path.resolve()}@{file_digest(weights)}"
     if not path.is_file():
         raise config.ConfigError(
             f"stages.{stage.name}.init_from={ref!r}: neither an earlier stage nor a file"

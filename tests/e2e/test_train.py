@@ -306,3 +306,15 @@ def test_the_final_model_is_registered_and_predicts_as_eval_measures(
     res = evaluate_weights(stage, data=str(tmp_path / "shards"))
     assert res["samples"] == 24
     assert res["top1"] == pytest.approx(100 * sum(a == b for a, b in zip(top1, truth)) / 24)
+
+
+def test_stop_at_epoch_checkpoints_after_that_epoch_and_a_rerun_finishes_the_schedule(fm_shards, tmp_path):
+    """attn_only_tiny.yaml stops at epoch 100 of 300, as the paper ended that run."""
+    args = small_overrides(fm_shards, tmp_path, "epochs") + ["schedule.epochs=3", "tracking.enabled=false"]
+    first = check(launch([*args, "schedule.stop_at_epoch=1"], nproc=1))
+    stage = tmp_path / "epochs" / "train"
+    assert "stopped after epoch 1 (schedule.stop_at_epoch)" in first.stdout and not (stage / "DONE").exists()
+    assert [r["epoch"] for r in read_metrics(stage) if "val_top1" in r] == [1]
+    second = check(launch([*args, "schedule.stop_at_epoch=0"], nproc=1))
+    assert "resumed from" in second.stdout and (stage / "DONE").exists()
+    assert [r["epoch"] for r in read_metrics(stage) if "val_top1" in r] == [1, 2, 3]

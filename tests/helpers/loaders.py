@@ -20,8 +20,7 @@ def plain_cfg(loader: str, **kw) -> DataCfg:
         hflip=0.0,
         workers=0,
         shuffle_buffer=50,
-        rand_augment=False,
-        **{"color_jitter": 0.0, **kw},
+        **{"color_jitter": 0.0, "rand_augment": False, **kw},
     )
 
 

@@ -191,6 +191,18 @@ def test_dali_colour_jitter_changes_pixels_not_labels(id_shards):
     assert (x0.float() - x1.float()).abs().mean() > 2  # brightness/contrast/saturation moved
 
 
+def test_webdataset_rand_augment_changes_pixels_not_labels_and_replays_on_resume(id_shards):
+    def batches(ra, skip=0):
+        loader, _ = build_loader(plain_cfg("webdataset", rand_augment=ra), str(id_shards), True, 0, 1, 16, 0,
+                                 None, torch.device("cpu"))  # fmt: skip
+        return list(loader.epoch(0, skip))
+
+    plain, augmented = batches(False), batches(True)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(plain, augmented))
+    assert (plain[0][0].float() - augmented[0][0].float()).abs().mean() > 2
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(augmented[2:], batches(True, skip=2)))
+
+
 def test_mixup_and_cutmix_mix_images_and_targets_alike():
     from ffscale.data.augment import mix
 

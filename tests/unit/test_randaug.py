@@ -99,3 +99,55 @@ def test_the_pipeline_runs_at_the_top_magnitude():
     for _ in range(4):
         (out,) = p.run()
         assert np.asarray(out[0]).shape == (32, 32, 3)
+
+
+# -- the webdataset loader's RandAugment (PIL), op by op against timm's own functions ------------
+def _picture(size=48):
+    rng = np.random.default_rng(3)
+    from PIL import Image
+
+    return Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("level", [0.0, 3.0, 9.0, 10.0])
+@pytest.mark.parametrize("negative", [False, True])
+def test_every_pil_op_gives_timms_pixels_at_each_level(timm_aa, level, negative, monkeypatch):
+    from PIL import Image
+
+    from ffscale.data import randaug_pil
+
+    monkeypatch.setattr(timm_aa, "_randomly_negate", lambda v: -v if negative else v)
+    hp = {**timm_aa._HPARAMS_DEFAULT, "img_mean": (124, 116, 104), "interpolation": Image.BICUBIC}
+    img = _picture()
+    assert list(randaug_pil.OPS) == [
+        name for name in timm_aa._RAND_INCREASING_TRANSFORMS
+    ]  # the same 15, in timm's order
+    for name in randaug_pil.OPS:
+        args = timm_aa.LEVEL_TO_ARG[name](level, hp) if timm_aa.LEVEL_TO_ARG[name] else ()
+        ours = randaug_pil.apply(img, name, level, negative, hp["img_mean"])
+        if name == "PosterizeIncreasing" and args == (0,):  # Pillow >= 9 refuses 0 bits; DeiT's gave black
+            assert not np.asarray(ours).any()
+            continue
+        theirs = timm_aa.NAME_TO_OP[name](img, *args, fillcolor=hp["img_mean"], resample=Image.BICUBIC)
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs)), (name, level, negative)
+
+
+def test_pil_rand_augment_draws_two_ops_at_m9_and_is_seeded():
+    import random
+
+    from ffscale.data import randaug_pil
+
+    img = _picture()
+    a = randaug_pil.rand_augment(img, random.Random(5), (124, 116, 104))
+    b = randaug_pil.rand_augment(img, random.Random(5), (124, 116, 104))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    changed = sum(
+        not np.array_equal(
+            np.asarray(randaug_pil.rand_augment(img, random.Random(s), (0, 0, 0))), np.asarray(img)
+        )
+        for s in range(200)
+    )
+    assert (
+        115 < changed < 175
+    )  # ~143 expected: both ops skipped with p 0.25, AutoContrast a no-op on full-range noise
+    assert randaug_pil.rand_augment.__defaults__[:4] == (2, 9.0, 0.5, 0.5)

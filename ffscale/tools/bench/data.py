@@ -86,25 +86,40 @@ def _cpu_seconds() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
-def bench_cfg(kind: str, img_size: int, workers: int, scale: tuple[float, float] = (0.08, 1.0)):
+def bench_cfg(
+    kind: str,
+    img_size: int,
+    workers: int,
+    scale: tuple[float, float] = (0.08, 1.0),
+    rand_augment: bool = True,
+):
     """The data config of a round: only `loader` differs between the two loaders. Augmentation is
-    what both implement (random-resized crop of `scale` of the area, flip); batch-level ops run on
-    the device later. DALI decodes only the crop's region, PIL every pixel: `scale` 1 1 makes the
-    crop the whole image, so both decode the same pixels."""
+    the recipe's per-image part, which both implement (random-resized crop of `scale` of the area,
+    flip, bicubic resize, RandAugment); batch-level ops run on the device later. DALI decodes only the
+    crop's region, PIL every pixel: `scale` 1 1 makes the crop the whole image, so both decode the
+    same pixels."""
     from ffscale.config import DataCfg
 
-    return DataCfg(loader=kind, img_size=img_size, workers=workers, rand_augment=False, color_jitter=0.0,
+    return DataCfg(loader=kind, img_size=img_size, workers=workers, rand_augment=rand_augment, color_jitter=0.0,
                    mixup=0, cutmix=0, reprob=0, scale=list(scale))  # fmt: skip
 
 
 def measure(
-    kind: str, root: str, img_size: int, batch: int, workers: int, warmup: int, scale, max_batches: int = 0
+    kind: str,
+    root: str,
+    img_size: int,
+    batch: int,
+    workers: int,
+    warmup: int,
+    scale,
+    max_batches: int = 0,
+    rand_augment: bool = True,
 ) -> dict:
     """One round of one loader: an epoch (or `max_batches`) after `warmup` batches, in this process."""
     from ffscale.data.loader import build_loader
     from ffscale.util.hostenv import allocator
 
-    cfg = bench_cfg(kind, img_size, workers, scale)
+    cfg = bench_cfg(kind, img_size, workers, scale, rand_augment)
     dev = torch.device("cuda" if torch.cuda.is_available() and kind == "dali" else "cpu")
     torch.set_num_threads(1)  # the loaders' own workers/threads do the work; the consumer only counts
     loader, _ = build_loader(cfg, root, True, 0, 1, batch, 0, None, dev)
@@ -137,7 +152,7 @@ def _round(kind: str, a, root: Path) -> dict:
     from ffscale.util.hostenv import rank_env
 
     cmd = [sys.executable, "-m", __name__, kind, str(root), str(a.img_size), str(a.batch)]
-    cmd += [str(a.workers), str(a.warmup), *map(str, a.crop_scale)]
+    cmd += [str(a.workers), str(a.warmup), *map(str, a.crop_scale), str(int(not a.no_rand_augment))]
     env = {**rank_env(), "PYTHONWARNINGS": "ignore"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     found = [ln[len(MARK) :] for ln in p.stdout.splitlines() if ln.startswith(MARK)]
@@ -159,6 +174,7 @@ def bench_data(a) -> dict:
         "shards": str(root),
         "rounds": a.rounds,
         "crop_scale": list(a.crop_scale),
+        "rand_augment": not a.no_rand_augment,
         **_input_stats(root),
     }
     for kind, rs in rounds.items():
@@ -192,7 +208,8 @@ def _input_stats(root: Path) -> dict:
 def print_data(res: dict) -> None:
     print(
         f"{res['input_images']} images, {res['input_kb_per_image']:.0f} KB each on average ({res['shards']}); "
-        f"{res['rounds']} rounds per loader, alternating; crops of {res['crop_scale']} of the area"
+        f"{res['rounds']} rounds per loader, alternating; crops of {res['crop_scale']} of the area, bicubic, "
+        f"RandAugment {'on' if res['rand_augment'] else 'off'}"
     )
     print(f"{'loader':11} {'img/s median':>12} {'min':>8} {'max':>8} {'CPU-ms/img':>10}  device, allocator")
     for kind in LOADERS:
@@ -208,6 +225,7 @@ def print_data(res: dict) -> None:
 
 
 if __name__ == "__main__":  # one round, in the process `_round` starts
-    kind, root, img_size, batch, workers, warmup, lo, hi = sys.argv[1:9]
-    r = measure(kind, root, int(img_size), int(batch), int(workers), int(warmup), (float(lo), float(hi)))
+    kind, root, img_size, batch, workers, warmup, lo, hi, ra = sys.argv[1:10]
+    r = measure(kind, root, int(img_size), int(batch), int(workers), int(warmup), (float(lo), float(hi)),
+                rand_augment=ra == "1")  # fmt: skip
     print(MARK + json.dumps(r), flush=True)

@@ -126,12 +126,14 @@ def timed(device: torch.device, step, n: int) -> float:
 def _ffscale_step(s, info, num_classes: int, x, y, warmup: int) -> dict:
     """The engine warmed up, its model states measured at their peak (after backward, gradients
     live, before the step); `step` trains on the fixed batch and records the loss."""
+    from ffscale.engine import ds_config
     from ffscale.engine.engine import Engine
     from ffscale.inference.build import build_model
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as ckpt_dir:  # never written: the bench saves no checkpoint
-        engine = Engine(build_model(s, num_classes), s, info, 1, 10_000, 1, ckpt_dir)
+        peak = ds_config.peak_lr(s)  # the plain loop's lr: both step at it from the first step
+        engine = Engine(build_model(s, num_classes), s, info, 1, lambda step: peak, ckpt_dir)
     xe, losses = x.to(engine.dtype), []
     step = lambda: losses.append(engine.train_step(xe, y).item())  # noqa: E731
     timed(info.device, step, warmup)
