@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ffscale.engine.ds_config import peak_lr
+
 
 @dataclass(frozen=True)
 class Cosine:
@@ -44,8 +46,6 @@ class Cosine:
 
 def for_stage(s, steps_per_epoch: int) -> Cosine:
     """The schedule of a stage's config (`schedule.*`, the peak from optim.base_lr x batch / lr_batch_base)."""
-    from ffscale.engine.ds_config import peak_lr
-
     sc = s.schedule
     return Cosine(
         peak_lr(s),

@@ -247,17 +247,19 @@ class StageRun:
         prog, epochs = self.progress, self.s.schedule.epochs
         if prog.epoch % self.run.eval_every == 0 or prog.epoch == epochs:
             self._evaluate()
-        every = self.s.checkpoint.every_epochs
-        if every and prog.epoch % every == 0 or prog.epoch == epochs:
+        if self._checkpoints_this_epoch():
             self.engine.save(asdict(prog))
+
+    def _checkpoints_this_epoch(self) -> bool:
+        every, epoch = self.s.checkpoint.every_epochs, self.progress.epoch
+        return bool(every and epoch % every == 0) or epoch == self.s.schedule.epochs
 
     def stopped_at_epoch(self) -> bool:
         """schedule.stop_at_epoch reached before the schedule's end: checkpointed, rerun to continue."""
         stop, prog = self.s.schedule.stop_at_epoch, self.progress
         if not stop or prog.epoch < stop or prog.epoch >= self.s.schedule.epochs:
             return False
-        every = self.s.checkpoint.every_epochs
-        if not (every and prog.epoch % every == 0):  # end_epoch did not checkpoint this epoch
+        if not self._checkpoints_this_epoch():
             self.engine.save(asdict(prog))
         log(
             self.dist,

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from ffscale.config import dotted
 from ffscale.inference.card import CARD
-from ffscale.tracking import registry, store
 from ffscale.tracking.breaker import Breaker, Down
-from ffscale.tracking.store import redact
+from ffscale.tracking.registry import publish
+from ffscale.tracking.store import client, redact, tracking_uri
 from ffscale.util.atomic import write_atomic
 
 SECRET = re.compile(r"(token|password|passwd|secret|credential|api_?key)", re.I)
@@ -33,8 +33,8 @@ def flatten(d: dict) -> dict[str, str]:
 class MlflowTracker:
     def __init__(self, cfg, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
-        self.uri = store.tracking_uri(cfg, run_dir)
-        self.client = store.client(self.uri)
+        self.uri = tracking_uri(cfg, run_dir)
+        self.client = client(self.uri)
         self.ids_file = run_dir / "mlflow_runs.json"
         self.ids = json.loads(self.ids_file.read_text()) if self.ids_file.is_file() else {"stages": {}}
         self.parent: str | None = None
@@ -201,7 +201,7 @@ class MlflowTracker:
         if not run_id or not (final.dir / CARD).is_file() or self.ids.get("model_run") == run_id:
             return  # a rerun of a finished pipeline logs (and registers) no second copy
         runs = {s.name: self.ids["stages"].get(s.name) for s in stages}
-        if registry.publish(self.client, self.breaker, self.uri, self.cfg, final, run_id, self.parent, runs):
+        if publish(self.client, self.breaker, self.uri, self.cfg, final, run_id, self.parent, runs):
             self.ids["model_run"] = run_id
             self._save_ids()
 

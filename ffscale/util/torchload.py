@@ -4,7 +4,7 @@ A `.pth` is a pickle, and unpickling can run any code the file names. torch's we
 refuses every global that is not a tensor, a container or a number; DeiT's `main.py` also pickles
 its `argparse.Namespace` (`'args'`), so that one type is allowed. Anything else stops with one line
 naming the file and the type, unless the user passes `trust=True` (`--trust-pickle`), which is said
-loudly because it lets the file run code.
+loudly because it lets the file run code (the globals it names are then allowed, nothing else).
 """
 
 from __future__ import annotations
@@ -38,4 +38,18 @@ def load(path: str | Path, trust: bool = False, allowed: tuple = ALLOWED):
             ) from None
         print(f"ffscale: WARNING: --trust-pickle: unpickling {path}, which holds {what}: "
               "code in it runs now", file=sys.stderr, flush=True)  # fmt: skip
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # still the weights-only loader, with exactly the globals this file names allowed on top
+        unsafe = [_resolve(name) for name in torch.serialization.get_unsafe_globals_in_checkpoint(path)]
+        with torch.serialization.safe_globals([*allowed, *unsafe]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _resolve(name: str):
+    """'module.attr' (the form torch reports a global in) -> the object, importing its module."""
+    import importlib
+
+    module, _, attr = name.rpartition(".")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj

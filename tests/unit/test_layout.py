@@ -67,7 +67,7 @@ def ffscale_targets(mod: str, names: list[str]) -> list[str]:
     if not mod.startswith("ffscale"):
         return []
     subs = [f"{mod}.{n}" for n in names if f"{mod}.{n}" in MODULES]
-    return subs or [mod]
+    return [*subs, mod]  # importing a submodule runs its package's __init__.py too
 
 
 GRAPH = {
