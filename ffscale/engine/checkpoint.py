@@ -1,8 +1,12 @@
 """DeepSpeed checkpoints that are never half-written, and consolidated fp32 weights.
 
-DeepSpeed writes every rank's shards into `<dir>/<tag>/`. We pass save_latest=False and move our
-own `latest` pointer (atomic rename, after a barrier) only once every shard is on disk, so a kill
-mid-save leaves `latest` naming the previous complete checkpoint.
+DeepSpeed writes every rank's shards into `<dir>/<tag>/`. We pass save_latest=False; once every
+rank's shards are on disk (a barrier), rank 0 writes `<tag>/ffscale.json` and then moves the
+`latest` pointer (both atomic renames). A checkpoint is complete when its ffscale.json exists, and
+resume takes the newest complete one: a kill mid-save leaves the previous one, and a `latest` that
+is missing or names a removed directory (a lost file on shared storage) costs nothing, where
+trusting it alone would restart the stage from scratch and delete every checkpoint as partial.
+`latest` is kept for DeepSpeed's own tools (zero_to_fp32.py reads it).
 """
 
 from __future__ import annotations
@@ -31,11 +35,24 @@ def _world() -> int:
 
 
 def latest_tag(ckpt_dir: Path) -> str | None:
-    p = Path(ckpt_dir) / LATEST
-    if not p.is_file():
+    """The newest complete checkpoint (its ffscale.json written), None when there is none."""
+    d = Path(ckpt_dir)
+    done = [x for x in d.iterdir() if _step(x.name) >= 0 and (x / META).is_file()] if d.is_dir() else []
+    return max(done, key=lambda x: _step(x.name)).name if done else None
+
+
+def pointer_note(ckpt_dir: Path) -> str | None:
+    """Why `latest` was not followed, when it names something else than the checkpoint resumed."""
+    p, tag = Path(ckpt_dir) / LATEST, latest_tag(ckpt_dir)
+    named = p.read_text().strip() if p.is_file() else None
+    if tag is None or named == tag:
         return None
-    tag = p.read_text().strip()
-    return tag if (Path(ckpt_dir) / tag).is_dir() else None
+    what = (
+        "is missing"
+        if named is None
+        else f"names {named}, which is {'incomplete' if (Path(ckpt_dir) / named).is_dir() else 'gone'}"
+    )
+    return f"{p} {what}: resuming from {tag}, the newest complete checkpoint"
 
 
 def _step(tag: str) -> int:
@@ -82,13 +99,13 @@ def save(ds, ckpt_dir, tag: str, client_state: dict, keep: int, rank_state: dict
 
 
 def remove_partial(ckpt_dir) -> list[str]:
-    """Delete checkpoint directories newer than `latest`: writes a kill or a full disk interrupted.
-    Rank 0 only; they were never named by `latest`, so nothing can have loaded them."""
+    """Delete incomplete checkpoint directories (no ffscale.json) newer than the newest complete one:
+    writes a kill or a full disk interrupted. Rank 0 only; nothing can have loaded them."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return []
     cur = _step(latest_tag(ckpt_dir) or "step-1")
-    gone = [d for d in ckpt_dir.iterdir() if d.is_dir() and _step(d.name) > cur]
+    gone = [d for d in ckpt_dir.iterdir() if d.is_dir() and _step(d.name) > cur and not (d / META).is_file()]
     for d in gone:
         shutil.rmtree(d, ignore_errors=True)
     return sorted(d.name for d in gone)
@@ -148,6 +165,9 @@ def load(ds, ckpt_dir, reshard: bool = True) -> dict | None:
     load_universal), or, with reshard=False, stop with the command that converts them."""
     ckpt_dir = Path(ckpt_dir)
     if ds.global_rank == 0:
+        note = pointer_note(ckpt_dir)
+        if note:
+            print(f"ffscale: warning: {note}", flush=True)
         for name in remove_partial(ckpt_dir):
             print(f"removed {ckpt_dir / name}: an interrupted checkpoint write", flush=True)
     barrier()

@@ -142,3 +142,23 @@ def test_predict_reads_images_as_paths_or_base64(tmp_path):
     (tmp_path / "a.png").write_bytes(buf.getvalue())
     for source in (str(tmp_path / "a.png"), base64.b64encode(buf.getvalue()).decode(), buf.getvalue()):
         assert open_image(source).size == (40, 30)
+
+
+def test_a_lost_latest_pointer_resumes_from_the_newest_complete_checkpoint_and_deletes_nothing(tmp_path):
+    """`latest` missing, or naming a removed directory (lost on shared storage): the newest checkpoint
+    whose ffscale.json was written is resumed, and no complete one is taken for a partial write."""
+    from ffscale.engine import checkpoint as ck
+
+    for step in (100, 200, 300):
+        (tmp_path / f"step{step}").mkdir()
+        (tmp_path / f"step{step}" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+        if step < 300:  # step300: killed before every rank had written (no ffscale.json)
+            (tmp_path / f"step{step}" / ck.META).write_text("{}")
+    assert ck.latest_tag(tmp_path) == "step200"
+    assert "is missing: resuming from step200" in ck.pointer_note(tmp_path)
+    (tmp_path / ck.LATEST).write_text("step900")
+    assert "names step900, which is gone: resuming from step200" in ck.pointer_note(tmp_path)
+    assert ck.remove_partial(tmp_path) == ["step300"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["step100", "step200"]
+    (tmp_path / ck.LATEST).write_text("step200")
+    assert ck.pointer_note(tmp_path) is None and ck.remove_partial(tmp_path) == []
