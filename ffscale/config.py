@@ -53,7 +53,9 @@ class DataCfg:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     workers: int = 2  # loader worker processes per rank (threads for DALI)
-    shuffle_buffer: int = 2000
+    # DeiT's repeated augmentation (RASampler, samplers.py:8-59): each image `repeats` times per epoch
+    # on different ranks, the epoch as long as without (data/plan.py); 3 in DeiT's ImageNet recipe
+    repeats: int = 1
     on_error: str = "raise"  # raise | skip
     # The rest of DeiT's recipe (defaults as DeiT: rand-m9-mstd0.5-inc1, mixup 0.8, cutmix 1.0).
     rand_augment: bool = True  # DALI loader only (torchvision does not import beside CPU torch)
@@ -273,6 +275,8 @@ def validate(s: StageCfg, p: str = "") -> None:
     _choice(s.optim.nonfinite, ("stop", "skip"), f"{p}optim.nonfinite")
     _choice(s.deepspeed.precision, ("auto", "bf16", "fp16", "fp32"), f"{p}deepspeed.precision")
     _choice(s.deepspeed.comm_dtype, ("fp32", "bf16", "fp16"), f"{p}deepspeed.comm_dtype")
+    if s.data.repeats < 1:
+        raise ConfigError(f"{p}data.repeats={s.data.repeats}: must be 1 (off) or more (DeiT: 3)")
     if s.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"{p}deepspeed.zero_stage={s.deepspeed.zero_stage}: must be 0, 1, 2 or 3")
     from ffscale.models import list_models

@@ -1,4 +1,4 @@
-"""`ffscale bench data|train|memory|shard|scaling|decode`: throughput against a baseline measured in
+"""`ffscale bench data|train|memory|shard|scaling|plan|decode`: throughput against a baseline measured in
 the same run (ffscale/tools/bench/), printed as a table or, with --json, as JSON."""
 
 from __future__ import annotations
@@ -40,6 +40,12 @@ def scaling(a) -> int:
     from ffscale.tools.bench.scaling import print_scaling, scaling
 
     return _show(scaling(a), a, print_scaling)
+
+
+def plan(a) -> int:
+    from ffscale.tools.bench.plan import measure, print_plan
+
+    return _show(measure(a), a, print_plan)
 
 
 def decode(a) -> int:
@@ -125,6 +131,17 @@ def add_parser(sub) -> None:
     bdc.add_argument("shards", help="shard directory")
     bdc.add_argument("--img-size", type=int, default=224)
     bdc.add_argument("--images", type=int, default=1000)
+    bp = bsub.add_parser("plan", help="samples, steps and bytes each rank reads per epoch, by world size")
+    bp.add_argument("--shards", help="a shard dir (default: ImageNet train's shapes)")
+    bp.add_argument("--samples", type=int, default=1_281_167, help="without --shards: samples in the set")
+    bp.add_argument(
+        "--bytes-per-sample", type=int, default=111_000, help="without --shards: mean read per sample"
+    )
+    bp.add_argument("--val", type=int, default=50_000, help="val samples (default: ImageNet's)")
+    bp.add_argument("--world", default="8,64,512,4096", help="world sizes")
+    bp.add_argument("--repeats", type=int, default=3, help="data.repeats")
+    bp.add_argument("--batch", type=int, default=128, help="micro-batch (paper: 128 per GPU)")
+    bp.add_argument("--json", action="store_true")
     for name, fn in (("data", data), ("train", train), ("memory", memory), ("shard", shard), ("scaling", scaling),
-                     ("decode", decode)):  # fmt: skip
+                     ("plan", plan), ("decode", decode)):  # fmt: skip
         bsub.choices[name].set_defaults(fn=fn)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ffscale.config import StageCfg
 from ffscale.data.manifest import Manifest, load_manifest
-from ffscale.data.plan import ShardPlan
+from ffscale.data.plan import SamplePlan
 from ffscale.errors import DataError
 
 
@@ -18,10 +18,9 @@ def check_stage_data(s: StageCfg, world: int, p: str = "") -> None:
     for split in ("train", "val"):
         root = getattr(s.data, split)
         try:
-            m, files = load_manifest(root)
-            plan = ShardPlan(files, [x.count for x in m.shards], 0, world, 0)
+            m, _ = load_manifest(root)
             if split == "train":
-                plan.train_steps(s.optim.micro_batch, held_back=0)
+                SamplePlan(m.num_samples, 0, world, 0, s.data.repeats, root).train_steps(s.optim.micro_batch)
         except DataError as e:
             raise DataError(f"{p}data.{split}={root}: {e}") from None
         found[split] = m

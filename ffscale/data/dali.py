@@ -1,31 +1,33 @@
 """NVIDIA DALI pipelines: nvJPEG/hardware decode on the GPU (`device="mixed"`), the same graph on
 the CPU where there is no GPU. The only module that knows DALI.
 
-One pipeline per epoch over this rank's shards of that epoch (ShardPlan: shuffled per epoch, split by
-rank, as the webdataset loader reads them), seeded from (seed, epoch, rank): an epoch's batches are a
-pure function of those, so a resumed run replays them by skipping the batches it already trained on.
-Without the per-epoch order DALI's reader would give each rank the same contiguous range of samples
-every epoch, shuffled only inside its `initial_fill` buffer.
+One pipeline per epoch, fed the rank's samples of that epoch in the SamplePlan's order (read by
+index on the host, as the webdataset loader reads them) and seeded from (seed, epoch, rank): an
+epoch's batches are a pure function of those. DALI's random operators draw from one stream per
+operator, whose use depends on the images (a crop window is drawn again until it fits), so a
+resumed epoch runs the batches it skips through the pipeline and drops them, as the uninterrupted
+run drew them. DALI's own webdataset reader cannot take the plan's order: it shards by contiguous
+ranges of samples and shuffles only inside an `initial_fill` buffer.
 """
 
 from __future__ import annotations
 
 import io
 import re
-import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
 from ffscale.config import DataCfg
-from ffscale.data.plan import Batch, ShardPlan, pad_eval
-from ffscale.data.samples import decode_image, iter_samples, json_label, parse_label
+from ffscale.data.plan import Batch, SamplePlan, pad_eval
+from ffscale.data.samples import decode_image, image_bytes, parse_label
+from ffscale.data.tarindex import TarIndex
 from ffscale.errors import DaliFailure, DataError
 from ffscale.util.seeds import derive31
-
-LOCATE_S = 120  # searching for a bad sample reads this rank's nearby shards for at most this long
 
 
 def version() -> str:
@@ -43,26 +45,18 @@ def available() -> bool:
     return True
 
 
-def _pipeline(files, idx, members, train, c: DataCfg, rand_aug: bool, decode_device: str, host_resize: bool):
+def _pipeline(feed, train, c: DataCfg, rand_aug: bool, decode_device: str, host_resize: bool):
     from nvidia.dali import fn, pipeline_def, types
 
     from ffscale.data import randaug
 
-    width = members.label_bytes  # labels leave DALI as fixed-width bytes, parsed on the host
     interp = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}[c.interpolation]
 
     @pipeline_def(enable_conditionals=True)
     def pipe():
-        jpg, cls = fn.readers.webdataset(
-            paths=files,
-            index_paths=idx,
-            ext=[";".join(members.image_exts), members.label_member],
-            missing_component_behavior="error",  # the default would label a missing .cls as 0
-            random_shuffle=train,
-            initial_fill=c.shuffle_buffer,
-            pad_last_batch=not train,
-            dont_use_mmap=True,  # a truncated shard is then an error, not a SIGSEGV
-            name="reader",
+        # the rank's samples in the plan's order, read on the host (TarIndex); decoded from here on
+        jpg, label = fn.external_source(
+            source=feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64]
         )
         if train:
             img = fn.decoders.image_random_crop(
@@ -76,9 +70,7 @@ def _pipeline(files, idx, members, train, c: DataCfg, rand_aug: bool, decode_dev
                     saturation=fn.random.uniform(range=j),
                 )  # fmt: skip
             if host_resize:  # the crops, their flips and labels; resized in torch (DaliLoader._resize)
-                mirror = fn.random.coin_flip(probability=c.hflip)
-                label = fn.pad(cls[:width], axes=(0,), shape=(width,), fill_value=0)
-                return img, label, cls.shape(), mirror
+                return img, label, fn.random.coin_flip(probability=c.hflip)
             img = fn.resize(img, resize_x=c.img_size, resize_y=c.img_size, interp_type=interp)
             if rand_aug:  # DeiT's rand-m9-mstd0.5-inc1 at timm's magnitudes; filled with the mean grey
                 img = randaug.rand_augment(img, c.img_size, fill=round(255 * sum(c.mean) / len(c.mean)))
@@ -90,110 +82,113 @@ def _pipeline(files, idx, members, train, c: DataCfg, rand_aug: bool, decode_dev
         img = fn.crop_mirror_normalize(
             img, dtype=types.UINT8, output_layout="CHW", crop=(c.img_size, c.img_size), mirror=mirror
         )
-        label = fn.pad(cls[:width], axes=(0,), shape=(width,), fill_value=0)
-        return img, label, cls.shape()
+        return img, label
 
     return pipe
 
 
-def json_labels(raw: torch.Tensor, lengths: torch.Tensor, key: str) -> torch.Tensor:
-    """[B, W] uint8 JSON members (zero padded) -> int64 `key` values; -2 where there is none."""
-    out = []
-    for row, n in zip(raw.numpy(), lengths.tolist()):
+class _Feed:
+    """DALI's source: batch i of the rank's epoch list as (encoded images, labels). Reads run on a
+    thread pool `ahead` batches in front of DALI (pread releases the GIL), so storage latency
+    overlaps the step. A bad sample ends the feed; the loader raises its DataError in order."""
+
+    def __init__(self, loader: DaliLoader, ids: np.ndarray, ahead: int = 3):
+        self.l, self.ids, self.ahead = loader, ids, ahead
+        self.batches = -(-len(ids) // loader.batch)
+        self.pool = ThreadPoolExecutor(max(2, loader.cfg.workers))
+        self.pending: dict[int, list] = {}
+        self.failed: DataError | None = None
+
+    def ids_of(self, i: int) -> np.ndarray:
+        return self.ids[i * self.l.batch : (i + 1) * self.l.batch]
+
+    def _submit(self, i: int) -> None:
+        if i < self.batches and i not in self.pending:
+            self.pending[i] = [self.pool.submit(self.l.read, int(j)) for j in self.ids_of(i)]
+
+    def __call__(self, i: int):
+        for k in range(i, i + self.ahead + 1):
+            self._submit(k)
+        if i >= self.batches or self.failed:
+            raise StopIteration
         try:
-            out.append(json_label(row[:n].tobytes(), key) if n <= len(row) else -2)
-        except ValueError:
-            out.append(-2)
-    return torch.tensor(out, dtype=torch.int64)
+            got = [f.result() for f in self.pending.pop(i)]
+        except DataError as e:
+            self.failed = e
+            raise StopIteration from None
+        return [g[0] for g in got], [g[1] for g in got]
 
-
-def parse_labels(raw: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """[B, W] uint8 ASCII (zero padded) -> int64 labels; -2 where not a plain decimal number."""
-    d = raw.long() - 48
-    pos = torch.arange(raw.shape[1])
-    inside = pos[None, :] < lengths.view(-1, 1)
-    ws = (raw == 10) | (raw == 13) | (raw == 32)
-    ndig = (inside & (d >= 0) & (d <= 9)).sum(1)
-    ok = (ndig > 0) & ((inside & ~ws).sum(1) == ndig) & (lengths.view(-1) <= raw.shape[1])
-    digit = inside & (d >= 0) & (d <= 9)
-    first = torch.where(digit.any(1), digit.float().argmax(1), 0)
-    last = raw.shape[1] - 1 - digit.flip(1).float().argmax(1)
-    ok &= last - first + 1 == ndig  # one run of digits: "1 2" is not 12 (the host parser agrees)
-    exp = (digit.flip(1).cumsum(1).flip(1) - 1).clamp(min=0)  # digits to the right of each digit
-    val = (d.clamp(0, 9) * (10**exp) * digit).sum(1)
-    return torch.where(ok, val, torch.full_like(val, -2))
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class DaliLoader:
     def __init__(
-        self, cfg: DataCfg, plan: ShardPlan, train: bool, batch: int, num_classes: int, device: torch.device
+        self,
+        cfg: DataCfg,
+        plan: SamplePlan,
+        index: TarIndex,
+        train: bool,
+        batch: int,
+        num_classes: int,
+        device: torch.device,
     ):
         if cfg.on_error == "skip":
             raise DataError(
                 "data.on_error=skip needs data.loader=webdataset: DALI cannot drop a sample inside its "
                 "graph (data.loader=auto picks webdataset for skip)"
             )
-        self.cfg, self.plan, self.train, self.batch = cfg, plan, train, batch
+        self.cfg, self.plan, self.index, self.train, self.batch = cfg, plan, index, train, batch
         self.num_classes, self.device = num_classes, device
-        for i in plan.indexes:
-            if not i.is_file() or i.stat().st_size == 0:
-                raise DataError(
-                    f"DALI index {i} missing or empty: rewrite the shards with `ffscale shard`, or "
-                    f"describe them with `ffscale shard index {plan.files[0].parent}`"
-                )
-        if train:  # one reader streams across the rank's shards: only its last partial batch is lost
-            self.steps_per_epoch = plan.train_steps(batch, held_back=0)
+        if train:
+            self.steps_per_epoch = plan.train_steps(batch)
             self.num_samples = self.steps_per_epoch * batch * plan.world
         else:
-            self.steps_per_epoch = plan.eval_steps(batch, workers=1)
-            self.num_samples = sum(plan.counts)
+            self.steps_per_epoch = plan.eval_steps(batch)
+            self.num_samples = plan.n
 
-    def _batches(self, epoch: int, skip: int) -> Iterator[dict | None]:
-        """One epoch's batches as {x, cls, len} (None for the `skip` first: not decoded to tensors)."""
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Sample i as DALI takes it: its encoded image and its label (checked here, on the host)."""
+        s = self.index.read(i)
+        y = parse_label(s, self.num_classes, self.index.members)
+        return np.frombuffer(image_bytes(s, self.index.members), dtype=np.uint8), np.array(y, dtype=np.int64)
+
+    def _batches(self, feed: _Feed, epoch: int, skip: int) -> Iterator[tuple | None]:
+        """The epoch's batches as (images, labels) tensors; None for the `skip` first (run, dropped)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         gpu = self.device.type == "cuda"
-        order = self.plan.train_shards(epoch) if self.train else self.plan.eval_shards()
         rand_aug = self.cfg.rand_augment and self.train
         # On a CPU, DALI's resize costs ~1 ms per 224 px image, torch's uint8 SIMD resize ~0.15 ms.
         host = self.train and not gpu and not rand_aug
-        pipe = _pipeline(
-            [str(self.plan.files[i]) for i in order], [str(self.plan.indexes[i]) for i in order], self.plan.members,
-            self.train,
-            self.cfg, rand_aug, "mixed" if gpu else "cpu", host,
-        )(
+        pipe = _pipeline(feed, self.train, self.cfg, rand_aug, "mixed" if gpu else "cpu", host)(
             batch_size=self.batch,
             num_threads=max(1, self.cfg.workers),
             device_id=self.device.index or 0 if gpu else None,
             seed=derive31(self.plan.seed, "dali", epoch, self.plan.rank),
             prefetch_queue_depth=2,
-        )  # fmt: skip
+        )
         pipe.build()
-        if host:  # train: exactly steps_per_epoch batches, no more than the rank's shards hold
-            for n in range(self.steps_per_epoch):
-                img, cls, length, mirror = pipe.run()
-                if n < skip:
-                    yield None
-                    continue
-                yield {
-                    "x": self._resize(img, mirror.as_array()),
-                    "cls": torch.from_numpy(cls.as_array()),
-                    "len": torch.from_numpy(length.as_array()),
-                }
+        if host:
+            for n in range(feed.batches):
+                try:
+                    img, label, mirror = pipe.run()
+                except StopIteration:
+                    return
+                yield (
+                    None
+                    if n < skip
+                    else (self._resize(img, mirror.as_array()), torch.from_numpy(label.as_array()))
+                )
             return
-        policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL
         it = DALIGenericIterator(
-            [pipe], ["x", "cls", "len"], reader_name="reader", last_batch_policy=policy, auto_reset=False
+            [pipe], ["x", "y"], last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False
         )
         try:
             for n, out in enumerate(it):
-                yield None if n < skip else out[0]
+                yield None if n < skip else (out[0]["x"], out[0]["y"].view(-1).cpu())
         finally:
             del it
-
-    def _labels(self, raw: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        key = self.plan.members.label_key
-        return json_labels(raw, lengths, key) if key else parse_labels(raw, lengths)
 
     def _resize(self, crops, mirror) -> torch.Tensor:
         """Each decoded crop (HWC uint8) to img_size (data.interpolation, antialiased), flipped as drawn."""
@@ -211,57 +206,44 @@ class DaliLoader:
         return out
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        b = self.batch
+        ids = (
+            self.plan.train_indices(epoch)[: self.steps_per_epoch * b]
+            if self.train
+            else self.plan.eval_indices()
+        )
+        feed = _Feed(self, ids)
         n = 0
         try:
-            for d in self._batches(epoch, skip):
-                if n >= self.steps_per_epoch:
-                    break
-                n += 1
-                if d is None:
-                    continue
-                y = self._labels(d["cls"].cpu(), d["len"].cpu().view(-1))
-                bad = (y < 0) | (y >= self.num_classes)
-                if bad.any():
-                    what = f"label {y[bad][0].item()} invalid or out of range [0, {self.num_classes})"
-                    self._locate(epoch, n - 1, what)
-                yield d["x"], y
-        except DataError:
-            raise
+            if len(ids):
+                for got in self._batches(feed, epoch, skip):
+                    n += 1
+                    if got is not None:
+                        yield got
         except RuntimeError as e:
+            if feed.failed:  # the feed ended at a bad sample before DALI had a batch
+                raise feed.failed from None
             what = dali_error_line(str(e))
             if not is_data_error(str(e)):  # the driver, CUDA, nvJPEG, memory: said at once
                 raise DaliFailure(
                     f"DALI failed on {self.device} (not a data error): {what}. Train without DALI with "
                     "data.loader=webdataset"
                 ) from None
-            self._locate(epoch, n, what)
+            self._locate(feed, n, what)
+        finally:
+            feed.close()
+        if feed.failed:
+            raise feed.failed
         if not self.train:
             yield from pad_eval(n, self.steps_per_epoch, self.cfg.img_size, self.device)
 
-    def _locate(self, epoch: int, batch: int, what: str, seconds: float = LOCATE_S):
-        """DALI's data errors carry no file name: read, on the host, the shards of this rank that
-        the failing batch can have come from (its reader position, plus the shuffle buffer and the
-        prefetched batches), at most `seconds`, and raise naming the shard and key."""
-        order = self.plan.train_shards(epoch) if self.train else self.plan.eval_shards()
-        lo, hi = max(0, (batch - 1) * self.batch), (batch + 3) * self.batch + self.cfg.shuffle_buffer
-        start, near = 0, []
-        for i in order:  # shards whose samples [start, start + count) meet [lo, hi) of the rank's stream
-            if start < hi and start + self.plan.counts[i] > lo:
-                near.append(i)
-            start += self.plan.counts[i]
-        deadline = time.monotonic() + seconds
-        try:
-            for s in iter_samples([self.plan.files[i] for i in near], [self.plan.counts[i] for i in near]):
-                parse_label(s, self.num_classes, self.plan.members)
-                decode_image(s, self.plan.members)
-                if time.monotonic() > deadline:
-                    break
-        except DataError as e:
-            raise DataError(f"{e} (DALI: {what})") from None
-        except Exception as e:  # a broken tar; iter_samples names the shard
-            raise DataError(f"{e} (DALI: {what})") from None
-        names = ", ".join(self.plan.files[i].name for i in near)
-        raise DataError(f"DALI failed reading {names} under {self.plan.files[0].parent}: {what}")
+    def _locate(self, feed: _Feed, batch: int, what: str):
+        """DALI's decode errors carry no file name: decode, on the host, the samples of the failing
+        batch and those DALI may have been working ahead on, and raise naming the one that fails."""
+        for i in range(batch, min(batch + 3, feed.batches)):
+            for j in feed.ids_of(i):
+                decode_image(self.index.read(int(j)), self.index.members)  # raises DataError naming it
+        raise DataError(f"DALI failed near batch {batch} under {Path(self.index.files[0]).parent}: {what}")
 
 
 def dali_error_line(message: str) -> str:

@@ -9,7 +9,8 @@ import torch
 
 from ffscale.config import DataCfg
 from ffscale.data.manifest import Manifest, load_manifest
-from ffscale.data.plan import Loader, ShardPlan
+from ffscale.data.plan import Loader, SamplePlan
+from ffscale.data.tarindex import TarIndex
 
 
 def build_loader(
@@ -27,22 +28,29 @@ def build_loader(
     against `num_classes` (default: the manifest's class count)."""
     manifest, files = load_manifest(root)
     num_classes = num_classes or manifest.num_classes
-    counts, idx = (
-        [s.count for s in manifest.shards],
-        [manifest.index_file(Path(root), s) for s in manifest.shards],
+    counts = [s.count for s in manifest.shards]
+    plan = SamplePlan(manifest.num_samples, rank, world, seed, cfg.repeats if train else 1, root)
+    index = TarIndex(
+        files, [manifest.index_file(Path(root), s) for s in manifest.shards], counts, manifest.members
     )
-    plan = ShardPlan(files, counts, rank, world, seed, manifest.members, idx)
     kind, why = choose(cfg, device)
     if kind == "dali":
         from ffscale.data.dali import DaliLoader
 
-        loader = DaliLoader(cfg, plan, train, micro_batch, num_classes, device)
+        loader = DaliLoader(cfg, plan, index, train, micro_batch, num_classes, device)
     else:
         from ffscale.data.wds import WdsLoader
 
-        loader = WdsLoader(cfg, plan, train, micro_batch, num_classes, device)
+        loader = WdsLoader(cfg, plan, index, train, micro_batch, num_classes, device)
     loader.choice = f"{kind} loader ({why})"
     return loader, manifest
+
+
+def open_index(root: str) -> tuple[TarIndex, Manifest]:
+    """The split's manifest (checked) and where each of its samples lies."""
+    manifest, files = load_manifest(root)
+    idx = [manifest.index_file(Path(root), s) for s in manifest.shards]
+    return TarIndex(files, idx, [s.count for s in manifest.shards], manifest.members), manifest
 
 
 def choose(cfg: DataCfg, device: torch.device) -> tuple[str, str]:

@@ -28,7 +28,6 @@ class Members:
 
     image_exts: tuple[str, ...] = ("jpg",)
     label: str = "cls"  # or "json:<field>"
-    label_bytes: int = 16
 
     @property
     def label_member(self) -> str:
@@ -52,10 +51,8 @@ class Manifest:
     source: str = ""
     class_ids: list[str] | None = None  # e.g. WordNet synsets; names (`classes`) need not be unique
     # how a sample is stored: image member extensions, the label member ("cls", or "json:<field>")
-    # and the longest label member in bytes (DALI reads labels at a fixed width)
     image_exts: list[str] = field(default_factory=lambda: ["jpg"])
     label: str = "cls"
-    label_bytes: int = 16
     converted: dict[str, int] = field(default_factory=dict)  # re-encoded to RGB JPEG, by reason
     max_side: int = 0  # images downscaled to this longer side at sharding time (0: not)
 
@@ -77,7 +74,7 @@ class Manifest:
 
     @property
     def members(self) -> Members:
-        return Members(tuple(self.image_exts), self.label, self.label_bytes)
+        return Members(tuple(self.image_exts), self.label)
 
     @property
     def identity(self) -> list[str]:

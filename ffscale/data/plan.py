@@ -1,5 +1,23 @@
-"""What every loader shares: the batch format, the per-rank shard plan with its step counts, and
-eval padding. Computed from the manifest alone, identically on every rank.
+"""What every loader shares: the batch format and the sample plan (which samples each rank reads
+in which order, per epoch), computed from the manifest's counts alone, identically on every rank.
+
+Ranks are assigned samples, not shard files, as DeiT's samplers assign them (facebookresearch/deit
+@ 2f76ec6, samplers.py:8-59 and main.py:195-211): one permutation of all N samples per epoch,
+each index repeated `repeats` times in a row, and rank r takes positions r, r + W, r + 2W, ...
+of that list. So any world size works with any number of shards (4,096 ranks read README's 40
+ImageNet val files), the copies of an image go to different ranks in the same or the next step,
+and an epoch's samples are a pure function of (seed, epoch, world): a resumed epoch starts at
+its position without reading what it skips.
+
+- `repeats` 1: `torch.utils.data.DistributedSampler` (shuffle, padded by wrapping): ceil(N / W)
+  samples per rank, each sample once per epoch (the up to W - 1 padding samples twice).
+- `repeats` > 1: DeiT's `RASampler` (= timm's `RepeatAugSampler` with its defaults): each rank
+  takes floor(N // 256 * 256 / W) positions, so an epoch keeps the usual number of steps and
+  covers about N / repeats distinct images, each seen `repeats` times.
+- eval: rank r takes samples r, r + W, ...: every sample exactly once over the ranks.
+
+The permutation is torch's `randperm` under a generator seeded as timm seeds it (the epoch), offset
+by the run's seed: `tests/unit/test_plan.py` holds the lists to timm's and torch's samplers.
 
 Batch format: (images uint8 [B, 3, H, W], labels int64 [B]); label -1 marks eval padding, which
 keeps every rank doing the same number of forward passes (ZeRO-3 gathers parameters per forward).
@@ -7,19 +25,20 @@ keeps every rank doing the same number of forward passes (ZeRO-3 gathers paramet
 
 from __future__ import annotations
 
-import random
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
-from ffscale.data.manifest import Members
 from ffscale.errors import DataError
-from ffscale.util.seeds import derive
+from ffscale.util.seeds import derive31
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+RA_ROUND = 256  # DeiT samplers.py:32 rounds N down to a multiple of 256 before splitting
 
 
 class Loader(Protocol):
@@ -30,55 +49,64 @@ class Loader(Protocol):
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]: ...
 
 
-@dataclass
-class ShardPlan:
-    files: list[Path]
-    counts: list[int]
+@dataclass(frozen=True)
+class SamplePlan:
+    n: int  # samples in the split
     rank: int
     world: int
     seed: int
-    members: Members = Members()
-    indexes: list[Path] | None = None  # DALI's .idx per shard (default: beside it)
+    repeats: int = 1
+    where: str = "data"  # names the split in errors
 
-    def __post_init__(self):
-        if self.indexes is None:
-            self.indexes = [f.with_suffix(".idx") for f in self.files]
-        if len(self.files) < self.world:
-            raise DataError(
-                f"{self.files[0].parent}: {len(self.files)} shard(s) for {self.world} ranks; "
-                "write more, smaller shards (ffscale shard --shard-size)"
-            )
+    def order_seed(self, epoch: int) -> int:
+        """The generator seed of an epoch's permutation: timm's (the epoch) plus the run's offset."""
+        return derive31(self.seed, "order") + epoch
 
-    def train_shards(self, epoch: int) -> list[int]:
-        """Shards shuffled per epoch, then split by rank: disjoint, so no sample twice."""
-        order = list(range(len(self.files)))
-        random.Random(derive(self.seed, "shards", epoch)).shuffle(order)
-        return order[self.rank :: self.world]
+    @property
+    def per_rank(self) -> int:
+        """Train samples each rank takes per epoch (before whole batches are cut)."""
+        if self.repeats == 1:
+            return math.ceil(self.n / self.world)
+        padded = math.ceil(self.n * self.repeats / self.world)
+        if self.n >= RA_ROUND:
+            selected = self.n // RA_ROUND * RA_ROUND // self.world
+        else:  # timm's rule for sets smaller than the rounding (DeiT's would select none)
+            selected = math.ceil(self.n / self.world)
+        return min(selected, padded)
 
-    def eval_shards(self) -> list[int]:
-        return list(range(len(self.files)))[self.rank :: self.world]
+    def positions(self, epoch: int) -> np.ndarray:
+        """The epoch's list of sample indices that ranks take from (repeats in a row)."""
+        g = torch.Generator()
+        g.manual_seed(self.order_seed(epoch))
+        perm = torch.randperm(self.n, generator=g)
+        if self.repeats > 1:
+            perm = torch.repeat_interleave(perm, self.repeats)
+        return perm.numpy()
 
-    def train_steps(self, batch: int, held_back: int) -> int:
-        """Full batches every rank can yield in any epoch: a lower bound over shard assignments
-        (the smallest shards), less `held_back` batches for streams that end on partial batches."""
-        per_rank = len(self.files) // self.world
-        smallest = sum(sorted(self.counts)[:per_rank])
-        return self._some(max(0, smallest // batch - held_back))
+    def train_indices(self, epoch: int, order: np.ndarray | None = None) -> np.ndarray:
+        """This rank's samples for `epoch`, in order (int64 global indices); `order`: the epoch's
+        `positions`, when computed once for many ranks."""
+        order = self.positions(epoch) if order is None else order
+        at = self.rank + self.world * np.arange(self.per_rank, dtype=np.int64)
+        return order[at % len(order)]
 
-    def eval_steps(self, batch: int, workers: int) -> int:
-        """Batches of the rank with the most (every rank pads to it)."""
-        w = max(workers, 1)
+    def eval_indices(self) -> np.ndarray:
+        return np.arange(self.rank, self.n, self.world, dtype=np.int64)
 
-        def batches(rank: int) -> int:
-            idx = list(range(len(self.files)))[rank :: self.world]
-            return sum(-(-sum(self.counts[i] for i in idx[k::w]) // batch) for k in range(w))
-
-        return max(batches(r) for r in range(self.world))
-
-    def _some(self, steps: int) -> int:
+    def train_steps(self, batch: int) -> int:
+        """Full batches every rank yields per epoch (DeiT's train loader drops the last partial one,
+        main.py:221)."""
+        steps = self.per_rank // batch
         if steps == 0:
-            raise DataError(f"{self.files[0].parent}: too few samples for one batch per rank")
+            raise DataError(
+                f"{self.where}: {self.n} samples give {self.per_rank} per rank for {self.world} ranks, "
+                f"fewer than one batch of {batch}"
+            )
         return steps
+
+    def eval_steps(self, batch: int) -> int:
+        """Batches of the rank with the most (rank 0; every rank pads to it)."""
+        return math.ceil(math.ceil(self.n / self.world) / batch)
 
 
 def pad_eval(done: int, steps: int, img_size: int, device: torch.device) -> Iterator[Batch]:

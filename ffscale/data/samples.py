@@ -43,11 +43,16 @@ def parse_label(sample: dict, num_classes: int, members: Members = Members()) ->
     return y
 
 
-def decode_image(sample: dict, members: Members = Members()) -> Image.Image:
+def image_bytes(sample: dict, members: Members = Members()) -> bytes:
     exts = members.lower_exts
     data = next((sample[e] for e in exts if sample.get(e)), None)
     if not data:
         raise DataError(f"{where(sample)}: no image (.{'/.'.join(exts)}) or an empty one")
+    return data
+
+
+def decode_image(sample: dict, members: Members = Members()) -> Image.Image:
+    data = image_bytes(sample, members)
     try:
         img = Image.open(io.BytesIO(data))
         img.load()

@@ -1,29 +1,64 @@
-"""The plain webdataset + PIL loader, for machines without DALI."""
+"""The PIL loader over WebDataset shards, for machines without DALI: the rank's samples of the
+SamplePlan read by index (TarIndex), decoded and augmented in DataLoader workers.
+
+Each sample's augmentation is seeded by (seed, epoch, rank, its position in the rank's list), so a
+resumed epoch replays the same crops whatever the worker count, and the copies of a repeated
+image are augmented independently.
+"""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
 
+import numpy as np
 import torch
-import webdataset as wds
 
 from ffscale.config import DataCfg
-from ffscale.data.manifest import broken_tar
-from ffscale.data.plan import Batch, ShardPlan, pad_eval
-from ffscale.data.samples import decode_image, parse_label, whole_shards
+from ffscale.data.plan import Batch, SamplePlan, pad_eval
+from ffscale.data.samples import decode_image, parse_label
+from ffscale.data.tarindex import TarIndex
 from ffscale.data.transforms import eval_transform, train_transform
 from ffscale.errors import DataError
 from ffscale.util.seeds import derive
 
 
+class _Samples(torch.utils.data.Dataset):
+    """Position k of the rank's epoch list -> (image tensor, label), or None for a skipped sample."""
+
+    def __init__(self, loader: WdsLoader, ids: np.ndarray, epoch: int, first: int):
+        self.l, self.ids, self.epoch, self.first = loader, ids, epoch, first
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, k: int):
+        lo, c = self.l, self.l.cfg
+        got = lo.sample(int(self.ids[k]))
+        if got is None:
+            return None
+        img, y = got
+        if lo.train:
+            rng = random.Random(derive(lo.plan.seed, "crop", self.epoch, lo.plan.rank, self.first + k))
+            x = train_transform(img, c.img_size, c.scale, c.ratio, c.hflip, rng, c.interpolation, lo.fill)
+        else:
+            x = eval_transform(img, c.img_size, c.crop_pct, c.interpolation)
+        return x, y
+
+
 class WdsLoader:
     def __init__(
-        self, cfg: DataCfg, plan: ShardPlan, train: bool, batch: int, num_classes: int, device: torch.device
+        self,
+        cfg: DataCfg,
+        plan: SamplePlan,
+        index: TarIndex,
+        train: bool,
+        batch: int,
+        num_classes: int,
+        device: torch.device,
     ):
-        self.cfg, self.plan, self.train, self.batch, self.device = cfg, plan, train, batch, device
-        self.num_classes = num_classes
-        self.workers = cfg.workers
+        self.cfg, self.plan, self.index, self.train, self.batch = cfg, plan, index, train, batch
+        self.num_classes, self.device = num_classes, device
         # timm fills RandAugment's empty pixels with the mean colour (transforms_factory.py:85-88)
         self.fill = tuple(min(255, round(255 * v)) for v in cfg.mean) if train and cfg.rand_augment else None
         if train and cfg.color_jitter > 0 and not cfg.rand_augment and plan.rank == 0:
@@ -31,79 +66,49 @@ class WdsLoader:
                 "ffscale: data.color_jitter is DALI-only; the webdataset loader trains without it", flush=True
             )
         if train:
-            self.steps_per_epoch = plan.train_steps(
-                batch, held_back=max(self.workers, 1)
-            )  # one per worker stream
+            self.steps_per_epoch = plan.train_steps(batch)
             self.num_samples = self.steps_per_epoch * batch * plan.world
         else:
-            self.steps_per_epoch = plan.eval_steps(batch, self.workers)
-            self.num_samples = sum(plan.counts)
+            self.steps_per_epoch = plan.eval_steps(batch)
+            self.num_samples = plan.n
 
-    def _samples(self, src: Iterator[dict], epoch: int, skip: int) -> Iterator[tuple]:
-        """Skip already-consumed samples before decoding; decode, check, transform the rest."""
-        info = torch.utils.data.get_worker_info()
-        wid, nw = (info.id, info.num_workers) if info else (0, 1)
-        to_skip = len(range(wid, skip, nw)) * self.batch  # DataLoader takes batches round-robin
-        c, members = self.cfg, self.plan.members
-        for n, s in enumerate(src):
-            if n < to_skip:
-                continue
-            # per sample: a resumed epoch replays the same crops
-            rng = random.Random(derive(self.plan.seed, "crop", epoch, self.plan.rank, wid, n))
-            try:
-                y = parse_label(s, self.num_classes, members)
-                img = decode_image(s, members)
-            except DataError as e:
-                if c.on_error == "raise":
-                    raise
-                print(f"ffscale: skipped ({e})", flush=True)  # names shard and key
-                continue
-            if self.train:
-                x = train_transform(
-                    img, c.img_size, c.scale, c.ratio, c.hflip, rng, c.interpolation, self.fill
-                )
-            else:
-                x = eval_transform(img, c.img_size, c.crop_pct, c.interpolation)
-            yield x, y
-
-    def _dataset(self, epoch: int, skip: int) -> wds.DataPipeline:
-        idx = self.plan.train_shards(epoch) if self.train else self.plan.eval_shards()
-        urls = [str(self.plan.files[i]) for i in idx]
-        expect = {str(f): n for f, n in zip(self.plan.files, self.plan.counts)}
-        stages = [
-            wds.SimpleShardList(urls), wds.split_by_worker, wds.tarfile_to_samples(handler=broken_tar),
-            lambda src: whole_shards(src, expect),
-        ]  # fmt: skip
-        if self.train:
-            rng = random.Random(derive(self.plan.seed, "shuffle", epoch, self.plan.rank))
-            stages.append(wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng))
-        stages += [
-            lambda src: self._samples(src, epoch, skip),
-            wds.batched(self.batch, collation_fn=_collate, partial=not self.train),
-        ]
-        return wds.DataPipeline(*stages)
+    def sample(self, i: int):
+        """Sample i decoded, with its label; None when it is bad and data.on_error=skip."""
+        try:
+            s = self.index.read(i)
+            return decode_image(s, self.index.members), parse_label(s, self.num_classes, self.index.members)
+        except DataError as e:
+            if self.cfg.on_error == "raise":
+                raise
+            print(f"ffscale: skipped ({e})", flush=True)  # names shard and key
+            return None
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        b = self.batch
+        if self.train:
+            ids = self.plan.train_indices(epoch)[skip * b : self.steps_per_epoch * b]
+        else:
+            ids = self.plan.eval_indices()[skip * b :]
         dl = torch.utils.data.DataLoader(
-            self._dataset(epoch, skip),
-            batch_size=None,
-            num_workers=self.workers,
-            persistent_workers=False,
+            _Samples(self, ids, epoch, skip * b),
+            batch_size=b,
+            num_workers=self.cfg.workers,
+            collate_fn=_collate,
             # pinned host batches: the copy to the GPU (non_blocking, in DeviceOps) does not stall
             pin_memory=self.device.type == "cuda",
         )
         n = skip
-        for x, y in dl:
-            if n >= self.steps_per_epoch:
-                break
+        for got in dl:
             n += 1
-            yield x, y
+            if got is not None:  # a batch whose every sample was skipped as bad
+                yield got
         if not self.train:
             yield from pad_eval(n, self.steps_per_epoch, self.cfg.img_size, torch.device("cpu"))
-        elif n < self.steps_per_epoch:  # samples were skipped as bad: top up from the next pass
-            yield from self.epoch(epoch + 10_000, n)
 
 
-def _collate(samples: list[tuple]) -> Batch:
+def _collate(samples: list) -> Batch | None:
+    samples = [s for s in samples if s is not None]  # data.on_error=skip: the batch is that much smaller
+    if not samples:
+        return None
     xs, ys = zip(*samples)
     return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)

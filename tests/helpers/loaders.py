@@ -11,17 +11,8 @@ from helpers.ids import decode_id, jpeg_bytes, write_tar
 
 def plain_cfg(loader: str, **kw) -> DataCfg:
     # No crop/flip, so every image keeps its id; mean/std irrelevant (uint8 out).
-    return DataCfg(
-        loader=loader,
-        img_size=32,
-        crop_pct=1.0,
-        scale=[1.0, 1.0],
-        ratio=[1.0, 1.0],
-        hflip=0.0,
-        workers=0,
-        shuffle_buffer=50,
-        **{"color_jitter": 0.0, "rand_augment": False, **kw},
-    )
+    fixed = dict(img_size=32, crop_pct=1.0, scale=[1.0, 1.0], ratio=[1.0, 1.0], hflip=0.0, workers=0)
+    return DataCfg(loader=loader, **{**fixed, "color_jitter": 0.0, "rand_augment": False, **kw})
 
 
 def collect(loader, epoch=0, skip=0):

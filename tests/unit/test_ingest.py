@@ -185,12 +185,12 @@ def test_problem_formats_become_rgb_jpegs_that_both_loaders_read_alike(tmp_path,
     [
         ("missing", r"data.train=.*nowhere: no shard manifest"),
         ("classes", r"data.val=.* has other classes than .*data.train="),
-        ("world", r"data.train=.*: 2 shard\(s\) for 4 ranks"),
+        ("world", r"data.train=.*: 40 samples give 10 per rank for 4 ranks, fewer than one batch of 16"),
         ("foreign", r"data.train=.*shards: no shard manifest .* `ffscale shard index .*shards`"),
     ],
 )
 def test_train_stops_on_bad_data_before_any_rank_starts(tmp_path, fm_shards, foreign, case, expect):
-    train, val, nproc = fm_shards / "train", fm_shards / "val", "1"
+    train, val, nproc, batch = fm_shards / "train", fm_shards / "val", "1", 8
     if case == "missing":
         train = tmp_path / "nowhere"
     elif case == "classes":
@@ -199,12 +199,12 @@ def test_train_stops_on_bad_data_before_any_rank_starts(tmp_path, fm_shards, for
         small = tmp_path / "small"
         main(["shard", "folder", "--root", str(make_id_folder(tmp_path / "ids", 40, 4)), "--out", str(small),
               "--shard-size", "20"])  # fmt: skip
-        train, val, nproc = small, small, "4"
+        train, val, nproc, batch = small, small, "4", 64  # 2 files for 4 ranks work; 10 images a rank do not
     else:
         train = foreign / "shards"
     r = subprocess.run(
         [str(CLI), "train", "--nproc", nproc, "--config", str(ROOT / "configs" / "demo.yaml"),
-         f"data.train={train}", f"data.val={val}", f"run.dir={tmp_path}", "optim.global_batch=8"],
+         f"data.train={train}", f"data.val={val}", f"run.dir={tmp_path}", f"optim.global_batch={batch}"],
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert r.returncode == 2, r.stderr[-2000:]

@@ -21,7 +21,7 @@ RECIPE = {
     "optim.global_batch": 1024, "optim.base_lr": 5e-4, "optim.lr_batch_base": 512, "optim.weight_decay": 0.05,
     "optim.eps": 1e-8, "optim.betas": [0.9, 0.999], "optim.clip_grad": 0.0, "optim.ema_decay": 0.99996,
     "schedule.epochs": 300, "schedule.warmup_epochs": 5, "schedule.warmup_lr": 1e-6, "schedule.min_lr": 1e-5,
-    "schedule.lr_per": "epoch",
+    "schedule.lr_per": "epoch", "data.repeats": 3,
 }  # fmt: skip
 PER_CONFIG = {
     "ff_tiny": {"model.drop": 0.1}, "ff_base": {"model.drop": 0.1}, "ff_large": {"model.drop": 0.1},

@@ -17,6 +17,7 @@ from pathlib import Path
 from ffscale.data.ingest.forked import forked_map
 from ffscale.data.ingest.writer import write_dali_indexes
 from ffscale.data.manifest import DataError, Manifest, ShardInfo
+from ffscale.data.tarindex import split_name
 from ffscale.util.bar import Bar
 
 IMAGE_MEMBERS = {"jpg", "jpeg", "png", "webp"}
@@ -36,8 +37,6 @@ class Scan:
     json_fields: Counter = field(default_factory=Counter)  # integer field of .json -> samples
     labels: set = field(default_factory=set)  # values of the label members (cls, else each field)
     json_labels: dict = field(default_factory=dict)  # field -> set of values
-    cls_bytes: int = 0
-    json_bytes: int = 0
 
 
 class _Hashing:
@@ -51,13 +50,6 @@ class _Hashing:
         self.h.update(b)
         self.n += len(b)
         return b
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """webdataset's rule: the key is the path up to the first dot of the file name."""
-    d, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{d}/{stem}" if d else stem), ext
 
 
 def scan(path: Path) -> Scan:
@@ -98,7 +90,6 @@ def _sample(s: Scan, key: str | None, sample: dict) -> None:
             raise DataError(f"shard {s.file} sample {key}: .cls {sample['cls'][:20]!r} is not an integer")
         s.cls += 1
         s.labels.add(int(v))
-        s.cls_bytes = max(s.cls_bytes, len(sample["cls"]))
     if "json" in sample:
         try:
             d = json.loads(sample["json"])
@@ -108,7 +99,6 @@ def _sample(s: Scan, key: str | None, sample: dict) -> None:
             if isinstance(d, dict) and isinstance(d.get(k), int):
                 s.json_fields[k] += 1
                 s.json_labels.setdefault(k, set()).add(d[k])
-        s.json_bytes = max(s.json_bytes, len(sample["json"]))
 
 
 def _scan_and_index(args: tuple[Path, Path]) -> Scan:
@@ -162,16 +152,15 @@ def index_shards(
     return _manifest([scans[f] for f in files], out, pattern, classes_file, label_field, num_classes)
 
 
-def _label(scans: list[Scan], label_field: str | None) -> tuple[str, int, set]:
-    """('cls' or 'json:<field>', label member width, label values) that every sample has."""
+def _label(scans: list[Scan], label_field: str | None) -> tuple[str, set]:
+    """('cls' or 'json:<field>', label values) that every sample has."""
     n = sum(s.count for s in scans)
     if label_field is None and sum(s.cls for s in scans) == n:
-        return "cls", max(16, max(s.cls_bytes for s in scans)), set().union(*(s.labels for s in scans))
+        return "cls", set().union(*(s.labels for s in scans))
     fields = [label_field] if label_field else list(LABEL_FIELDS)
     for k in fields:
         if sum(s.json_fields[k] for s in scans) == n:
-            width = -(-max(s.json_bytes for s in scans) // 16) * 16
-            return f"json:{k}", width, set().union(*(s.json_labels.get(k, set()) for s in scans))
+            return f"json:{k}", set().union(*(s.json_labels.get(k, set()) for s in scans))
     short = next(s for s in scans if s.cls < s.count and not any(s.json_fields[k] == s.count for k in fields))
     want = f"an integer `{label_field}` in .json" if label_field else "a .cls or an integer label in .json"
     raise DataError(f"shard {short.file}: not every sample has {want} (give --label-field)")
@@ -187,7 +176,7 @@ def read_classes(path: Path) -> tuple[list[str], list[str] | None]:
 
 
 def _manifest(scans, out, pattern, classes_file, label_field, num_classes) -> Manifest:
-    label, width, values = _label(scans, label_field)
+    label, values = _label(scans, label_field)
     if min(values) < 0:
         raise DataError(f"{scans[0].file.parent}: negative label {min(values)}")
     if classes_file:
@@ -203,7 +192,6 @@ def _manifest(scans, out, pattern, classes_file, label_field, num_classes) -> Ma
         name, names,
         [ShardInfo(os.path.relpath(s.file, out), s.count, s.sha256, s.size) for s in scans],
         f"indexed:{scans[0].file.parent}/{pattern}", class_ids=ids, image_exts=exts, label=label,
-        label_bytes=width,
     )  # fmt: skip
     m.save(out)
     return m
