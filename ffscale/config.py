@@ -58,7 +58,7 @@ class DataCfg:
     repeats: int = 1
     on_error: str = "raise"  # raise | skip
     # The rest of DeiT's recipe (defaults as DeiT: rand-m9-mstd0.5-inc1, mixup 0.8, cutmix 1.0).
-    rand_augment: bool = True  # DALI loader only (torchvision does not import beside CPU torch)
+    rand_augment: bool = True  # both loaders (DALI's graph; PIL ops in the webdataset loader)
     # brightness/contrast/saturation +-; as timm, only when RandAugment is off (DALI)
     color_jitter: float = 0.3
     mixup: float = 0.8  # Beta(alpha) for mixup; 0 = off

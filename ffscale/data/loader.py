@@ -65,10 +65,12 @@ def choose(cfg: DataCfg, device: torch.device) -> tuple[str, str]:
         return "webdataset", "data.loader=auto: data.on_error=skip drops samples, which DALI cannot"
     if device.type == "cuda":
         kind, why = "dali", "data.loader=auto: DALI decodes on the GPU"
-    elif cfg.rand_augment or cfg.color_jitter > 0:
-        kind, why = "dali", "data.loader=auto: RandAugment and colour jitter are DALI's"
+    elif cfg.rand_augment:
+        kind, why = "webdataset", f"data.loader=auto: {CPU_RAND_AUGMENT}"
+    elif cfg.color_jitter > 0:
+        kind, why = "dali", "data.loader=auto: colour jitter is DALI's"
     else:
-        kind, why = CPU_LOADER, f"data.loader=auto: {CPU_EVIDENCE}"
+        kind, why = "dali", f"data.loader=auto: {CPU_PLAIN}"
     if kind == "dali":
         failed = _dali_probe(device)
         if failed:  # one warning, then the run goes on without DALI
@@ -93,8 +95,11 @@ def _dali_probe(device: torch.device) -> str | None:
 
 
 # Which loader is faster on a CPU host, and the measurement that says so (docs/performance.md).
-CPU_LOADER = "dali"
-CPU_EVIDENCE = (
-    "DALI, 2.2x the webdataset loader's img/s on a CPU host "
+CPU_RAND_AUGMENT = (
+    "with RandAugment on a CPU host the webdataset loader gives 1.12x DALI's img/s "
     "(`ffscale bench data`, docs/performance.md#input-pipeline)"
+)
+CPU_PLAIN = (
+    "without RandAugment on a CPU host DALI gives 2.26x the webdataset loader's img/s "
+    "(`ffscale bench data --no-rand-augment`, docs/performance.md#input-pipeline)"
 )
