@@ -140,12 +140,7 @@ class DaliLoader:
             )
         self.cfg, self.plan, self.index, self.train, self.batch = cfg, plan, index, train, batch
         self.num_classes, self.device = num_classes, device
-        if train:
-            self.steps_per_epoch = plan.train_steps(batch)
-            self.num_samples = self.steps_per_epoch * batch * plan.world
-        else:
-            self.steps_per_epoch = plan.eval_steps(batch)
-            self.num_samples = plan.n
+        self.steps_per_epoch, self.num_samples = plan.epoch_size(train, batch)
 
     def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample i as DALI takes it: its encoded image and its label (checked here, on the host)."""
@@ -206,16 +201,10 @@ class DaliLoader:
         return out
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
-        b = self.batch
-        ids = (
-            self.plan.train_indices(epoch)[: self.steps_per_epoch * b]
-            if self.train
-            else self.plan.eval_indices()
-        )
-        feed = _Feed(self, ids)
+        feed = _Feed(self, self.plan.epoch_ids(epoch, self.train, self.batch))
         n = 0
         try:
-            if len(ids):
+            if len(feed.ids):
                 for got in self._batches(feed, epoch, skip):
                     n += 1
                     if got is not None:

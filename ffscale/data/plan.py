@@ -104,6 +104,18 @@ class SamplePlan:
             )
         return steps
 
+    def epoch_size(self, train: bool, batch: int) -> tuple[int, int]:
+        """(batches every rank yields per epoch, samples the epoch covers over all ranks): the two
+        numbers a Loader states."""
+        if train:
+            steps = self.train_steps(batch)
+            return steps, steps * batch * self.world
+        return self.eval_steps(batch), self.n
+
+    def epoch_ids(self, epoch: int, train: bool, batch: int) -> np.ndarray:
+        """The rank's samples a loader reads in `epoch`: whole train batches, or every eval sample."""
+        return self.train_indices(epoch)[: self.train_steps(batch) * batch] if train else self.eval_indices()
+
     def eval_steps(self, batch: int) -> int:
         """Batches of the rank with the most (rank 0; every rank pads to it)."""
         return math.ceil(math.ceil(self.n / self.world) / batch)

@@ -65,12 +65,7 @@ class WdsLoader:
             print(
                 "ffscale: data.color_jitter is DALI-only; the webdataset loader trains without it", flush=True
             )
-        if train:
-            self.steps_per_epoch = plan.train_steps(batch)
-            self.num_samples = self.steps_per_epoch * batch * plan.world
-        else:
-            self.steps_per_epoch = plan.eval_steps(batch)
-            self.num_samples = plan.n
+        self.steps_per_epoch, self.num_samples = plan.epoch_size(train, batch)
 
     def sample(self, i: int):
         """Sample i decoded, with its label; None when it is bad and data.on_error=skip."""
@@ -85,10 +80,7 @@ class WdsLoader:
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         b = self.batch
-        if self.train:
-            ids = self.plan.train_indices(epoch)[skip * b : self.steps_per_epoch * b]
-        else:
-            ids = self.plan.eval_indices()[skip * b :]
+        ids = self.plan.epoch_ids(epoch, self.train, b)[skip * b :]
         dl = torch.utils.data.DataLoader(
             _Samples(self, ids, epoch, skip * b),
             batch_size=b,
