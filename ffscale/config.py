@@ -142,7 +142,12 @@ class RunCfg:
     # A collective that waits longer fails the rank, so a lost or frozen node stops every other node
     # (and a JobSet or Job restarts the group) instead of leaving them hanging. Above the longest
     # wait of a healthy run: a checkpoint write, or rank 0 converting a checkpoint for resharding.
+    # This one holds at start-up and around checkpoints, evaluations and an epoch's first step;
     collective_timeout_s: int = 600
+    # this one during training steps, from the first step on (torchtitan: comm.train_timeout_seconds,
+    # 100 s): above a healthy step's longest wait (rank 0's bounded MLflow calls, ~30 s at worst).
+    # 0: collective_timeout_s throughout.
+    step_timeout_s: int = 120
     # Keys a resumed stage may take new values for (`--allow-change KEY`); see ffscale/run/changes.py
     allow_change: list[str] = field(default_factory=list)
     # The run directory's lock is taken over when its holder's heartbeat is older than this

@@ -1,8 +1,9 @@
 """Every error a user can cause or fix, with its exit code, and the one place that reports them.
 
 Exit codes: 2 for what will not fix itself on a rerun (config, data, a checkpoint of another
-model), so a Kubernetes Job does not retry it; 1 for a failure worth a look (disk full, NaN);
-143 for a preempted job that wrote its checkpoint. A user's mistake is one line, never a traceback.
+model), so a Kubernetes Job does not retry it; 3 for a job whose run directory another job took
+over (not retried either); 1 for a failure worth a look (disk full, NaN); 143 for a preempted job
+that wrote its checkpoint. A user's mistake is one line, never a traceback.
 """
 
 from __future__ import annotations
@@ -46,6 +47,13 @@ class CheckpointMismatch(FfscaleError, RuntimeError):
     exit_code = 2
 
 
+class CheckpointDamaged(FfscaleError, RuntimeError):
+    """Every complete checkpoint of a stage failed its check (truncated, missing or changed files):
+    a rerun meets the same files."""
+
+    exit_code, kind = 2, "damaged checkpoints"
+
+
 class UntrustedFile(FfscaleError, ValueError):
     """A pickle that would have to run code to load; refused unless the user says they trust it."""
 
@@ -56,6 +64,13 @@ class LockHeld(FfscaleError, RuntimeError):
     """Another job holds the run directory: retrying at once cannot help."""
 
     exit_code, kind = 2, "run in use"
+
+
+class LockLost(FfscaleError, RuntimeError):
+    """This job's run lock was taken over (its heartbeat stopped long enough for another job to take
+    the run): it stops before writing anything more. Retrying would fight the job that holds it."""
+
+    exit_code, kind = 3, "run taken over"
 
 
 class PeerGone(FfscaleError, RuntimeError):

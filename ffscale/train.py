@@ -26,6 +26,16 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+
+    from ffscale.engine import preempt
+
+    preempt.install()  # from the first moment: a SIGTERM during start-up is acted on once the engine is up
+    if "LOCAL_RANK" in os.environ:  # a launcher's rank: it never outlives its launcher or its job
+        from ffscale.util.lifeline import die_with_parent, watch_job
+
+        die_with_parent()
+        watch_job()
     args = parser().parse_args(argv)
     from ffscale import config
     from ffscale.errors import guarded, peer_gone

@@ -71,14 +71,19 @@ def index(a) -> int:
 
 
 def verify(a) -> int:
-    from ffscale.data.manifest import verify
+    from ffscale.data.manifest import MANIFEST, verify
+    from ffscale.engine.ckpt_files import verify_tree
 
+    bad = 0
     for root in a.dirs:
+        if not (Path(root) / MANIFEST).is_file():  # a run, stage or checkpoints directory
+            bad += verify_tree(Path(root), lambda line: print(line, flush=True))
+            continue
         m = verify(root)
         print(
             f"{root}: {len(m.shards)} shards, {m.num_samples} samples, sha256 as in the manifest (digest {m.digest})"
         )
-    return 0
+    return 2 if bad else 0
 
 
 def _writer_args(p: argparse.ArgumentParser, out_help: str) -> None:
@@ -138,6 +143,12 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes reading tars")
     p.set_defaults(fn=index)
 
-    v = sub.add_parser("verify", help="check every shard's sha256 against its manifest")
-    v.add_argument("dirs", nargs="+", help="shard directories (holding manifest.json)")
+    v = sub.add_parser(
+        "verify", help="check shards against their manifest, or a run's checkpoints against their records"
+    )
+    v.add_argument(
+        "dirs", nargs="+",
+        help="shard directories (holding manifest.json), or run/stage/checkpoint directories: every complete "
+        "checkpoint's files against their recorded sizes and sha256, their pickles against DeepSpeed's types",
+    )  # fmt: skip
     v.set_defaults(fn=verify)

@@ -33,7 +33,19 @@ def add_parser(sub) -> None:
     t.set_defaults(fn=run)
 
 
+def _stop_before_launch(signum, frame):
+    from ffscale.errors import Preempted
+
+    raise Preempted(f"signal {signum} before any rank started: nothing to checkpoint")
+
+
 def run(a) -> int:
+    import signal
+
+    # Until the launcher runs (ffscale/run/launch.py then forwards signals to the ranks), a SIGTERM
+    # stops the checks or the wait for the run lock at once: exit 143, the lock released.
+    signal.signal(signal.SIGTERM, _stop_before_launch)
+    signal.signal(signal.SIGINT, _stop_before_launch)
     from ffscale import config, train
     from ffscale.run import launch, preflight, runlock
     from ffscale.run.runlock import RunLock

@@ -1,12 +1,21 @@
-"""DeepSpeed checkpoints that are never half-written, and consolidated fp32 weights.
+"""DeepSpeed checkpoints that are never half-written, checked before they are loaded, and
+consolidated fp32 weights.
 
-DeepSpeed writes every rank's shards into `<dir>/<tag>/`. We pass save_latest=False; once every
-rank's shards are on disk (a barrier), rank 0 writes `<tag>/ffscale.json` and then moves the
-`latest` pointer (both atomic renames). A checkpoint is complete when its ffscale.json exists, and
-resume takes the newest complete one: a kill mid-save leaves the previous one, and a `latest` that
-is missing or names a removed directory (a lost file on shared storage) costs nothing, where
-trusting it alone would restart the stage from scratch and delete every checkpoint as partial.
-`latest` is kept for DeepSpeed's own tools (zero_to_fp32.py reads it).
+DeepSpeed writes every rank's shards into `<dir>/<tag>/`. We pass save_latest=False; every rank
+syncs and hashes the files it wrote (ckpt_engine, ckpt_files), and once every rank's files are on
+disk (a barrier), rank 0 writes `<tag>/ffscale.json` listing them with their sizes and sha256, the
+versions that wrote them, and the model's shapes, then moves the `latest` pointer (both atomic
+renames). A checkpoint is complete when its ffscale.json exists.
+
+Resume (`select`, every rank) takes the newest complete checkpoint whose files are all there with
+their recorded sizes and hashes (the ranks split the hashing) and whose pickles name only
+DeepSpeed's types. A damaged one is moved aside to `<tag>.damaged` (never deleted: nothing proves
+it worthless) and the next older one is tried, saying which and why; a planted pickle or a
+checkpoint of an incompatible DeepSpeed or torch stops with one line and exit 2. A kill mid-save
+leaves the previous checkpoint; a `latest` that is missing or names a removed directory (a lost
+file on shared storage) costs nothing. `latest` is kept for DeepSpeed's own tools (zero_to_fp32.py
+reads it). Only a directory without ffscale.json newer than the newest complete one is deleted:
+ffscale.json is written after every other file, so that is provably an interrupted write.
 """
 
 from __future__ import annotations
@@ -16,18 +25,27 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
-from ffscale.engine.dist import barrier
-from ffscale.errors import CheckpointMismatch, CheckpointWriteError
+from ffscale.engine import ckpt_files
+from ffscale.engine.dist import all_gather_object, barrier, broadcast_object, on_rank0
+from ffscale.errors import (
+    CheckpointDamaged,
+    CheckpointMismatch,
+    CheckpointWriteError,
+    Preempted,
+    UntrustedFile,
+)
 from ffscale.util.atomic import atomic_path, write_atomic
 from ffscale.util.weights import save_weights, state_digest
 
 LATEST = "latest"
-META = "ffscale.json"  # world size and ZeRO stage of a checkpoint, read before DeepSpeed loads it
+META, FORMAT, DAMAGED = ckpt_files.META, ckpt_files.FORMAT, ckpt_files.DAMAGED
+versions, incompatible = ckpt_files.versions, ckpt_files.incompatible
 
 
 def _world() -> int:
@@ -47,16 +65,17 @@ def pointer_note(ckpt_dir: Path) -> str | None:
     named = p.read_text().strip() if p.is_file() else None
     if tag is None or named == tag:
         return None
-    what = (
-        "is missing"
-        if named is None
-        else f"names {named}, which is {'incomplete' if (Path(ckpt_dir) / named).is_dir() else 'gone'}"
-    )
+    what = "is missing" if named is None else f"names {named}, which is {_state_of(Path(ckpt_dir), named)}"
     return f"{p} {what}: resuming from {tag}, the newest complete checkpoint"
 
 
-def _step(tag: str) -> int:
-    return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else -1
+_step = ckpt_files.step_of
+
+
+def _state_of(ckpt_dir: Path, tag: str) -> str:
+    if (ckpt_dir / tag).is_dir():
+        return "incomplete"
+    return "damaged (set aside)" if (ckpt_dir / (tag + DAMAGED)).is_dir() else "gone"
 
 
 def _rank_file(ckpt_dir: Path, tag: str, rank: int) -> Path:
@@ -66,11 +85,17 @@ def _rank_file(ckpt_dir: Path, tag: str, rank: int) -> Path:
 def save(ds, ckpt_dir, tag: str, client_state: dict, keep: int, rank_state: dict | None = None) -> None:
     """`rank_state`: tensors only this rank holds (its EMA shard), written beside DeepSpeed's files."""
     ckpt_dir = Path(ckpt_dir)
+    root = ckpt_dir / tag
     try:
         ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        written = ds.checkpoint_engine.take_written()
         if rank_state:
             with atomic_path(_rank_file(ckpt_dir, tag, ds.global_rank)) as tmp:
                 torch.save(rank_state, tmp)
+            written.append(_rank_file(ckpt_dir, tag, ds.global_rank))
+        files = {}
+        for f in written:  # synced by the engine; hashed here, each rank its own files
+            files |= ckpt_files.record(f, root)
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as RuntimeError
         # This rank stops; the launcher (or the peers' collective timeouts) stops the others.
         free = shutil.disk_usage(ckpt_dir).free if ckpt_dir.is_dir() else 0
@@ -82,11 +107,18 @@ def save(ds, ckpt_dir, tag: str, client_state: dict, keep: int, rank_state: dict
             f"`latest` still names {latest_tag(ckpt_dir) or 'no checkpoint'}, which is complete; "
             "free space and rerun to resume from it",
         ) from e
-    barrier()  # every rank's shards are written
+    every = all_gather_object(files)  # also the barrier: every rank's files are written and synced
     if ds.global_rank == 0:
-        meta = {"world_size": _world(), "zero_stage": ds.zero_optimization_stage()}
+        meta = {
+            "format": FORMAT,
+            **versions(),
+            "world_size": _world(),
+            "zero_stage": ds.zero_optimization_stage(),
+        }
+        meta["files"] = {k: v for part in every for k, v in sorted(part.items())}
         meta["params"] = model_signature(ds.module)
-        write_atomic(ckpt_dir / tag / META, json.dumps(meta))
+        ckpt_files.sync(root)  # the files' directory entries before the record that vouches for them
+        write_atomic(root / META, json.dumps(meta))
         write_atomic(ckpt_dir / LATEST, tag)
         tags = sorted(
             (d for d in ckpt_dir.iterdir() if d.is_dir() and _step(d.name) >= 0), key=lambda d: _step(d.name)
@@ -144,33 +176,107 @@ def needs_reshard(ckpt_dir) -> bool:
     return bool(m) and m.get("zero_stage", 0) > 0 and m.get("world_size", _world()) != _world()
 
 
+def select(ckpt_dir, rank: int, world: int) -> str | None:
+    """Every rank, before the engine is built: the checkpoint to resume (None: none, start afresh),
+    checked as the module docstring says. Damaged ones are moved aside on the way."""
+    ckpt_dir = Path(ckpt_dir)
+    if rank == 0:
+        for name in remove_partial(ckpt_dir):
+            print(f"removed {ckpt_dir / name}: an interrupted checkpoint write", flush=True)
+    skipped: list[str] = []
+    for tag in broadcast_object(_complete(ckpt_dir) if rank == 0 else None):
+        root = ckpt_dir / tag
+        try:
+            m = json.loads((root / META).read_text())
+        except (OSError, ValueError) as e:
+            m, problems = {}, [ckpt_files.Problem(META, f"unreadable ({e})")]
+        else:
+            if why := incompatible(m):
+                raise CheckpointMismatch(
+                    f"checkpoint {root}: {why}; DeepSpeed checkpoints load only within the versions that wrote "
+                    "them. Resume with those versions, or start a new run from its weights (DeepSpeed's "
+                    "zero_to_fp32.py beside it, then init_from)"
+                )
+            mine = lambda i: i % world == rank  # noqa: E731  (the ranks split the hashing)
+            problems = ckpt_files.check(root, m.get("files"), mine)
+        problems = [p for part in all_gather_object(problems) for p in part]
+        if untrusted := [p for p in problems if p.untrusted]:
+            raise UntrustedFile(f"{root / untrusted[0].file}: {untrusted[0].what.split(' (')[0]}; resume refused. "
+                                "Move the file away if nobody trusted wrote it")  # fmt: skip
+        if not problems:
+            if rank == 0:
+                _say_selected(ckpt_dir, tag, skipped, "files" in m)
+            return tag
+        skipped.append(
+            f"{tag} ({problems[0]}{f', and {len(problems) - 1} more' if len(problems) > 1 else ''})"
+        )
+        if rank == 0:
+            aside = root.with_name(tag + DAMAGED)
+            shutil.rmtree(aside, ignore_errors=True)
+            root.rename(aside)
+            print(f"ffscale: warning: checkpoint {root} is damaged: {skipped[-1]}; moved to {aside.name}",
+                  flush=True)  # fmt: skip
+        barrier()
+    if skipped:
+        raise CheckpointDamaged(
+            f"no usable checkpoint in {ckpt_dir}: {'; '.join(skipped)} (moved aside as *{DAMAGED}). Move the "
+            "checkpoints directory away to start the stage afresh"
+        )
+    return None
+
+
+def _complete(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoints, newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    done = [x.name for x in ckpt_dir.iterdir() if _step(x.name) >= 0 and (x / META).is_file()]
+    return sorted(done, key=_step, reverse=True)
+
+
+def _say_selected(ckpt_dir: Path, tag: str, skipped: list[str], recorded: bool) -> None:
+    note = pointer_note(ckpt_dir)
+    if note:
+        print(f"ffscale: warning: {note}", flush=True)
+    if skipped:
+        print(f"ffscale: resuming from {ckpt_dir / tag}, the newest intact checkpoint", flush=True)
+    if not recorded:
+        print(f"ffscale: {ckpt_dir / tag} was written before ffscale recorded its files' hashes: only its "
+              "pickles were checked", flush=True)  # fmt: skip
+
+
 def _to_universal(ckpt_dir: Path, tag: str) -> str:
-    """Convert with DeepSpeed's ds_to_universal (rank 0, once); written aside, renamed into place."""
+    """Convert with DeepSpeed's ds_to_universal (rank 0, once), its torch.load calls weights-only
+    (ffscale/engine/to_universal.py); written aside, renamed into place. SIGTERM stops it: the
+    source checkpoint stays the complete one."""
+    from ffscale.engine import preempt
+
     out = ckpt_dir / f"{tag}_universal"
     if not out.is_dir():
         with atomic_path(out) as tmp:
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder"]
+            cmd = [sys.executable, "-m", "ffscale.engine.to_universal", "--input_folder"]
             cmd += [str(ckpt_dir / tag), "--output_folder", str(tmp), "--inject_missing_state"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode:
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            while p.poll() is None:
+                if preempt.requested():
+                    p.kill()
+                    p.wait()
+                    raise Preempted(
+                        f"SIGTERM during the conversion of {ckpt_dir / tag}; it is still the checkpoint to resume"
+                    )
+                time.sleep(0.2)
+            if p.returncode:
                 raise CheckpointMismatch(
-                    f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n{r.stderr[-2000:]}"
+                    f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n{p.stdout.read()[-2000:]}"
                 )
     return out.name
 
 
 def load(ds, ckpt_dir, reshard: bool = True) -> dict | None:
-    """Load the checkpoint `latest` names; None when there is none (a fresh start). Shards of another
-    rank count are converted to a universal checkpoint first (the engine must have been built with
-    load_universal), or, with reshard=False, stop with the command that converts them."""
+    """Load the checkpoint `select` chose (the newest complete one now); None when there is none (a
+    fresh start). Shards of another rank count are converted to a universal checkpoint first (the
+    engine must have been built with load_universal), or, with reshard=False, stop with the command
+    that converts them."""
     ckpt_dir = Path(ckpt_dir)
-    if ds.global_rank == 0:
-        note = pointer_note(ckpt_dir)
-        if note:
-            print(f"ffscale: warning: {note}", flush=True)
-        for name in remove_partial(ckpt_dir):
-            print(f"removed {ckpt_dir / name}: an interrupted checkpoint write", flush=True)
-    barrier()
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
@@ -185,11 +291,19 @@ def load(ds, ckpt_dir, reshard: bool = True) -> dict | None:
                 f"--output_folder {ckpt_dir}/{tag}_universal --inject_missing_state, then rerun with "
                 "checkpoint.reshard=true"
             )
-        if ds.global_rank == 0:
+
+        def convert():
             print(f"{what}: converting to a universal checkpoint", flush=True)
             _to_universal(ckpt_dir, tag)
-        barrier()
+
+        on_rank0(ds.global_rank, convert)
         tag = f"{tag}_universal"
+        # every rank loads it with torch.load forced weights-only (ckpt_engine); this names the file first
+        problems = ckpt_files.check(
+            ckpt_dir / tag, None, lambda i: i % _world() == ds.global_rank, deep=False
+        )
+        if bad := [p for part in all_gather_object(problems) for p in part]:
+            raise UntrustedFile(f"{ckpt_dir / tag / bad[0].file}: {bad[0].what}")
     path, client = ds.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"checkpoint {ckpt_dir}/{tag} could not be loaded")

@@ -73,6 +73,20 @@ def init(timeout_s: int = 600) -> DistInfo:
     return DistInfo(rank, world, local_rank, local_world, device)
 
 
+def set_timeout(seconds: float, sync: bool = False) -> None:
+    """Every collective of this rank gives up after `seconds` from now on. `sync`: a barrier first
+    (under the old timeout), so that no rank starts collectives under a shorter timeout while a slow
+    rank still finishes work the longer one allowed (as torchtitan's set_pg_timeouts,
+    pytorch/torchtitan @ b5bcd76, torchtitan/distributed/utils.py:563-590)."""
+    if not torch.distributed.is_initialized():
+        return
+    if sync:
+        torch.distributed.barrier()
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(timedelta(seconds=seconds))
+
+
 def deepspeed_version() -> str:
     import deepspeed
 
@@ -88,3 +102,47 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(t)
     return t
+
+
+def _here() -> torch.device:
+    """The device collectives of this rank run on (NCCL: its GPU)."""
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (a small picklable value)."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank."""
+    if not torch.distributed.is_initialized():
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_rank0(rank: int, fn):
+    """fn() on rank 0; when it raises a user-facing error (FfscaleError: a config error, SIGTERM...),
+    every rank stops with its exit code (rank 0 raises it, the others ReportedElsewhere). One
+    collective that every rank must call, so all ranks stop alike."""
+    from ffscale.errors import FfscaleError, ReportedElsewhere
+
+    out, code, failed = None, 0, None
+    if rank == 0:
+        try:
+            out = fn()
+        except FfscaleError as e:
+            failed, code = e, e.exit_code
+    if code_all := int(all_reduce_sum(torch.tensor(float(code), device=_here())).item()):
+        raise failed if rank == 0 else ReportedElsewhere(code_all)
+    return out

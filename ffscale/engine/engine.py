@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ffscale.config import StageCfg
-from ffscale.engine import checkpoint, ds_config, preempt
-from ffscale.engine.dist import DistInfo, all_reduce_sum
+from ffscale.engine import checkpoint, ckpt_engine, ds_config, preempt
+from ffscale.engine.dist import DistInfo, all_reduce_sum, on_rank0, set_timeout
 from ffscale.engine.ema import Ema
 from ffscale.engine.masters import share_fp32_masters
 from ffscale.engine.optim import build_optimizer
@@ -38,8 +38,16 @@ class Engine:
         accum: int,
         lr_at: Callable[[int], float],
         ckpt_dir,
+        fence: Callable[[], None] = lambda: None,
+        timeouts: tuple[float, float] = (0, 0),
     ):
-        """`lr_at(step)`: the lr of the optimizer step after `step` finished ones (ffscale/engine/lr.py)."""
+        """`lr_at(step)`: the lr of the optimizer step after `step` finished ones (ffscale/engine/lr.py).
+        `fence()`: called on rank 0 before every checkpoint; raising stops every rank before it writes.
+        `timeouts`: (seconds a collective may wait around checkpoints, evaluations and an epoch's
+        first step, seconds during training steps from the first on; 0: no change)."""
+        self.fence = fence
+        self.long_timeout_s, self.step_timeout_s = timeouts
+        self._short = False  # are collectives under the training steps' timeout?
         self.dist, self.s, self.accum = dist, s, accum
         self.ckpt_dir = Path(ckpt_dir)
         self.precision = ds_config.resolve_precision(s.deepspeed.precision, dist.device)
@@ -47,6 +55,10 @@ class Engine:
         n_params = sum(p.numel() for p in model.parameters())
         cuda = dist.device.type == "cuda"
         cfg = ds_config.build(s, dist.world, accum, self.precision, n_params, cuda)
+        # Every torch.load of this rank weights-only (DeepSpeed's universal loading bypasses its
+        # checkpoint engine), and the checkpoint to resume checked before anything reads it.
+        ckpt_engine.force_weights_only()
+        checkpoint.select(self.ckpt_dir, dist.rank, dist.world)
         # Shards of another rank count: checkpoint.load converts them to a universal checkpoint.
         self.reshard = s.checkpoint.reshard and checkpoint.needs_reshard(self.ckpt_dir)
         if self.reshard:
@@ -56,6 +68,7 @@ class Engine:
         # checkpoint, and a resume or an allowed optim.base_lr change recomputes it from the config
         self.lr_at = lr_at
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+        ckpt_engine.install(self.ds)  # weights-only loads; every saved file synced and hashed
         self._set_lr()
         if dist.world == 1 and self.zero_stage == 0:
             # One rank has nothing to average: skip DeepSpeed's flatten + all-reduce + copy-back of
@@ -73,6 +86,7 @@ class Engine:
             self._flags_ready = torch.cuda.Event()
         self.step_finite = True  # was the last optimizer step's loss finite on every rank?
         self.stop_requested = False  # has any rank been sent SIGTERM?
+        self.saved_step: int | None = None  # the step the newest checkpoint holds (saved or resumed)
 
     @property
     def global_step(self) -> int:
@@ -135,6 +149,9 @@ class Engine:
         if bare_torch:
             del opt.found_inf
         bad, stop = on_host()
+        if not self._short and self.step_timeout_s:  # a lost node is noticed within this from now on
+            set_timeout(self.step_timeout_s, sync=True)
+            self._short = True
         self.step_finite, self.stop_requested = bad == 0, stop > 0
         if not self.step_finite and not bare_torch and not opt.overflow:
             raise NonFiniteLoss(
@@ -170,23 +187,42 @@ class Engine:
 
     # -- evaluation ------------------------------------------------------------------------
     def validate(self, batches) -> dict:
-        """Top-1/top-5 over every real sample (label -1 = padding); sums reduced across ranks."""
+        """Top-1/top-5 over every real sample (label -1 = padding); sums reduced across ranks.
+        Raises EvalInterrupted when any rank was sent SIGTERM (checked every STOP_EVERY batches)."""
+        self.long_waits()
         self.ds.eval()
-        return validate_model(self.ds, batches, self.dist.device)
+        return validate_model(self.ds, batches, self.dist.device, self.agree_stop)
 
     def validate_ema(self, batches, build) -> dict:
         """The same for the EMA weights, in a plain copy of the model (`build()`)."""
         model = build()
         model.load_state_dict(self.ema.full())
         model.to(self.dist.device, self.dtype).eval()
-        return {f"{k}_ema": v for k, v in validate_model(model, batches, self.dist.device).items()}
+        out = validate_model(model, batches, self.dist.device, self.agree_stop)
+        return {f"{k}_ema": v for k, v in out.items()}
+
+    def long_waits(self) -> None:
+        """Collectives may wait the long timeout until the next optimizer step: a checkpoint, an
+        evaluation, or the start of an epoch (its loader and first batch) follows."""
+        if self._short and self.long_timeout_s:
+            set_timeout(self.long_timeout_s)
+            self._short = False
+
+    def agree_stop(self) -> bool:
+        """Has any rank been sent SIGTERM? A collective: every rank calls it at the same point."""
+        flag = torch.tensor(float(preempt.requested()), device=self.dist.device)
+        self.stop_requested = self.stop_requested or all_reduce_sum(flag).item() > 0
+        return self.stop_requested
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self, state: dict) -> None:
         """Checkpoint `step<N>` with the loop's `state`; `latest` moves once every rank wrote."""
+        self.long_waits()
+        on_rank0(self.dist.rank, self.fence)  # the run is still this job's, else every rank stops here
         rank_state = {"ema": self.ema.state_dict()} if self.ema else {}
         tag = f"step{self.global_step}"
         checkpoint.save(self.ds, self.ckpt_dir, tag, state, self.s.checkpoint.keep, rank_state)
+        self.saved_step = self.global_step
 
     def resume(self) -> Resumed | None:
         """Load the checkpoint `latest` names; None on a fresh start."""
@@ -202,22 +238,29 @@ class Engine:
                 self.ema.reset()
                 ema_note = "; the EMA of the weights restarts from the restored weights"
         self._set_lr()
+        self.saved_step = self.global_step
         note = f"resumed from {self.last_checkpoint()} (epoch {state['epoch']}, step {self.global_step})"
         if self.reshard:
-            note += (
-                f"; resharded to {self.dist.world} ranks: the rest of this epoch sees another sample order"
-            )
+            note += f"; resharded to {self.dist.world} ranks: the epoch goes on from the same sample"
         return Resumed(state, note + ema_note)
 
     def last_checkpoint(self) -> Path | None:
         tag = checkpoint.latest_tag(self.ckpt_dir)
         return self.ckpt_dir / tag if tag else None
 
-    def stop_if_requested(self, state: dict) -> None:
-        """SIGTERM on any rank: write a checkpoint together and stop (exit 143)."""
-        if self.stop_requested:
+    def stop_if_requested(self, state: dict, agree: bool = False) -> None:
+        """SIGTERM on any rank: checkpoint this step together, unless it already is, and stop (exit
+        143). `agree`: ask the ranks now (a collective); else the flag the last step's collective
+        carried."""
+        if agree:
+            self.agree_stop()
+        if not self.stop_requested:
+            return
+        if self.saved_step != self.global_step:
             self.save(state)
-            raise Preempted(f"SIGTERM: checkpoint written at step {self.global_step}; rerun to continue")
+        raise Preempted(
+            f"SIGTERM: checkpoint {self.last_checkpoint()} holds step {self.global_step}; rerun to continue"
+        )
 
     def export(self, path) -> str:
         """Consolidated fp32 weights; returns their digest (checked equal on every rank)."""
@@ -227,11 +270,21 @@ class Engine:
         return checkpoint.write_weights(self.ema.full(), path, self.dist.rank)
 
 
+STOP_EVERY = 8  # eval batches between SIGTERM checks: a collective each, every rank runs as many
+
+
+class EvalInterrupted(Exception):
+    """SIGTERM reached a rank during evaluation; every rank stopped it at the same batch."""
+
+
 @torch.no_grad()
-def validate_model(forward, batches, device: torch.device) -> dict:
+def validate_model(forward, batches, device: torch.device, stop=None) -> dict:
+    """`stop()`: a collective asked every STOP_EVERY batches; True abandons the evaluation."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)
-    for x, y in batches:
+    for i, (x, y) in enumerate(batches):
         sums += topk_counts(forward(x), y.to(device))
+        if stop is not None and i % STOP_EVERY == STOP_EVERY - 1 and stop():
+            raise EvalInterrupted
     return summarize(all_reduce_sum(sums))
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 
+from ffscale.util.lifeline import job_env
+
 
 def launcher_cmd(a, entry: Path, nproc: int) -> list[str]:
     """`entry`: the script every rank runs (ffscale/train.py, or the user's --entry)."""
@@ -55,7 +57,10 @@ def run(a, entry: Path, nproc: int, env: dict) -> int:
     the launcher's exit code, or 128 + the signal when one came."""
     cmd = launcher_cmd(a, entry, nproc)
     print("+", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    # Its own session: a terminal's Ctrl-C reaches `ffscale train` alone, which passes it to the ranks
+    # only. The ranks watch this process and die with it (ffscale/util/lifeline.py); the launcher then
+    # exits, as it does whenever its ranks end.
+    proc = subprocess.Popen(cmd, env={**env, **job_env()}, start_new_session=True)
     got: list[int] = []
     since: list[float] = []  # when the first signal came
 

@@ -18,7 +18,7 @@ from ffscale.data.check import same_classes
 from ffscale.data.loader import build_loader
 from ffscale.engine import lr
 from ffscale.engine.dist import DistInfo
-from ffscale.engine.engine import Engine
+from ffscale.engine.engine import Engine, EvalInterrupted
 from ffscale.inference.build import build_model, model_kwargs
 from ffscale.inference.card import CARD, trained_on, write_card
 from ffscale.models.resize import adapt_state_dict
@@ -47,15 +47,26 @@ class Progress:
     accum: int = 1
     best: dict = field(default_factory=dict)
     skipped: int = 0  # non-finite steps skipped (optim.nonfinite=skip)
+    eval_pending: bool = False  # SIGTERM stopped the epoch's evaluation: run it first on resume
 
 
 def run_stage(
-    stage: Stage, dist: DistInfo, tracker, run: RunCfg, init_weights: Path | None, lineage: str = "scratch"
+    stage: Stage,
+    dist: DistInfo,
+    tracker,
+    run: RunCfg,
+    init_weights: Path | None,
+    lineage: str = "scratch",
+    fence=lambda: None,
 ) -> dict:
-    """Train one stage to its end (or to schedule.stop_at_step); the stage summary."""
-    r = StageRun(stage, dist, tracker, run, init_weights, lineage)
+    """Train one stage to its end (or to schedule.stop_at_step); the stage summary. `fence()` raises
+    when the run is no longer this job's (ffscale/run/runlock.py), checked before every checkpoint."""
+    r = StageRun(stage, dist, tracker, run, init_weights, lineage, fence)
     if init_weights is not None and r.fresh:
         r.evaluate_carried(init_weights)
+    r.engine.stop_if_requested(asdict(r.progress), agree=True)  # SIGTERM during start-up
+    if r.progress.eval_pending:  # the evaluation a SIGTERM stopped
+        r.end_epoch()
     while r.progress.epoch < r.s.schedule.epochs:
         if not r.train_epoch():
             return {"finished": False}
@@ -67,7 +78,14 @@ def run_stage(
 
 class StageRun:
     def __init__(
-        self, stage: Stage, dist: DistInfo, tracker, run: RunCfg, init_weights: Path | None, lineage: str
+        self,
+        stage: Stage,
+        dist: DistInfo,
+        tracker,
+        run: RunCfg,
+        init_weights: Path | None,
+        lineage: str,
+        fence=lambda: None,
     ):
         # the stage with its micro-batch resolved for this world: the one copy of its config here
         self.stage = dataclasses.replace(stage, cfg=for_world(stage.cfg, dist.world, f"stages.{stage.name}."))
@@ -84,6 +102,8 @@ class StageRun:
             self.steps.accum,
             lr.for_stage(self.s, self.steps.per_epoch),
             stage.dir / "checkpoints",
+            fence,
+            (run.collective_timeout_s, run.step_timeout_s),
         )
         self.ops = DeviceOps(self.s.data, self.num_classes, dist.device, self.engine.dtype)
         stage.dir.mkdir(parents=True, exist_ok=True)
@@ -176,7 +196,11 @@ class StageRun:
 
     def evaluate_carried(self, init_weights: Path) -> None:
         """What the carried weights are worth before any training."""
-        ev = self.engine.validate(self._val_batches())
+        try:
+            ev = self.engine.validate(self._val_batches())
+        except EvalInterrupted:
+            self.engine.stop_if_requested(asdict(self.progress))  # checkpoints step 0, stops
+            raise
         self.record({"step": 0, "init_val_top1": ev["val_top1"], "init_val_top5": ev["val_top5"]})
         log(
             self.dist,
@@ -187,6 +211,7 @@ class StageRun:
     def train_epoch(self) -> bool:
         """Train the rest of the current epoch; False when the stage stopped at stop_at_step."""
         prog, st, e = self.progress, self.steps, self.engine
+        e.long_waits()  # the epoch's loader starts: its first batch may take long on every rank
         loss = Mean(self.dist.device)
         for i, (x, y) in enumerate(
             self.train.epoch(prog.epoch, prog.micro_in_epoch), start=prog.micro_in_epoch
@@ -208,8 +233,10 @@ class StageRun:
             e.stop_if_requested(asdict(prog))
             if self.s.checkpoint.every_steps and e.global_step % self.s.checkpoint.every_steps == 0:
                 e.save(asdict(prog))
+                e.stop_if_requested(asdict(prog), agree=True)  # SIGTERM during the write: stop, no second
             if self.s.schedule.stop_at_step and e.global_step >= self.s.schedule.stop_at_step:
-                e.save(asdict(prog))
+                if e.saved_step != e.global_step:
+                    e.save(asdict(prog))
                 log(
                     self.dist,
                     f"{self.where}: stopped at schedule.stop_at_step={e.global_step}; rerun to continue",
@@ -244,11 +271,12 @@ class StageRun:
 
     # -- end of an epoch, end of the stage -----------------------------------------------------
     def end_epoch(self) -> None:
-        prog, epochs = self.progress, self.s.schedule.epochs
-        if prog.epoch % self.run.eval_every == 0 or prog.epoch == epochs:
+        prog, epochs, e = self.progress, self.s.schedule.epochs, self.engine
+        if prog.eval_pending or prog.epoch % self.run.eval_every == 0 or prog.epoch == epochs:
             self._evaluate()
-        if self._checkpoints_this_epoch():
-            self.engine.save(asdict(prog))
+        if self._checkpoints_this_epoch() and e.saved_step != e.global_step:
+            e.save(asdict(prog))
+        e.stop_if_requested(asdict(prog), agree=True)  # SIGTERM during the evaluation or the write
 
     def _checkpoints_this_epoch(self) -> bool:
         every, epoch = self.s.checkpoint.every_epochs, self.progress.epoch
@@ -259,7 +287,7 @@ class StageRun:
         stop, prog = self.s.schedule.stop_at_epoch, self.progress
         if not stop or prog.epoch < stop or prog.epoch >= self.s.schedule.epochs:
             return False
-        if not self._checkpoints_this_epoch():
+        if self.engine.saved_step != self.engine.global_step:
             self.engine.save(asdict(prog))
         log(
             self.dist,
@@ -269,11 +297,16 @@ class StageRun:
 
     def _evaluate(self) -> None:
         t0, prog, e = time.perf_counter(), self.progress, self.engine
-        ev = e.validate(self._val_batches())
-        if (
-            e.ema is not None
-        ):  # beside the trained model, whose top-1 is the headline (DeiT's main.py never evaluates its EMA)
-            ev |= e.validate_ema(self._val_batches(), lambda: build_model(self.s, self.num_classes))
+        try:
+            ev = e.validate(self._val_batches())
+            if e.ema is not None:  # beside the trained model, whose top-1 is the headline (DeiT's main.py
+                # never evaluates its EMA)
+                ev |= e.validate_ema(self._val_batches(), lambda: build_model(self.s, self.num_classes))
+        except EvalInterrupted:  # SIGTERM: the checkpoint says to evaluate first on resume
+            prog.eval_pending = True
+            e.stop_if_requested(asdict(prog))
+            raise
+        prog.eval_pending = False
         ev["epoch"] = prog.epoch
         self.last_eval = ev
         if ev["val_top1"] >= prog.best.get("val_top1", -1):

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
 
-import torch
-
 from ffscale import config, tracking
 from ffscale.engine import dist as distributed
 from ffscale.engine import preempt
-from ffscale.errors import FfscaleError, Preempted, ReportedElsewhere
-from ffscale.run import preflight
+from ffscale.errors import Preempted
+from ffscale.run import preflight, runlock
 from ffscale.run.loop import log, run_stage
 from ffscale.run.runlock import ENV, RunLock
 from ffscale.util.atomic import write_atomic
@@ -53,17 +52,21 @@ def run(cfg: config.Config) -> int:
     lock = _lock(run_dir, cfg.run, dist)
     try:
         # started by a plain launcher: the job is checked here, once, by rank 0 (every rank joins in)
-        on_rank0(
-            dist, lambda: None if preflight.done_by_launcher() else preflight.check_job(cfg, 1, dist.world)
+        distributed.on_rank0(
+            dist.rank,
+            lambda: None if preflight.done_by_launcher() else preflight.check_job(cfg, 1, dist.world),
         )
         if dist.rank == 0:
             config.save(cfg, run_dir / "config.yaml")
             tracking.ensure_store(cfg, run_dir)
         tracker = tracking.create(cfg, run_dir, dist.rank)
         tracker.pipeline_started(cfg)
+        # before every checkpoint rank 0 checks that the run is still this job's (runlock.fence)
+        token = lock.me.token if lock is not None else os.environ.get(ENV)
+        fence = functools.partial(runlock.fence, run_dir, token if dist.rank == 0 else None)
         status = "FAILED"
         try:
-            status = run_stages(cfg, dist, tracker)
+            status = run_stages(cfg, dist, tracker, fence)
             return 0
         except Preempted:
             status = "KILLED"
@@ -84,24 +87,10 @@ def _lock(run_dir: Path, run: config.RunCfg, dist: distributed.DistInfo) -> RunL
             return None
         return RunLock(run_dir, run.lock_stale_s, say=lambda m: log(dist, m)).acquire()
 
-    return on_rank0(dist, take)
+    return distributed.on_rank0(dist.rank, take)
 
 
-def on_rank0(dist: distributed.DistInfo, fn):
-    """fn() on rank 0; when it raises a user-facing error, every rank stops with its exit code (rank 0
-    prints the line). One collective that every rank must call, so all ranks stop alike."""
-    out, code = None, 0
-    if dist.rank == 0:
-        try:
-            out = fn()
-        except FfscaleError as e:
-            failed, code = e, e.exit_code
-    if code_all := int(distributed.all_reduce_sum(torch.tensor(float(code), device=dist.device)).item()):
-        raise failed if dist.rank == 0 else ReportedElsewhere(code_all)
-    return out
-
-
-def run_stages(cfg: config.Config, dist: distributed.DistInfo, tracker) -> str:
+def run_stages(cfg: config.Config, dist: distributed.DistInfo, tracker, fence=lambda: None) -> str:
     """FINISHED when every stage is done, RUNNING when one stopped at schedule.stop_at_step."""
     done: list[config.Stage] = []
     for stage in config.stages(cfg):
@@ -110,7 +99,7 @@ def run_stages(cfg: config.Config, dist: distributed.DistInfo, tracker) -> str:
             done.append(stage)
             continue
         weights, lineage = init_weights_for(stage, done)
-        result = run_stage(stage, dist, tracker, cfg.run, weights, lineage)
+        result = run_stage(stage, dist, tracker, cfg.run, weights, lineage, fence)
         if not result["finished"]:
             tracker.stage_ended(stage, "RUNNING")
             return "RUNNING"

@@ -1,12 +1,17 @@
-"""One writer per run directory: `<run dir>/.lock`, created exclusively, refreshed by a heartbeat.
+"""One writer per run directory: `<run dir>/.lock`, created exclusively, kept alive by a heartbeat.
 
-The file says who holds it (host, pid, job start, heartbeat). It is written aside, then hard-linked
-into place: link() fails if the name exists and is atomic on the server over NFS (the classic NFS
-lock), so a contender never sees a half-written lock. Taking over a stale lock renames it aside
-first and checks it moved the lock it judged stale (else it puts it back), so of two jobs that
-both find it stale only one wins. A lock is stale when
-its holder is a dead process on this host, or when its heartbeat is older than `stale_s` (the
-holder's clock: hosts sharing a run directory are assumed NTP-synchronised to well under that).
+The lock file says who holds it (token, host, pid, job start) and never changes once in place. It
+is written aside, then hard-linked into place: link() fails if the name exists and is atomic on the
+server over NFS (the classic NFS lock), so a contender never sees a half-written lock. The holder's
+heartbeat goes to a file of its own, `.lock.beat-<token>`, so a heartbeat can never overwrite
+another holder's lock.
+
+A lock is stale when its heartbeat has not advanced for `stale_s` on the waiter's own clock (clocks
+of hosts sharing a volume may disagree by more than that), or at once when its holder was a process
+of this host that no longer exists and no process of this host still carries its token (the job's
+ranks do, in their environment, until they exit). Taking over renames the lock aside first and checks
+it moved the lock it judged stale (else puts it back), so of two jobs that both find it stale only
+one wins. A job whose lock was taken over stops before its next checkpoint (`fence`, exit 3).
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ffscale.errors import LockHeld
+from ffscale.errors import LockHeld, LockLost
 from ffscale.util.atomic import write_atomic
 
 LOCK = ".lock"
+BEAT = ".lock.beat-"  # + token: the holder's heartbeat, written by the holder alone
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
 ENV = "FFSCALE_RUN_LOCK"  # token of the lock this job's launcher holds (its ranks don't take it again)
@@ -35,21 +41,33 @@ class Holder:
     host: str
     pid: int
     started: float
-    heartbeat: float
+    heartbeat: float = 0.0  # the holder's clock at its last beat (for messages; never compared)
 
     def describe(self, now: float) -> str:
         start = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.started))
-        return f"host {self.host} pid {self.pid} (job started {start}, heartbeat {now - self.heartbeat:.0f} s ago)"
+        beat = f"heartbeat {now - self.heartbeat:.0f} s ago" if self.heartbeat else "no heartbeat yet"
+        return f"host {self.host} pid {self.pid} (job started {start}, {beat})"
+
+
+def _beat_file(path: Path, token: str) -> Path:
+    return path.with_name(BEAT + token)
 
 
 def read(path: Path) -> Holder | None:
+    """The lock's holder with its last heartbeat; None when there is no lock."""
     try:
-        return Holder(**json.loads(path.read_text()))
+        d = json.loads(path.read_text())
+        h = Holder(**{k: d[k] for k in ("token", "host", "pid", "started")})
     except FileNotFoundError:
         return None
-    except (ValueError, TypeError):  # not ours (or damaged): stale once its mtime is old enough
+    except (ValueError, TypeError, KeyError):  # not ours (or damaged): its heartbeat is its mtime
         mtime = path.stat().st_mtime if path.exists() else 0.0
         return Holder("?", "?", -1, mtime, mtime)
+    try:
+        h.heartbeat = float(_beat_file(path, h.token).read_text())
+    except (OSError, ValueError):
+        h.heartbeat = 0.0
+    return h
 
 
 def _alive(pid: int) -> bool:
@@ -62,10 +80,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def stale(h: Holder, now: float, stale_s: float) -> bool:
-    if h.host == socket.gethostname() and h.pid > 0 and not _alive(h.pid):
-        return True  # a dead process on this host: no need to wait for the heartbeat to age
-    return now - h.heartbeat > stale_s
+def token_in_use(token: str) -> bool:
+    """Does a process of this host carry the lock's token (a rank of the job that took it)?"""
+    needle = f"{ENV}={token}".encode()
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if needle in (d / "environ").read_bytes().split(b"\0"):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def gone_here(h: Holder) -> bool:
+    """The holder was a process of this host, it is dead, and none of its job's ranks lives on."""
+    return h.host == socket.gethostname() and h.pid > 0 and not _alive(h.pid) and not token_in_use(h.token)
+
+
+def fresh(h: Holder, now: float, stale_s: float) -> bool:
+    """Recently beaten by the holder's own clock: certainly live, no need to watch it."""
+    return 0 <= now - h.heartbeat <= stale_s
 
 
 class RunLock:
@@ -86,35 +120,70 @@ class RunLock:
         self.me = Holder(uuid.uuid4().hex, socket.gethostname(), os.getpid(), time.time(), time.time())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._seen: tuple[str, float, float] | None = None  # (token, heartbeat, when first seen: our clock)
 
     def acquire(self) -> RunLock:
         deadline, said = time.monotonic() + self.wait_s, False
         while True:
             try:
-                return self._acquire()
+                return self._acquire(watch=time.monotonic() < deadline)
             except LockHeld as e:
                 if time.monotonic() >= deadline:
                     raise
                 if not said:
                     self.say(f"ffscale: waiting up to {self.wait_s:.0f} s for the run lock: {e}")
                     said = True
-                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
 
-    def _acquire(self) -> RunLock:
+    def _unchanged_for(self, h: Holder) -> float:
+        """Seconds, on our clock, since `h`'s heartbeat was last seen to change."""
+        now = time.monotonic()
+        if self._seen is None or self._seen[:2] != (h.token, h.heartbeat):
+            self._seen = (h.token, h.heartbeat, now)
+        return now - self._seen[2]
+
+    def _stale(self, h: Holder, watch: bool) -> bool:
+        """Gone here, or its heartbeat still for stale_s on our clock. A lock that looks old by its
+        holder's clock is watched that long before it is taken (clocks of hosts differ); a fresh one
+        is watched only while waiting for it."""
+        if gone_here(h):
+            return True
+        if self._unchanged_for(h) >= self.stale_s:
+            return True
+        if fresh(h, time.time(), self.stale_s) and not watch:
+            return False
+        if not watch:
+            self.say(
+                f"ffscale: the run lock of {h.describe(time.time())} has an old heartbeat by its holder's "
+                f"clock: watching it for up to {self.stale_s:.0f} s before taking it over"
+            )
+        while self._unchanged_for(h) < self.stale_s:
+            time.sleep(min(1.0, self.heartbeat_s))
+            now_h = read(self.path)
+            if now_h is None or now_h.token != h.token:
+                return False  # released or taken meanwhile: look again
+            if now_h.heartbeat != h.heartbeat:
+                return False  # it beats: live
+            if not watch and fresh(now_h, time.time(), self.stale_s):
+                return False
+        return True
+
+    def _acquire(self, watch: bool = False) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
+        for _ in range(5):
             if self._create():
                 self._thread = threading.Thread(target=self._beat, daemon=True, name="ffscale-run-lock")
                 self._thread.start()
                 return self
-            h, now = read(self.path), time.time()
+            h = read(self.path)
             if h is None:
                 continue  # released meanwhile
-            if not stale(h, now, self.stale_s):
+            if not self._stale(h, watch):
+                h = read(self.path) or h
                 raise LockHeld(
-                    f"run directory {self.path.parent} is in use by {h.describe(now)}: wait for that job, "
-                    f"stop it, or pick another run.name (a lock whose holder died is taken over after "
-                    f"{self.stale_s:.0f} s without a heartbeat)"
+                    f"run directory {self.path.parent} is in use by {h.describe(time.time())}: wait for that "
+                    f"job, stop it, or pick another run.name (a lock whose heartbeat stops is taken over "
+                    f"after {self.stale_s:.0f} s)"
                 )
             aside = self.path.with_name(f"{LOCK}.stale-{self.me.token}")
             try:
@@ -130,32 +199,44 @@ class RunLock:
                 aside.unlink(missing_ok=True)
                 continue
             aside.unlink(missing_ok=True)
-            self.say(f"ffscale: taking over the run lock of {h.describe(now)}: its holder is gone")
+            _beat_file(self.path, h.token).unlink(missing_ok=True)
+            self.say(f"ffscale: taking over the run lock of {h.describe(time.time())}: its holder is gone")
         raise LockHeld(
             f"run directory {self.path.parent}: could not take its lock (another job keeps taking it)"
         )
 
     def _create(self) -> bool:
         tmp = self.path.with_name(f"{LOCK}.new-{self.me.token}")
-        write_atomic(tmp, json.dumps(asdict(self.me)))
+        mine = {k: v for k, v in asdict(self.me).items() if k != "heartbeat"}
+        write_atomic(tmp, json.dumps(mine))
+        self._write_beat()
         try:
             os.link(tmp, self.path)
         except FileExistsError:
+            _beat_file(self.path, self.me.token).unlink(missing_ok=True)
             return False
         finally:
             tmp.unlink(missing_ok=True)
         return True
 
+    def _write_beat(self) -> None:
+        self.me.heartbeat = time.time()
+        write_atomic(_beat_file(self.path, self.me.token), repr(self.me.heartbeat))
+
+    def held(self) -> bool:
+        h = read(self.path)
+        return h is not None and h.token == self.me.token
+
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
-                h = read(self.path)
-                if h is None or h.token != self.me.token:
-                    self.say(f"ffscale: warning: lost the run lock {self.path} (taken over by "
-                             f"{h.describe(time.time()) if h else 'nobody'}); this job no longer holds it")  # fmt: skip
+                if not self.held():
+                    h = read(self.path)
+                    self.say(f"ffscale: warning: lost the run lock {self.path} (now "
+                             f"{h.describe(time.time()) if h else 'nobody'}'s); this job stops before its next "
+                             "checkpoint")  # fmt: skip
                     return
-                self.me.heartbeat = time.time()
-                write_atomic(self.path, json.dumps(asdict(self.me)))
+                self._write_beat()  # its own file: never another holder's lock
             except OSError as e:  # a shared filesystem's hiccup: try again at the next beat
                 self.say(f"ffscale: warning: run lock heartbeat failed ({e}); retrying")
 
@@ -163,12 +244,36 @@ class RunLock:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        h = read(self.path)
-        if h is not None and h.token == self.me.token:
-            self.path.unlink(missing_ok=True)
+        aside = self.path.with_name(f"{LOCK}.release-{self.me.token}")
+        try:
+            os.rename(self.path, aside)  # take it out of reach first, then look whose it is
+        except FileNotFoundError:
+            aside = None
+        if aside is not None and (h := read(aside)) is not None and h.token != self.me.token:
+            try:  # another job's lock (ours was taken over): put it back
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+        if aside is not None:
+            aside.unlink(missing_ok=True)
+        _beat_file(self.path, self.me.token).unlink(missing_ok=True)
 
     def __enter__(self) -> RunLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def fence(run_dir: Path, token: str | None) -> None:
+    """Before a checkpoint: stop (LockLost, exit 3) when this job's lock is no longer in place, so a
+    job whose run was taken over never writes into it again. `token` None: nothing to check."""
+    if token is None:
+        return
+    h = read(Path(run_dir) / LOCK)
+    if h is None or h.token != token:
+        who = f"by {h.describe(time.time())}" if h else "by nobody (the lock is gone)"
+        raise LockLost(
+            f"run directory {run_dir} is no longer this job's: its lock is held {who}. Stopped before "
+            "writing a checkpoint; do not rerun while that job runs"
+        )

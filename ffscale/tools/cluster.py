@@ -24,7 +24,9 @@ from ffscale import config
 from ffscale.errors import ConfigError
 from ffscale.run.world import check_launch
 
-CONFIG_EXIT = 2  # ffscale's exit code for what a rerun cannot fix (config, data): never retried
+# ffscale's exit codes for what a rerun cannot fix, never retried: 2 (config, data, damaged or untrusted
+# checkpoints), 3 (the run directory taken over by another job: retrying would fight it)
+NO_RETRY_EXITS = (2, 3)
 PORT = 29500
 
 
@@ -100,8 +102,8 @@ def render(cfg: config.Config, config_yaml: str, o: ClusterOpts) -> dict[str, di
 
 
 def job_spec(o: ClusterOpts, pod: dict, backoff: int | None = None) -> dict:
-    """An Indexed Job of one pod per node. Exit 2 (config, data, another model's checkpoint) fails
-    it at once; a disrupted pod (preemption, drain) does not count against its retries."""
+    """An Indexed Job of one pod per node. Exit 2 (config, data, another model's checkpoint) or 3
+    (the run taken over) fails it at once; a disrupted pod (preemption, drain) does not count against its retries."""
     return {
         "completionMode": "Indexed",
         "completions": o.nodes,
@@ -111,7 +113,11 @@ def job_spec(o: ClusterOpts, pod: dict, backoff: int | None = None) -> dict:
             "rules": [
                 {
                     "action": "FailJob",
-                    "onExitCodes": {"containerName": "train", "operator": "In", "values": [CONFIG_EXIT]},
+                    "onExitCodes": {
+                        "containerName": "train",
+                        "operator": "In",
+                        "values": list(NO_RETRY_EXITS),
+                    },
                 },
                 {
                     "action": "Ignore" if backoff is None else "FailJob",
@@ -135,7 +141,9 @@ def jobset(o: ClusterOpts, meta: dict, pod: dict) -> dict:
                     "name": "config-or-data-error",
                     "action": "FailJobSet",
                     "onJobFailureReasons": ["PodFailurePolicy"],
-                    "onJobFailureMessagePatterns": [f"exit code {CONFIG_EXIT} matching FailJob rule"],
+                    "onJobFailureMessagePatterns": [
+                        f"exit code [{''.join(map(str, NO_RETRY_EXITS))}] matching FailJob rule"
+                    ],
                 },
                 {
                     "name": "preempted",
@@ -204,7 +212,8 @@ def container(o: ClusterOpts, master: str) -> dict:
     env = [
         {"name": "NCCL_DEBUG", "value": "INFO" if o.rdma else "WARN"},  # INFO logs the transport: NET/IB
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        {"name": "TORCH_EXTENSIONS_DIR", "value": "/runs/.torch_extensions"},
+        # compiled extensions stay in the image's own directory (Dockerfile), never on the shared runs
+        # volume: a .so there would be loaded, and so run, by every pod of every job
     ]
     if o.rdma:
         env += [{"name": "NCCL_IB_DISABLE", "value": "0"}, {"name": "NCCL_NET_GDR_LEVEL", "value": "PHB"}]

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
+import sys
 import threading
 import time
 import zipfile
@@ -22,12 +24,14 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from entries import nan_train
+from entries import chaos_train, nan_train
 from helpers.launch import ROOT, check, launch, launch_cmd, launch_env, small_overrides
 from helpers.loaders import bad_shards
 
 pytestmark = pytest.mark.e2e
 NAN_TRAIN = Path(nan_train.__file__)
+CHAOS_TRAIN = Path(chaos_train.__file__)
+CLI = Path(sys.executable).with_name("ffscale")
 STAGE = "train"  # a config without `stages` has one stage of this name
 KILL_BOUND_S = 60  # a dead rank must end the job within this (no hang on a collective)
 
@@ -182,6 +186,66 @@ def nan_stop(fm_shards, module_dir):
     return {"dir": module_dir, "nan_stop": launch(job, env=NAN, script=NAN_TRAIN)}
 
 
+def newest_checkpoint(stage_dir: Path) -> int:
+    from ffscale.engine import checkpoint
+
+    tag = checkpoint.latest_tag(stage_dir / "checkpoints")
+    return int(tag[4:]) if tag else -1
+
+
+def chaos_events(seed: int, n: int = 4) -> list[str]:
+    """SIG:PHASE:RANK:N faults for tests/entries/chaos_train.py, drawn from `seed`."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        sig = rng.choice(["TERM", "KILL"])
+        phases = ["startup", "step", "eval", "save"] if sig == "TERM" else ["step", "eval", "save"]
+        out.append(f"{sig}:{rng.choice(phases)}:{rng.randrange(2)}:{rng.randint(1, 12)}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def chaos(fm_shards, module_dir):
+    """Signals at random phases and ranks, each launch followed by the next, then a clean rerun."""
+    seed = int(os.environ.get("FFSCALE_CHAOS_SEED", time.time_ns() % 2**31))
+    print(f"chaos seed {seed} (FFSCALE_CHAOS_SEED={seed} replays it)", flush=True)
+    d, events = module_dir, []
+    stage = d / "chaos" / STAGE
+    for ev in chaos_events(seed):
+        done_before = (stage / "DONE").is_file()
+        r = launch(args(fm_shards, d, "chaos"), env={"FFSCALE_FAULT": ev}, script=CHAOS_TRAIN)
+        verify = subprocess.run([str(CLI), "verify", str(d / "chaos")], capture_output=True, text=True)
+        events.append({"ev": ev, "rc": r.returncode, "done_before": done_before, "verify": verify,
+                       "newest": newest_checkpoint(stage), "logged": logged_steps(stage),
+                       "out": r.stdout[-2000:] + r.stderr[-2000:]})  # fmt: skip
+    final = launch(args(fm_shards, d, "chaos"), script=CHAOS_TRAIN)
+    return {"dir": d, "seed": seed, "events": events, "final": final}
+
+
+IDS_SEED, IDS_N = 0, 2048  # the run's seed and the shards' train samples (fm_shards)
+
+
+@pytest.fixture(scope="module")
+def world_resume(fm_shards, module_dir):
+    """One epoch with repeated augmentation trained by 2 ranks to step 10, then 1 rank (a SIGTERM first
+    stops its conversion of the shards) to step 21, then 2 ranks to the end; every rank logs the
+    samples of each batch it trained (tests/entries/chaos_train.py)."""
+    d = module_dir
+    log = d / "ids"
+    log.mkdir()
+    base = args(fm_shards, d, "world", "schedule.epochs=1", "data.loader=webdataset", "data.repeats=3")
+    env = {"FFSCALE_LOG_IDS": str(log)}
+    out: dict = {"dir": d, "log": log}
+    out["a"] = launch(base + ["schedule.stop_at_step=10"], env=env, script=CHAOS_TRAIN)
+    term = {**env, "FFSCALE_FAULT": "TERM:convert:0"}
+    out["term"] = launch(base + ["schedule.stop_at_step=21"], nproc=1, env=term, script=CHAOS_TRAIN)
+    ck = d / "world" / STAGE / "checkpoints"
+    out["after_term"] = sorted(p.name for p in ck.iterdir() if p.is_dir())
+    out["b"] = launch(base + ["schedule.stop_at_step=21"], nproc=1, env=env, script=CHAOS_TRAIN)
+    out["c"] = launch(base, env=env, script=CHAOS_TRAIN)
+    return out
+
+
 def rows_by_step(run: Path) -> dict[int, dict]:
     out: dict[int, dict] = {}
     for row in map(json.loads, (run / STAGE / "metrics.jsonl").read_text().splitlines()):
@@ -292,3 +356,49 @@ def test_a_data_error_inside_a_rank_is_one_line_and_exit_2(fm_shards, tmp_path):
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert len(errors) == 1 and "shard" in errors[0] and "sample 0005: cannot decode image" in errors[0]
     assert "Traceback" not in r.stderr  # the other rank, left in a collective, says so in one line too
+
+
+def test_signals_at_random_phases_and_ranks_end_where_a_straight_run_ends(ref_run, chaos):
+    """The seeded chaos test: each SIGTERM exits 143 with every step it trained in an intact
+    checkpoint; each SIGKILL fails the job; the rerun after the last one ends on the straight run's
+    weights, bit for bit. The seed is printed (FFSCALE_CHAOS_SEED replays it)."""
+    seed, d = chaos["seed"], chaos["dir"]
+    for e in chaos["events"]:
+        what = f"seed {seed}, {e['ev']}: {e['out']}"
+        if e["done_before"]:
+            assert e["rc"] == 0, what
+            continue
+        if e["ev"].startswith("TERM"):
+            assert e["rc"] == 143, what
+            assert e["newest"] == e["logged"], what  # nothing trained is lost
+        else:
+            assert e["rc"] not in (0, 143), what
+        assert e["verify"].returncode == 0, f"seed {seed}, {e['ev']}: {e['verify'].stdout}"
+    check(chaos["final"])
+    assert final_digest(d / "chaos") == final_digest(d / "ref"), (
+        f"seed {seed}: {[e['ev'] for e in chaos['events']]}"
+    )
+
+
+def test_a_resume_on_another_world_size_trains_every_sample_of_the_epoch_as_often_as_a_straight_run(
+    world_resume,
+):
+    from collections import Counter
+
+    from ffscale.data.plan import SamplePlan
+
+    r = world_resume
+    for key in ("a", "b", "c"):
+        check(r[key])
+    assert r["term"].returncode == 143, r["term"].stdout[-2000:] + r["term"].stderr[-2000:]
+    assert "SIGTERM during the conversion" in r["term"].stderr
+    assert r["after_term"] == ["step10", "step8"]  # the source still the checkpoint; no universal left
+    rows = [json.loads(x) for x in (r["log"] / "ids.jsonl").read_text().splitlines()]
+    assert {(x["world"], x["rank"]) for x in rows} == {(2, 0), (2, 1), (1, 0)}
+    trained = Counter(i for x in rows for i in x["ids"])
+    straight = Counter()
+    for rank in (0, 1):  # what 2 ranks train in this epoch straight through
+        straight.update(SamplePlan(IDS_N, rank, 2, IDS_SEED, repeats=3).epoch_ids(0, True, 32).tolist())
+    assert trained == straight  # no sample lost or repeated by the 2 -> 1 and 1 -> 2 resumes
+    assert max(trained.values()) == 3 and sum(trained.values()) == 32 * 64
+    assert "resharded to 2 ranks: the epoch goes on from the same sample" in r["c"].stdout

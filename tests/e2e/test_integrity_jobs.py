@@ -30,6 +30,15 @@ def job(fm_shards, module_dir):
     return module_dir, cmd
 
 
+def _alive(p) -> bool:
+    import psutil
+
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
 
@@ -52,14 +61,16 @@ def test_second_job_on_a_run_stops_naming_the_first_and_after_kill_9_a_third_tak
         line = second.stderr.strip().splitlines()
         assert len(line) == 1 and f"pid {first.pid} " in line[0] and "ffscale: run in use:" in line[0], line
         assert "deepspeed" not in second.stdout  # stopped before any rank started
-    finally:  # the node is gone: `ffscale train`, the launcher and the ranks (own session) killed at once
+    finally:  # the OOM killer takes `ffscale train` alone: its launcher and ranks must not train on
         import psutil
 
-        tree = [psutil.Process(first.pid), *psutil.Process(first.pid).children(recursive=True)]
-        for proc in tree:
-            proc.send_signal(signal.SIGKILL)
+        tree = psutil.Process(first.pid).children(recursive=True)  # launcher and ranks (own session)
+        first.send_signal(signal.SIGKILL)
         first.wait()
-        psutil.wait_procs(tree[1:], timeout=30)
+        deadline = time.time() + 30
+        while (alive := [p for p in tree if _alive(p)]) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not alive, [p.cmdline()[:4] for p in alive]
     assert (runs / "locked" / LOCK).exists()
     third = check(subprocess.run(_job("locked", "schedule.epochs=40", "schedule.stop_at_step=8"),
                                  cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=240))  # fmt: skip

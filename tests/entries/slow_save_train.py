@@ -13,8 +13,10 @@ SLOW_S = 35
 _stop_if_requested = Engine.stop_if_requested
 
 
-def stop_if_requested(self, state):
-    if self.stop_requested:
+def stop_if_requested(self, state, agree=False):
+    if agree:
+        self.agree_stop()
+    if self.stop_requested and self.saved_step != self.global_step:  # a checkpoint is written now
         if self.dist.rank == 0:
             print(f"slow checkpoint: {SLOW_S} s", flush=True)
         time.sleep(SLOW_S)

@@ -150,7 +150,7 @@ def test_a_jobset_restarts_the_whole_group_and_validates_against_jobsets_schema(
     spec, pol = job["template"]["spec"], js["spec"]["failurePolicy"]
     assert spec["backoffLimit"] == 0 and spec["completions"] == 4 and job["replicas"] == 1
     assert pol["maxRestarts"] == 6 and pol["rules"][0]["action"] == "FailJobSet"
-    assert "exit code 2" in pol["rules"][0]["onJobFailureMessagePatterns"][0]
+    assert "exit code [23] matching" in pol["rules"][0]["onJobFailureMessagePatterns"][0]
     pod = spec["template"]["spec"]
     c = pod["containers"][0]
     assert "ffscale-ff-base-node-0-0.ffscale-ff-base" in " ".join(c["command"])  # JobSet's pod 0 DNS name

@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,9 +16,9 @@ import pytest
 from helpers.launch import ROOT
 
 from ffscale import config
-from ffscale.errors import ConfigError, LockHeld
-from ffscale.run import changes
-from ffscale.run.runlock import LOCK, Holder, RunLock, read
+from ffscale.errors import ConfigError, LockHeld, LockLost
+from ffscale.run import changes, runlock
+from ffscale.run.runlock import BEAT, ENV, LOCK, RunLock, read
 
 CLI = Path(sys.executable).with_name("ffscale")
 
@@ -35,8 +36,6 @@ def test_a_second_holder_is_refused_naming_the_first_and_release_frees_it(tmp_pa
 
 
 def test_waiting_for_the_lock_gets_it_when_the_holder_ends_within_the_wait(tmp_path):
-    import threading
-
     said = []
     first = RunLock(tmp_path).acquire()
     threading.Timer(0.5, first.release).start()  # a pod still writing its preemption checkpoint
@@ -47,26 +46,64 @@ def test_waiting_for_the_lock_gets_it_when_the_holder_ends_within_the_wait(tmp_p
     second.release()
 
 
-def _plant(d: Path, host: str, pid: int, age: float) -> None:
+def _plant(d: Path, host: str, pid: int, age: float, token: str = "t0") -> None:
     now = time.time()
-    (d / LOCK).write_text(json.dumps(Holder("t0", host, pid, now - age, now - age).__dict__))
+    (d / LOCK).write_text(json.dumps({"token": token, "host": host, "pid": pid, "started": now - age}))
+    (d / f"{BEAT}{token}").write_text(repr(now - age))
 
 
-def test_a_stale_lock_is_taken_over_saying_so_and_a_live_one_on_another_host_is_not(tmp_path):
+def test_a_stale_lock_is_judged_on_the_waiters_clock_and_taken_over_saying_so(tmp_path):
     said = []
-    _plant(tmp_path, "node-7", 4242, age=5)  # another host, fresh heartbeat: held
+    _plant(tmp_path, "node-7", 4242, age=5)  # another host, fresh heartbeat: held, at once
     with pytest.raises(LockHeld, match="host node-7 pid 4242 .*heartbeat 5 s ago"):
         RunLock(tmp_path, stale_s=60).acquire()
-    _plant(tmp_path, "node-7", 4242, age=120)  # heartbeat older than stale_s: its node is gone
-    lock = RunLock(tmp_path, stale_s=60, say=said.append).acquire()
-    assert (
-        read(tmp_path / LOCK).token == lock.me.token and "taking over the run lock of host node-7" in said[0]
-    )
+    # an old heartbeat by the holder's clock (skewed by 2 minutes) that still advances: live
+    _plant(tmp_path, "node-7", 4242, age=120)
+    beat = tmp_path / f"{BEAT}t0"
+    stop = threading.Event()
+
+    def beating():
+        while not stop.wait(0.2):
+            beat.write_text(repr(time.time() - 120))
+
+    threading.Thread(target=beating, daemon=True).start()
+    with pytest.raises(LockHeld, match="host node-7"):
+        RunLock(tmp_path, stale_s=0.8, say=said.append).acquire()
+    assert "watching it for up to 1 s" in said[0]
+    stop.set()
+    time.sleep(0.3)  # its node is gone: the heartbeat stops, and after stale_s of ours it is taken
+    t0 = time.monotonic()
+    lock = RunLock(tmp_path, stale_s=0.8, say=said.append).acquire()
+    assert time.monotonic() - t0 >= 0.7 and "taking over the run lock of host node-7" in said[-1]
+    assert read(tmp_path / LOCK).token == lock.me.token and not beat.exists()
     lock.release()
     dead = subprocess.Popen(["true"])
     dead.wait()
-    _plant(tmp_path, socket.gethostname(), dead.pid, age=1)  # this host, pid gone: at once
-    RunLock(tmp_path, stale_s=3600).acquire().release()
+    # this host, pid gone, but a rank of its job still runs (it carries the token): held
+    rank = subprocess.Popen(["sleep", "30"], env={**os.environ, ENV: "t0"})
+    try:
+        _plant(tmp_path, socket.gethostname(), dead.pid, age=1)
+        with pytest.raises(LockHeld):
+            RunLock(tmp_path, stale_s=3600).acquire()
+    finally:
+        rank.kill()
+        rank.wait()
+    RunLock(tmp_path, stale_s=3600).acquire().release()  # now at once
+
+
+def test_a_heartbeat_never_overwrites_another_holders_lock_and_the_loser_is_fenced(tmp_path):
+    said = []
+    a = RunLock(tmp_path, heartbeat_s=0.05, say=said.append).acquire()
+    runlock.fence(tmp_path, a.me.token)  # its own: nothing happens
+    _plant(tmp_path, "node-9", 77, age=0, token="b")  # taken over while `a` looked dead to node-9
+    time.sleep(0.4)  # a's heartbeat runs meanwhile
+    assert read(tmp_path / LOCK).token == "b" and not a.held()
+    assert any("lost the run lock" in m for m in said)
+    with pytest.raises(LockLost, match=r"no longer this job's: its lock is held by host node-9 pid 77"):
+        runlock.fence(tmp_path, a.me.token)
+    assert LockLost.exit_code == 3
+    a.release()  # releasing leaves the new holder's lock in place
+    assert read(tmp_path / LOCK).token == "b"
 
 
 def _stage(tmp_path: Path, *overrides: str) -> tuple[config.Stage, config.RunCfg]:
@@ -120,8 +157,8 @@ def test_the_same_shards_at_a_new_path_resume_and_other_shards_do_not(tmp_path, 
 def test_every_exit_code_in_the_readme_names_the_tests_that_check_it():
     text = (ROOT / "README.md").read_text()
     table = text[text.index("## Exit codes") :].split("\n\n")[1]
-    rows = [r for r in table.splitlines() if re.match(r"\| (0|1|2|143)", r)]
-    assert [r.split("|")[1].strip().split()[0] for r in rows] == ["0", "2", "143", "1"]
+    rows = [r for r in table.splitlines() if re.match(r"\| (0|1|2|3|143)", r)]
+    assert [r.split("|")[1].strip().split()[0] for r in rows] == ["0", "2", "3", "143", "1"]
     tests = "".join(p.read_text() for p in (ROOT / "tests").rglob("test_*.py"))
     for r in rows:
         named = re.findall(r"`(test_\w+)`", r)

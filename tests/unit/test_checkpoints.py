@@ -1,0 +1,97 @@
+"""Checkpoints on shared storage: damaged files are found before anything loads them, an older
+intact checkpoint is resumed instead, planted pickles and other versions stop with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ffscale.engine import checkpoint as ck
+from ffscale.engine import ckpt_files
+from ffscale.errors import CheckpointDamaged, CheckpointMismatch, UntrustedFile
+
+
+def _write(ckpt_dir: Path, step: int, **meta) -> Path:
+    """A checkpoint as ffscale writes one: torch files, then ffscale.json listing them."""
+    root = ckpt_dir / f"step{step}"
+    root.mkdir(parents=True)
+    files = {}
+    for name, n in (
+        ("mp_rank_00_model_states.pt", 1000),
+        ("zero_pp_rank_0_mp_rank_00_optim_states.pt", 3000),
+    ):
+        torch.save({"module": {"w": torch.full((n,), float(step))}, "global_steps": step}, root / name)
+        files |= ckpt_files.record(root / name, root)
+    (root / ck.META).write_text(json.dumps({"format": ck.FORMAT, **ck.versions(), "files": files, **meta}))
+    return root
+
+
+class Planted:
+    """A pickle that runs a command when loaded with weights_only=False."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_truncated_newest_checkpoint_is_moved_aside_and_the_older_one_resumed(tmp_path, capsys):
+    for step in (100, 200, 300):
+        _write(tmp_path, step)
+    f = tmp_path / "step300" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    f.write_bytes(f.read_bytes()[:5000])  # the node died while the storage still cached the file
+    assert ck.select(tmp_path, 0, 1) == "step200" == ck.latest_tag(tmp_path)
+    out = capsys.readouterr().out
+    assert "step300 is damaged: step300 (zero_pp_rank_0_mp_rank_00_optim_states.pt: 5,000 bytes," in out
+    assert "moved to step300.damaged" in out and "resuming from" in out
+    assert (tmp_path / "step300.damaged" / ck.META).is_file()  # kept for a look, never deleted
+    g = tmp_path / "step200" / "mp_rank_00_model_states.pt"  # same size, other bytes: the hash says
+    data = bytearray(g.read_bytes())
+    data[-40] ^= 0xFF
+    g.write_bytes(bytes(data))
+    assert ck.select(tmp_path, 0, 1) == "step100"
+    assert "sha256 differs" in capsys.readouterr().out
+
+
+def test_when_every_checkpoint_is_damaged_resume_stops_naming_them(tmp_path):
+    for step in (100, 200):
+        (_write(tmp_path, step) / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(
+        CheckpointDamaged, match=r"no usable checkpoint .*step200 \(mp_rank_00_model_states.pt: missing\)"
+    ):
+        ck.select(tmp_path, 0, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step100.damaged", "step200.damaged"]
+
+
+def test_a_planted_pickle_stops_the_resume_and_runs_nothing(tmp_path):
+    root = _write(tmp_path, 100)
+    marker = tmp_path / "pwned"
+    target = root / "mp_rank_00_model_states.pt"
+    torch.save({"module": {}, "x": Planted(marker)}, target)
+    meta = json.loads((root / ck.META).read_text())  # whoever planted it also rewrote the record
+    meta["files"] |= ckpt_files.record(target, root)
+    (root / ck.META).write_text(json.dumps(meta))
+    with pytest.raises(UntrustedFile, match=r"mp_rank_00_model_states.pt: the pickle holds posix.system"):
+        ck.select(tmp_path, 0, 1)
+    assert not marker.exists() and root.is_dir()
+    from ffscale.engine.ckpt_engine import SafeCheckpointEngine
+
+    engine = SafeCheckpointEngine.__new__(SafeCheckpointEngine)
+    with pytest.raises(UntrustedFile, match="posix.system"):  # DeepSpeed's own loads go through this
+        engine.load(str(target))
+    assert not marker.exists()
+
+
+def test_a_checkpoint_of_another_deepspeed_or_torch_stops_with_one_line(tmp_path):
+    here = ck.versions()
+    assert ck.incompatible({**here, "deepspeed": here["deepspeed"].rsplit(".", 1)[0] + ".99"}) is None
+    _write(tmp_path, 100, deepspeed="0.14.4")
+    with pytest.raises(CheckpointMismatch, match=r"step100: deepspeed 0.14.4 wrote it, this is deepspeed"):
+        ck.select(tmp_path, 0, 1)
+    assert ck.incompatible({**here, "torch": "1.13.1"}).startswith("torch 1.13.1 wrote it")
+    assert "newer checkpoint format" in ck.incompatible({**here, "format": ck.FORMAT + 1})
