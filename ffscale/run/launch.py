@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 
+from ffscale.util.secrets import redact
+
 
 def launcher_cmd(a, entry: Path, nproc: int) -> list[str]:
     """`entry`: the script every rank runs (ffscale/train.py, or the user's --entry)."""
@@ -54,7 +56,7 @@ def run(a, entry: Path, nproc: int, env: dict) -> int:
     """Start the launcher in its own process group; forward SIGTERM/SIGINT to the ranks; return
     the launcher's exit code, or 128 + the signal when one came."""
     cmd = launcher_cmd(a, entry, nproc)
-    print("+", " ".join(cmd), flush=True)
+    print("+", redact(" ".join(cmd)), flush=True)  # no credential in the log (ffscale/util/secrets.py)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
     got: list[int] = []
     since: list[float] = []  # when the first signal came

@@ -61,6 +61,7 @@ def render(cfg: config.Config, config_yaml: str, o: ClusterOpts) -> dict[str, di
     if o.kind not in ("job", "jobset"):
         raise ConfigError(f"cluster render --kind {o.kind!r}: must be job or jobset")
     check_launch(cfg, o.nodes, o.gpus_per_node)  # a Job that cannot start is not rendered
+    refuse_secrets(cfg, o)
     name = _name(f"ffscale-{cfg.run.name}")
     labels = {"app.kubernetes.io/name": "ffscale", "app.kubernetes.io/instance": name}
     meta = {"name": name, "namespace": o.namespace, "labels": labels}
@@ -268,6 +269,21 @@ def write(files: dict[str, dict], out: Path) -> list[Path]:
         (out / fname).write_text(dump(doc))
         paths.append(out / fname)
     return paths
+
+
+def refuse_secrets(cfg: config.Config, o: ClusterOpts) -> None:
+    """A ConfigMap is no place for a credential: name the key and where it belongs."""
+    import dataclasses
+
+    from ffscale.util.secrets import secret_keys
+
+    keys = secret_keys(dataclasses.asdict(cfg))
+    if keys:
+        raise ConfigError(
+            f"{', '.join(keys)} holds a credential, which the rendered ConfigMap would carry: give the URI "
+            f"without it and the credentials in the Secret {o.mlflow_secret!r} (MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN; cluster/README.md)"
+        )
 
 
 def main(a) -> int:
