@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from ffscale.inference.card import find_package, read_card
-from ffscale.tracking.store import client, experiment_id
+from ffscale.tracking.store import client, credentials_to_env, experiment_id, flatten
 from ffscale.util.secrets import redact
 
 LOGGED = "ffscale.logged_model"  # the stage run's tag: the logged model's URI (logged once)
@@ -56,7 +56,7 @@ def _log_model(uri: str, stage_dir: Path, run_id: str, register_as: str | None):
 
     from ffscale.tracking.pyfunc import log
 
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(credentials_to_env(uri))
     mlflow.start_run(run_id=run_id)  # the stage finished: a failure to log must not mark it FAILED
     try:
         return log(stage_dir, register_as)
@@ -69,8 +69,6 @@ def register_package(path: Path, name: str, uri: str, experiment: str) -> str:
     registered as `name`: a run of kind `package` in `experiment` holds it; its version is tagged
     as a pipeline's is. Returns models:/NAME/VERSION."""
     from mlflow.entities import Param
-
-    from ffscale.tracking.replay import flatten
 
     package = find_package(Path(path))
     card = read_card(package)

@@ -22,21 +22,15 @@ from pathlib import Path
 
 from ffscale import config
 from ffscale.inference.card import CARD
-from ffscale.tracking.store import client, experiment_id
+from ffscale.tracking.store import client, credentials_to_env, experiment_id, flatten
 from ffscale.util.atomic import write_atomic
-from ffscale.util.secrets import redact, secret_key
+from ffscale.util.secrets import redact
 
 IDS = "mlflow_runs.json"
 HISTORY = "config-history.jsonl"  # ffscale/run/changes.py writes it
 DONE = "DONE"
 ARTIFACTS = ("DONE", "metrics.jsonl", "weights.safetensors", HISTORY)
 NOT_METRICS = ("step", "time")
-
-
-def flatten(d: dict) -> dict[str, str]:
-    """Nested config -> {'optim.base_lr': '0.0005', ...}; secret-looking keys and credentials
-    never leave the machine (ffscale/util/secrets.py)."""
-    return {k: redact(str(v))[:6000] for k, v in config.dotted(d).items() if not secret_key(k)}
 
 
 def metric_values(row: dict) -> dict[str, float]:
@@ -123,7 +117,7 @@ class Replay:
     """The steps, each idempotent; `all` runs them for the whole directory."""
 
     def __init__(self, run_dir: Path, uri: str, cfg: config.Config | None = None):
-        self.run_dir, self.uri = Path(run_dir), uri
+        self.run_dir, self.uri = Path(run_dir), credentials_to_env(uri)
         if cfg is None:  # the directory where it is now, wherever it was trained
             cfg = config.load([str(self.run_dir / "config.yaml")])
             cfg.run.dir, cfg.run.name = str(self.run_dir.resolve().parent), self.run_dir.resolve().name

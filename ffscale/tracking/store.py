@@ -6,8 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ffscale.config import dotted
 from ffscale.errors import ConfigError
-from ffscale.util.secrets import MASK, redact
+from ffscale.util.secrets import MASK, redact, secret_key
 
 MLFLOW_ENV = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",
@@ -24,13 +25,36 @@ def quiet() -> None:
     """MLflow's settings, set before it is imported (it reads them at import)."""
     for k, v in MLFLOW_ENV.items():
         os.environ.setdefault(k, v)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = credentials_to_env(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def credentials_to_env(uri: str) -> str:
+    """An http(s) URI without its `user:password@`, which go to MLFLOW_TRACKING_USERNAME/PASSWORD
+    unless those are set (MLflow sends those, and its errors and warnings print the URL it calls)."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    if parts.username is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username))
+    if parts.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def client(uri: str):
     quiet()
     from mlflow import MlflowClient
 
-    return MlflowClient(uri)
+    return MlflowClient(credentials_to_env(uri))
+
+
+def flatten(d: dict) -> dict[str, str]:
+    """Nested config -> {'optim.base_lr': '0.0005', ...}; secret-looking keys and credentials
+    never leave the machine (ffscale/util/secrets.py)."""
+    return {k: redact(str(v))[:6000] for k, v in dotted(d).items() if not secret_key(k)}
 
 
 def default_store(runs_root: Path) -> str:
@@ -44,12 +68,12 @@ def tracking_uri(cfg, run_dir: Path) -> str:
     uri = cfg.tracking.uri
     if uri and MASK in uri:
         if os.environ.get("MLFLOW_TRACKING_URI"):
-            return os.environ["MLFLOW_TRACKING_URI"]
+            return credentials_to_env(os.environ["MLFLOW_TRACKING_URI"])
         raise ConfigError(
             f"tracking.uri={uri!r}: its credential was masked when the config was saved; give the URI with "
             "--uri or MLFLOW_TRACKING_URI, or the credentials in MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"
         )
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store(run_dir.parent)
+    return credentials_to_env(uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store(run_dir.parent))
 
 
 def sqlite_file(uri: str) -> Path | None:

@@ -150,7 +150,7 @@ def test_compare_predict_and_mlflow_models_predict_work_over_http(outage, server
 
 
 @pytest.fixture(scope="module")
-def late(outage, server, fm_shards, module_dir):
+def late(server, fm_shards, module_dir):
     """One node; the server SIGKILLed mid-run and started only after the job ended; then synced twice."""
     args = small_overrides(fm_shards, module_dir, "late") + [
         "schedule.epochs=2", f"tracking.uri={server.uri}", "tracking.register_as=ff-late", "tracking.end_retry_s=3",
@@ -192,17 +192,19 @@ def test_a_run_whose_server_returns_after_the_job_ends_is_finished_by_sync(late,
 
 
 @pytest.fixture(scope="module")
-def secret(late, pg, fm_shards, module_dir):
+def secret(pg, fm_shards, module_dir):
     """Basic auth on; the job's credentials in the environment; canaries in them and in tracking.uri."""
     s = MlflowServer(module_dir / "auth", backend_uri(pg, module_dir, "auth"), auth_admin=(ADMIN, CANARY_ENV))
     s.start()
     env = {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": CANARY_ENV}
     uri = s.uri.replace("http://", f"http://intruder:{CANARY_URI}@")
-    args = small_overrides(fm_shards, module_dir, "secret") + [
-        "schedule.epochs=1", f"tracking.uri={uri}", "tracking.register_as=ff-secret",
-    ]  # fmt: skip
+    # in a config file: every rank reads it, rank 0 writes config.yaml and the params from it
+    # (a `tracking.uri=` override goes to the ranks' environment instead: tests/unit/test_secrets.py)
+    (module_dir / "secret.yaml").write_text(f"tracking:\n  uri: {uri}\n  register_as: ff-secret\n")
+    args = small_overrides(fm_shards, module_dir, "secret") + ["schedule.epochs=1"]
     try:
-        job = cli("train", "--nproc", "2", "--master-port", free_port(), *args, env=env)
+        job = cli("train", "--nproc", "2", "--master-port", free_port(), "--config", module_dir / "secret.yaml",
+                  *args, env=env)  # fmt: skip
         from ffscale import config
         from ffscale.tracking.probe import probe
 
@@ -215,8 +217,8 @@ def secret(late, pg, fm_shards, module_dir):
         finally:
             for k in env:
                 os.environ.pop(k, None)
-        render = cli("cluster", "render", "--config", ROOT / "configs" / "ff_base.yaml", f"tracking.uri={uri}",
-                     "--out", module_dir / "manifests", env=env)  # fmt: skip
+        render = cli("cluster", "render", "--config", ROOT / "configs" / "ff_base.yaml", "--config",
+                     module_dir / "secret.yaml", "--out", module_dir / "manifests", env=env)  # fmt: skip
         render_ok = cli("cluster", "render", "--config", ROOT / "configs" / "ff_base.yaml", "--out",
                         module_dir / "manifests-ok", env=env)  # fmt: skip
         sync = cli("track", "sync", module_dir / "secret", "--uri", s.uri, env=env)
@@ -231,7 +233,7 @@ def test_credentials_come_from_the_environment_and_appear_nowhere(secret, module
 
     job = secret["job"]
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
-    assert "+ " in job.stdout and "tracking.uri=" in job.stdout  # the launcher's printout is there
+    assert "+ " in job.stdout and "secret.yaml" in job.stdout  # the launcher's printout is there
     os.environ.update(secret["env"])
     try:
         c = MlflowClient(secret["server"].uri)

@@ -96,7 +96,9 @@ class MlflowServer:
         self.artifacts = root / "artifacts"
         self.artifacts.mkdir(parents=True, exist_ok=True)
         self.log = root / "server.log"
-        self.env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_PYTHON_REFRESH": "quiet"}
+        # no job runner: its four huey processes serve GenAI scorers, which ffscale does not use
+        self.env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_PYTHON_REFRESH": "quiet",
+                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # fmt: skip
         self.cmd = [str(MLFLOW), "server", "--backend-store-uri", backend, "--serve-artifacts",
                     "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1",
                     "--port", str(self.port), "--workers", "1"]  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -46,10 +47,30 @@ def test_a_masked_uri_from_a_saved_config_names_the_fix_or_takes_the_environment
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ConfigError, match="masked when the config was saved"):
         tracking_uri(cfg, tmp_path / "run")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:p@mlflow:5000")
-    assert tracking_uri(cfg, tmp_path / "run") == "http://u:p@mlflow:5000"
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(k, "-")  # restored (unset) after the test
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:p%40ss@mlflow:5000")
+    # MLflow prints the URLs it calls in its errors: the credentials go to the variables it sends
+    assert tracking_uri(cfg, tmp_path / "run") == "http://mlflow:5000"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("u", "p@ss")
     # a SQLite store keeps its artifacts beside it, not in the working directory (/opt/ffscale in the image)
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     uri = tracking_uri(C.load(None, []), tmp_path / "run")
     assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert artifact_root(uri) == (tmp_path.resolve() / "mlartifacts").as_uri()
+
+
+@pytest.mark.parametrize(
+    "overrides", [[], ["tracking.enabled=false"], ["tracking.uri=http://mlflow.ml.svc:5000"]]
+)
+def test_rendered_pods_need_a_tracking_server_unless_the_config_names_one_or_tracks_nothing(overrides):
+    """Without a URI the pods would put a SQLite store on the shared (NFS) runs volume."""
+    from ffscale.tools import cluster
+
+    cfg = C.load(None, overrides)
+    job = cluster.render(cfg, C.to_yaml(cfg), cluster.ClusterOpts(nodes=1, gpus_per_node=1))["job.yaml"]
+    (train,) = job["spec"]["template"]["spec"]["containers"]
+    refs = {next(iter(r)): r[next(iter(r))] for r in train["envFrom"]}
+    assert refs["configMapRef"] == {"name": "mlflow", "optional": bool(overrides)}
+    assert refs["secretRef"]["optional"] is True

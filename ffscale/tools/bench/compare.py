@@ -18,7 +18,7 @@ import uuid
 from ffscale import config
 from ffscale.tools.compare import stage_rows
 from ffscale.tracking import store
-from ffscale.tracking.replay import flatten
+from ffscale.tracking.store import flatten
 from ffscale.util.secrets import redact
 
 MODELS = ("ff_tiny", "vit_tiny", "attn_only_tiny")
