@@ -122,7 +122,7 @@ class Replay:
             cfg = config.load([str(self.run_dir / "config.yaml")])
             cfg.run.dir, cfg.run.name = str(self.run_dir.resolve().parent), self.run_dir.resolve().name
         self.cfg = cfg
-        self.where = redact(uri.rstrip("/"))
+        self.where = redact(self.uri.rstrip("/"))  # the store, as mlflow_runs.json names it
         self._client = None
         self.exp_id: str | None = None
         self.ids_file = self.run_dir / IDS
@@ -316,21 +316,25 @@ class Replay:
                 self.client.log_artifact(rid, str(f))
                 self.uploaded.append(f.name)
 
-    def end(self, rid: str, status: str) -> None:
-        """Mark a run ended; RUNNING (a stopped stage the rerun continues) changes nothing."""
-        if status != "RUNNING" and self.client.get_run(rid).info.status != status:
+    def end(self, rid: str, status: str, only_running: bool = False) -> None:
+        """Mark a run ended; RUNNING (a stopped stage the rerun continues) changes nothing.
+        `only_running`: end only a run still RUNNING (a replay does not know better than a FAILED
+        the job itself set)."""
+        now = self.client.get_run(rid).info.status
+        if status != "RUNNING" and now != status and (now == "RUNNING" or not only_running):
             self.client.set_terminated(rid, status)
 
     # -- whole stages and pipelines ------------------------------------------------------------
-    def stage(self, stage: config.Stage, facts: StageFacts, status: str) -> str:
-        """A stage caught up entirely: its run, metrics, changes, summary and status."""
+    def stage(self, stage: config.Stage, facts: StageFacts, status: str, only_running: bool = False) -> str:
+        """A stage caught up entirely: its run, metrics, changes, summary and status (FINISHED
+        when it has its DONE)."""
         rid = self.stage_run(stage, facts)
         self.metrics(stage, rid)
         self.changes(stage, rid)
         if (stage.dir / DONE).is_file():
             self.summary(stage, rid)
-            status = "FINISHED"
-        self.end(rid, status)
+            status, only_running = "FINISHED", False
+        self.end(rid, status, only_running)
         return rid
 
     def model(self, final: config.Stage, stages: list[config.Stage]) -> str | None:
@@ -368,14 +372,14 @@ class Replay:
             if not st.dir.is_dir() or not ((st.dir / "metrics.jsonl").is_file() or (st.dir / DONE).is_file()):
                 continue
             facts = StageFacts.from_files(st, [s.name for s in stages[:i]])
-            rid = self.stage(st, facts, status or "KILLED")
+            rid = self.stage(st, facts, status or "KILLED", only_running=True)
             report["stages"][st.name] = (rid, self.client.get_run(rid).info.status)
             if (st.dir / DONE).is_file():
                 done.append(st)
         finished = len(done) == len(stages)
         if finished:
             report["model"] = self.model(done[-1], done)
-        self.end(parent, "FINISHED" if finished else (status or "KILLED"))
+        self.end(parent, "FINISHED" if finished else (status or "KILLED"), only_running=not finished)
         report["status"] = self.client.get_run(parent).info.status
         report["sent"], report["uploaded"] = self.sent, self.uploaded
         return report

@@ -37,6 +37,7 @@ class MlflowTracker:
         self.buffer: list = []
         self.monitor = None
         self.gave_up = False
+        self.pending: list = []  # (stage, facts, status) of stage ends MLflow missed: caught up at the next
 
     # -- the tracker interface ---------------------------------------------------------------
     def pipeline_started(self, cfg) -> None:
@@ -107,20 +108,31 @@ class MlflowTracker:
             self.monitor = None
         if stage is None:
             return
-        facts = self.facts or StageFacts.from_files(stage, [])
-        self._final(status, f"stage {stage.name}", lambda: self.replay.stage(stage, facts, status))
+        self.pending.append((stage, self.facts or StageFacts.from_files(stage, []), status))
+        self._final(status, f"stage {stage.name}", self._catch_up)
         self.stage = self.child = None
         self.buffer = []
 
+    def _catch_up(self) -> None:
+        """Every stage end MLflow has missed, oldest first (a stage whose end fell in an outage is
+        caught up at the next stage's end once the server answers)."""
+        while self.pending:
+            self.replay.stage(*self.pending[0])
+            self.pending.pop(0)
+
     def model_ready(self, final, stages) -> None:
         """The final stage's model logged (and registered with tracking.register_as), once."""
-        self._final("FINISHED", "the model", lambda: self.replay.model(final, stages))
+        self._final("FINISHED", "the model", lambda: self._catch_up() or self.replay.model(final, stages))
 
     def pipeline_ended(self, status: str) -> None:
         if self.stage is not None:  # a stage stopped by an error or a signal
             self.stage_ended(self.stage, status)
         if status != "RUNNING":
-            self._final(status, "the pipeline", lambda: self.replay.end(self.replay.pipeline_run(), status))
+            self._final(status, "the pipeline", lambda: self._end_pipeline(status))
+
+    def _end_pipeline(self, status: str) -> None:
+        self._catch_up()
+        self.replay.end(self.replay.pipeline_run(), status)
 
     # -- a stage's or the job's end --------------------------------------------------------------
     def _final(self, status: str, what: str, fn):

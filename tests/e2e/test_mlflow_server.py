@@ -10,12 +10,15 @@ Three launches, each a scenario fixture the tests share:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from helpers.launch import ROOT, free_port, launch_env, small_overrides, start_nodes
@@ -58,6 +61,28 @@ def cli(*args, env=None, timeout=300) -> subprocess.CompletedProcess:
                           env=launch_env(env))  # fmt: skip
 
 
+@contextlib.contextmanager
+def environ(env: dict):
+    """os.environ with `env` for the block (in-process MLflow clients read credentials from it)."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+
+
+def in_process(*args, env: dict) -> SimpleNamespace:
+    """An `ffscale` command run in this process (no interpreter start-up): exit code and output."""
+    from ffscale.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with environ(env), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 @pytest.fixture(scope="module")
 def pg(module_dir):
     try:
@@ -84,7 +109,7 @@ def outage(server, fm_shards, module_dir):
     """Two nodes; the server SIGKILLed after a few rows and started again at once (it takes 10-20 s to
     answer, during which the job trains on, or ends and retries for tracking.end_retry_s)."""
     args = small_overrides(fm_shards, module_dir, "outage") + [
-        "schedule.epochs=3", f"tracking.uri={server.uri}", f"tracking.register_as={MODEL}",
+        "schedule.epochs=2", f"tracking.uri={server.uri}", f"tracking.register_as={MODEL}",
     ]  # fmt: skip
     t0 = time.time()
     procs = start_nodes(args)
@@ -151,11 +176,11 @@ def test_compare_predict_and_mlflow_models_predict_work_over_http(outage, server
 
 @pytest.fixture(scope="module")
 def late(server, fm_shards, module_dir):
-    """One node; the server SIGKILLed mid-run and started only after the job ended; then synced twice."""
+    """One rank; the server SIGKILLed mid-run and started only after the job ended; then synced twice."""
     args = small_overrides(fm_shards, module_dir, "late") + [
         "schedule.epochs=2", f"tracking.uri={server.uri}", "tracking.register_as=ff-late", "tracking.end_retry_s=3",
     ]  # fmt: skip
-    cmd = [str(CLI), "train", "--nproc", "2", "--master-port", str(free_port()), *args]
+    cmd = [str(CLI), "train", "--nproc", "1", "--master-port", str(free_port()), *args]
     p = subprocess.Popen(
         cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -203,25 +228,21 @@ def secret(pg, fm_shards, module_dir):
     (module_dir / "secret.yaml").write_text(f"tracking:\n  uri: {uri}\n  register_as: ff-secret\n")
     args = small_overrides(fm_shards, module_dir, "secret") + ["schedule.epochs=1"]
     try:
-        job = cli("train", "--nproc", "2", "--master-port", free_port(), "--config", module_dir / "secret.yaml",
+        job = cli("train", "--nproc", "1", "--master-port", free_port(), "--config", module_dir / "secret.yaml",
                   *args, env=env)  # fmt: skip
         from ffscale import config
         from ffscale.tracking.probe import probe
 
-        cfg = config.load(None, ["tracking.uri=" + s.uri])
-        os.environ.update(env)
-        try:
-            checks = {"right": probe(s.uri, cfg.tracking.experiment)}
-            os.environ["MLFLOW_TRACKING_PASSWORD"] = "not-the-password"
-            checks["wrong"] = probe(s.uri, cfg.tracking.experiment)
-        finally:
-            for k in env:
-                os.environ.pop(k, None)
-        render = cli("cluster", "render", "--config", ROOT / "configs" / "ff_base.yaml", "--config",
-                     module_dir / "secret.yaml", "--out", module_dir / "manifests", env=env)  # fmt: skip
-        render_ok = cli("cluster", "render", "--config", ROOT / "configs" / "ff_base.yaml", "--out",
-                        module_dir / "manifests-ok", env=env)  # fmt: skip
-        sync = cli("track", "sync", module_dir / "secret", "--uri", s.uri, env=env)
+        experiment = config.load(None, []).tracking.experiment
+        with environ(env):
+            checks = {"right": probe(s.uri, experiment)}
+        with environ({**env, "MLFLOW_TRACKING_PASSWORD": "not-the-password"}):
+            checks["wrong"] = probe(s.uri, experiment)
+        render = in_process("cluster", "render", "--config", ROOT / "configs" / "ff_base.yaml", "--config",
+                            module_dir / "secret.yaml", "--out", module_dir / "manifests", env=env)  # fmt: skip
+        render_ok = in_process("cluster", "render", "--config", ROOT / "configs" / "ff_base.yaml", "--out",
+                               module_dir / "manifests-ok", env=env)  # fmt: skip
+        sync = in_process("track", "sync", module_dir / "secret", "--uri", s.uri, env=env)
         yield {"server": s, "job": job, "checks": checks, "render": render, "render_ok": render_ok, "sync": sync,
                "env": env, "run_dir": module_dir / "secret"}  # fmt: skip
     finally:
@@ -234,14 +255,10 @@ def test_credentials_come_from_the_environment_and_appear_nowhere(secret, module
     job = secret["job"]
     assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-2000:]
     assert "+ " in job.stdout and "secret.yaml" in job.stdout  # the launcher's printout is there
-    os.environ.update(secret["env"])
-    try:
+    with environ(secret["env"]):
         c = MlflowClient(secret["server"].uri)
         runs = c.search_runs([c.get_experiment_by_name("ffscale").experiment_id])
         versions = c.search_model_versions("name = 'ff-secret'")
-    finally:
-        for k in secret["env"]:
-            os.environ.pop(k, None)
     assert {r.info.status for r in runs} == {"FINISHED"} and len(runs) >= 2 and len(versions) == 1
     assert secret["sync"].returncode == 0 and " 0 metric values sent" in secret["sync"].stdout
 
