@@ -24,8 +24,8 @@ def add_parser(sub) -> None:
         description="Makes MLflow hold what the run directory holds: the pipeline's and stages' runs (created, "
         "or found again), params, tags, every metric step of metrics.jsonl the server lacks, the config "
         "history, summaries, artifacts, final statuses and, for a finished pipeline, its model (registered "
-        "under tracking.register_as). Idempotent: a second sync sends nothing. Takes the run's lock, so it "
-        "waits for no job and no job starts on the run meanwhile.",
+        "under tracking.register_as). Idempotent: a second sync sends nothing. Takes the run's lock: it stops "
+        "(exit 2) while a job holds the run, and no job starts on it meanwhile.",
     )  # fmt: skip
     s.add_argument("run_dir", help="a run directory (runs/<name>, holding config.yaml)")
     s.add_argument("--uri", help="tracking URI (default: the run's tracking.uri, $MLFLOW_TRACKING_URI, or "
