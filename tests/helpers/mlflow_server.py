@@ -128,6 +128,7 @@ class MlflowServer:
                         return self
             except OSError:
                 time.sleep(0.3)
+        self.kill()
         raise RuntimeError(f"mlflow server did not answer in {timeout:.0f} s: {self.log.read_text()[-2000:]}")
 
     def kill(self) -> None:
