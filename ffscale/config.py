@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ffscale.errors import ConfigError
 from ffscale.util.atomic import write_atomic
+from ffscale.util.secrets import scrub
 
 
 @dataclass
@@ -128,6 +129,9 @@ class TrackingCfg:
     uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the run directory
     experiment: str = "ffscale"
     flush_every: int = 50  # metrics are buffered and written in batches
+    # at a stage's or the job's end (FINISHED or FAILED), how long a server that does not answer is
+    # retried before the job ends without it (`ffscale track sync RUN_DIR` replays it later)
+    end_retry_s: float = 120.0
     # the final stage's model is logged to its stage run; with a name, also registered under it
     register_as: str | None = None
 
@@ -348,7 +352,11 @@ def from_args(a) -> Config:
 
 
 def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The config as YAML with every secret masked (ffscale/util/secrets.py): what is written,
+    printed or rendered never carries a credential."""
+    import dataclasses
+
+    return OmegaConf.to_yaml(OmegaConf.create(scrub(dataclasses.asdict(cfg))))
 
 
 def save(cfg: Config, path: Path) -> None:

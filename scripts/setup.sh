@@ -8,6 +8,12 @@ SUDO=$([ "$(id -u)" = 0 ] && echo "" || echo sudo)
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
+# PostgreSQL for the test suite's MLflow server (tests/helpers/mlflow_server.py starts its own cluster in a
+# temporary directory; without it those tests fall back to SQLite and say so).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  { $SUDO apt-get install -y -qq postgresql || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq postgresql; }; } \
+    >/dev/null 2>&1 || echo "setup: postgresql not installed (the MLflow server tests use SQLite instead)"
+fi
 # jemalloc for CPU ranks (ffscale/util/hostenv.py); optional: without it CPU steps are a few % slower.
 if ! ldconfig -p | grep -q libjemalloc.so; then
   { $SUDO apt-get install -y -qq libjemalloc2 || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq libjemalloc2; }; } \

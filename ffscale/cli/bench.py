@@ -1,4 +1,4 @@
-"""`ffscale bench data|train|memory|shard|scaling|plan|decode`: throughput against a baseline measured in
+"""`ffscale bench data|train|memory|shard|scaling|plan|decode|compare`: throughput against a baseline measured in
 the same run (ffscale/tools/bench/), printed as a table or, with --json, as JSON."""
 
 from __future__ import annotations
@@ -46,6 +46,12 @@ def plan(a) -> int:
     from ffscale.tools.bench.plan import measure, print_plan
 
     return _show(measure(a), a, print_plan)
+
+
+def compare(a) -> int:
+    from ffscale.tools.bench.compare import print_compare, run
+
+    return _show(run(a), a, print_compare)
 
 
 def decode(a) -> int:
@@ -142,6 +148,14 @@ def add_parser(sub) -> None:
     bp.add_argument("--repeats", type=int, default=3, help="data.repeats")
     bp.add_argument("--batch", type=int, default=128, help="micro-batch (paper: 128 per GPU)")
     bp.add_argument("--json", action="store_true")
+    bc = bsub.add_parser("compare", help="`ffscale compare` over N runs vs fetching run by run")
+    bc.add_argument(
+        "--uri", help="tracking URI, e.g. a server's http://host:5000 (default: a fresh SQLite store)"
+    )
+    bc.add_argument("--runs", type=int, default=200, help="stage runs in the experiment")
+    bc.add_argument("--steps", type=int, default=100, help="loss values per run (and a tenth as many top-1)")
+    bc.add_argument("--rounds", type=int, default=3, help="rounds per query; fastest kept")
+    bc.add_argument("--json", action="store_true")
     for name, fn in (("data", data), ("train", train), ("memory", memory), ("shard", shard), ("scaling", scaling),
-                     ("plan", plan), ("decode", decode)):  # fmt: skip
+                     ("plan", plan), ("decode", decode), ("compare", compare)):  # fmt: skip
         bsub.choices[name].set_defaults(fn=fn)

@@ -32,6 +32,10 @@ def add_parser(sub) -> None:
     r.add_argument("--host-network", action="store_true", default=None, help="pods on the node's network")
     r.add_argument("--nccl-socket-ifname", help="NCCL_SOCKET_IFNAME, e.g. eth0")
     r.add_argument("--queue", help="Kueue LocalQueue: labels the workload and creates it suspended")
+    r.add_argument("--mlflow-configmap", help="ConfigMap holding MLFLOW_TRACKING_URI (default mlflow; required "
+                   "while the config tracks without a tracking.uri)")  # fmt: skip
+    r.add_argument("--mlflow-secret", help="Secret with MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN "
+                   "(default mlflow-credentials; optional)")  # fmt: skip
     r.set_defaults(fn=cluster)
 
     d = sub.add_parser(

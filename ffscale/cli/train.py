@@ -54,8 +54,9 @@ def run(a) -> int:
 
     cfg = config.from_args(a)
     nproc = a.nproc or _default_nproc()
-    preflight.check_job(cfg, a.nnodes, nproc)  # world, data, config changes: one line, exit 2, no rank
     env = rank_env()  # CPU ranks: jemalloc keeping freed pages
+    _uri_to_env(a, env)
+    preflight.check_job(cfg, a.nnodes, nproc)  # world, data, config changes: one line, exit 2, no rank
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env[preflight.ENV] = "1"
     entry = Path(a.entry).resolve() if a.entry else Path(train.__file__)
@@ -68,6 +69,18 @@ def run(a) -> int:
         ensure_store(cfg, run_dir)  # before ranks race to create it
         env[runlock.ENV] = lock.me.token  # the ranks know their launcher holds it
         return launch.run(a, entry, nproc, env)
+
+
+def _uri_to_env(a, env: dict) -> None:
+    """A `tracking.uri=` override that carries a credential reaches the ranks as MLFLOW_TRACKING_URI,
+    not on their command lines (which the launcher prints and `ps` shows to every user of the node)."""
+    from ffscale.util.secrets import has_secret
+
+    for i, o in enumerate(a.overrides):
+        key, _, value = o.partition("=")
+        if key.strip() == "tracking.uri" and has_secret(value):
+            env["MLFLOW_TRACKING_URI"] = value
+            a.overrides[i] = "tracking.uri=null"
 
 
 def _default_nproc() -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from ffscale.errors import ConfigError
 from ffscale.inference.build import model_kwargs
 from ffscale.util.atomic import write_atomic
+from ffscale.util.secrets import scrub
 
 CARD = "model.json"
 
@@ -33,7 +34,7 @@ def write_card(path: Path, s, num_classes: int, classes: list[str] | None, class
                           "std": s.data.std, "interpolation": interp,
                           "resize": f"shorter side to img_size / crop_pct, {interp}; centre crop"},
         "data": data,
-        "config": dataclasses.asdict(s),
+        "config": scrub(dataclasses.asdict(s)),
     }  # fmt: skip
     write_atomic(path, json.dumps(card, indent=1))
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import psutil
 
 from ffscale.util.lifeline import job_env
+from ffscale.util.secrets import redact
 
 
 def launcher_cmd(a, entry: Path, nproc: int) -> list[str]:
@@ -56,7 +57,7 @@ def run(a, entry: Path, nproc: int, env: dict) -> int:
     """Start the launcher in its own process group; forward SIGTERM/SIGINT to the ranks; return
     the launcher's exit code, or 128 + the signal when one came."""
     cmd = launcher_cmd(a, entry, nproc)
-    print("+", " ".join(cmd), flush=True)
+    print("+", redact(" ".join(cmd)), flush=True)  # no credential in the log (ffscale/util/secrets.py)
     # Its own session: a terminal's Ctrl-C reaches `ffscale train` alone, which passes it to the ranks
     # only. The ranks watch this process and die with it (ffscale/util/lifeline.py); the launcher then
     # exits, as it does whenever its ranks end.

@@ -103,8 +103,8 @@ def run_stages(cfg: config.Config, dist: distributed.DistInfo, tracker, fence=la
         if not result["finished"]:
             tracker.stage_ended(stage, "RUNNING")
             return "RUNNING"
-        if dist.rank == 0:
-            write_atomic(stage.dir / DONE, json.dumps(result, indent=1))
+        if dist.rank == 0:  # the lineage too: `ffscale track sync` tags a replayed stage run with it
+            write_atomic(stage.dir / DONE, json.dumps({**result, "init_from": lineage}, indent=1))
         tracker.stage_ended(stage, "FINISHED", result)
         distributed.barrier()
         done.append(stage)

@@ -39,8 +39,10 @@ class ClusterOpts:
     namespace: str = "ml"
     shards_pvc: str = "imagenet-shards"
     runs_pvc: str = "ffscale-runs"
-    mlflow_configmap: str = "mlflow"  # MLFLOW_TRACKING_URI
-    mlflow_secret: str = "mlflow-credentials"  # MLFLOW_TRACKING_USERNAME / _PASSWORD (optional)
+    # MLFLOW_TRACKING_URI: required while the config tracks without a tracking.uri of its own, so
+    # no pod falls back to a SQLite file on the shared runs volume (NFS: its locks are unsafe there)
+    mlflow_configmap: str = "mlflow"
+    mlflow_secret: str = "mlflow-credentials"  # MLFLOW_TRACKING_USERNAME / _PASSWORD or _TOKEN (optional)
     shm_gi: int = 64
     cpu: int = 32
     memory_gi: int = 400
@@ -63,6 +65,8 @@ def render(cfg: config.Config, config_yaml: str, o: ClusterOpts) -> dict[str, di
     if o.kind not in ("job", "jobset"):
         raise ConfigError(f"cluster render --kind {o.kind!r}: must be job or jobset")
     check_launch(cfg, o.nodes, o.gpus_per_node)  # a Job that cannot start is not rendered
+    refuse_secrets(cfg, o)
+    needs_uri = cfg.tracking.enabled and not cfg.tracking.uri
     name = _name(f"ffscale-{cfg.run.name}")
     labels = {"app.kubernetes.io/name": "ffscale", "app.kubernetes.io/instance": name}
     meta = {"name": name, "namespace": o.namespace, "labels": labels}
@@ -75,10 +79,10 @@ def render(cfg: config.Config, config_yaml: str, o: ClusterOpts) -> dict[str, di
         "data": {"config.yaml": config_yaml},
     }
     if o.kind == "jobset":  # JobSet's pods: <jobset>-<replicatedJob>-<job index>-<pod index>.<jobset>
-        pod = pod_template(o, name, labels, f"{name}-node-0-0.{name}.{o.namespace}.svc")
+        pod = pod_template(o, name, labels, f"{name}-node-0-0.{name}.{o.namespace}.svc", needs_uri)
         workload = {"jobset.yaml": jobset(o, meta, pod)}
     else:
-        pod = pod_template(o, name, labels, f"{name}-0.{name}.{o.namespace}.svc")
+        pod = pod_template(o, name, labels, f"{name}-0.{name}.{o.namespace}.svc", needs_uri)
         service = {
             "apiVersion": "v1",
             "kind": "Service",
@@ -163,9 +167,9 @@ def jobset(o: ClusterOpts, meta: dict, pod: dict) -> dict:
     return {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": meta, "spec": spec}
 
 
-def pod_template(o: ClusterOpts, name: str, labels: dict, master: str) -> dict:
+def pod_template(o: ClusterOpts, name: str, labels: dict, master: str, needs_uri: bool = True) -> dict:
     sel_k, _, sel_v = o.node_selector.partition("=")
-    train = container(o, master)
+    train = container(o, master, needs_uri)
     spec = {
         "restartPolicy": "Never",
         "terminationGracePeriodSeconds": o.grace_s + 20,
@@ -195,7 +199,7 @@ def preflight(o: ClusterOpts, train: dict) -> dict:
     return {**{k: v for k, v in train.items() if k != "ports"}, "name": "preflight", "command": cmd}
 
 
-def container(o: ClusterOpts, master: str) -> dict:
+def container(o: ClusterOpts, master: str, needs_uri: bool = True) -> dict:
     cmd = [
         "ffscale", "train",
         "--nproc", str(o.gpus_per_node),
@@ -231,7 +235,7 @@ def container(o: ClusterOpts, master: str) -> dict:
         "ports": [{"name": "rendezvous", "containerPort": PORT}],
         "env": env,
         "envFrom": [
-            {"configMapRef": {"name": o.mlflow_configmap, "optional": True}},
+            {"configMapRef": {"name": o.mlflow_configmap, "optional": not needs_uri}},
             {"secretRef": {"name": o.mlflow_secret, "optional": True}},
         ],
         "resources": {
@@ -277,6 +281,21 @@ def write(files: dict[str, dict], out: Path) -> list[Path]:
         (out / fname).write_text(dump(doc))
         paths.append(out / fname)
     return paths
+
+
+def refuse_secrets(cfg: config.Config, o: ClusterOpts) -> None:
+    """A ConfigMap is no place for a credential: name the key and where it belongs."""
+    import dataclasses
+
+    from ffscale.util.secrets import secret_keys
+
+    keys = secret_keys(dataclasses.asdict(cfg))
+    if keys:
+        raise ConfigError(
+            f"{', '.join(keys)} holds a credential, which the rendered ConfigMap would carry: give the URI "
+            f"without it and the credentials in the Secret {o.mlflow_secret!r} (MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN; cluster/README.md)"
+        )
 
 
 def main(a) -> int:

@@ -227,19 +227,15 @@ def checkpoint_bytes(s) -> int:
 
 
 def tracking(cfg, stage, a) -> list[Check]:
+    """The tracking URI as the job will use it: reachable, authenticated, its artifact store
+    writable; SQLite on a network filesystem refused (several jobs stall on its locks)."""
     if not cfg.tracking.enabled:
         return [Check("mlflow", "tracking off (tracking.enabled=false)")]
-    from ffscale.tracking.store import reachable
+    from ffscale.tracking.probe import probe
+    from ffscale.tracking.store import tracking_uri
 
-    uri, err = reachable(cfg, Path(cfg.run.dir) / cfg.run.name)
-    return [
-        Check(
-            "mlflow",
-            f"{uri} " + ("reachable" if err is None else f"unreachable: {err}"),
-            ok=err is None,
-            fatal=False,
-        )
-    ]
+    uri = tracking_uri(cfg, Path(cfg.run.dir) / cfg.run.name)
+    return [Check(f.name, f.figure, f.ok, f.fatal) for f in probe(uri, cfg.tracking.experiment)]
 
 
 def burst(cfg, stage, a) -> list[Check]:

@@ -1,11 +1,12 @@
 """Tracking must not stop training: a call that fails opens the breaker, and calls are skipped for
-a while (the caller keeps what it could not send); one warning per tracker."""
+a while (the run directory keeps what could not be sent; the stage's end catches MLflow up); one
+warning per tracker."""
 
 from __future__ import annotations
 
 import time
 
-from ffscale.tracking.store import redact
+from ffscale.util.secrets import redact
 
 
 class Down(Exception):
@@ -17,6 +18,7 @@ class Breaker:
         self.uri, self.open_s = uri, open_s
         self.down_until = 0.0
         self.warned = False
+        self.failures = 0  # calls that failed (the stage's end catches up when any did)
 
     def call(self, fn, *a, **kw):
         """fn(*a, **kw), or Down when the server failed within the last `open_s` seconds or now."""
@@ -25,12 +27,20 @@ class Breaker:
         try:
             return fn(*a, **kw)
         except Exception as e:
-            self.down_until = time.monotonic() + self.open_s
-            if not self.warned:
-                print(f"ffscale: MLflow at {redact(self.uri)} failed ({type(e).__name__}: {str(e)[:200]}); "
-                      "training continues, metrics are kept and retried", flush=True)  # fmt: skip
-                self.warned = True
+            self.failed(e)
             raise Down from None
+
+    def failed(self, e: Exception) -> None:
+        self.failures += 1
+        self.down_until = time.monotonic() + self.open_s
+        if not self.warned:
+            print(f"ffscale: MLflow at {redact(self.uri)} failed ({type(e).__name__}: {redact(str(e))[:200]}); "
+                  "training continues, metrics are kept and retried", flush=True)  # fmt: skip
+            self.warned = True
+
+    def close(self) -> None:
+        """The server answered: calls go through again."""
+        self.down_until = 0.0
 
     def attempt(self, fn, *a, **kw):
         """fn(*a, **kw), or None when the server is down."""

@@ -1,28 +1,32 @@
-"""The final stage's model in MLflow: logged as a pyfunc into its stage run and, with
-tracking.register_as, registered, the version tagged with the runs and the data it came from."""
+"""A finished model in MLflow: logged as a pyfunc (ffscale/tracking/pyfunc.py) into a run and,
+with a name, registered, the version tagged with the runs and the data it came from. The same for
+the final stage of a pipeline (tracking.register_as) and for any model package on disk
+(`ffscale register DIR --name NAME`: an `ffscale import` output, a finished stage or run)."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from ffscale.inference.card import read_card
-from ffscale.tracking.breaker import Breaker, Down
+from ffscale.inference.card import find_package, read_card
+from ffscale.tracking.store import client, credentials_to_env, experiment_id, flatten
+from ffscale.util.secrets import redact
+
+LOGGED = "ffscale.logged_model"  # the stage run's tag: the logged model's URI (logged once)
 
 
-def publish(
-    client, breaker: Breaker, uri: str, cfg, final, run_id: str, parent: str | None, stage_runs: dict
-) -> bool:
-    """Log (and register) `final`'s model into its stage run `run_id`; False when MLflow was down."""
-    try:
-        info = breaker.call(_log_model, uri, final, run_id, cfg.tracking.register_as)
-    except Down:
-        return False
-    name, version = cfg.tracking.register_as, getattr(info, "registered_model_version", None)
-    if not name or version is None:
-        return True
-    card = read_card(final.dir)
+def publish(c, uri: str, pipeline: str, stage_dir: Path, run_id: str, parent: str | None, stage_runs: dict,
+            register_as: str | None) -> str:  # fmt: skip
+    """Log (and register) the model of `stage_dir` into the run `run_id`; the models:/ URI (or the
+    logged model's). Raises when MLflow fails: the caller retries or reports."""
+    info = _log_model(uri, stage_dir, run_id, register_as)
+    c.set_tag(run_id, LOGGED, info.model_uri)
+    version = getattr(info, "registered_model_version", None)
+    if not register_as or version is None:
+        return info.model_uri
+    card = read_card(stage_dir)
     tags = {
-        "ffscale.pipeline": cfg.run.name,
+        "ffscale.pipeline": pipeline,
         "ffscale.pipeline_run": parent or "",
         "ffscale.stage_run": run_id,
         "ffscale.stage_runs": json.dumps(stage_runs),
@@ -30,24 +34,52 @@ def publish(
         "ffscale.preprocessing": json.dumps(card["preprocessing"]),
     }
     for k, v in tags.items():
-        breaker.attempt(client.set_model_version_tag, name, str(version), k, v)
-    breaker.attempt(
-        client.update_model_version, name, str(version),
-        description=f"{card['model']} from pipeline {cfg.run.name}, stage {final.name} "
-        f"(run {run_id}); trained on {card['data']['train']['name']}:{card['data']['train']['digest']}",
-    )  # fmt: skip
-    print(f"ffscale: registered models:/{name}/{version} (stage run {run_id})", flush=True)
-    return True
+        c.set_model_version_tag(register_as, str(version), k, v)
+    c.update_model_version(register_as, str(version), description=redact(
+        f"{card['model']} from pipeline {pipeline}, stage {stage_dir.name} (run {run_id}); {_origin(card)}"))  # fmt: skip
+    print(f"ffscale: registered models:/{register_as}/{version} (stage run {run_id})", flush=True)
+    return f"models:/{register_as}/{version}"
 
 
-def _log_model(uri: str, final, run_id: str, register_as: str | None):
+def _origin(card: dict) -> str:
+    data = card.get("data", {})
+    if "train" in data:
+        return f"trained on {data['train']['name']}:{data['train']['digest']}"
+    if "imported" in data:
+        src = data["imported"]
+        return f"imported from {Path(src['path']).name} ({src['layout']} layout, sha256 {src['digest']})"
+    return "origin not recorded"
+
+
+def _log_model(uri: str, stage_dir: Path, run_id: str, register_as: str | None):
     import mlflow
 
     from ffscale.tracking.pyfunc import log
 
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(credentials_to_env(uri))
     mlflow.start_run(run_id=run_id)  # the stage finished: a failure to log must not mark it FAILED
     try:
-        return log(final.dir, register_as)
+        return log(stage_dir, register_as)
     finally:
         mlflow.end_run("FINISHED")
+
+
+def register_package(path: Path, name: str, uri: str, experiment: str) -> str:
+    """A model package on disk (a finished stage, a run directory or an `ffscale import` output)
+    registered as `name`: a run of kind `package` in `experiment` holds it; its version is tagged
+    as a pipeline's is. Returns models:/NAME/VERSION."""
+    from mlflow.entities import Param
+
+    package = find_package(Path(path))
+    card = read_card(package)
+    c = client(uri)
+    run_dir = package.parent if (package.parent / "config.yaml").is_file() else package
+    tags = {"ffscale.kind": "package", "ffscale.pipeline": run_dir.name, "ffscale.stage": package.name,
+            "ffscale.model": card["model"], "ffscale.package": str(package.resolve())}  # fmt: skip
+    run = c.create_run(
+        experiment_id(c, experiment, uri), run_name=f"{run_dir.name}/{package.name}", tags=tags
+    )
+    rid = run.info.run_id
+    params = [Param(k, v) for k, v in flatten({"model": {"name": card["model"], **card["kwargs"]}}).items()]
+    c.log_batch(rid, params=params[:100])
+    return publish(c, uri, run_dir.name, package, rid, None, {package.name: rid}, name)

@@ -1,125 +1,65 @@
 """The MLflow tracker: a parent run per pipeline, a child run per stage.
 
-Run ids live in `<run dir>/mlflow_runs.json`, so a rerun continues the same runs; params are
-logged once, when a run is created (MLflow params are immutable). Metrics are buffered and
-written with `log_batch`; a tracking server that is down costs one warning, not the training
-(ffscale/tracking/breaker.py).
+Run ids live in `<run dir>/mlflow_runs.json`, so a rerun continues the same runs. Metrics are
+buffered and written with `log_batch`. A server that fails costs one warning, not the training
+(ffscale/tracking/breaker.py): the run directory holds every row, and at a stage's end the stage
+is caught up from it (ffscale/tracking/replay.py, the code of `ffscale track sync`): its run created
+if it could not be, every metric step the server lacks, the summary, artifacts and final status.
+At a stage's or the job's end a server that does not answer is retried for `tracking.end_retry_s`;
+then the job finishes without it and prints the `ffscale track sync` command that replays it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import re
 import time
 from pathlib import Path
 
-from ffscale.config import dotted
-from ffscale.inference.card import CARD
 from ffscale.tracking.breaker import Breaker, Down
-from ffscale.tracking.registry import publish
-from ffscale.tracking.store import client, redact, tracking_uri
-from ffscale.util.atomic import write_atomic
+from ffscale.tracking.replay import Replay, StageFacts
+from ffscale.tracking.store import tracking_uri
+from ffscale.util.secrets import has_secret, redact
 
-SECRET = re.compile(r"(token|password|passwd|secret|credential|api_?key)", re.I)
-
-
-def flatten(d: dict) -> dict[str, str]:
-    """Nested config -> {'optim.base_lr': '0.0005', ...}; secret-looking keys and URI credentials
-    never leave the machine."""
-    return {k: redact(str(v))[:6000] for k, v in dotted(d).items() if not SECRET.search(k)}
+BUFFER = 100_000  # metric values kept while the server is down; older ones are replayed from metrics.jsonl
+ENDED = ("FINISHED", "FAILED")  # what is waited for; a preempted or stopped job's rerun continues its runs
 
 
 class MlflowTracker:
     def __init__(self, cfg, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
         self.uri = tracking_uri(cfg, run_dir)
-        self.client = client(self.uri)
-        self.ids_file = run_dir / "mlflow_runs.json"
-        self.ids = json.loads(self.ids_file.read_text()) if self.ids_file.is_file() else {"stages": {}}
+        self.where = redact(self.uri)
+        self.replay = Replay(run_dir, self.uri, cfg)
+        self.breaker = Breaker(self.uri)
         self.parent: str | None = None
         self.child: str | None = None
+        self.stage = None
+        self.facts: StageFacts | None = None
         self.buffer: list = []
         self.monitor = None
-        self.breaker = Breaker(self.uri)
-        self._try = self.breaker.attempt
-
-    # -- helpers ---------------------------------------------------------------------------
-    def _save_ids(self) -> None:
-        write_atomic(self.ids_file, json.dumps(self.ids, indent=1))
-
-    def _resume_or_create(
-        self, run_id: str | None, exp_id: str, name: str, tags: dict, params: dict
-    ) -> str | None:
-        from mlflow.entities import Param
-
-        if run_id and self._try(self.client.get_run, run_id) is not None:
-            self._try(self.client.update_run, run_id, status="RUNNING")
-            return run_id
-        run = self._try(self.client.create_run, exp_id, run_name=name, tags=tags)
-        if run is None:
-            return None
-        items = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # log_batch takes at most 100 params
-            self._try(self.client.log_batch, run.info.run_id, params=items[i : i + 100])
-        return run.info.run_id
+        self.gave_up = False
+        self.pending: list = []  # (stage, facts, status) of stage ends MLflow missed: caught up at the next
 
     # -- the tracker interface ---------------------------------------------------------------
     def pipeline_started(self, cfg) -> None:
-        exp = self._try(self.client.get_experiment_by_name, cfg.tracking.experiment)
-        self.exp_id = (
-            exp.experiment_id if exp else self._try(self.client.create_experiment, cfg.tracking.experiment)
-        )
-        if self.exp_id is None:
-            return
-        params = flatten({k: v for k, v in dataclasses.asdict(cfg).items() if k != "stages"})
-        params["stages"] = ",".join(cfg.stages or ["train"])
-        tags = {"ffscale.pipeline": cfg.run.name, "ffscale.kind": "pipeline"}
-        self.parent = self._resume_or_create(self.ids.get("parent"), self.exp_id, cfg.run.name, tags, params)
-        if self.parent:
-            self.ids["parent"] = self.parent
-            self._save_ids()
-            if (self.run_dir / "config.yaml").is_file():
-                self._try(self.client.log_artifact, self.parent, str(self.run_dir / "config.yaml"))
+        self.parent = self.breaker.attempt(self._open, self.replay.pipeline_run)
+
+    def _open(self, make) -> str:
+        """A run made or found, and (resumed) running again."""
+        rid = make()
+        self.replay.client.update_run(rid, status="RUNNING")
+        return rid
 
     def stage_started(self, stage, train_manifest, val_manifest, n_params, lineage: str) -> None:
         """`lineage`: where the stage's weights came from (pipeline.init_weights_for)."""
-        if not self.parent:
-            return
-        s = stage.cfg
-        tags = {
-            "mlflow.parentRunId": self.parent,
-            "ffscale.pipeline": self.cfg.run.name,
-            "ffscale.kind": "stage",
-            "ffscale.stage": stage.name,
-            "ffscale.model": s.model.name,
-            "ffscale.dataset": train_manifest.name + ":" + train_manifest.digest,
-            "ffscale.init_from": lineage,
-        }
-        params = flatten(dataclasses.asdict(s))
-        params["model.params"] = str(n_params)
-        old = self.ids["stages"].get(stage.name)
-        self.child = self._resume_or_create(
-            old, self.exp_id, f"{self.cfg.run.name}/{stage.name}", tags, params
-        )
-        if not self.child:
-            return
-        self.ids["stages"][stage.name] = self.child
-        self._save_ids()
-        if not old:
-            self._log_datasets(train_manifest, val_manifest, s)
-        self._start_system_metrics()
+        self.stage, self.child = stage, None
+        dataset = f"{train_manifest.name}:{train_manifest.digest}"
+        self.facts = StageFacts(dataset, n_params, lineage, train_manifest, val_manifest)
+        self._open_stage()
 
-    def _log_datasets(self, train_m, val_m, s) -> None:
-        from mlflow.entities import Dataset, DatasetInput, InputTag
-
-        inputs = []
-        for m, ctx, root in ((train_m, "training", s.data.train), (val_m, "validation", s.data.val)):
-            src = json.dumps({"uri": str(Path(root).resolve()), "origin": m.source})
-            schema = json.dumps({"samples": m.num_samples, "classes": m.num_classes, "shards": len(m.shards)})
-            ds = Dataset(name=m.name, digest=m.digest, source_type="local", source=src, schema=schema)
-            inputs.append(DatasetInput(ds, tags=[InputTag("mlflow.data.context", ctx)]))
-        self._try(self.client.log_inputs, self.child, datasets=inputs)
+    def _open_stage(self) -> None:
+        self.child = self.breaker.attempt(self._open, lambda: self.replay.stage_run(self.stage, self.facts))
+        if self.child:
+            self._start_system_metrics()
 
     def _start_system_metrics(self) -> None:
         try:
@@ -133,26 +73,14 @@ class MlflowTracker:
             self.monitor = None
 
     def config_changed(self, stage, step: int, diff: dict, what: str, history: Path) -> None:
-        """Params are immutable: a resumed stage's allowed change is a tag per key with its step
-        (`ffscale.change.<key>` = `old -> new @ step N`, every change in `ffscale.changes`), and the
-        stage's config history (`history`) as an artifact. `what`: the change in words."""
-        if not self.child:
-            return
-        run = self._try(self.client.get_run, self.child)
-        past = run.data.tags.get("ffscale.changes", "") if run else ""
-        line = f"step {step}: {what}"
-        self._try(self.client.set_tag, self.child, "ffscale.changes", f"{past}\n{line}".strip())
-        for k, (old, new) in diff.items():
-            self._try(
-                self.client.set_tag, self.child, f"ffscale.change.{k}", f"{old!r} -> {new!r} @ step {step}"
-            )
-        if history.is_file():
-            self._try(self.client.log_artifact, self.child, str(history))
+        """The change is in the stage's config history already; its tags follow from it."""
+        if self.child:
+            self.breaker.attempt(self.replay.changes, stage, self.child)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
 
-        if not self.child:
+        if self.stage is None:
             return
         now = int(time.time() * 1000)
         self.buffer += [
@@ -162,52 +90,86 @@ class MlflowTracker:
             self.flush()
 
     def flush(self) -> None:
+        if self.stage is not None and self.child is None:
+            self._open_stage()  # the server answers again: the stage's run exists from now on
         while self.child and self.buffer:
             try:
-                self.breaker.call(self.client.log_batch, self.child, metrics=self.buffer[:1000])
+                self.breaker.call(self.replay.client.log_batch, self.child, metrics=self.buffer[:1000])
             except Down:
-                self.buffer = self.buffer[-200_000:]  # keep (bounded) until the server is back
-                return
+                break
             self.buffer = self.buffer[1000:]
+        self.buffer = self.buffer[-BUFFER:]  # the rest is in metrics.jsonl: the stage's end sends it
 
     def stage_ended(self, stage, status: str, summary: dict | None = None) -> None:
+        stage = stage or self.stage
         self.flush()
         if self.monitor is not None:
-            self._try(self.monitor.finish)
+            self.breaker.attempt(self.monitor.finish)
             self.monitor = None
-        if not self.child:
+        if stage is None:
             return
-        if summary is not None:
-            from mlflow.entities import Metric
+        self.pending.append((stage, self.facts or StageFacts.from_files(stage, []), status))
+        self._final(status, f"stage {stage.name}", self._catch_up)
+        self.stage = self.child = None
+        self.buffer = []
 
-            best = summary.get("best", {})
-            now = int(time.time() * 1000)
-            final = [
-                Metric(f"best_{k}", float(v), now, summary.get("steps", 0))
-                for k, v in best.items()
-                if k != "epoch"
-            ]
-            self._try(self.client.log_batch, self.child, metrics=final)
-            for f in ("DONE", "metrics.jsonl", "weights.safetensors"):
-                if (stage.dir / f).is_file():
-                    self._try(self.client.log_artifact, self.child, str(stage.dir / f))
-        if status != "RUNNING":
-            self._try(self.client.set_terminated, self.child, status)
-        self.child = None
+    def _catch_up(self) -> None:
+        """Every stage end MLflow has missed, oldest first (a stage whose end fell in an outage is
+        caught up at the next stage's end once the server answers)."""
+        while self.pending:
+            self.replay.stage(*self.pending[0])
+            self.pending.pop(0)
 
     def model_ready(self, final, stages) -> None:
-        """The final stage's model logged and registered (ffscale/tracking/registry.py), once."""
-        run_id = self.ids["stages"].get(final.name)
-        if not run_id or not (final.dir / CARD).is_file() or self.ids.get("model_run") == run_id:
-            return  # a rerun of a finished pipeline logs (and registers) no second copy
-        runs = {s.name: self.ids["stages"].get(s.name) for s in stages}
-        if publish(self.client, self.breaker, self.uri, self.cfg, final, run_id, self.parent, runs):
-            self.ids["model_run"] = run_id
-            self._save_ids()
+        """The final stage's model logged (and registered with tracking.register_as), once."""
+        self._final("FINISHED", "the model", lambda: self._catch_up() or self.replay.model(final, stages))
 
     def pipeline_ended(self, status: str) -> None:
-        self.flush()
-        if self.child:
-            self.stage_ended(None, status)
-        if self.parent and status != "RUNNING":
-            self._try(self.client.set_terminated, self.parent, status)
+        if self.stage is not None:  # a stage stopped by an error or a signal
+            self.stage_ended(self.stage, status)
+        if status != "RUNNING":
+            self._final(status, "the pipeline", lambda: self._end_pipeline(status))
+
+    def _end_pipeline(self, status: str) -> None:
+        self._catch_up()
+        self.replay.end(self.replay.pipeline_run(), status)
+
+    # -- a stage's or the job's end --------------------------------------------------------------
+    def _final(self, status: str, what: str, fn):
+        """fn() until it succeeds: retried for tracking.end_retry_s when the job ends FINISHED or
+        FAILED, tried once when it stops to be rerun (KILLED, RUNNING). After one give-up, nothing
+        more is tried until the server has answered again."""
+        if self.gave_up and time.monotonic() < self.breaker.down_until:
+            return None
+        wait = self.cfg.tracking.end_retry_s if status in ENDED and not self.gave_up else 0.0
+        deadline, said = time.monotonic() + wait, False
+        while True:
+            try:
+                out = fn()
+            except Exception as e:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._give_up(what, e)
+                    return None
+                if not said:
+                    print(f"ffscale: MLflow at {self.where} did not answer at the end of {what} "
+                          f"({type(e).__name__}); retrying for up to {wait:.0f} s (tracking.end_retry_s)", flush=True)  # fmt: skip
+                    said = True
+                time.sleep(min(5.0, left))
+                continue
+            self.breaker.close()
+            self.gave_up = False
+            if said:
+                print(f"ffscale: MLflow at {self.where} answered again: {what} caught up", flush=True)
+            return out
+
+    def _give_up(self, what: str, e: Exception) -> None:
+        self.breaker.down_until = time.monotonic() + self.breaker.open_s
+        if self.gave_up:
+            return
+        self.gave_up = True
+        uri = "" if has_secret(self.uri) else f" --uri {self.uri}"
+        print(f"ffscale: MLflow at {self.where} unreachable at the end of {what} ({type(e).__name__}: "
+              f"{redact(str(e)).splitlines()[0][:160] if str(e) else ''}); the job goes on without it. {self.run_dir} "
+              f"holds every metric and artifact; once the server answers, replay them with: "
+              f"ffscale track sync {self.run_dir}{uri}", flush=True)  # fmt: skip

@@ -1,14 +1,15 @@
-"""Where runs are kept: the tracking URI, a quiet MLflow client, queries and model downloads."""
+"""Where runs are kept: the tracking URI, a quiet MLflow client, the experiment (with an artifact
+root the job can write), queries and model downloads."""
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
+from ffscale.config import dotted
 from ffscale.errors import ConfigError
+from ffscale.util.secrets import MASK, redact, secret_key
 
-URI_CREDS = re.compile(r"(//)[^/@\s]+@")
 MLFLOW_ENV = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",
     "GIT_PYTHON_REFRESH": "quiet",
@@ -16,19 +17,44 @@ MLFLOW_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",  # a dead server must not block training for minutes
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
+ARTIFACTS = "mlartifacts"  # beside a SQLite store: its experiments' artifacts
+PAGE = 1000  # runs per search request (`ffscale compare` pages through any number)
+
+
+def quiet() -> None:
+    """MLflow's settings, set before it is imported (it reads them at import)."""
+    for k, v in MLFLOW_ENV.items():
+        os.environ.setdefault(k, v)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = credentials_to_env(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def credentials_to_env(uri: str) -> str:
+    """An http(s) URI without its `user:password@`, which go to MLFLOW_TRACKING_USERNAME/PASSWORD
+    unless those are set (MLflow sends those, and its errors and warnings print the URL it calls)."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    if parts.username is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username))
+    if parts.password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password))
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def client(uri: str):
-    """An MlflowClient, MLflow configured quietly first (its settings are read at import)."""
-    for k, v in MLFLOW_ENV.items():
-        os.environ.setdefault(k, v)
+    quiet()
     from mlflow import MlflowClient
 
-    return MlflowClient(uri)
+    return MlflowClient(credentials_to_env(uri))
 
 
-def redact(value: str) -> str:
-    return URI_CREDS.sub(r"\1***@", value)
+def flatten(d: dict) -> dict[str, str]:
+    """Nested config -> {'optim.base_lr': '0.0005', ...}; secret-looking keys and credentials
+    never leave the machine (ffscale/util/secrets.py)."""
+    return {k: redact(str(v))[:6000] for k, v in dotted(d).items() if not secret_key(k)}
 
 
 def default_store(runs_root: Path) -> str:
@@ -37,39 +63,107 @@ def default_store(runs_root: Path) -> str:
 
 
 def tracking_uri(cfg, run_dir: Path) -> str:
-    return cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store(run_dir.parent)
+    """tracking.uri, else $MLFLOW_TRACKING_URI, else SQLite beside the run directory. A URI whose
+    credential was masked when its config.yaml was written is replaced by $MLFLOW_TRACKING_URI."""
+    uri = cfg.tracking.uri
+    if uri and MASK in uri:
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return credentials_to_env(os.environ["MLFLOW_TRACKING_URI"])
+        raise ConfigError(
+            f"tracking.uri={uri!r}: its credential was masked when the config was saved; give the URI with "
+            "--uri or MLFLOW_TRACKING_URI, or the credentials in MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"
+        )
+    return credentials_to_env(uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store(run_dir.parent))
+
+
+def sqlite_file(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts. For SQLite, beside the database: MLflow's default
+    is ./mlruns in the working directory, which in the image is /opt/ffscale, not writable by the
+    job's user (uid 1000). A server decides for itself (`--serve-artifacts`: mlflow-artifacts:/)."""
+    db = sqlite_file(uri)
+    return (db.parent / ARTIFACTS).resolve().as_uri() if db else None
+
+
+def experiment_id(c, name: str, uri: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name, artifact_location=artifact_root(uri))
+    except Exception:  # created meanwhile by another job
+        exp = c.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def ensure_store(cfg, run_dir: Path) -> None:
-    """Create the default SQLite store before ranks start: concurrent creation races."""
+    """Create the default SQLite store before ranks start: concurrent creation races. A store on a
+    network filesystem is named once (several jobs stall on its locks: `ffscale doctor` refuses it)."""
     if not cfg.tracking.enabled:
         return
     uri = tracking_uri(cfg, run_dir)
-    if uri.startswith("sqlite:"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite_file(uri)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
         client(uri).search_experiments(max_results=1)
+        why = sqlite_unsafe(db)
+        if why:
+            print(f"ffscale: warning: {why}", flush=True)
 
 
-def reachable(cfg, run_dir: Path) -> tuple[str, str | None]:
-    """(the tracking URI, None) when MLflow answers there, else (URI, the reason)."""
-    uri = tracking_uri(cfg, run_dir)
-    try:
-        if uri.startswith("sqlite:"):
-            Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-        client(uri).search_experiments(max_results=1)
-    except Exception as e:
-        return redact(uri), f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    return redact(uri), None
+def sqlite_unsafe(db: Path) -> str | None:
+    """Why a SQLite store at `db` is unsafe for several jobs (a network filesystem), or None."""
+    from ffscale.util.fsinfo import network_fs
+
+    fs = network_fs(db.parent)
+    if fs is None:
+        return None
+    kind, mount = fs
+    return (f"the MLflow store {db} is SQLite on a network filesystem ({kind} at {mount}), where its locking is "
+            "unsafe and jobs stall on 'database is locked': point tracking.uri (or MLFLOW_TRACKING_URI) at an "
+            "MLflow server (cluster/README.md), or put the store on a local disk "
+            "(tracking.uri=sqlite:////local/path/mlflow.db)")  # fmt: skip
 
 
-def stage_runs(uri: str, experiment: str, filter_string: str = "") -> list:
-    """Finished or not, every stage run of an experiment (for `ffscale compare`)."""
+def stage_runs(uri: str, experiment: str, filter_string: str = "", model: str = "") -> list:
+    """Every stage run of an experiment, filtered on the server, in pages of PAGE runs (one request
+    each: a run comes with its params, latest metrics and tags, so nothing is fetched per run)."""
     c = client(uri)
     exp = c.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    flt = "tags.`ffscale.kind` = 'stage'" + (f" and {filter_string}" if filter_string else "")
-    return c.search_runs([exp.experiment_id], flt, max_results=5000)
+    flt = "tags.`ffscale.kind` = 'stage'"
+    if model:
+        flt += " and tags.`ffscale.model` LIKE '%" + model.replace("'", "") + "%'"
+    if filter_string:
+        flt += f" and {filter_string}"
+    out, token = [], None
+    while True:
+        page = c.search_runs([exp.experiment_id], flt, max_results=PAGE, page_token=token)
+        out += list(page)
+        token = page.token
+        if not token:
+            return out
+
+
+def log_values(c, run_id: str, params: dict | None = None, tags: dict | None = None,
+               metrics: list[tuple[str, float, int, int]] | None = None) -> None:  # fmt: skip
+    """Plain values into a run, in MLflow's batch sizes: params {k: v}, tags {k: v}, metrics
+    (key, value, timestamp ms, step)."""
+    from mlflow.entities import Metric, Param, RunTag
+
+    ps = [Param(k, str(v)) for k, v in (params or {}).items()]
+    ts = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+    ms = [Metric(k, float(v), t, s) for k, v, t, s in metrics or []]
+    for i in range(0, max(len(ps), len(ts), len(ms)), 100):  # log_batch: 100 params, 1,000 values in all
+        c.log_batch(run_id, params=ps[i : i + 100], tags=ts[i : i + 100], metrics=ms[i : i + 100])
 
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -78,14 +172,13 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
 
 def download_model(uri: str) -> Path:
     """A models:/ or runs:/ model's artifacts (model.json and weights) in a local directory."""
-    for k, v in MLFLOW_ENV.items():
-        os.environ.setdefault(k, v)
+    quiet()
     import mlflow
 
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri.rstrip("/")))
     except Exception as e:
         raise ConfigError(
-            f"{uri}: cannot download it from MLflow at {redact(mlflow.get_tracking_uri())} ({e})"
+            f"{uri}: cannot download it from MLflow at {redact(mlflow.get_tracking_uri())} ({redact(str(e))})"
         ) from None
     return local / "artifacts" if (local / "artifacts").is_dir() else local

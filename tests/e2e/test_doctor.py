@@ -27,8 +27,12 @@ def test_doctor_passes_on_a_node_that_can_run_the_job_and_measures_it(fm_shards,
     assert "doctor: this node can run the job" in r.stdout
     checks = {c["name"]: c for c in json.loads(out.read_text())}
     for name in ("python", "torch", "deepspeed", "dali", "all-reduce", "data.train", "data.val", "data.read",
-                 "data.decode", "run.dir", "run.disk", "mlflow", "train burst"):  # fmt: skip
+                 "data.decode", "run.dir", "run.disk", "mlflow", "mlflow.artifacts", "train burst"):  # fmt: skip
         assert checks[name]["ok"], checks[name]
+    # the default SQLite store keeps its artifacts beside it, wherever the working directory is
+    assert checks["mlflow.artifacts"]["figure"].startswith(
+        f"{(tmp_path / 'mlartifacts').resolve().as_uri()} writable"
+    )
     assert "GB/s bus bandwidth, 2 ranks, gloo" in checks["all-reduce"]["figure"]
     assert "2048 samples, 10 classes, 8 shards" in checks["data.train"]["figure"]
     assert "img/s" in checks["data.decode"]["figure"] and "img/s" in checks["train burst"]["figure"]

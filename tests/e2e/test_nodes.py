@@ -7,40 +7,46 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers.launch import ROOT, free_port, launch_env, small_overrides
-
-BIN = Path(sys.executable).parent
-
-
-def node_cmd(rank: int, port: int, args: list[str]) -> list[str]:
-    """The pods' entry command (see job.yaml), with CPU ranks and this machine as node 0."""
-    return [str(BIN / "ffscale"), "train", "--nproc", "1", "--nnodes", "2", "--node-rank", str(rank),
-            "--master-addr", "127.0.0.1", "--master-port", str(port), *args]  # fmt: skip
-
-
-def start_nodes(args):
-    port = free_port()
-    return [
-        subprocess.Popen(node_cmd(r, port, args), cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        for r in (0, 1)
-    ]  # fmt: skip
+from helpers.launch import small_overrides, start_nodes
 
 
 @pytest.mark.e2e
 def test_two_nodes_train_zero3_together_and_a_dead_node_stops_the_other(fm_shards, tmp_path):
-    # The MLflow server is down (nothing listens on port 9): training must go on, with one warning.
+    # The MLflow server is down (nothing listens on port 9) from the start to the end: training must
+    # go on with one warning, retry for tracking.end_retry_s at the end, then say how to replay it.
     args = small_overrides(fm_shards, tmp_path, "nodes") + [
         "deepspeed.zero_stage=3",
         "schedule.epochs=1",
         "tracking.uri=http://127.0.0.1:9",
+        "tracking.end_retry_s=4",
     ]
     procs = start_nodes(args)
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert outs[0].count("MLflow at http://127.0.0.1:9 failed") == 1
+    hint = f"ffscale track sync {tmp_path / 'nodes'} --uri http://127.0.0.1:9"
+    assert outs[0].count(hint) == 1 and "unreachable at the end of stage train" in outs[0], outs[0][-3000:]
     done = json.loads((tmp_path / "nodes" / "train" / "DONE").read_text())
     assert done["ranks"] == 2 and done["last_eval"]["val_samples"] == 512  # ranks agreed on weights
+
+    # the server "comes back" (here: a SQLite store): the replay makes every run and metric step
+    uri = f"sqlite:///{tmp_path / 'back.db'}"
+    r = subprocess.run([str(Path(sys.executable).with_name("ffscale")), "track", "sync", str(tmp_path / "nodes"),
+                        "--uri", uri], capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert r.returncode == 0 and "pipeline run" in r.stdout and "train FINISHED" in r.stdout, r.stderr[-2000:]
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    (stage_run,) = c.search_runs(
+        c.get_experiment_by_name("ffscale").experiment_id, "tags.`ffscale.kind` = 'stage'"
+    )
+    rows = [
+        json.loads(line) for line in (tmp_path / "nodes" / "train" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert stage_run.info.status == "FINISHED"
+    assert sorted(m.step for m in c.get_metric_history(stage_run.info.run_id, "loss")) == [
+        r["step"] for r in rows if "loss" in r
+    ]
 
     procs = start_nodes(
         small_overrides(fm_shards, tmp_path, "dead") + ["deepspeed.zero_stage=3", "schedule.epochs=50"]

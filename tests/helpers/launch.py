@@ -104,3 +104,21 @@ def small_overrides(shards: Path, run_dir: Path, name: str) -> list[str]:
         "schedule.warmup_epochs=0.2",
         "optim.ema_decay=0",
     ]
+
+
+def node_cmd(rank: int, port: int, args: list[str], nproc: int = 1) -> list[str]:
+    """The pods' entry command (see job.yaml) for one of two nodes, with CPU ranks and this machine
+    as node 0."""
+    cli = Path(sys.executable).with_name("ffscale")
+    return [str(cli), "train", "--nproc", str(nproc), "--nnodes", "2", "--node-rank", str(rank),
+            "--master-addr", "127.0.0.1", "--master-port", str(port), *args]  # fmt: skip
+
+
+def start_nodes(args: list[str], env: dict | None = None) -> list[subprocess.Popen]:
+    """Two "nodes" on this machine, each an `ffscale train` of its own; their output in stdout."""
+    port = free_port()
+    return [
+        subprocess.Popen(node_cmd(r, port, args), cwd=ROOT, env=launch_env(env), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        for r in (0, 1)
+    ]  # fmt: skip

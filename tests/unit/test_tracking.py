@@ -1,6 +1,11 @@
-"""Tracking switched off: no store, no calls."""
+"""Tracking: switched off, no store and no calls; where a store lives and what the URI is."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
 
 from ffscale import config as C
 
@@ -12,3 +17,60 @@ def test_tracking_off_makes_no_store_and_logs_nothing(tmp_path):
     tracking.ensure_store(cfg, tmp_path / "default")
     tracker = tracking.create(cfg, tmp_path / "default", rank=0)
     assert isinstance(tracker, tracking.NullTracker) and not any(tmp_path.iterdir())
+
+
+MOUNTS = """overlay / overlay rw,relatime 0 0
+tmpfs /dev/shm tmpfs rw 0 0
+fs.example.com:/export/runs /runs nfs4 rw,vers=4.2 0 0
+/dev/nvme0n1p1 /runs/local ext4 rw 0 0
+sshfs#me@host: /mnt/remote fuse.sshfs rw 0 0
+fuse-overlayfs /rootless fuse.fuse-overlayfs rw 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "network"),
+    [("/runs/a/mlflow.db", ("nfs4", "/runs")), ("/runs/local/mlflow.db", None), ("/tmp/x", None),
+     ("/mnt/remote/runs/mlflow.db", ("fuse.sshfs", "/mnt/remote")), ("/rootless/runs", None)],
+)  # fmt: skip
+def test_the_filesystem_of_a_store_is_read_from_the_mount_table(path, network):
+    from ffscale.util.fsinfo import network_fs
+
+    assert network_fs(Path(path), MOUNTS) == network
+
+
+def test_a_masked_uri_from_a_saved_config_names_the_fix_or_takes_the_environment(tmp_path, monkeypatch):
+    from ffscale.errors import ConfigError
+    from ffscale.tracking.store import artifact_root, tracking_uri
+
+    cfg = C.load(None, ["tracking.uri=http://***@mlflow:5000"])
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(ConfigError, match="masked when the config was saved"):
+        tracking_uri(cfg, tmp_path / "run")
+    for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(k, "-")  # restored (unset) after the test
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://u:p%40ss@mlflow:5000")
+    # MLflow prints the URLs it calls in its errors: the credentials go to the variables it sends
+    assert tracking_uri(cfg, tmp_path / "run") == "http://mlflow:5000"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("u", "p@ss")
+    # a SQLite store keeps its artifacts beside it, not in the working directory (/opt/ffscale in the image)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    uri = tracking_uri(C.load(None, []), tmp_path / "run")
+    assert uri == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert artifact_root(uri) == (tmp_path.resolve() / "mlartifacts").as_uri()
+
+
+@pytest.mark.parametrize(
+    "overrides", [[], ["tracking.enabled=false"], ["tracking.uri=http://mlflow.ml.svc:5000"]]
+)
+def test_rendered_pods_need_a_tracking_server_unless_the_config_names_one_or_tracks_nothing(overrides):
+    """Without a URI the pods would put a SQLite store on the shared (NFS) runs volume."""
+    from ffscale.tools import cluster
+
+    cfg = C.load(None, overrides)
+    job = cluster.render(cfg, C.to_yaml(cfg), cluster.ClusterOpts(nodes=1, gpus_per_node=1))["job.yaml"]
+    (train,) = job["spec"]["template"]["spec"]["containers"]
+    refs = {next(iter(r)): r[next(iter(r))] for r in train["envFrom"]}
+    assert refs["configMapRef"] == {"name": "mlflow", "optional": bool(overrides)}
+    assert refs["secretRef"]["optional"] is True

@@ -1,0 +1,109 @@
+"""`ffscale bench compare`: `ffscale compare` over many runs, timed against a client that fetches
+run by run. It fills a fresh experiment of its own with N stage runs shaped like a pipeline's
+(the config's ~100 params, the ffscale tags, latest metrics and a loss/top-1 history), then times,
+best of `--rounds`:
+- the table: `ffscale compare`'s query (one search request per 1,000 runs, filters on the server);
+- the baseline: run ids from a search, then one `get_run` per run (a round trip each);
+- `--model ff_`: a filter the server applies (a third of the runs);
+- the curves (`--plot`): two metric histories per run, fetched 8 at a time, and one by one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+import uuid
+
+from ffscale import config
+from ffscale.tools.compare import stage_rows
+from ffscale.tracking import store
+from ffscale.tracking.store import flatten
+from ffscale.util.secrets import redact
+
+MODELS = ("ff_tiny", "vit_tiny", "attn_only_tiny")
+
+
+def fill(uri: str, experiment: str, n: int, steps: int) -> float:
+    """N stage runs in `experiment`; seconds it took."""
+    c = store.client(uri)
+    exp = store.experiment_id(c, experiment, uri)
+    params = flatten(dataclasses.asdict(config.stages(config.load(None, []))[0].cfg))
+    t0, now = time.perf_counter(), int(time.time() * 1000)
+    for i in range(n):
+        model = MODELS[i % len(MODELS)]
+        tags = {"ffscale.kind": "stage", "ffscale.pipeline": f"bench-{i}", "ffscale.stage": "train",
+                "ffscale.model": model, "ffscale.dataset": "train:bench"}  # fmt: skip
+        rid = c.create_run(exp, run_name=f"bench-{i}/train", tags=tags).info.run_id
+        hist = [("loss", 2.3 - 1.5 * s / steps, now + s, s) for s in range(1, steps + 1)]
+        hist += [
+            ("val_top1", 10 + 60 * s / steps, now + s, s) for s in range(steps // 10, steps + 1, steps // 10)
+        ]
+        hist += [("img_per_s", 1000.0 + i, now, steps), ("best_val_top1", 70.0, now, steps)]
+        store.log_values(
+            c, rid, params={**params, "model.name": model, "model.params": 5_700_000}, metrics=hist
+        )
+        c.set_terminated(rid, "FINISHED")
+    return time.perf_counter() - t0
+
+
+def best(fn, rounds: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def run(a) -> dict:
+    tmp = None
+    uri = a.uri
+    if not uri:
+        tmp = tempfile.TemporaryDirectory(prefix="ffscale-bench-compare-")
+        uri = f"sqlite:///{tmp.name}/mlflow.db"
+    experiment = f"ffscale-bench-compare-{uuid.uuid4().hex[:8]}"
+    try:
+        fill_s = fill(uri, experiment, a.runs, a.steps)
+        c = store.client(uri)
+        exp = c.get_experiment_by_name(experiment).experiment_id
+
+        def per_run():
+            ids = [r.info.run_id for r in store.stage_runs(uri, experiment)]
+            return [c.get_run(i) for i in ids]
+
+        table_s, rows = best(lambda: stage_rows(uri, experiment), a.rounds)
+        base_s, runs = best(per_run, a.rounds)
+        model_s, some = best(lambda: stage_rows(uri, experiment, model="ff_"), a.rounds)
+        from concurrent.futures import ThreadPoolExecutor
+
+        wanted = [(r["run_id"], k) for r in rows for k in ("loss", "val_top1")]
+
+        def curves():
+            with ThreadPoolExecutor(8) as pool:
+                return list(pool.map(lambda rk: store.metric_history(uri, *rk), wanted))
+
+        curves_s, hists = best(curves, a.rounds)
+        serial_s, _ = best(lambda: [store.metric_history(uri, *rk) for rk in wanted], a.rounds)
+        c.delete_experiment(exp)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    assert len(rows) == len(runs) == a.runs and len(hists) == 2 * a.runs
+    return {"uri": redact(uri), "runs": a.runs, "params_per_run": len(runs[0].data.params), "steps": a.steps,
+            "fill_s": round(fill_s, 2), "table_s": round(table_s, 3), "per_run_s": round(base_s, 3),
+            "speedup": round(base_s / table_s, 1), "model_filter_s": round(model_s, 3), "model_filter_runs": len(some),
+            "curves_s": round(curves_s, 2), "curves_serial_s": round(serial_s, 2),
+            "points": sum(len(h) for h in hists)}  # fmt: skip
+
+
+def print_compare(r: dict) -> None:
+    print(f"{r['runs']} stage runs ({r['params_per_run']} params each) in one experiment at {r['uri']} "
+          f"(filled in {r['fill_s']:.1f} s)")  # fmt: skip
+    print(f"  ffscale compare (paged search):    {r['table_s']:.3f} s")
+    print(f"  baseline, one get_run per run:     {r['per_run_s']:.3f} s  ({r['speedup']:.1f}x the table)")
+    print(
+        f"  --model ff_ (server-side filter):  {r['model_filter_s']:.3f} s for {r['model_filter_runs']} runs"
+    )
+    print(f"  --plot curves (2 histories a run): {r['curves_s']:.2f} s, {r['points']:,} points, 8 requests at a "
+          f"time ({r['curves_serial_s']:.2f} s one by one)")  # fmt: skip
