@@ -9,19 +9,24 @@ from pathlib import Path
 import pytest
 from helpers.launch import small_overrides, start_nodes
 
+ZERO3 = ["deepspeed.zero_stage=3", "schedule.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def straight(fm_shards, module_dir):
+    """Two nodes train ZeRO-3 for an epoch, never interrupted. The MLflow server is down (nothing
+    listens on port 9) from the start to the end (tracking does not change the weights)."""
+    args = small_overrides(fm_shards, module_dir, "nodes") + ZERO3
+    procs = start_nodes(args + ["tracking.uri=http://127.0.0.1:9", "tracking.end_retry_s=4"])
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    return {"dir": module_dir, "procs": procs, "outs": outs}
+
 
 @pytest.mark.e2e
-def test_two_nodes_train_zero3_together_and_a_dead_node_stops_the_other(fm_shards, tmp_path):
-    # The MLflow server is down (nothing listens on port 9) from the start to the end: training must
-    # go on with one warning, retry for tracking.end_retry_s at the end, then say how to replay it.
-    args = small_overrides(fm_shards, tmp_path, "nodes") + [
-        "deepspeed.zero_stage=3",
-        "schedule.epochs=1",
-        "tracking.uri=http://127.0.0.1:9",
-        "tracking.end_retry_s=4",
-    ]
-    procs = start_nodes(args)
-    outs = [p.communicate(timeout=240)[0] for p in procs]
+def test_two_nodes_train_zero3_together_and_a_dead_node_stops_the_other(fm_shards, straight):
+    # With the server down training goes on with one warning, retries for tracking.end_retry_s at the
+    # end, then says how to replay it.
+    tmp_path, procs, outs = straight["dir"], straight["procs"], straight["outs"]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     assert outs[0].count("MLflow at http://127.0.0.1:9 failed") == 1
     hint = f"ffscale track sync {tmp_path / 'nodes'} --uri http://127.0.0.1:9"
@@ -67,7 +72,7 @@ def test_two_nodes_train_zero3_together_and_a_dead_node_stops_the_other(fm_shard
 
 @pytest.mark.e2e
 def test_a_frozen_node_stops_the_other_within_the_step_timeout_and_the_restarted_group_resumes(
-    fm_shards, tmp_path
+    fm_shards, straight
 ):
     """Node 1 stops answering (SIGSTOP: a hung host, not a closed socket) mid-training: node 0 leaves its
     collective after run.step_timeout_s (the start-up timeout stays 600 s) and exits non-zero; both
@@ -75,14 +80,11 @@ def test_a_frozen_node_stops_the_other_within_the_step_timeout_and_the_restarted
     was never interrupted."""
     import psutil
 
-    def args(name, *extra):
-        return small_overrides(fm_shards, tmp_path, name) + [
-            "deepspeed.zero_stage=3", "schedule.epochs=1", "checkpoint.every_steps=4", *extra,
-        ]  # fmt: skip
+    tmp_path = straight["dir"]
 
-    straight = start_nodes(args("straight"))
-    outs = [p.communicate(timeout=240)[0] for p in straight]
-    assert [p.returncode for p in straight] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    def args(name, *extra):
+        return small_overrides(fm_shards, tmp_path, name) + ZERO3 + ["checkpoint.every_steps=4", *extra]
+
     procs = start_nodes(args("frozen", "run.step_timeout_s=20"))
     metrics = tmp_path / "frozen" / "train" / "metrics.jsonl"
     deadline = time.time() + 180
@@ -111,4 +113,4 @@ def test_a_frozen_node_stops_the_other_within_the_step_timeout_and_the_restarted
     def digest(name):
         return json.loads((tmp_path / name / "train" / "DONE").read_text())["weights_digest"]
 
-    assert digest("frozen") == digest("straight")
+    assert digest("frozen") == digest("nodes")  # the straight run's
