@@ -149,8 +149,9 @@ class RunCfg:
     # This one holds at start-up and around checkpoints, evaluations and an epoch's first step;
     collective_timeout_s: int = 600
     # this one during training steps, from the first step on (torchtitan: comm.train_timeout_seconds,
-    # 100 s): above a healthy step's longest wait (rank 0's bounded MLflow calls, ~30 s at worst).
-    # 0: collective_timeout_s throughout.
+    # 100 s): above a healthy step's longest wait. The longest seen: rank 0 in one call to an MLflow
+    # server that accepts connections and never answers, 34.7 s (10 s timeout x 3 tries with backoff,
+    # measured 2026-12-03); the tracker then skips calls for 60 s. 0: collective_timeout_s throughout.
     step_timeout_s: int = 120
     # Keys a resumed stage may take new values for (`--allow-change KEY`); see ffscale/run/changes.py
     allow_change: list[str] = field(default_factory=list)

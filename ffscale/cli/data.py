@@ -73,11 +73,16 @@ def index(a) -> int:
 def verify(a) -> int:
     from ffscale.data.manifest import MANIFEST, verify
     from ffscale.engine.ckpt_files import verify_tree
+    from ffscale.errors import DataError
 
     bad = 0
     for root in a.dirs:
+        if not Path(root).is_dir():
+            raise DataError(f"{root}: no such directory (shards, or a run with checkpoints)")
         if not (Path(root) / MANIFEST).is_file():  # a run, stage or checkpoints directory
-            bad += verify_tree(Path(root), lambda line: print(line, flush=True))
+            if not verify_tree(Path(root), lambda line: print(line, flush=True), counted := []):
+                raise DataError(f"{root}: neither shards (no {MANIFEST}) nor a run with checkpoints")
+            bad += counted[0]
             continue
         m = verify(root)
         print(

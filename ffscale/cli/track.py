@@ -79,13 +79,11 @@ def sync(a) -> int:
 
 
 def register(a) -> int:
-    from ffscale.inference.card import find_package
-    from ffscale.tracking.registry import register_package
+    from ffscale.tracking.registry import package_run_dir, register_package
     from ffscale.tracking.store import default_store
 
     path = Path(a.package)
-    package = find_package(path).resolve()
-    run_dir = package.parent if (package.parent / "config.yaml").is_file() else package
+    run_dir = package_run_dir(path)[1].resolve()
     uri = a.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store(run_dir.parent)
     ref = register_package(path, a.name, uri, a.experiment)
     print(f"{path}: registered as {ref}")

@@ -21,6 +21,7 @@ ffscale.json is written after every other file, so that is provably an interrupt
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import shutil
 import subprocess
@@ -54,9 +55,21 @@ def _world() -> int:
 
 def latest_tag(ckpt_dir: Path) -> str | None:
     """The newest complete checkpoint (its ffscale.json written), None when there is none."""
-    d = Path(ckpt_dir)
-    done = [x for x in d.iterdir() if _step(x.name) >= 0 and (x / META).is_file()] if d.is_dir() else []
-    return max(done, key=lambda x: _step(x.name)).name if done else None
+    done = _complete(Path(ckpt_dir))
+    return done[0] if done else None
+
+
+def _complete(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoints, newest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    done = [x.name for x in ckpt_dir.iterdir() if _step(x.name) >= 0 and (x / META).is_file()]
+    return sorted(done, key=_step, reverse=True)
+
+
+def _set_aside(ckpt_dir: Path) -> list[str]:
+    """Checkpoints a resume found damaged and moved aside (never deleted: nothing proves them worthless)."""
+    return sorted(x.name for x in ckpt_dir.iterdir() if DAMAGED in x.name) if ckpt_dir.is_dir() else []
 
 
 def pointer_note(ckpt_dir: Path) -> str | None:
@@ -75,15 +88,19 @@ _step = ckpt_files.step_of
 def _state_of(ckpt_dir: Path, tag: str) -> str:
     if (ckpt_dir / tag).is_dir():
         return "incomplete"
-    return "damaged (set aside)" if (ckpt_dir / (tag + DAMAGED)).is_dir() else "gone"
+    return "damaged (set aside)" if any(n.startswith(tag + DAMAGED) for n in _set_aside(ckpt_dir)) else "gone"
 
 
 def _rank_file(ckpt_dir: Path, tag: str, rank: int) -> Path:
     return ckpt_dir / tag / f"ffscale_rank{rank}.pt"
 
 
-def save(ds, ckpt_dir, tag: str, client_state: dict, keep: int, rank_state: dict | None = None) -> None:
-    """`rank_state`: tensors only this rank holds (its EMA shard), written beside DeepSpeed's files."""
+def save(
+    ds, ckpt_dir, tag: str, client_state: dict, keep: int, rank_state: dict | None = None, fence=lambda: None
+) -> None:
+    """`rank_state`: tensors only this rank holds (its EMA shard), written beside DeepSpeed's files.
+    `fence()`: rank 0 calls it again right before the record that completes the checkpoint (a run
+    taken over meanwhile gets no complete checkpoint and loses no old one to the rotation)."""
     ckpt_dir = Path(ckpt_dir)
     root = ckpt_dir / tag
     try:
@@ -108,7 +125,9 @@ def save(ds, ckpt_dir, tag: str, client_state: dict, keep: int, rank_state: dict
             "free space and rerun to resume from it",
         ) from e
     every = all_gather_object(files)  # also the barrier: every rank's files are written and synced
-    if ds.global_rank == 0:
+
+    def commit():
+        fence()
         meta = {
             "format": FORMAT,
             **versions(),
@@ -127,7 +146,8 @@ def save(ds, ckpt_dir, tag: str, client_state: dict, keep: int, rank_state: dict
             if old.name != tag:
                 shutil.rmtree(old, ignore_errors=True)
                 shutil.rmtree(ckpt_dir / f"{old.name}_universal", ignore_errors=True)
-    barrier()
+
+    on_rank0(ds.global_rank, commit)  # rank 0 completes it; every rank leaves together
 
 
 def remove_partial(ckpt_dir) -> list[str]:
@@ -178,84 +198,103 @@ def needs_reshard(ckpt_dir) -> bool:
 
 def select(ckpt_dir, rank: int, world: int) -> str | None:
     """Every rank, before the engine is built: the checkpoint to resume (None: none, start afresh),
-    checked as the module docstring says. Damaged ones are moved aside on the way."""
+    checked as the module docstring says. Damaged checkpoints newer than the one resumed are moved
+    aside; when none is intact nothing is moved and the resume stops (exit 2), so a rerun never
+    starts the stage afresh over checkpoints it could not read."""
     ckpt_dir = Path(ckpt_dir)
-    if rank == 0:
+
+    def remove_partial_saying():
         for name in remove_partial(ckpt_dir):
             print(f"removed {ckpt_dir / name}: an interrupted checkpoint write", flush=True)
-    skipped: list[str] = []
+
+    on_rank0(rank, remove_partial_saying)
+    damaged: list[tuple[str, str]] = []  # (tag, why), newest first
     for tag in broadcast_object(_complete(ckpt_dir) if rank == 0 else None):
         root = ckpt_dir / tag
-        try:
-            m = json.loads((root / META).read_text())
-        except (OSError, ValueError) as e:
-            m, problems = {}, [ckpt_files.Problem(META, f"unreadable ({e})")]
+        m = broadcast_object(_read_meta(root) if rank == 0 else None)  # one view of it on every rank
+        if isinstance(m, str):
+            problems = [ckpt_files.Problem(META, m)]
         else:
             if why := incompatible(m):
                 raise CheckpointMismatch(
                     f"checkpoint {root}: {why}; DeepSpeed checkpoints load only within the versions that wrote "
-                    "them. Resume with those versions, or start a new run from its weights (DeepSpeed's "
-                    "zero_to_fp32.py beside it, then init_from)"
+                    "them. Resume with those versions, or start a new run.name (init_from its exported weights)"
                 )
-            mine = lambda i: i % world == rank  # noqa: E731  (the ranks split the hashing)
-            problems = ckpt_files.check(root, m.get("files"), mine)
-        problems = [p for part in all_gather_object(problems) for p in part]
+            problems = checked(root, m.get("files"), rank, world)
         if untrusted := [p for p in problems if p.untrusted]:
             raise UntrustedFile(f"{root / untrusted[0].file}: {untrusted[0].what.split(' (')[0]}; resume refused. "
                                 "Move the file away if nobody trusted wrote it")  # fmt: skip
         if not problems:
-            if rank == 0:
-                _say_selected(ckpt_dir, tag, skipped, "files" in m)
+            recorded = not isinstance(m, str) and "files" in m
+            on_rank0(rank, functools.partial(_resumed_past, ckpt_dir, tag, damaged, recorded))
             return tag
-        skipped.append(
-            f"{tag} ({problems[0]}{f', and {len(problems) - 1} more' if len(problems) > 1 else ''})"
-        )
-        if rank == 0:
-            aside = root.with_name(tag + DAMAGED)
-            shutil.rmtree(aside, ignore_errors=True)
-            root.rename(aside)
-            print(f"ffscale: warning: checkpoint {root} is damaged: {skipped[-1]}; moved to {aside.name}",
-                  flush=True)  # fmt: skip
-        barrier()
-    if skipped:
+        more = f", and {len(problems) - 1} more" if len(problems) > 1 else ""
+        damaged.append((tag, f"{problems[0]}{more}"))
+    if damaged or (aside := _set_aside(ckpt_dir)):
+        what = "; ".join(f"{t}: {why}" for t, why in damaged) or f"only {', '.join(aside)} (set aside) remain"
         raise CheckpointDamaged(
-            f"no usable checkpoint in {ckpt_dir}: {'; '.join(skipped)} (moved aside as *{DAMAGED}). Move the "
-            "checkpoints directory away to start the stage afresh"
+            f"no intact checkpoint in {ckpt_dir}: {what}. If the storage was failing, rerun once it is healthy; "
+            "otherwise move the damaged checkpoints (or the checkpoints directory) away to go on from an older "
+            "one (or start the stage afresh)"
         )
     return None
 
 
-def _complete(ckpt_dir: Path) -> list[str]:
-    """Complete checkpoints, newest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    done = [x.name for x in ckpt_dir.iterdir() if _step(x.name) >= 0 and (x / META).is_file()]
-    return sorted(done, key=_step, reverse=True)
+def checked(root: Path, files: dict | None, rank: int, world: int, deep: bool = True) -> list:
+    """Every rank checks its share (by position in the sorted file list) of a checkpoint's files;
+    every rank gets all the problems."""
+    mine = ckpt_files.check(root, files, lambda i: i % world == rank, deep)
+    return [p for part in all_gather_object(mine) for p in part]
 
 
-def _say_selected(ckpt_dir: Path, tag: str, skipped: list[str], recorded: bool) -> None:
+def _read_meta(root: Path) -> dict | str:
+    """A checkpoint's ffscale.json, or why it cannot be read."""
+    try:
+        return json.loads((root / META).read_text())
+    except (OSError, ValueError) as e:
+        return f"unreadable ({e})"
+
+
+def _resumed_past(ckpt_dir: Path, tag: str, damaged: list[tuple[str, str]], recorded: bool) -> None:
+    """Rank 0, once `tag` is chosen: the newer damaged checkpoints set aside, and the notes said."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for bad, why in damaged:
+        aside = ckpt_dir / f"{bad}{DAMAGED}-{stamp}"
+        (ckpt_dir / bad).rename(aside)
+        shutil.rmtree(ckpt_dir / f"{bad}_universal", ignore_errors=True)  # derived from it
+        print(f"ffscale: warning: checkpoint {ckpt_dir / bad} is damaged ({why}): moved to {aside.name}",
+              flush=True)  # fmt: skip
     note = pointer_note(ckpt_dir)
     if note:
         print(f"ffscale: warning: {note}", flush=True)
-    if skipped:
+    if damaged:
         print(f"ffscale: resuming from {ckpt_dir / tag}, the newest intact checkpoint", flush=True)
     if not recorded:
         print(f"ffscale: {ckpt_dir / tag} was written before ffscale recorded its files' hashes: only its "
               "pickles were checked", flush=True)  # fmt: skip
 
 
-def _to_universal(ckpt_dir: Path, tag: str) -> str:
-    """Convert with DeepSpeed's ds_to_universal (rank 0, once), its torch.load calls weights-only
-    (ffscale/engine/to_universal.py); written aside, renamed into place. SIGTERM stops it: the
-    source checkpoint stays the complete one."""
+SOURCE = "source.json"  # in a universal checkpoint: the ffscale.json sha256 of the checkpoint it came from
+
+
+def _to_universal(ckpt_dir: Path, tag: str, fresh: bool = False) -> str:
+    """Convert with DeepSpeed's ds_to_universal (rank 0, once per source checkpoint), its torch.load
+    calls weights-only (ffscale/engine/to_universal.py); written aside, renamed into place. A
+    conversion of another checkpoint of the same name, or `fresh`, is redone. SIGTERM stops it: the
+    source checkpoint stays the one to resume."""
+    import tempfile
+
     from ffscale.engine import preempt
 
-    out = ckpt_dir / f"{tag}_universal"
+    out, source = ckpt_dir / f"{tag}_universal", ckpt_files.sha256(ckpt_dir / tag / META)
+    if out.is_dir() and (fresh or _read_meta_file(out / SOURCE) != source):
+        shutil.rmtree(out)
     if not out.is_dir():
-        with atomic_path(out) as tmp:
+        with atomic_path(out) as tmp, tempfile.TemporaryFile("w+") as log:
             cmd = [sys.executable, "-m", "ffscale.engine.to_universal", "--input_folder"]
             cmd += [str(ckpt_dir / tag), "--output_folder", str(tmp), "--inject_missing_state"]
-            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            # its progress bars go to a file: a pipe nobody reads would fill and block it
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
             while p.poll() is None:
                 if preempt.requested():
                     p.kill()
@@ -265,10 +304,19 @@ def _to_universal(ckpt_dir: Path, tag: str) -> str:
                     )
                 time.sleep(0.2)
             if p.returncode:
+                log.seek(0)
                 raise CheckpointMismatch(
-                    f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n{p.stdout.read()[-2000:]}"
+                    f"converting {ckpt_dir / tag} to a universal checkpoint failed:\n{log.read()[-2000:]}"
                 )
+            (tmp / SOURCE).write_text(source)
     return out.name
+
+
+def _read_meta_file(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
 
 
 def load(ds, ckpt_dir, reshard: bool = True) -> dict | None:
@@ -287,27 +335,34 @@ def load(ds, ckpt_dir, reshard: bool = True) -> dict | None:
         if not reshard:
             raise CheckpointMismatch(
                 f"{what}. Resume with {m['world_size']} ranks, or convert it first: python -m "
-                f"deepspeed.checkpoint.ds_to_universal --input_folder {ckpt_dir}/{tag} "
+                f"ffscale.engine.to_universal --input_folder {ckpt_dir}/{tag} "
                 f"--output_folder {ckpt_dir}/{tag}_universal --inject_missing_state, then rerun with "
                 "checkpoint.reshard=true"
             )
-
-        def convert():
-            print(f"{what}: converting to a universal checkpoint", flush=True)
-            _to_universal(ckpt_dir, tag)
-
-        on_rank0(ds.global_rank, convert)
-        tag = f"{tag}_universal"
-        # every rank loads it with torch.load forced weights-only (ckpt_engine); this names the file first
-        problems = ckpt_files.check(
-            ckpt_dir / tag, None, lambda i: i % _world() == ds.global_rank, deep=False
-        )
-        if bad := [p for part in all_gather_object(problems) for p in part]:
-            raise UntrustedFile(f"{ckpt_dir / tag / bad[0].file}: {bad[0].what}")
+        tag = _universal(ckpt_dir, tag, what, ds.global_rank)
     path, client = ds.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"checkpoint {ckpt_dir}/{tag} could not be loaded")
     return client
+
+
+def _universal(ckpt_dir: Path, tag: str, what: str, rank: int) -> str:
+    """The universal checkpoint of `tag`, converted by rank 0 if needed, its pickles checked on every
+    rank (they load it with torch.load forced weights-only; this names a bad file first). It is
+    derived data: an unreadable one is converted again, once."""
+
+    def convert(fresh: bool):
+        print(f"{what}: converting to a universal checkpoint", flush=True)
+        _to_universal(ckpt_dir, tag, fresh)
+
+    for attempt in (0, 1):
+        on_rank0(rank, functools.partial(convert, attempt > 0))
+        problems = checked(ckpt_dir / f"{tag}_universal", None, rank, _world(), deep=False)
+        if untrusted := [p for p in problems if p.untrusted]:
+            raise UntrustedFile(f"{ckpt_dir / f'{tag}_universal' / untrusted[0].file}: {untrusted[0].what}")
+        if not problems:
+            return f"{tag}_universal"
+    raise CheckpointDamaged(f"{ckpt_dir / f'{tag}_universal'}: {problems[0]} after converting it twice")
 
 
 def load_rank_state(ckpt_dir, rank: int) -> dict:

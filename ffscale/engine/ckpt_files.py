@@ -133,11 +133,14 @@ def check_file(root: Path, name: str, want: dict | None, deep: bool = True) -> P
                 untrusted=True,
             )
     if want is not None:
-        size = p.stat().st_size
-        if size != want["size"]:
-            return Problem(name, f"{size:,} bytes, {want['size']:,} recorded (truncated or replaced)")
-        if deep and sha256(p) != want["sha256"]:
-            return Problem(name, "sha256 differs from the one recorded (damaged or replaced)")
+        try:  # EIO or a file vanishing under us is the storage damage this looks for: a problem, not a crash
+            size = p.stat().st_size
+            if size != want["size"]:
+                return Problem(name, f"{size:,} bytes, {want['size']:,} recorded (truncated or replaced)")
+            if deep and sha256(p) != want["sha256"]:
+                return Problem(name, "sha256 differs from the one recorded (damaged or replaced)")
+        except OSError as e:
+            return Problem(name, f"unreadable ({e})")
     return unreadable
 
 
@@ -161,16 +164,18 @@ def step_of(tag: str) -> int:
     return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else -1
 
 
-def verify_tree(root: Path, say=print) -> int:
+def verify_tree(root: Path, say=print, bad_out: list | None = None) -> int:
     """`ffscale verify RUN_DIR`: every complete checkpoint under `root` (a run, a stage or a checkpoints
-    directory), all files hashed; the number that failed. Damaged ones set aside are listed too."""
+    directory), all files hashed; damaged ones set aside and incomplete ones are listed too. Returns
+    how many checkpoint directories were found; appends to `bad_out` how many failed."""
     import json
     import time
 
-    bad = 0
+    bad, found = 0, 0
     for ckpt_dir in sorted({m.parent.parent for m in Path(root).rglob(f"step*/{META}")}):
         for d in sorted(ckpt_dir.iterdir(), key=lambda x: (step_of(x.name.split(".")[0]), x.name)):
-            if d.name.endswith(DAMAGED):
+            found += d.is_dir() and step_of(d.name.split(".")[0]) >= 0
+            if DAMAGED in d.name:
                 say(f"{d}: set aside by a resume as damaged")
                 continue
             if step_of(d.name) < 0:
@@ -202,4 +207,6 @@ def verify_tree(root: Path, say=print) -> int:
             say(
                 f"{d}: {what} (deepspeed {m.get('deepspeed', '?')}; checked in {time.perf_counter() - t0:.2f} s)"
             )
-    return bad
+    if bad_out is not None:
+        bad_out.append(bad)
+    return found

@@ -82,9 +82,16 @@ def set_timeout(seconds: float, sync: bool = False) -> None:
         return
     if sync:
         torch.distributed.barrier()
-    from torch.distributed.distributed_c10d import _set_pg_timeout
+    from torch.distributed.distributed_c10d import _set_pg_timeout, _world
 
-    _set_pg_timeout(timedelta(seconds=seconds))
+    # every group, not only the default one: DeepSpeed reduces gradients and gathers ZeRO-3
+    # parameters on a clone of the world group made without a timeout (deepspeed 0.19.8,
+    # deepspeed/utils/groups.py `_clone_world_group`), which would wait torch's default
+    for group in list(_world.pg_map):
+        try:
+            _set_pg_timeout(timedelta(seconds=seconds), group)
+        except ValueError:  # a group this rank is not in
+            continue
 
 
 def deepspeed_version() -> str:
@@ -132,17 +139,18 @@ def broadcast_object(obj):
 
 
 def on_rank0(rank: int, fn):
-    """fn() on rank 0; when it raises a user-facing error (FfscaleError: a config error, SIGTERM...),
-    every rank stops with its exit code (rank 0 raises it, the others ReportedElsewhere). One
-    collective that every rank must call, so all ranks stop alike."""
+    """fn() on rank 0; when it raises, every rank stops: rank 0 raises the error, the others
+    ReportedElsewhere with its exit code (1 for an error that is not a user-facing FfscaleError, e.g.
+    an OSError of shared storage). One collective that every rank must call, so all ranks stop alike
+    instead of waiting in their next collective for a rank that left."""
     from ffscale.errors import FfscaleError, ReportedElsewhere
 
     out, code, failed = None, 0, None
     if rank == 0:
         try:
             out = fn()
-        except FfscaleError as e:
-            failed, code = e, e.exit_code
+        except Exception as e:
+            failed, code = e, e.exit_code if isinstance(e, FfscaleError) else 1
     if code_all := int(all_reduce_sum(torch.tensor(float(code), device=_here())).item()):
         raise failed if rank == 0 else ReportedElsewhere(code_all)
     return out

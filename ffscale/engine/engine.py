@@ -69,6 +69,8 @@ class Engine:
         self.lr_at = lr_at
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
         ckpt_engine.install(self.ds)  # weights-only loads; every saved file synced and hashed
+        if self.long_timeout_s:  # also on the groups DeepSpeed made (they would wait torch's 30 min)
+            set_timeout(self.long_timeout_s)
         self._set_lr()
         if dist.world == 1 and self.zero_stage == 0:
             # One rank has nothing to average: skip DeepSpeed's flatten + all-reduce + copy-back of
@@ -221,7 +223,7 @@ class Engine:
         on_rank0(self.dist.rank, self.fence)  # the run is still this job's, else every rank stops here
         rank_state = {"ema": self.ema.state_dict()} if self.ema else {}
         tag = f"step{self.global_step}"
-        checkpoint.save(self.ds, self.ckpt_dir, tag, state, self.s.checkpoint.keep, rank_state)
+        checkpoint.save(self.ds, self.ckpt_dir, tag, state, self.s.checkpoint.keep, rank_state, self.fence)
         self.saved_step = self.global_step
 
     def resume(self) -> Resumed | None:
@@ -263,7 +265,9 @@ class Engine:
         )
 
     def export(self, path) -> str:
-        """Consolidated fp32 weights; returns their digest (checked equal on every rank)."""
+        """Consolidated fp32 weights; returns their digest (checked equal on every rank). Only while
+        the run is still this job's (the fence)."""
+        on_rank0(self.dist.rank, self.fence)
         return checkpoint.export_fp32(self.ds, path)
 
     def export_ema(self, path) -> str:

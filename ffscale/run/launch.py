@@ -87,6 +87,8 @@ def run(a, entry: Path, nproc: int, env: dict) -> int:
             )
             _signal_group(proc.pid, signal.SIGKILL)
         time.sleep(0.2)
+    if proc.returncode in (2, 3):  # a rerun cannot fix it (config, damaged checkpoints, run taken over),
+        return proc.returncode  # even when a signal also came: a scheduler must not requeue it
     return 128 + got[0] if got else proc.returncode
 
 

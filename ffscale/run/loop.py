@@ -67,6 +67,8 @@ def run_stage(
     r.engine.stop_if_requested(asdict(r.progress), agree=True)  # SIGTERM during start-up
     if r.progress.eval_pending:  # the evaluation a SIGTERM stopped
         r.end_epoch()
+        if r.stopped_at_epoch():
+            return {"finished": False}
     while r.progress.epoch < r.s.schedule.epochs:
         if not r.train_epoch():
             return {"finished": False}

@@ -10,7 +10,7 @@ from pathlib import Path
 from ffscale import config, tracking
 from ffscale.engine import dist as distributed
 from ffscale.engine import preempt
-from ffscale.errors import Preempted
+from ffscale.errors import LockLost, Preempted
 from ffscale.run import preflight, runlock
 from ffscale.run.loop import log, run_stage
 from ffscale.run.runlock import ENV, RunLock
@@ -64,15 +64,19 @@ def run(cfg: config.Config) -> int:
         # before every checkpoint rank 0 checks that the run is still this job's (runlock.fence)
         token = lock.me.token if lock is not None else os.environ.get(ENV)
         fence = functools.partial(runlock.fence, run_dir, token if dist.rank == 0 else None)
-        status = "FAILED"
+        status: str | None = "FAILED"
         try:
             status = run_stages(cfg, dist, tracker, fence)
             return 0
         except Preempted:
             status = "KILLED"
             raise
+        except LockLost:  # the runs are the new holder's now: end none of them, touch nothing
+            status = None
+            raise
         finally:
-            tracker.pipeline_ended(status)
+            if status is not None:
+                tracker.pipeline_ended(status)
     finally:
         if lock is not None:
             lock.release()

@@ -185,20 +185,8 @@ class RunLock:
                     f"job, stop it, or pick another run.name (a lock whose heartbeat stops is taken over "
                     f"after {self.stale_s:.0f} s)"
                 )
-            aside = self.path.with_name(f"{LOCK}.stale-{self.me.token}")
-            try:
-                os.rename(self.path, aside)  # only one of several contenders gets it
-            except FileNotFoundError:
+            if not self._remove(h.token, "stale"):  # another job took it over meanwhile
                 continue
-            moved = read(aside)
-            if moved is None or moved.token != h.token:  # another job took it over meanwhile: put back
-                try:
-                    os.link(aside, self.path)
-                except FileExistsError:
-                    pass
-                aside.unlink(missing_ok=True)
-                continue
-            aside.unlink(missing_ok=True)
             _beat_file(self.path, h.token).unlink(missing_ok=True)
             self.say(f"ffscale: taking over the run lock of {h.describe(time.time())}: its holder is gone")
         raise LockHeld(
@@ -228,34 +216,50 @@ class RunLock:
         return h is not None and h.token == self.me.token
 
     def _beat(self) -> None:
+        foreign = 0  # beats in a row that found the lock not ours
         while not self._stop.wait(self.heartbeat_s):
             try:
-                if not self.held():
-                    h = read(self.path)
-                    self.say(f"ffscale: warning: lost the run lock {self.path} (now "
-                             f"{h.describe(time.time()) if h else 'nobody'}'s); this job stops before its next "
-                             "checkpoint")  # fmt: skip
-                    return
-                self._write_beat()  # its own file: never another holder's lock
+                if self.held():
+                    foreign = 0
+                    self._write_beat()  # its own file: never another holder's lock
+                    continue
+                foreign += 1
+                if foreign < 2:  # absent for an instant: another job moving a stale lock aside and back
+                    continue
+                h = read(self.path)
+                self.say(f"ffscale: warning: lost the run lock {self.path} (now "
+                         f"{h.describe(time.time()) if h else 'nobody'}'s); this job stops before its next "
+                         "checkpoint")  # fmt: skip
+                return
             except OSError as e:  # a shared filesystem's hiccup: try again at the next beat
                 self.say(f"ffscale: warning: run lock heartbeat failed ({e}); retrying")
 
-    def release(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        aside = self.path.with_name(f"{LOCK}.release-{self.me.token}")
+    def _remove(self, token: str, why: str) -> bool:
+        """Take the lock away if it is `token`'s: renamed aside first (one of several contenders gets
+        it), then checked, and put back when it turned out to be another's. True when it was removed."""
+        aside = self.path.with_name(f"{LOCK}.{why}-{self.me.token}")
         try:
-            os.rename(self.path, aside)  # take it out of reach first, then look whose it is
+            os.rename(self.path, aside)
         except FileNotFoundError:
-            aside = None
-        if aside is not None and (h := read(aside)) is not None and h.token != self.me.token:
-            try:  # another job's lock (ours was taken over): put it back
+            return False
+        moved = read(aside)
+        if moved is None or moved.token != token:
+            try:
                 os.link(aside, self.path)
             except FileExistsError:
                 pass
-        if aside is not None:
             aside.unlink(missing_ok=True)
+            return False
+        aside.unlink(missing_ok=True)
+        return True
+
+    def release(self) -> None:
+        """Remove the lock if it is still ours; another job's (ours was taken over) is left alone."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self.held():
+            self._remove(self.me.token, "release")
         _beat_file(self.path, self.me.token).unlink(missing_ok=True)
 
     def __enter__(self) -> RunLock:

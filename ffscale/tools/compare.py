@@ -62,14 +62,10 @@ def plot(uri: str, rows: list[dict], path: Path, metric: str = "val_top1") -> No
     import matplotlib
 
     matplotlib.use("Agg")
-    from concurrent.futures import ThreadPoolExecutor
-
     import matplotlib.pyplot as plt
 
     keys = ("loss", metric)
-    with ThreadPoolExecutor(8) as pool:  # a request per run and curve: overlap their round trips
-        hists = list(pool.map(lambda rk: store.metric_history(uri, rk[0]["run_id"], rk[1]),
-                              [(r, k) for r in rows for k in keys]))  # fmt: skip
+    hists = store.metric_histories(uri, [(r["run_id"], k) for r in rows for k in keys])
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, r in enumerate(rows):
         label = f"{r['pipeline']}/{r['stage']} ({r['model']})"

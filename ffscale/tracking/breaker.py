@@ -18,7 +18,6 @@ class Breaker:
         self.uri, self.open_s = uri, open_s
         self.down_until = 0.0
         self.warned = False
-        self.failures = 0  # calls that failed (the stage's end catches up when any did)
 
     def call(self, fn, *a, **kw):
         """fn(*a, **kw), or Down when the server failed within the last `open_s` seconds or now."""
@@ -31,7 +30,6 @@ class Breaker:
             raise Down from None
 
     def failed(self, e: Exception) -> None:
-        self.failures += 1
         self.down_until = time.monotonic() + self.open_s
         if not self.warned:
             print(f"ffscale: MLflow at {redact(self.uri)} failed ({type(e).__name__}: {redact(str(e))[:200]}); "

@@ -64,16 +64,22 @@ def _log_model(uri: str, stage_dir: Path, run_id: str, register_as: str | None):
         mlflow.end_run("FINISHED")
 
 
+def package_run_dir(path: Path) -> tuple[Path, Path]:
+    """(the package directory holding model.json, the run directory it belongs to: the package
+    itself when it is no stage of a run, e.g. an `ffscale import` output)."""
+    package = find_package(Path(path))
+    return package, package.parent if (package.parent / "config.yaml").is_file() else package
+
+
 def register_package(path: Path, name: str, uri: str, experiment: str) -> str:
     """A model package on disk (a finished stage, a run directory or an `ffscale import` output)
     registered as `name`: a run of kind `package` in `experiment` holds it; its version is tagged
     as a pipeline's is. Returns models:/NAME/VERSION."""
     from mlflow.entities import Param
 
-    package = find_package(Path(path))
+    package, run_dir = package_run_dir(path)
     card = read_card(package)
     c = client(uri)
-    run_dir = package.parent if (package.parent / "config.yaml").is_file() else package
     tags = {"ffscale.kind": "package", "ffscale.pipeline": run_dir.name, "ffscale.stage": package.name,
             "ffscale.model": card["model"], "ffscale.package": str(package.resolve())}  # fmt: skip
     run = c.create_run(

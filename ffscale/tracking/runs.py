@@ -168,7 +168,12 @@ class MlflowTracker:
         if self.gave_up:
             return
         self.gave_up = True
-        uri = "" if has_secret(self.uri) else f" --uri {self.uri}"
+        # a URI with a credential is not printed: say where it comes from instead
+        uri = (
+            " (with MLFLOW_TRACKING_URI set to that server's URI)"
+            if has_secret(self.uri)
+            else f" --uri {self.uri}"
+        )
         print(f"ffscale: MLflow at {self.where} unreachable at the end of {what} ({type(e).__name__}: "
               f"{redact(str(e)).splitlines()[0][:160] if str(e) else ''}); the job goes on without it. {self.run_dir} "
               f"holds every metric and artifact; once the server answers, replay them with: "

@@ -140,8 +140,8 @@ def stage_runs(uri: str, experiment: str, filter_string: str = "", model: str = 
     if exp is None:
         return []
     flt = "tags.`ffscale.kind` = 'stage'"
-    if model:
-        flt += " and tags.`ffscale.model` LIKE '%" + model.replace("'", "") + "%'"
+    if model:  # a substring, any case, on every backend (MLflow's ILIKE; `_` and `%` match any character)
+        flt += " and tags.`ffscale.model` ILIKE '%" + model.replace("'", "") + "%'"
     if filter_string:
         flt += f" and {filter_string}"
     out, token = [], None
@@ -168,6 +168,37 @@ def log_values(c, run_id: str, params: dict | None = None, tags: dict | None = N
 
 def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client(uri).get_metric_history(run_id, key))
+
+
+def metric_histories(uri: str, wanted: list[tuple[str, str]], threads: int = 8) -> list:
+    """metric_history of each (run id, key), `threads` requests at a time (a request each: overlapping
+    their round trips is what makes curves of many runs fast on a server)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda rk: metric_history(uri, *rk), wanted))
+
+
+def new_run(c, experiment_id: str, name: str, tags: dict) -> str:
+    """A new run's id."""
+    return c.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+
+
+def end_run(c, run_id: str, status: str) -> None:
+    c.set_terminated(run_id, status)
+
+
+def runs_one_by_one(uri: str, run_ids: list[str]) -> list:
+    """Each run fetched by its own request (the slow way `ffscale bench compare` measures against)."""
+    c = client(uri)
+    return [c.get_run(i) for i in run_ids]
+
+
+def delete_experiment(uri: str, name: str) -> None:
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        c.delete_experiment(exp.experiment_id)
 
 
 def download_model(uri: str) -> Path:

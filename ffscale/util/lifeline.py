@@ -1,9 +1,12 @@
-"""Processes that die with the process that started them (Linux's parent-death signal).
+"""Ranks that never outlive their job.
 
 `ffscale train` starts DeepSpeed's launcher, which starts the ranks. Killed with SIGKILL (the OOM
 killer, `kill -9`, a supervisor), a parent cannot stop its children, and they would train on as
-orphans while a rerun takes the run over. With PR_SET_PDEATHSIG the kernel sends the child a signal
-the moment its parent exits: `ffscale train` -> launcher, launcher -> every rank (prctl(2)).
+orphans while a rerun takes the run over. Two guards, both in every rank:
+- the parent-death signal (prctl(2) PR_SET_PDEATHSIG): the kernel kills the rank the moment its
+  launcher process exits;
+- a watch on `ffscale train` itself (its pid and start time, every 0.5 s), for the processes in
+  between (DeepSpeed's runner and its launch.py) do not pass a parent's death on.
 """
 
 from __future__ import annotations
@@ -23,8 +26,11 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
     parent = os.getppid()
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-        return  # seccomp or an odd kernel: the other guards (lock fencing, collectives) still hold
-    if os.getppid() != parent or parent == 1:  # it died before the signal was armed
+        print(f"ffscale: warning: prctl(PR_SET_PDEATHSIG) failed (errno {ctypes.get_errno()}): this rank may "
+              "outlive its launcher; the watch on its job and the run lock's fence still hold",
+              file=sys.stderr, flush=True)  # fmt: skip
+        return
+    if os.getppid() != parent:  # it died before the signal was armed (a launcher as PID 1 is fine)
         os.kill(os.getpid(), sig)
 
 

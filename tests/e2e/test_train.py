@@ -197,7 +197,7 @@ def test_resuming_with_another_rank_count_without_reshard_stops_with_the_convers
     assert r.returncode != 0
     text = r.stdout + r.stderr
     assert "holds ZeRO-3 shards of 2 ranks, this run has 1" in text
-    assert "python -m deepspeed.checkpoint.ds_to_universal --input_folder" in text
+    assert "python -m ffscale.engine.to_universal --input_folder" in text  # weights-only, not DeepSpeed's
     assert "--inject_missing_state, then rerun with checkpoint.reshard=true" in text
 
 

@@ -47,9 +47,10 @@ def test_a_truncated_newest_checkpoint_is_moved_aside_and_the_older_one_resumed(
     f.write_bytes(f.read_bytes()[:5000])  # the node died while the storage still cached the file
     assert ck.select(tmp_path, 0, 1) == "step200" == ck.latest_tag(tmp_path)
     out = capsys.readouterr().out
-    assert "step300 is damaged: step300 (zero_pp_rank_0_mp_rank_00_optim_states.pt: 5,000 bytes," in out
-    assert "moved to step300.damaged" in out and "resuming from" in out
-    assert (tmp_path / "step300.damaged" / ck.META).is_file()  # kept for a look, never deleted
+    assert "step300 is damaged (zero_pp_rank_0_mp_rank_00_optim_states.pt: 5,000 bytes," in out
+    assert "moved to step300.damaged-" in out and "resuming from" in out
+    (aside,) = tmp_path.glob("step300.damaged-*")
+    assert (aside / ck.META).is_file()  # kept for a look, never deleted
     g = tmp_path / "step200" / "mp_rank_00_model_states.pt"  # same size, other bytes: the hash says
     data = bytearray(g.read_bytes())
     data[-40] ^= 0xFF
@@ -59,13 +60,23 @@ def test_a_truncated_newest_checkpoint_is_moved_aside_and_the_older_one_resumed(
 
 
 def test_when_every_checkpoint_is_damaged_resume_stops_naming_them(tmp_path):
+    """Nothing is moved then, so a rerun (the storage back, or not) meets the same checkpoints and
+    never starts the stage afresh over them."""
     for step in (100, 200):
         (_write(tmp_path, step) / "mp_rank_00_model_states.pt").unlink()
+    for _ in range(2):
+        with pytest.raises(
+            CheckpointDamaged,
+            match=r"no intact checkpoint .*step200: mp_rank_00_model_states.pt: missing; step100",
+        ):
+            ck.select(tmp_path, 0, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step100", "step200"]
+    for step in (100, 200):  # set aside by an earlier resume: still no fresh start
+        (tmp_path / f"step{step}").rename(tmp_path / f"step{step}.damaged-20261203T000000")
     with pytest.raises(
-        CheckpointDamaged, match=r"no usable checkpoint .*step200 \(mp_rank_00_model_states.pt: missing\)"
+        CheckpointDamaged, match=r"only step100.damaged-\S+, step200.damaged-\S+ \(set aside\) remain"
     ):
         ck.select(tmp_path, 0, 1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step100.damaged", "step200.damaged"]
 
 
 def test_a_planted_pickle_stops_the_resume_and_runs_nothing(tmp_path):
@@ -95,3 +106,18 @@ def test_a_checkpoint_of_another_deepspeed_or_torch_stops_with_one_line(tmp_path
         ck.select(tmp_path, 0, 1)
     assert ck.incompatible({**here, "torch": "1.13.1"}).startswith("torch 1.13.1 wrote it")
     assert "newer checkpoint format" in ck.incompatible({**here, "format": ck.FORMAT + 1})
+
+
+def test_ffscale_verify_checks_a_runs_checkpoints_as_a_resume_would(tmp_path, capsys):
+    from ffscale.cli import main
+
+    stage = tmp_path / "run" / "train" / "checkpoints"
+    for step in (100, 200):
+        _write(stage, step)
+    assert main(["verify", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out.count("2 files, 0.0 MiB, sizes and sha256 as recorded") == 2
+    f = stage / "step200" / "mp_rank_00_model_states.pt"
+    f.write_bytes(f.read_bytes()[:100])
+    assert main(["verify", str(tmp_path / "run")]) == 2
+    assert "step200: DAMAGED: mp_rank_00_model_states.pt: 100 bytes" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "nowhere")]) == 2

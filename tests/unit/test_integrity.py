@@ -93,8 +93,17 @@ def test_a_stale_lock_is_judged_on_the_waiters_clock_and_taken_over_saying_so(tm
 
 def test_a_heartbeat_never_overwrites_another_holders_lock_and_the_loser_is_fenced(tmp_path):
     said = []
-    a = RunLock(tmp_path, heartbeat_s=0.05, say=said.append).acquire()
+    a = RunLock(tmp_path, heartbeat_s=0.1, say=said.append).acquire()
     runlock.fence(tmp_path, a.me.token)  # its own: nothing happens
+    lock = tmp_path / LOCK
+    for _ in range(5):  # a contender's takeover moves it aside, finds it live, puts it back (0.06 s)
+        os.rename(lock, tmp_path / "aside")
+        time.sleep(0.06)  # under one beat: at most one beat sees it gone (most of the five windows do)
+        os.link(tmp_path / "aside", lock)
+        (tmp_path / "aside").unlink()
+        time.sleep(0.25)
+    assert a.held() and not said  # a lock absent for an instant is not lost
+    a.heartbeat_s = 0.05
     _plant(tmp_path, "node-9", 77, age=0, token="b")  # taken over while `a` looked dead to node-9
     time.sleep(0.4)  # a's heartbeat runs meanwhile
     assert read(tmp_path / LOCK).token == "b" and not a.held()

@@ -26,7 +26,7 @@ while :; do wait $child; rc=$?; kill -0 $child 2>/dev/null || break; done
 exit $rc
 """,
     "ffscale": """#!/bin/bash
-echo "ffscale $*" >> "$LOG"
+echo "ffscale $* TORCH_EXTENSIONS_DIR=$TORCH_EXTENSIONS_DIR" >> "$LOG"
 trap 'echo "ffscale got SIGTERM" >> "$LOG"; exit 143' TERM
 [ -n "${FAKE_RC:-}" ] && exit "$FAKE_RC"
 for _ in $(seq 300); do sleep 0.1; done
@@ -34,16 +34,17 @@ for _ in $(seq 300); do sleep 0.1; done
 }
 
 
-def _start(tmp_path: Path, **env) -> tuple[subprocess.Popen, Path]:
+def _start(tmp_path: Path, **extra) -> tuple[subprocess.Popen, Path]:
     bin_ = tmp_path / "bin"
     bin_.mkdir(exist_ok=True)
     for name, body in FAKES.items():
         (bin_ / name).write_text(body)
         (bin_ / name).chmod(0o755)
     log = tmp_path / "log"
-    env = {**os.environ, "PATH": f"{bin_}:{os.environ['PATH']}", "LOG": str(log), "SLURM_JOB_ID": "42",
-           "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_NNODES": "2", **env}  # fmt: skip
-    p = subprocess.Popen(["bash", str(SBATCH), "configs/ff_base.yaml", "optim.base_lr=1e-3"], env=env,
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_EXTENSIONS_DIR", "SLURM_TMPDIR")}
+    env |= {"PATH": f"{bin_}:{os.environ['PATH']}", "LOG": str(log), "SLURM_JOB_ID": "42",
+            "SLURM_JOB_NODELIST": "node[0-1]", "SLURM_NNODES": "2", **extra}  # fmt: skip
+    p = subprocess.Popen(["bash", str(SBATCH), "configs/ff_base.yaml", "optim.base_lr=1e-3", "run.name=a b;c"], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     return p, log
 
@@ -58,8 +59,13 @@ def test_sigterm_reaches_the_ranks_with_the_grace_and_the_job_is_requeued(tmp_pa
     out, _ = p.communicate(timeout=20)
     lines = log.read_text().splitlines()
     assert p.returncode == 143, out
-    assert "--grace 110 --wait-lock 120 --config configs/ff_base.yaml optim.base_lr=1e-3" in lines[0]
+    # every argument arrives whole, a space or a `;` in one included (quoted for the task's shell)
+    assert (
+        "--grace 110 --wait-lock 120 --config configs/ff_base.yaml optim.base_lr=1e-3 run.name=a b;c"
+        in lines[0]
+    )
     assert "--nnodes 2 --node-rank 0 --master-addr node0" in lines[0]
+    assert lines[0].endswith("TORCH_EXTENSIONS_DIR=/tmp/ffscale-torch-extensions")  # node-local
     assert lines[1:] == ["ffscale got SIGTERM", "scontrol requeue 42"], (lines, out)
 
 

@@ -1,6 +1,6 @@
 """`ffscale bench compare`: `ffscale compare` over many runs, timed against a client that fetches
 run by run. It fills a fresh experiment of its own with N stage runs shaped like a pipeline's
-(the config's ~100 params, the ffscale tags, latest metrics and a loss/top-1 history), then times,
+(the config's params, the ffscale tags, latest metrics and a loss/top-1 history), then times,
 best of `--rounds`:
 - the table: `ffscale compare`'s query (one search request per 1,000 runs, filters on the server);
 - the baseline: run ids from a search, then one `get_run` per run (a round trip each);
@@ -34,7 +34,7 @@ def fill(uri: str, experiment: str, n: int, steps: int) -> float:
         model = MODELS[i % len(MODELS)]
         tags = {"ffscale.kind": "stage", "ffscale.pipeline": f"bench-{i}", "ffscale.stage": "train",
                 "ffscale.model": model, "ffscale.dataset": "train:bench"}  # fmt: skip
-        rid = c.create_run(exp, run_name=f"bench-{i}/train", tags=tags).info.run_id
+        rid = store.new_run(c, exp, f"bench-{i}/train", tags)
         hist = [("loss", 2.3 - 1.5 * s / steps, now + s, s) for s in range(1, steps + 1)]
         hist += [
             ("val_top1", 10 + 60 * s / steps, now + s, s) for s in range(steps // 10, steps + 1, steps // 10)
@@ -43,7 +43,7 @@ def fill(uri: str, experiment: str, n: int, steps: int) -> float:
         store.log_values(
             c, rid, params={**params, "model.name": model, "model.params": 5_700_000}, metrics=hist
         )
-        c.set_terminated(rid, "FINISHED")
+        store.end_run(c, rid, "FINISHED")
     return time.perf_counter() - t0
 
 
@@ -65,27 +65,17 @@ def run(a) -> dict:
     experiment = f"ffscale-bench-compare-{uuid.uuid4().hex[:8]}"
     try:
         fill_s = fill(uri, experiment, a.runs, a.steps)
-        c = store.client(uri)
-        exp = c.get_experiment_by_name(experiment).experiment_id
 
         def per_run():
-            ids = [r.info.run_id for r in store.stage_runs(uri, experiment)]
-            return [c.get_run(i) for i in ids]
+            return store.runs_one_by_one(uri, [r.info.run_id for r in store.stage_runs(uri, experiment)])
 
         table_s, rows = best(lambda: stage_rows(uri, experiment), a.rounds)
         base_s, runs = best(per_run, a.rounds)
         model_s, some = best(lambda: stage_rows(uri, experiment, model="ff_"), a.rounds)
-        from concurrent.futures import ThreadPoolExecutor
-
         wanted = [(r["run_id"], k) for r in rows for k in ("loss", "val_top1")]
-
-        def curves():
-            with ThreadPoolExecutor(8) as pool:
-                return list(pool.map(lambda rk: store.metric_history(uri, *rk), wanted))
-
-        curves_s, hists = best(curves, a.rounds)
-        serial_s, _ = best(lambda: [store.metric_history(uri, *rk) for rk in wanted], a.rounds)
-        c.delete_experiment(exp)
+        curves_s, hists = best(lambda: store.metric_histories(uri, wanted), a.rounds)
+        serial_s, _ = best(lambda: store.metric_histories(uri, wanted, threads=1), a.rounds)
+        store.delete_experiment(uri, experiment)
     finally:
         if tmp is not None:
             tmp.cleanup()
