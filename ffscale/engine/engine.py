@@ -38,9 +38,13 @@ class Engine:
         accum: int,
         lr_at: Callable[[int], float],
         ckpt_dir,
+        criterion: Callable | None = None,
     ):
-        """`lr_at(step)`: the lr of the optimizer step after `step` finished ones (ffscale/engine/lr.py)."""
+        """`lr_at(step)`: the lr of the optimizer step after `step` finished ones (ffscale/engine/lr.py).
+        `criterion(x, outputs, target)`: the loss when not the model's logits against `target`
+        (a distilled stage: ffscale/engine/distill.py)."""
         self.dist, self.s, self.accum = dist, s, accum
+        self.criterion = criterion
         self.ckpt_dir = Path(ckpt_dir)
         self.precision = ds_config.resolve_precision(s.deepspeed.precision, dist.device)
         self.dtype = ds_config.DTYPES[self.precision]
@@ -106,7 +110,8 @@ class Engine:
         """One micro-batch: forward, backward; DeepSpeed steps at accumulation boundaries.
         `target` is class indices or soft targets (mixup), loss in fp32."""
         self.ds.train()
-        loss = soft_cross_entropy(self.ds(x).float(), target)
+        out = self.ds(x)
+        loss = self.criterion(x, out, target) if self.criterion else soft_cross_entropy(out.float(), target)
         boundary = self.ds.is_gradient_accumulation_boundary()
         self.ds.backward(loss)
         self._bad += (~torch.isfinite(loss.detach())).float()
