@@ -309,6 +309,12 @@ def validate(s: StageCfg, p: str = "") -> None:
 
     if s.model.name not in list_models():
         raise ConfigError(f"{p}model.name={s.model.name!r}: unknown; known: {list_models()}")
+    from ffscale.models.registry import defaults
+
+    if s.model.heads and "heads" not in defaults(s.model.name):  # else a TypeError on every rank
+        raise ConfigError(f"{p}model.heads={s.model.heads}: {s.model.name} has no attention heads")
+    if s.model.token_hidden and "heads" in defaults(s.model.name):
+        raise ConfigError(f"{p}model.token_hidden={s.model.token_hidden}: {s.model.name} has no token MLP")
     if s.model.img_size is not None and s.model.img_size != s.data.img_size:  # else the first forward fails
         raise ConfigError(
             f"{p}model.img_size={s.model.img_size} but {p}data.img_size={s.data.img_size}: the loader makes "
