@@ -123,7 +123,7 @@ def add_parser(sub) -> None:
         "Every sample is a function of (seed, split, index): the same bytes on every run and with any --workers.",
     )  # fmt: skip
     _writer_args(p, "output directory (gets train/ and val/)")
-    p.add_argument("--size", type=int, default=64, help="canvas side in px (default 64)")
+    p.add_argument("--size", type=int, default=56, help="canvas side in px (default 56)")
     p.add_argument(
         "--scale", type=float, nargs=2, default=[0.75, 1.5], metavar=("LO", "HI"),
         help="object side = 28 px x U(LO, HI) (default 0.75 1.5: 21-42 px)",

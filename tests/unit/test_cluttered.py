@@ -30,10 +30,10 @@ def test_the_same_digest_on_every_run_and_with_one_or_two_workers(tmp_path, caps
     assert m.num_samples == 48 and m.classes[0] == "t-shirt"
     assert (
         m.source
-        == "cluttered-fashion-mnist:val:v1:canvas=64,scale=(0.75,1.5),fragments=6,fragment=(8,16),seed=0"
+        == "cluttered-fashion-mnist:val:v1:canvas=56,scale=(0.75,1.5),fragments=6,fragment=(8,16),seed=0"
     )
     sample = next(iter_samples(files, [s.count for s in m.shards]))
-    assert Image.open(io.BytesIO(sample["jpg"])).size == (64, 64)
+    assert Image.open(io.BytesIO(sample["jpg"])).size == (56, 56)
 
 
 def test_objects_sit_at_varying_positions_and_scales_among_clutter():
@@ -64,6 +64,6 @@ def test_val_is_made_from_the_test_images_alone(tmp_path):
         (only_test / f).symlink_to(FASHION_MNIST_DIR / f)
     src = cluttered.cluttered_fashion_mnist("val", root=only_test)
     loc, _ = src.items[3]
-    assert Image.open(io.BytesIO(loc())).size == (64, 64)
+    assert Image.open(io.BytesIO(loc())).size == (56, 56)
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz not found"):
         cluttered.cluttered_fashion_mnist("train", root=only_test)
