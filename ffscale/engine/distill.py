@@ -4,9 +4,9 @@ As DeiT's `DistillationLoss` (facebookresearch/deit @ 2f76ec6, losses.py lines 1
 head learns the labels (the run's criterion: soft targets after mixup/cutmix and label smoothing,
 line 38), the distillation head learns the teacher's prediction on the same augmented images
 (line 48; DeiT's engine.py line 39 passes the mixed batch), and the two are weighed by `alpha`
-(line 63). `hard`: cross-entropy with the teacher's argmax, no smoothing (line 61; DeiT's best,
-its Table 3); `soft`: KL divergence at temperature `tau`, times tau^2, over the batch's logits
-(lines 50-59). DeiT's defaults: alpha 0.5, tau 1.0 (main.py lines 131-133).
+(line 63). `hard`: cross-entropy with the teacher's argmax, no smoothing (line 61; what DeiT's
+README trains with, README.md:229-231); `soft`: KL divergence at temperature `tau`, times tau^2,
+over the batch's logits (lines 50-59). DeiT's defaults: alpha 0.5, tau 1.0 (main.py lines 131-133).
 
 The teacher is a plain module outside DeepSpeed on every rank (whole, also under ZeRO-3), in eval
 mode with no gradients, in the run's dtype; its forward time is counted per progress line.
