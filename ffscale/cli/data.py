@@ -125,10 +125,10 @@ def add_parser(sub) -> None:
     _writer_args(p, "output directory (gets train/ and val/)")
     p.add_argument("--size", type=int, default=56, help="canvas side in px (default 56)")
     p.add_argument(
-        "--scale", type=float, nargs=2, default=[0.75, 1.5], metavar=("LO", "HI"),
-        help="object side = 28 px x U(LO, HI) (default 0.75 1.5: 21-42 px)",
+        "--scale", type=float, nargs=2, default=[1.0, 1.5], metavar=("LO", "HI"),
+        help="object side = 28 px x U(LO, HI) (default 1.0 1.5: 28-42 px)",
     )  # fmt: skip
-    p.add_argument("--fragments", type=int, default=6, help="clutter fragments per image (default 6)")
+    p.add_argument("--fragments", type=int, default=4, help="clutter fragments per image (default 4)")
     p.set_defaults(fn=cluttered_fashion_mnist)
     p = ss.add_parser("folder", help="a class-folder tree root/<class>/<image>")
     p.add_argument("--root", required=True, help="root/<class>/<image>; class k = k-th name in sorted order")

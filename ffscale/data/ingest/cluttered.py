@@ -39,8 +39,8 @@ class Clutter:
     """The construction's parameters (docs/recipe.md, "The benchmark", measures the canvas)."""
 
     canvas: int = 56  # side of the square image
-    scale: tuple[float, float] = (0.75, 1.5)  # object side = 28 px x U(scale): 21-42 px
-    fragments: int = 6  # distractors per image (mnist-cluttered's README example: 8 on 100x100)
+    scale: tuple[float, float] = (1.0, 1.5)  # object side = 28 px x U(scale): 28-42 px
+    fragments: int = 4  # distractors per image (mnist-cluttered's README example: 8 on 100x100)
     fragment: tuple[int, int] = (8, 16)  # distractor side, uniform in [lo, hi] px
 
     def __post_init__(self):
