@@ -156,7 +156,7 @@ class DistillCfg:
     # an earlier stage's name, a directory holding model.json (a finished stage, a run directory,
     # `ffscale import` output) or models:/NAME/VERSION; None: no distillation
     teacher: str | None = None
-    mode: str = "hard"  # hard (the teacher's argmax; DeiT's best) | soft (KL at tau)
+    mode: str = "hard"  # hard (the teacher's argmax, as DeiT's README trains) | soft (KL at tau)
     alpha: float = 0.5  # weight of the distillation head's loss (DeiT main.py:132)
     tau: float = 1.0  # soft: temperature (DeiT main.py:133)
 
