@@ -160,6 +160,18 @@ class RunCfg:
 
 
 @dataclass
+class DistillCfg:
+    """DeiT's distillation (ffscale/engine/distill.py): the student gets a distillation token and head."""
+
+    # an earlier stage's name, a directory holding model.json (a finished stage, a run directory,
+    # `ffscale import` output) or models:/NAME/VERSION; None: no distillation
+    teacher: str | None = None
+    mode: str = "hard"  # hard (the teacher's argmax, as DeiT's README trains) | soft (KL at tau)
+    alpha: float = 0.5  # weight of the distillation head's loss (DeiT main.py:132)
+    tau: float = 1.0  # soft: temperature (DeiT main.py:133)
+
+
+@dataclass
 class StageCfg:
     model: ModelCfg = field(default_factory=ModelCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -167,6 +179,7 @@ class StageCfg:
     schedule: ScheduleCfg = field(default_factory=ScheduleCfg)
     deepspeed: DeepSpeedCfg = field(default_factory=DeepSpeedCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
+    distill: DistillCfg = field(default_factory=DistillCfg)
     init_from: str | None = None  # a previous stage's name, or a weights .safetensors path
 
 
@@ -241,8 +254,16 @@ def load(files: list[str] | str | None = None, overrides: list[str] | None = Non
         obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise _explain(e, "config") from e
-    for stage in stages(obj):  # validate each stage now, not hours later
-        validate(stage.cfg, f"stages.{stage.name}." if obj.stages else "")
+    names = [s.name for s in stages(obj)]
+    for i, stage in enumerate(stages(obj)):  # validate each stage now, not hours later
+        p = f"stages.{stage.name}." if obj.stages else ""
+        validate(stage.cfg, p)
+        teacher = stage.cfg.distill.teacher
+        if teacher in names[i:]:
+            raise ConfigError(
+                f"{p}distill.teacher={teacher}: a teacher must be an earlier stage, and {teacher} "
+                + ("is this one" if teacher == stage.name else "runs after it")
+            )
     return obj
 
 
@@ -285,6 +306,11 @@ def validate(s: StageCfg, p: str = "") -> None:
     _choice(s.optim.nonfinite, ("stop", "skip"), f"{p}optim.nonfinite")
     _choice(s.deepspeed.precision, ("auto", "bf16", "fp16", "fp32"), f"{p}deepspeed.precision")
     _choice(s.deepspeed.comm_dtype, ("fp32", "bf16", "fp16"), f"{p}deepspeed.comm_dtype")
+    _choice(s.distill.mode, ("hard", "soft"), f"{p}distill.mode")
+    if not 0 <= s.distill.alpha <= 1 or s.distill.tau <= 0:
+        raise ConfigError(
+            f"{p}distill.alpha={s.distill.alpha}, {p}distill.tau={s.distill.tau}: alpha in [0, 1], tau > 0"
+        )
     if s.data.repeats < 1:
         raise ConfigError(f"{p}data.repeats={s.data.repeats}: must be 1 (off) or more (DeiT: 3)")
     if s.deepspeed.zero_stage not in (0, 1, 2, 3):
@@ -293,6 +319,12 @@ def validate(s: StageCfg, p: str = "") -> None:
 
     if s.model.name not in list_models():
         raise ConfigError(f"{p}model.name={s.model.name!r}: unknown; known: {list_models()}")
+    from ffscale.models.registry import defaults
+
+    if s.model.heads and "heads" not in defaults(s.model.name):  # else a TypeError on every rank
+        raise ConfigError(f"{p}model.heads={s.model.heads}: {s.model.name} has no attention heads")
+    if s.model.token_hidden and "heads" in defaults(s.model.name):
+        raise ConfigError(f"{p}model.token_hidden={s.model.token_hidden}: {s.model.name} has no token MLP")
     if s.model.img_size is not None and s.model.img_size != s.data.img_size:  # else the first forward fails
         raise ConfigError(
             f"{p}model.img_size={s.model.img_size} but {p}data.img_size={s.data.img_size}: the loader makes "

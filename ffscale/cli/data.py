@@ -1,4 +1,4 @@
-"""`ffscale shard fashion-mnist|folder|flat|imagenet|index`: from the images people have to
+"""`ffscale shard fashion-mnist|cluttered-fashion-mnist|folder|flat|imagenet|index`: from the images people have to
 WebDataset shards with a manifest (docs: README "From ImageNet to shards"); `ffscale verify`."""
 
 from __future__ import annotations
@@ -25,6 +25,15 @@ def fashion_mnist(a) -> int:
 
     for split in ("train", "val"):
         _write(shards.fashion_mnist(split), Path(a.out) / split, split, a)
+    return 0
+
+
+def cluttered_fashion_mnist(a) -> int:
+    from ffscale.data.ingest.cluttered import Clutter, cluttered_fashion_mnist
+
+    params = Clutter(a.size, (a.scale[0], a.scale[1]), a.fragments)
+    for split in ("train", "val"):
+        _write(cluttered_fashion_mnist(split, params, a.seed), Path(a.out) / split, split, a)
     return 0
 
 
@@ -115,6 +124,22 @@ def add_parser(sub) -> None:
     p = ss.add_parser("fashion-mnist", help="Debian's Fashion-MNIST -> OUT/train, OUT/val")
     _writer_args(p, "output directory (gets train/ and val/)")
     p.set_defaults(fn=fashion_mnist)
+    p = ss.add_parser(
+        "cluttered-fashion-mnist",
+        help="Fashion-MNIST objects at random scale and position among fragments of others -> OUT/train, OUT/val",
+        description="Each image holds one Fashion-MNIST image (train: the 60k training images, val: the 10k test "
+        "images) resized by a random factor and placed at a random position on a black canvas, after fragments "
+        "of other images of the same split (cluttered MNIST's construction; docs/recipe.md, 'The benchmark'). "
+        "Every sample is a function of (seed, split, index): the same bytes on every run and with any --workers.",
+    )  # fmt: skip
+    _writer_args(p, "output directory (gets train/ and val/)")
+    p.add_argument("--size", type=int, default=56, help="canvas side in px (default 56)")
+    p.add_argument(
+        "--scale", type=float, nargs=2, default=[1.0, 1.5], metavar=("LO", "HI"),
+        help="object side = 28 px x U(LO, HI) (default 1.0 1.5: 28-42 px)",
+    )  # fmt: skip
+    p.add_argument("--fragments", type=int, default=4, help="clutter fragments per image (default 4)")
+    p.set_defaults(fn=cluttered_fashion_mnist)
     p = ss.add_parser("folder", help="a class-folder tree root/<class>/<image>")
     p.add_argument("--root", required=True, help="root/<class>/<image>; class k = k-th name in sorted order")
     p.add_argument("--name", help="shard file prefix (default: the root's name)")

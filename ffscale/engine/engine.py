@@ -40,15 +40,19 @@ class Engine:
         ckpt_dir,
         fence: Callable[[], None] = lambda: None,
         timeouts: tuple[float, float] = (0, 0),
+        criterion: Callable | None = None,
     ):
         """`lr_at(step)`: the lr of the optimizer step after `step` finished ones (ffscale/engine/lr.py).
         `fence()`: called on rank 0 before every checkpoint; raising stops every rank before it writes.
         `timeouts`: (seconds a collective may wait around checkpoints, evaluations and an epoch's
-        first step, seconds during training steps from the first on; 0: no change)."""
+        first step, seconds during training steps from the first on; 0: no change).
+        `criterion(x, outputs, target)`: the loss when not the model's logits against `target`
+        (a distilled stage: ffscale/engine/distill.py)."""
         self.fence = fence
         self.long_timeout_s, self.step_timeout_s = timeouts
         self._short = False  # are collectives under the training steps' timeout?
         self.dist, self.s, self.accum = dist, s, accum
+        self.criterion = criterion
         self.ckpt_dir = Path(ckpt_dir)
         self.precision = ds_config.resolve_precision(s.deepspeed.precision, dist.device)
         self.dtype = ds_config.DTYPES[self.precision]
@@ -122,7 +126,8 @@ class Engine:
         """One micro-batch: forward, backward; DeepSpeed steps at accumulation boundaries.
         `target` is class indices or soft targets (mixup), loss in fp32."""
         self.ds.train()
-        loss = soft_cross_entropy(self.ds(x).float(), target)
+        out = self.ds(x)
+        loss = self.criterion(x, out, target) if self.criterion else soft_cross_entropy(out.float(), target)
         boundary = self.ds.is_gradient_accumulation_boundary()
         self.ds.backward(loss)
         self._bad += (~torch.isfinite(loss.detach())).float()

@@ -25,6 +25,7 @@ def model_kwargs(s: StageCfg, num_classes: int) -> dict:
         depth=m.depth,
         **({"token_hidden": m.token_hidden} if m.token_hidden else {}),
         **({"heads": m.heads} if m.heads else {}),
+        **({"distilled": True} if s.distill.teacher else {}),  # DeiT's distillation token and head
     )
 
 

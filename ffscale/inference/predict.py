@@ -20,17 +20,24 @@ from ffscale.models import create_model
 from ffscale.util.weights import load_weights
 
 
+def load_model(package: Path, ema: bool = False) -> tuple[torch.nn.Module, dict, Path]:
+    """A finished stage's model as its card describes it (a distilled one with its distillation
+    token and head, averaging them in eval mode), its weights loaded: (model, card, weights file)."""
+    card = read_card(package)
+    weights = package / ("weights_ema.safetensors" if ema else "weights.safetensors")
+    if not weights.is_file():
+        raise ConfigError(
+            f"{weights} does not exist" + (" (this stage trained without an EMA)" if ema else "")
+        )
+    model = create_model(card["model"], **card["kwargs"])
+    model.load_state_dict(load_weights(weights))
+    return model, card, weights
+
+
 class Classifier:
     def __init__(self, package: Path, ema: bool = False, device: str = "cpu"):
-        self.card = read_card(package)
-        weights = package / ("weights_ema.safetensors" if ema else "weights.safetensors")
-        if not weights.is_file():
-            raise ConfigError(
-                f"{weights} does not exist" + (" (this stage trained without an EMA)" if ema else "")
-            )
+        self.model, self.card, _ = load_model(package, ema)
         self.device = torch.device(device)
-        self.model = create_model(self.card["model"], **self.card["kwargs"])
-        self.model.load_state_dict(load_weights(weights))
         self.model.to(self.device).eval()
         p = self.card["preprocessing"]
         self.size, self.crop_pct = p["img_size"], p["crop_pct"]

@@ -22,9 +22,11 @@ HISTORY = "config-history.jsonl"
 # holds back a batch per worker), so the schedule's length
 FREE = ("schedule.stop_at_step", "schedule.stop_at_epoch", "checkpoint.", "deepspeed.bucket_mb", "deepspeed.prefetch_mb", "model.compile",
         "model.grad_ckpt", "optim.micro_batch")  # fmt: skip
+# distill.teacher: a teacher or none sets the student's shape (its distillation token)
 FIXED = ("model.", "data.train", "data.val", "data.img_size", "data.mean", "data.std", "optim.global_batch",
          "optim.lr_batch_base", "optim.ema_decay", "schedule.epochs", "schedule.warmup_epochs", "schedule.lr_per",
-         "deepspeed.zero_stage", "deepspeed.precision", "init_from", "run.seed")  # fmt: skip
+         "deepspeed.zero_stage", "deepspeed.precision", "init_from", "run.seed",
+         "distill.teacher")  # fmt: skip
 
 
 def _matches(key: str, prefixes: tuple[str, ...]) -> bool:

@@ -22,7 +22,7 @@ from ffscale.engine.engine import Engine, EvalInterrupted
 from ffscale.inference.build import build_model, model_kwargs
 from ffscale.inference.card import CARD, trained_on, write_card
 from ffscale.models.resize import adapt_state_dict
-from ffscale.run import changes, nonfinite
+from ffscale.run import changes, nonfinite, teacher
 from ffscale.run.progress import Meter, eval_line, train_line
 from ffscale.run.record import Recorder
 from ffscale.run.schedule import plan_steps
@@ -97,6 +97,7 @@ class StageRun:
         self._loaders()
         self.steps = plan_steps(self.s, dist.world, self.train.steps_per_epoch, stage.name)
         model = self._model(init_weights)
+        self.teacher = teacher.load(self.s, Path(run.dir) / run.name, dist.device)  # None: not distilled
         self.engine = Engine(
             model,
             self.s,
@@ -106,12 +107,15 @@ class StageRun:
             stage.dir / "checkpoints",
             fence,
             (run.collective_timeout_s, run.step_timeout_s),
+            criterion=self.teacher.distiller if self.teacher else None,
         )
         self.ops = DeviceOps(self.s.data, self.num_classes, dist.device, self.engine.dtype)
         stage.dir.mkdir(parents=True, exist_ok=True)
         self.progress = self._resume()
         self.meter = self._meter()
         self._announce()
+        if self.teacher:
+            log(dist, f"{self.where}: {self.teacher.announce(self.s)}")
         tracker.stage_started(stage, self.train_m, self.val_m, self.engine.num_params, lineage)
         self.record = Recorder(stage.dir / "metrics.jsonl", tracker, dist.rank)
         self._config_history(tracker)
@@ -260,7 +264,7 @@ class StageRun:
 
     def _log_progress(self, loss: float) -> None:
         e, prog = self.engine, self.progress
-        perf = self.meter.update(e.global_step)
+        perf = self.meter.update(e.global_step) | (self.teacher.distiller.share() if self.teacher else {})
         epoch = prog.epoch + self.steps.epoch_of(prog.micro_in_epoch)
         self.record({"step": e.global_step, "epoch": epoch, "loss": loss, "lr": e.lr, **perf})
         epochs = self.s.schedule.epochs

@@ -1,5 +1,5 @@
 """The whole job checked once, before any rank trains: every stage's batch on this world size, its
-data, and a resumed stage's config changes. One line naming the key, exit 2.
+data, a resumed stage's config changes, and a distilled stage's teacher. One line naming the key, exit 2.
 
 `ffscale train` runs it before it starts the launcher; a job started by a plain launcher
 (`deepspeed ffscale/train.py`, torchrun) runs it on rank 0 once the ranks have met
@@ -12,7 +12,7 @@ import os
 
 from ffscale.config import Config, stages
 from ffscale.data.check import check_stage_data
-from ffscale.run import changes
+from ffscale.run import changes, teacher
 from ffscale.run.world import check_launch, for_world
 
 ENV = "FFSCALE_PREFLIGHT_DONE"
@@ -25,6 +25,7 @@ def check_job(cfg: Config, nodes: int, per_node: int) -> None:
         p = f"stages.{stage.name}." if cfg.stages else ""
         check_stage_data(for_world(stage.cfg, world, p), world, p)
         changes.check(stage, cfg.run, set(cfg.run.allow_change))
+    teacher.check(cfg)  # a distilled stage's teacher sees its images and predicts its classes
 
 
 def done_by_launcher() -> bool:

@@ -35,9 +35,16 @@ def train_line(
     stage: str, epoch: int, epochs: int, step: int, total: int, loss: float, lr: float, perf: dict
 ) -> str:
     mfu = f" | MFU {perf['mfu']:.1f}%" if "mfu" in perf else ""
+    ips = perf.get("img_per_s", 0)
+    teacher = ""
+    if "teacher_share" in perf:  # a distilled stage: what its teacher's forward costs
+        share = perf["teacher_share"]
+        teacher = (
+            f" | teacher {share:.0f}% of the time (~{ips / max(1 - share / 100, 1e-3):,.0f} img/s without)"
+        )
     return (
         f"{stage} ep {epoch + 1}/{epochs} step {step}/{total} | loss {loss:.4f} | lr {lr:.2e} | "
-        f"{perf.get('img_per_s', 0):,.0f} img/s{mfu} | ETA {fmt_time(perf.get('eta_s', 0))}"
+        f"{ips:,.0f} img/s{mfu}{teacher} | ETA {fmt_time(perf.get('eta_s', 0))}"
     )
 
 

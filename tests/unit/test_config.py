@@ -23,6 +23,10 @@ def test_wrong_type_and_bad_values_name_the_key():
         C.load(None, ["data.img_size=30", "model.patch_size=7"])
     with pytest.raises(C.ConfigError, match="not of the form key=value"):
         C.load(None, ["optim.base_lr"])
+    with pytest.raises(C.ConfigError, match=r"stages\.a\.model\.heads=3: ff_tiny has no attention heads"):
+        C.load(None, ["model.heads=3", "stages.a.model.name=ff_tiny", "stages.b.model.name=vit_tiny"])
+    with pytest.raises(C.ConfigError, match=r"distill\.mode='sharp': must be one of hard, soft"):
+        C.load(None, ["distill.mode=sharp"])
 
 
 def test_world_size_must_divide_the_global_batch():

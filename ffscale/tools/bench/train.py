@@ -91,6 +91,7 @@ def child(a) -> int:
     s.optim.micro_batch = s.optim.micro_batch or 64
     s.optim.global_batch = s.optim.micro_batch * info.world
     s.optim.ema_decay = 0.0  # the plain loop keeps no EMA either
+    s.distill.teacher = None  # nor a teacher: the student's own step is compared
     num_classes = s.model.num_classes or 1000
     size = image_size(s)
     torch.manual_seed(info.rank)
