@@ -6,4 +6,4 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check ffscale tests
 ruff format --check ffscale tests
-exec python -m pytest -q "$@"
+exec python -m pytest -q --durations=15 "$@"  # the slowest 15 tests, so a slower suite shows where

@@ -6,6 +6,7 @@ the final stage of a pipeline (tracking.register_as) and for any model package o
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from ffscale.inference.card import find_package, read_card
@@ -56,12 +57,25 @@ def _log_model(uri: str, stage_dir: Path, run_id: str, register_as: str | None):
 
     from ffscale.tracking.pyfunc import log
 
+    from mlflow.tracking._tracking_service import utils as uri_state
+
+    # mlflow.set_tracking_uri also writes $MLFLOW_TRACKING_URI for child processes (mlflow 3.17,
+    # tracking/_tracking_service/utils.py:109-116): both are restored after, or every job this
+    # process launches later (`ffscale register` called from Python, then a training) would log into
+    # this store. The module global, not get_tracking_uri(): that resolves the environment and the
+    # default, and setting it back would pin them
+    before_env, before_uri = os.environ.get("MLFLOW_TRACKING_URI"), uri_state._tracking_uri
     mlflow.set_tracking_uri(credentials_to_env(uri))
     mlflow.start_run(run_id=run_id)  # the stage finished: a failure to log must not mark it FAILED
     try:
         return log(stage_dir, register_as)
     finally:
         mlflow.end_run("FINISHED")
+        mlflow.set_tracking_uri(before_uri)
+        if before_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = before_env
 
 
 def package_run_dir(path: Path) -> tuple[Path, Path]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from helpers.paper_ff import PaperFF
 
@@ -21,7 +23,10 @@ def test_an_imported_package_registers_in_mlflow_and_predicts_from_models_uri(tm
     out = tmp_path / "pkg"
     assert main(["import", str(tmp_path / "ff.pth"), "--out", str(out), "data.crop_pct=1.0"]) == 0
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env_before = os.environ.get("MLFLOW_TRACKING_URI")
     assert main(["register", str(out), "--name", "ff-imported", "--uri", uri]) == 0
+    # jobs this process launches afterwards log where they would have before, not into this store
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env_before
     assert "registered as models:/ff-imported/1" in capsys.readouterr().out
     v = MlflowClient(uri).get_model_version("ff-imported", "1")
     assert json.loads(v.tags["ffscale.data"])["imported"]["layout"] == "paper"
