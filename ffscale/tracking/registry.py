@@ -54,10 +54,9 @@ def _origin(card: dict) -> str:
 
 def _log_model(uri: str, stage_dir: Path, run_id: str, register_as: str | None):
     import mlflow
+    from mlflow.tracking._tracking_service import utils as uri_state
 
     from ffscale.tracking.pyfunc import log
-
-    from mlflow.tracking._tracking_service import utils as uri_state
 
     # mlflow.set_tracking_uri also writes $MLFLOW_TRACKING_URI for child processes (mlflow 3.17,
     # tracking/_tracking_service/utils.py:109-116): both are restored after, or every job this

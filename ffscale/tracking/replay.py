@@ -48,6 +48,23 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+def wall_span(stage_dir: Path) -> tuple[int | None, int | None]:
+    """(start, end) of a stage in epoch ms, read from its files, for a run the replay creates (else
+    MLflow would time it by the sync: `ffscale compare` showed 0.0 min). The first row comes
+    `log_every` steps in, so the start is set back by those steps at the rate between the rows; the
+    end is DONE's time, else the last row's. None where the rows carry no time."""
+    rows = [r for r in read_rows(stage_dir / "metrics.jsonl") if isinstance(r.get("time"), (int, float))]
+    if not rows:
+        return None, None
+    first, last = rows[0], rows[-1]
+    start = first["time"]
+    steps = last.get("step", 0) - first.get("step", 0)
+    if steps > 0 and last["time"] > first["time"]:
+        start -= first.get("step", 0) * (last["time"] - first["time"]) / steps
+    end = (stage_dir / DONE).stat().st_mtime if (stage_dir / DONE).is_file() else last["time"]
+    return int(start * 1000), int(max(end, start) * 1000)
+
+
 @dataclass
 class StageFacts:
     """What a stage run is tagged with: known live at its start (the loop passes them), or read back
@@ -134,6 +151,7 @@ class Replay:
         if not self.ids.get("pipeline_id"):
             self.ids["pipeline_id"] = ids.get("pipeline_id") or uuid.uuid4().hex
         self.sent = 0  # metric values sent
+        self.created: set[str] = set()  # runs this replay created: timed from the run directory
         self.uploaded: list[str] = []
 
     @property
@@ -179,14 +197,15 @@ class Replay:
             self.exp_id = experiment_id(self.client, self.cfg.tracking.experiment, self.uri)
         return self.exp_id
 
-    def _run(self, run_id, kind, stage, name, tags, params) -> tuple[str, bool]:
+    def _run(self, run_id, kind, stage, name, tags, params, start_ms=None) -> tuple[str, bool]:
         """(run id, created) of the run with these tags; params it lacks logged."""
         from mlflow.entities import Param, RunTag
 
         run = self._find(run_id, kind, stage)
         created = run is None
         if created:
-            run = self.client.create_run(self.experiment(), run_name=name, tags=tags)
+            run = self.client.create_run(self.experiment(), start_time=start_ms, run_name=name, tags=tags)
+            self.created.add(run.info.run_id)
         have = run.data.params
         items = [Param(k, v) for k, v in params.items() if k not in have]
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params
@@ -202,7 +221,9 @@ class Replay:
         params["stages"] = ",".join(cfg.stages or ["train"])
         tags = {"ffscale.pipeline": cfg.run.name, "ffscale.kind": "pipeline",
                 "ffscale.pipeline_id": self.ids["pipeline_id"]}  # fmt: skip
-        rid, _ = self._run(self.ids.get("parent"), "pipeline", None, cfg.run.name, tags, params)
+        starts = [wall_span(st.dir)[0] for st in config.stages(cfg)]
+        start = min((t for t in starts if t is not None), default=None)
+        rid, _ = self._run(self.ids.get("parent"), "pipeline", None, cfg.run.name, tags, params, start)
         if rid != self.ids.get("parent"):
             self.ids["parent"] = rid
             self._save()
@@ -225,7 +246,10 @@ class Replay:
         if facts.n_params is not None:
             params["model.params"] = str(facts.n_params)
         old = self.ids["stages"].get(stage.name)
-        rid, created = self._run(old, "stage", stage.name, f"{self.cfg.run.name}/{stage.name}", tags, params)
+        start = wall_span(stage.dir)[0]
+        rid, created = self._run(
+            old, "stage", stage.name, f"{self.cfg.run.name}/{stage.name}", tags, params, start
+        )
         if rid != old:
             self.ids["stages"][stage.name] = rid
             self._save()
@@ -316,13 +340,14 @@ class Replay:
                 self.client.log_artifact(rid, str(f))
                 self.uploaded.append(f.name)
 
-    def end(self, rid: str, status: str, only_running: bool = False) -> None:
+    def end(self, rid: str, status: str, only_running: bool = False, end_ms: int | None = None) -> None:
         """Mark a run ended; RUNNING (a stopped stage the rerun continues) changes nothing.
         `only_running`: end only a run still RUNNING (a replay does not know better than a FAILED
-        the job itself set)."""
+        the job itself set). `end_ms` (from the run directory) is used for a run this replay created;
+        one the job created was live, and ends now."""
         now = self.client.get_run(rid).info.status
         if status != "RUNNING" and now != status and (now == "RUNNING" or not only_running):
-            self.client.set_terminated(rid, status)
+            self.client.set_terminated(rid, status, end_time=end_ms if rid in self.created else None)
 
     # -- whole stages and pipelines ------------------------------------------------------------
     def stage(self, stage: config.Stage, facts: StageFacts, status: str, only_running: bool = False) -> str:
@@ -334,7 +359,7 @@ class Replay:
         if (stage.dir / DONE).is_file():
             self.summary(stage, rid)
             status, only_running = "FINISHED", False
-        self.end(rid, status, only_running)
+        self.end(rid, status, only_running, wall_span(stage.dir)[1])
         return rid
 
     def model(self, final: config.Stage, stages: list[config.Stage]) -> str | None:
@@ -357,6 +382,8 @@ class Replay:
         ref = publish(
             self.client, self.uri, self.cfg.run.name, final.dir, rid, self.ids.get("parent"), runs, name
         )
+        if rid in self.created:  # logging the model started and ended the run again, timed now
+            self.client.set_terminated(rid, "FINISHED", end_time=wall_span(final.dir)[1])
         self.ids["model_run"] = rid
         self._save()
         return ref
@@ -379,7 +406,11 @@ class Replay:
         finished = len(done) == len(stages)
         if finished:
             report["model"] = self.model(done[-1], done)
-        self.end(parent, "FINISHED" if finished else (status or "KILLED"), only_running=not finished)
+        ends = [wall_span(st.dir)[1] for st in stages]
+        end = max((t for t in ends if t is not None), default=None)
+        self.end(
+            parent, "FINISHED" if finished else (status or "KILLED"), only_running=not finished, end_ms=end
+        )
         report["status"] = self.client.get_run(parent).info.status
         report["sent"], report["uploaded"] = self.sent, self.uploaded
         return report

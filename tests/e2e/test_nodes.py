@@ -49,6 +49,11 @@ def test_two_nodes_train_zero3_together_and_a_dead_node_stops_the_other(fm_shard
         json.loads(line) for line in (tmp_path / "nodes" / "train" / "metrics.jsonl").read_text().splitlines()
     ]
     assert stage_run.info.status == "FINISHED"
+    # timed as the job ran, not as the sync did: from before the first row to DONE's time
+    done_ms = int((tmp_path / "nodes" / "train" / "DONE").stat().st_mtime * 1000)
+    assert stage_run.info.end_time == done_ms and stage_run.info.start_time <= rows[0]["time"] * 1000
+    parent = c.get_run(stage_run.data.tags["mlflow.parentRunId"]).info
+    assert parent.start_time <= stage_run.info.start_time and parent.end_time == done_ms
     assert sorted(m.step for m in c.get_metric_history(stage_run.info.run_id, "loss")) == [
         r["step"] for r in rows if "loss" in r
     ]
