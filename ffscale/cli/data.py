@@ -90,7 +90,10 @@ def verify(a) -> int:
             raise DataError(f"{root}: no such directory (shards, or a run with checkpoints)")
         if not (Path(root) / MANIFEST).is_file():  # a run, stage or checkpoints directory
             if not verify_tree(Path(root), lambda line: print(line, flush=True), counted := []):
-                raise DataError(f"{root}: neither shards (no {MANIFEST}) nor a run with checkpoints")
+                if not any((Path(root) / up / "config.yaml").is_file() for up in (".", "..")):
+                    raise DataError(f"{root}: neither shards (no {MANIFEST}) nor a run with checkpoints")
+                print(f"{root}: a run without checkpoints yet (a rerun starts it from its first step)")
+                continue
             bad += counted[0]
             continue
         m = verify(root)

@@ -172,7 +172,12 @@ def verify_tree(root: Path, say=print, bad_out: list | None = None) -> int:
     import time
 
     bad, found = 0, 0
-    for ckpt_dir in sorted({m.parent.parent for m in Path(root).rglob(f"step*/{META}")}):
+    root = Path(root)
+    # by their folder too, not only by a finished META: a run whose one checkpoint write was killed
+    # holds an incomplete checkpoint and nothing else, and that is to be listed, not missed
+    dirs = {m.parent.parent for m in root.rglob(f"step*/{META}")}
+    dirs |= {d for d in [root, *root.rglob("checkpoints")] if d.name == "checkpoints" and d.is_dir()}
+    for ckpt_dir in sorted(dirs):
         for d in sorted(ckpt_dir.iterdir(), key=lambda x: (step_of(x.name.split(".")[0]), x.name)):
             found += d.is_dir() and step_of(d.name.split(".")[0]) >= 0
             if DAMAGED in d.name:

@@ -121,3 +121,17 @@ def test_ffscale_verify_checks_a_runs_checkpoints_as_a_resume_would(tmp_path, ca
     assert main(["verify", str(tmp_path / "run")]) == 2
     assert "step200: DAMAGED: mp_rank_00_model_states.pt: 100 bytes" in capsys.readouterr().out
     assert main(["verify", str(tmp_path / "nowhere")]) == 2
+
+    # a run killed while writing its first checkpoint, and one killed before any: listed, not errors
+    first = tmp_path / "first" / "train" / "checkpoints" / "step8"
+    first.mkdir(parents=True)
+    (tmp_path / "first" / "config.yaml").write_text("{}")
+    assert main(["verify", str(tmp_path / "first")]) == 0
+    assert "step8: incomplete (no ffscale.json: a write that was interrupted)" in capsys.readouterr().out
+    (tmp_path / "none" / "train").mkdir(parents=True)
+    (tmp_path / "none" / "config.yaml").write_text("{}")
+    assert main(["verify", str(tmp_path / "none")]) == 0
+    assert "a run without checkpoints yet" in capsys.readouterr().out
+    assert main(["verify", str(tmp_path / "none" / "train")]) == 0  # its stage directory too
+    (tmp_path / "plain").mkdir()
+    assert main(["verify", str(tmp_path / "plain")]) == 2  # neither shards nor a run
