@@ -89,12 +89,12 @@ def verify(a) -> int:
         if not Path(root).is_dir():
             raise DataError(f"{root}: no such directory (shards, or a run with checkpoints)")
         if not (Path(root) / MANIFEST).is_file():  # a run, stage or checkpoints directory
-            if not verify_tree(Path(root), lambda line: print(line, flush=True), counted := []):
+            found, failed = verify_tree(Path(root), lambda line: print(line, flush=True))
+            if not found:
                 if not any((Path(root) / up / "config.yaml").is_file() for up in (".", "..")):
                     raise DataError(f"{root}: neither shards (no {MANIFEST}) nor a run with checkpoints")
                 print(f"{root}: a run without checkpoints yet (a rerun starts it from its first step)")
-                continue
-            bad += counted[0]
+            bad += failed
             continue
         m = verify(root)
         print(

@@ -164,10 +164,10 @@ def step_of(tag: str) -> int:
     return int(tag[4:]) if tag.startswith("step") and tag[4:].isdigit() else -1
 
 
-def verify_tree(root: Path, say=print, bad_out: list | None = None) -> int:
+def verify_tree(root: Path, say=print) -> tuple[int, int]:
     """`ffscale verify RUN_DIR`: every complete checkpoint under `root` (a run, a stage or a checkpoints
-    directory), all files hashed; damaged ones set aside and incomplete ones are listed too. Returns
-    how many checkpoint directories were found; appends to `bad_out` how many failed."""
+    directory), all files hashed; damaged ones set aside and incomplete ones are listed too.
+    (checkpoint directories found, how many of them failed)."""
     import json
     import time
 
@@ -212,6 +212,4 @@ def verify_tree(root: Path, say=print, bad_out: list | None = None) -> int:
             say(
                 f"{d}: {what} (deepspeed {m.get('deepspeed', '?')}; checked in {time.perf_counter() - t0:.2f} s)"
             )
-    if bad_out is not None:
-        bad_out.append(bad)
-    return found
+    return found, bad
