@@ -3,7 +3,7 @@
 # ViT under the DeepSpeed launcher: one rank per GPU, or 2 CPU ranks when there is no GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+FFSCALE_EXTRAS=${FFSCALE_EXTRAS:-dali} bash scripts/setup.sh  # without the test tools
 . .venv/bin/activate
 [ -f data/fashion-mnist/val/manifest.json ] || ffscale shard fashion-mnist --out data/fashion-mnist --shard-size 2000
 ngpu=$(python -c "import torch; print(torch.cuda.device_count())")
