@@ -12,6 +12,8 @@ from ffscale.errors import DataError
 from ffscale.util.atomic import write_atomic
 
 MANIFEST = "manifest.json"
+# folder names that say which split, not which dataset (data/pets/train: the dataset is "pets")
+SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "eval", "shards", "images", "imgs"}
 
 
 @dataclass
@@ -73,6 +75,12 @@ class Manifest:
         return h.hexdigest()[:16]
 
     @property
+    def dataset(self) -> str:
+        """The name tables show: the named source's (fashion-mnist, imagenet, ...), or for a source that is
+        a path (folder, flat, indexed) its last folder that is not a split's name; else the split's name."""
+        return dataset_name(self.source, self.name)
+
+    @property
     def members(self) -> Members:
         return Members(tuple(self.image_exts), self.label)
 
@@ -94,6 +102,22 @@ def broken_tar(e: Exception) -> bool:
     """webdataset's handler for tar-level errors (its args end with the shard's URL): name the shard."""
     where = e.args[-1] if len(e.args) > 1 else "?"
     raise DataError(f"shard {where}: not a readable tar ({e.args[0] if e.args else e})") from e
+
+
+def dataset_name(source: str, fallback: str) -> str:
+    """See `Manifest.dataset`; `fallback` (a split's name or a shard folder's path) where the source says
+    nothing."""
+    kind, _, rest = source.partition(":")
+    if kind in ("folder", "flat", "indexed"):
+        path = Path(rest.split(":")[0])  # flat:ROOT:LABELS, indexed:DIR/PATTERN
+        return _not_a_split(path.parent if kind == "indexed" else path) or fallback
+    return kind or _not_a_split(Path(fallback)) or fallback
+
+
+def _not_a_split(path: Path) -> str:
+    return next(
+        (p for p in reversed(path.parts) if p.lower() not in SPLIT_NAMES and p not in ("/", ".", "..")), ""
+    )
 
 
 def sha256_file(path: Path) -> str:

@@ -41,7 +41,7 @@ def write_card(path: Path, s, num_classes: int, classes: list[str] | None, class
 
 def trained_on(s, train_m, val_m) -> dict:
     """The card's `data` of a trained stage: its shards' paths, names and digests."""
-    return {"train": {"path": s.data.train, "name": train_m.name, "digest": train_m.digest},
+    return {"train": {"path": s.data.train, "name": train_m.name, "dataset": train_m.dataset, "digest": train_m.digest},
             "val": {"path": s.data.val, "name": val_m.name, "digest": val_m.digest}}  # fmt: skip
 
 

@@ -45,17 +45,26 @@ def stage_rows(uri: str, experiment: str, filter_string: str = "", model: str = 
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = [("family", "{:<15}"), ("model", "{:<15}"), ("params_m", "{:>8.2f}M"), ("pipeline", "{:<14}"),
-            ("stage", "{:<10}"), ("dataset", "{:<10}"), ("img", "{:>4}"), ("epochs", "{:>6}"),
-            ("top1", "{:>7.2f}"), ("top5", "{:>7.2f}"), ("img_s", "{:>9.0f}"), ("wall_min", "{:>8.1f}"),
-            ("status", "{:<9}")]  # fmt: skip
+    cols = [("family", "{}"), ("model", "{}"), ("params_m", "{:.2f}M"), ("pipeline", "{}"), ("stage", "{}"),
+            ("dataset", "{}"), ("img", "{}"), ("epochs", "{}"), ("top1", "{:.2f}"), ("top5", "{:.2f}"),
+            ("img_s", "{:.0f}"), ("wall_min", "{:.1f}"), ("status", "{}")]  # fmt: skip
+    right = {"params_m", "img", "epochs", "top1", "top5", "img_s", "wall_min"}
     heads = {"params_m": "params", "img_s": "img/s", "wall_min": "min", "top1": "top-1", "top5": "top-5"}
-    lines = [" | ".join(f"{heads.get(c, c):<{len(f.format(rows[0][c]))}}" for c, f in cols)] if rows else []
-    for r in rows:
-        line = " | ".join(f.format(r[c]) for c, f in cols)
+    if not rows:
+        return "no stage runs found"
+    cells = [[f.format(r[c]) for c, f in cols] for r in rows]
+    width = [max(len(heads.get(c, c)), *(len(row[i]) for row in cells)) for i, (c, _) in enumerate(cols)]
+
+    def line(values):
+        return " | ".join(
+            v.rjust(w) if c in right else v.ljust(w) for (c, _), v, w in zip(cols, values, width)
+        )
+
+    lines = [line([heads.get(c, c) for c, _ in cols])]
+    for r, row in zip(rows, cells):
         paper = PAPER_TOP1.get(r["model"]) if r["dataset"].lower().startswith("imagenet") else None
-        lines.append(line + (f"   (paper: {paper})" if paper else ""))
-    return "\n".join(lines) if lines else "no stage runs found"
+        lines.append(line(row) + (f"   (paper: {paper})" if paper else ""))
+    return "\n".join(lines)
 
 
 def plot(uri: str, rows: list[dict], path: Path, metric: str = "val_top1") -> None:

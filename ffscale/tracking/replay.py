@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ffscale import config
+from ffscale.data.manifest import dataset_name, load_manifest
 from ffscale.inference.card import CARD
 from ffscale.tracking.store import client, credentials_to_env, experiment_id, flatten
 from ffscale.util.atomic import write_atomic
@@ -70,7 +71,7 @@ class StageFacts:
     """What a stage run is tagged with: known live at its start (the loop passes them), or read back
     from the stage's files by `from_files`."""
 
-    dataset: str = "?"  # train shards' name:digest
+    dataset: str = "?"  # the train shards' dataset:digest (Manifest.dataset)
     n_params: int | None = None
     lineage: str = "?"  # where its weights came from (ffscale/run/pipeline.py: init_weights_for)
     train_m: object = None  # manifests, for MLflow's dataset inputs
@@ -85,18 +86,20 @@ class StageFacts:
         num_classes = card.get("num_classes") or s.model.num_classes
         train = card.get("data", {}).get("train")
         try:
-            from ffscale.data.manifest import load_manifest
-
             f.train_m, f.val_m = load_manifest(s.data.train)[0], load_manifest(s.data.val)[0]
-            train = train or {"name": f.train_m.name, "digest": f.train_m.digest}
+            train = train or {"dataset": f.train_m.dataset, "digest": f.train_m.digest}
             num_classes = num_classes or f.train_m.num_classes
         except Exception:  # shards moved or gone: the tags come from the card or the history
             f.train_m = f.val_m = None
         if train is None:
             hist = read_rows(stage.dir / HISTORY)
             digest = hist[0].get("digests", {}).get("data.train") if hist else None
-            train = {"name": Path(s.data.train).name, "digest": digest or "?"}
-        f.dataset = f"{train['name']}:{train['digest']}"
+            train = {"dataset": dataset_name("", s.data.train), "digest": digest or "?"}
+        # cards written before they named the dataset: from the manifest if it is still there, else the path
+        name = train.get("dataset") or (
+            f.train_m.dataset if f.train_m else dataset_name("", train.get("path", ""))
+        )
+        f.dataset = f"{name or train.get('name', '?')}:{train['digest']}"
         if num_classes:
             f.n_params = _count_params(s, num_classes)
         return f

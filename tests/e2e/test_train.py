@@ -187,6 +187,7 @@ def test_compare_prints_the_runs(ref_run, cut_run, term_run, capsys):
     out = capsys.readouterr().out
     lines = [ln for ln in out.splitlines() if "ff_tiny" in ln]
     assert len(lines) == 6  # ref, cut, term x (z2, z3)
+    assert all(" fashion-mnist " in ln for ln in lines)  # the dataset, not its split's folder name
     assert any("FINISHED" in ln and "z3" in ln and "cut" in ln for ln in lines)
     assert png.stat().st_size > 10_000
 

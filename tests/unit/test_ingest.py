@@ -51,6 +51,7 @@ def test_every_imagenet_layout_gives_every_image_once_with_its_synset(tmp_path, 
         assert m.class_ids == wnids
         words = [SYNSETS[w][0] for w in wnids]
         assert m.classes == (wnids if layout == "folders" else words)  # no devkit: names are the ids
+        assert m.dataset == "imagenet"  # what `ffscale compare` shows and tags the runs with, not "train"
 
 
 @pytest.mark.parametrize("fmt", ["csv", "txt"])
@@ -68,6 +69,7 @@ def test_a_flat_folder_with_a_labels_file(tmp_path, fmt):
                  "--out", str(tmp_path / "out"), "--shard-size", "5"]) == 0  # fmt: skip
     m, got = shard_contents(tmp_path / "out")
     assert m.classes == ["cat", "dog", "emu"]
+    assert m.dataset == tmp_path.name  # the images' folder, "imgs", names no dataset: the one above it
     assert sorted(got) == sorted((digest(p), i % 3) for i, p in enumerate(pics))
 
 
@@ -81,6 +83,7 @@ def test_other_tools_shards_are_indexed_without_rewriting_them(foreign, capsys):
         ["0", "1", "2", "3"],
     )
     assert all(f.parent == foreign / "shards" for f in files)
+    assert m.dataset == foreign.name  # indexed in place from <foreign>/shards
     assert all((foreign / "val" / (f.stem + ".idx")).stat().st_size > 0 for f in files)
     assert main(["verify", str(foreign / "train"), str(foreign / "val")]) == 0
     assert {f: f.read_bytes() for f in (foreign / "shards").glob("*.tar")} == before
