@@ -53,16 +53,21 @@ def wall_span(stage_dir: Path) -> tuple[int | None, int | None]:
     """(start, end) of a stage in epoch ms, read from its files, for a run the replay creates (else
     MLflow would time it by the sync: `ffscale compare` showed 0.0 min). The first row comes
     `log_every` steps in, so the start is set back by those steps at the rate between the rows; the
-    end is DONE's time, else the last row's. None where the rows carry no time."""
+    end is DONE's time, else the last row's. Rows written before they carried their time: from the
+    stage's first config-history row to DONE. None where neither says."""
     rows = [r for r in read_rows(stage_dir / "metrics.jsonl") if isinstance(r.get("time"), (int, float))]
+    done = (stage_dir / DONE).stat().st_mtime if (stage_dir / DONE).is_file() else None
     if not rows:
-        return None, None
+        hist = [r for r in read_rows(stage_dir / HISTORY) if isinstance(r.get("time"), (int, float))]
+        if not hist or done is None:
+            return None, None
+        return int(hist[0]["time"] * 1000), int(max(done, hist[0]["time"]) * 1000)
     first, last = rows[0], rows[-1]
     start = first["time"]
     steps = last.get("step", 0) - first.get("step", 0)
     if steps > 0 and last["time"] > first["time"]:
         start -= first.get("step", 0) * (last["time"] - first["time"]) / steps
-    end = (stage_dir / DONE).stat().st_mtime if (stage_dir / DONE).is_file() else last["time"]
+    end = done if done is not None else last["time"]
     return int(start * 1000), int(max(end, start) * 1000)
 
 

@@ -74,3 +74,20 @@ def test_rendered_pods_need_a_tracking_server_unless_the_config_names_one_or_tra
     refs = {next(iter(r)): r[next(iter(r))] for r in train["envFrom"]}
     assert refs["configMapRef"] == {"name": "mlflow", "optional": bool(overrides)}
     assert refs["secretRef"]["optional"] is True
+
+
+def test_a_stage_whose_rows_carry_no_time_is_timed_from_its_config_history_to_done(tmp_path):
+    """Stages trained before metrics rows carried their time: `ffscale track sync` creates their runs
+    with the stage's wall time (compare showed 0.0 min), not the sync's."""
+    import json
+
+    from ffscale.tracking.replay import wall_span
+
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 100, "loss": 2.3}) + "\n")
+    assert wall_span(tmp_path) == (None, None)  # nothing says when it ran
+    (tmp_path / "config-history.jsonl").write_text(
+        json.dumps({"step": 0, "time": 1_000.5, "config": {}}) + "\n"
+    )
+    (tmp_path / "DONE").write_text("{}")
+    os.utime(tmp_path / "DONE", (1_900.25, 1_900.25))
+    assert wall_span(tmp_path) == (1_000_500, 1_900_250)
