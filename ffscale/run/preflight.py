@@ -12,7 +12,7 @@ import os
 
 from ffscale.config import Config, stages
 from ffscale.data.check import check_stage_data
-from ffscale.run import changes, teacher
+from ffscale.run import changes
 from ffscale.run.world import check_launch, for_world
 
 ENV = "FFSCALE_PREFLIGHT_DONE"
@@ -25,6 +25,10 @@ def check_job(cfg: Config, nodes: int, per_node: int) -> None:
         p = f"stages.{stage.name}." if cfg.stages else ""
         check_stage_data(for_world(stage.cfg, world, p), world, p)
         changes.check(stage, cfg.run, set(cfg.run.allow_change))
+    # DeepSpeed's config code and the distiller: after the data checks, so a missing shard folder is
+    # reported in 2.9 s instead of 5.5 (2026-12-03, `ffscale train --config configs/demo.yaml data.train=nowhere`)
+    from ffscale.run import teacher
+
     teacher.check(cfg)  # a distilled stage's teacher sees its images and predicts its classes
 
 
