@@ -41,7 +41,9 @@ case ",${extras}," in *,dev,*)
       >/dev/null 2>&1 || echo "setup: postgresql not installed (the MLflow server tests use SQLite instead)"
   fi
 esac
-if ! python -c "import ffscale, deepspeed, mlflow" 2>/dev/null || [ ! -f "$marker" ] || [ pyproject.toml -nt "$marker" ]; then
+imports="ffscale, deepspeed, mlflow"
+case ",${extras}," in *,dali,*) imports="$imports, nvidia.dali" ;; esac
+if ! python -c "import $imports" 2>/dev/null || [ ! -f "$marker" ] || [ pyproject.toml -nt "$marker" ]; then
   pip install -q --no-compile -e ".[${extras}]"
   # timm's RandAugment definitions for tests/unit/test_randaug.py; without its dependencies, whose
   # torchvision would replace the CPU torch wheel

@@ -111,13 +111,16 @@ def dataset_name(source: str, fallback: str) -> str:
     if kind in ("folder", "flat", "indexed"):
         path = Path(rest.split(":")[0])  # flat:ROOT:LABELS, indexed:DIR/PATTERN
         return _not_a_split(path.parent if kind == "indexed" else path) or fallback
-    return kind or _not_a_split(Path(fallback)) or fallback
+    return kind or _not_a_split(Path(fallback)) or Path(fallback).name or fallback
 
 
 def _not_a_split(path: Path) -> str:
-    return next(
-        (p for p in reversed(path.parts) if p.lower() not in SPLIT_NAMES and p not in ("/", ".", "..")), ""
-    )
+    """The last part of `path` that names something: not a split, not a glob, not / . or ..."""
+    return next((p for p in reversed(path.parts) if p.lower() not in SPLIT_NAMES and _a_name(p)), "")
+
+
+def _a_name(part: str) -> bool:
+    return part not in ("/", ".", "..") and not any(c in part for c in "*?[")
 
 
 def sha256_file(path: Path) -> str:

@@ -62,7 +62,7 @@ def format_table(rows: list[dict]) -> str:
 
     lines = [line([heads.get(c, c) for c, _ in cols])]
     for r, row in zip(rows, cells):
-        paper = PAPER_TOP1.get(r["model"]) if r["dataset"].lower().startswith("imagenet") else None
+        paper = PAPER_TOP1.get(r["model"]) if r["dataset"].lower() == "imagenet" else None
         lines.append(line(row) + (f"   (paper: {paper})" if paper else ""))
     return "\n".join(lines)
 

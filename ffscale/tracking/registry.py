@@ -45,7 +45,8 @@ def publish(c, uri: str, pipeline: str, stage_dir: Path, run_id: str, parent: st
 def _origin(card: dict) -> str:
     data = card.get("data", {})
     if "train" in data:
-        return f"trained on {data['train']['name']}:{data['train']['digest']}"
+        train = data["train"]
+        return f"trained on {train.get('dataset') or train['name']}:{train['digest']}"
     if "imported" in data:
         src = data["imported"]
         return f"imported from {Path(src['path']).name} ({src['layout']} layout, sha256 {src['digest']})"

@@ -261,6 +261,7 @@ def test_the_final_model_is_registered_and_predicts_as_eval_measures(
     assert json.loads(v.tags["ffscale.stage_runs"]) == ids["stages"]
     data = json.loads(v.tags["ffscale.data"])
     assert data["train"]["digest"] == load_manifest(fm_shards / "train")[0].digest
+    assert f"trained on fashion-mnist:{data['train']['digest']}" in v.description  # the dataset, not "train"
     assert data["val"]["digest"] == load_manifest(fm_shards / "val")[0].digest
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     sig = get_model_info(f"models:/{MODEL}/1").signature

@@ -91,3 +91,23 @@ def test_a_stage_whose_rows_carry_no_time_is_timed_from_its_config_history_to_do
     (tmp_path / "DONE").write_text("{}")
     os.utime(tmp_path / "DONE", (1_900.25, 1_900.25))
     assert wall_span(tmp_path) == (1_000_500, 1_900_250)
+
+
+@pytest.mark.parametrize(
+    "source, fallback, name",
+    [
+        ("fashion-mnist:train", "train", "fashion-mnist"),
+        ("imagenet:/data/ILSVRC2012_img_train.tar", "train", "imagenet"),
+        ("folder:/data/pets/train", "train", "pets"),
+        ("flat:/data/birds/images:labels.csv", "train", "birds"),
+        ("indexed:/data/laion/shards/*/part-*.tar", "train", "laion"),  # globs name nothing
+        ("", "data/cifar/val", "cifar"),  # a manifest without a source: its folder
+        ("", "/train", "train"),  # nothing but a split: the split, not the path
+        ("", "train", "train"),
+    ],
+)
+def test_runs_are_tagged_with_the_datasets_name_not_its_splits(source, fallback, name):
+    """`ffscale compare`'s dataset column and the runs' `ffscale.dataset` tag (Manifest.dataset)."""
+    from ffscale.data.manifest import dataset_name
+
+    assert dataset_name(source, fallback) == name
