@@ -81,6 +81,11 @@ class Manifest:
         return dataset_name(self.source, self.name)
 
     @property
+    def tag(self) -> str:
+        """The set as "dataset:digest": what a stage run is tagged with and a model card records."""
+        return f"{self.dataset}:{self.digest}"
+
+    @property
     def members(self) -> Members:
         return Members(tuple(self.image_exts), self.label)
 

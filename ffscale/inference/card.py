@@ -13,6 +13,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ffscale.data.manifest import dataset_name
 from ffscale.errors import ConfigError
 from ffscale.inference.build import model_kwargs
 from ffscale.util.atomic import write_atomic
@@ -43,6 +44,17 @@ def trained_on(s, train_m, val_m) -> dict:
     """The card's `data` of a trained stage: its shards' paths, names and digests."""
     return {"train": {"path": s.data.train, "name": train_m.name, "dataset": train_m.dataset, "digest": train_m.digest},
             "val": {"path": s.data.val, "name": val_m.name, "digest": val_m.digest}}  # fmt: skip
+
+
+def train_tag(card: dict, manifest=None) -> str | None:
+    """A card's train set as "dataset:digest" (`Manifest.tag`), None for a card of no trained stage. Cards
+    written before they named the dataset: from `manifest` (its shards, where still there), else the
+    shard folder's path."""
+    train = card.get("data", {}).get("train")
+    if train is None:
+        return None
+    name = train.get("dataset") or (manifest.dataset if manifest else dataset_name("", train.get("path", "")))
+    return f"{name or train.get('name', '?')}:{train.get('digest', '?')}"
 
 
 def read_card(package: Path) -> dict:

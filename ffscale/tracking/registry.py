@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from ffscale.inference.card import find_package, read_card
+from ffscale.inference.card import find_package, read_card, train_tag
 from ffscale.tracking.store import client, credentials_to_env, experiment_id, flatten
 from ffscale.util.secrets import redact
 
@@ -45,8 +45,7 @@ def publish(c, uri: str, pipeline: str, stage_dir: Path, run_id: str, parent: st
 def _origin(card: dict) -> str:
     data = card.get("data", {})
     if "train" in data:
-        train = data["train"]
-        return f"trained on {train.get('dataset') or train['name']}:{train['digest']}"
+        return f"trained on {train_tag(card)}"
     if "imported" in data:
         src = data["imported"]
         return f"imported from {Path(src['path']).name} ({src['layout']} layout, sha256 {src['digest']})"

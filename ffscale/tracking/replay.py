@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ffscale import config
 from ffscale.data.manifest import dataset_name, load_manifest
-from ffscale.inference.card import CARD
+from ffscale.inference.card import CARD, train_tag
 from ffscale.tracking.store import client, credentials_to_env, experiment_id, flatten
 from ffscale.util.atomic import write_atomic
 from ffscale.util.secrets import redact
@@ -89,25 +89,22 @@ class StageFacts:
         card = _json(stage.dir / CARD)
         f.lineage = done.get("init_from") or _lineage(s.init_from, previous)
         num_classes = card.get("num_classes") or s.model.num_classes
-        train = card.get("data", {}).get("train")
         try:
             f.train_m, f.val_m = load_manifest(s.data.train)[0], load_manifest(s.data.val)[0]
-            train = train or {"dataset": f.train_m.dataset, "digest": f.train_m.digest}
             num_classes = num_classes or f.train_m.num_classes
         except Exception:  # shards moved or gone: the tags come from the card or the history
             f.train_m = f.val_m = None
-        if train is None:
-            hist = read_rows(stage.dir / HISTORY)
-            digest = hist[0].get("digests", {}).get("data.train") if hist else None
-            train = {"dataset": dataset_name("", s.data.train), "digest": digest or "?"}
-        # cards written before they named the dataset: from the manifest if it is still there, else the path
-        name = train.get("dataset") or (
-            f.train_m.dataset if f.train_m else dataset_name("", train.get("path", ""))
-        )
-        f.dataset = f"{name or train.get('name', '?')}:{train['digest']}"
+        f.dataset = train_tag(card, f.train_m) or (f.train_m.tag if f.train_m else _history_tag(stage))
         if num_classes:
             f.n_params = _count_params(s, num_classes)
         return f
+
+
+def _history_tag(stage: config.Stage) -> str:
+    """A stage that wrote no card and whose shards are gone: its config's first digest of them."""
+    hist = read_rows(stage.dir / HISTORY)
+    digest = hist[0].get("digests", {}).get("data.train") if hist else None
+    return f"{dataset_name('', stage.cfg.data.train)}:{digest or '?'}"
 
 
 def _json(path: Path) -> dict:

@@ -52,8 +52,7 @@ class MlflowTracker:
     def stage_started(self, stage, train_manifest, val_manifest, n_params, lineage: str) -> None:
         """`lineage`: where the stage's weights came from (pipeline.init_weights_for)."""
         self.stage, self.child = stage, None
-        dataset = f"{train_manifest.dataset}:{train_manifest.digest}"
-        self.facts = StageFacts(dataset, n_params, lineage, train_manifest, val_manifest)
+        self.facts = StageFacts(train_manifest.tag, n_params, lineage, train_manifest, val_manifest)
         self._open_stage()
 
     def _open_stage(self) -> None:

@@ -111,3 +111,25 @@ def test_runs_are_tagged_with_the_datasets_name_not_its_splits(source, fallback,
     from ffscale.data.manifest import dataset_name
 
     assert dataset_name(source, fallback) == name
+
+
+def test_a_stage_is_tagged_from_its_card_or_shards_or_history_whichever_survives(tmp_path):
+    """`ffscale track sync` of a stage whose shards are gone: the card's dataset; a card written before cards
+    named it, the shard folder's name; no card, the config history's digest. Never "train" or a path."""
+    import json
+
+    from ffscale.inference.card import CARD
+    from ffscale.tracking.replay import StageFacts
+
+    gone = tmp_path / "data" / "pets" / "train"
+    overrides = [f"run.dir={tmp_path / 'runs'}", f"data.train={gone}", f"data.val={gone.parent / 'val'}"]
+    (stage,) = C.stages(C.load(None, overrides))
+    stage.dir.mkdir(parents=True)
+    train = {"path": str(gone), "name": "train", "digest": "d1"}
+    (stage.dir / CARD).write_text(json.dumps({"data": {"train": train | {"dataset": "oxford-pets"}}}))
+    assert StageFacts.from_files(stage, []).dataset == "oxford-pets:d1"
+    (stage.dir / CARD).write_text(json.dumps({"data": {"train": train}}))  # an older card
+    assert StageFacts.from_files(stage, []).dataset == "pets:d1"
+    (stage.dir / CARD).unlink()
+    (stage.dir / "config-history.jsonl").write_text(json.dumps({"digests": {"data.train": "d0"}}) + "\n")
+    assert StageFacts.from_files(stage, []).dataset == "pets:d0"
