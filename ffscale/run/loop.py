@@ -212,6 +212,7 @@ class StageRun:
             self.dist,
             f"{self.where}: weights from {init_weights}: top-1 {ev['val_top1']:.2f}% before training",
         )
+        self.meter.new_window(before_training=True)
 
     # -- one epoch ---------------------------------------------------------------------------
     def train_epoch(self) -> bool:
@@ -283,6 +284,7 @@ class StageRun:
         if self._checkpoints_this_epoch() and e.saved_step != e.global_step:
             e.save(asdict(prog))
         e.stop_if_requested(asdict(prog), agree=True)  # SIGTERM during the evaluation or the write
+        self.meter.new_window()
 
     def _checkpoints_this_epoch(self) -> bool:
         every, epoch = self.s.checkpoint.every_epochs, self.progress.epoch

@@ -64,6 +64,18 @@ def test_meter_reports_throughput_mfu_and_eta(monkeypatch):
     assert r["mfu"] == pytest.approx(100 * 320 * 1e9 / 1e12)
     assert r["eta_s"] == pytest.approx(80 / 5.0)  # 80 steps left at 5 steps/s
     assert (fmt_time(16), fmt_time(3725)) == ("0m16s", "1h02m")
+    now[0] += 8.0  # an evaluation and a checkpoint at the epoch's end
+    m.new_window()
+    now[0] += 2.0
+    r = m.update(30)
+    assert r["img_per_s"] == pytest.approx(320.0)  # the training alone
+    assert r["eta_s"] == pytest.approx(70 / (20 / 12.0))  # the ETA counts the evaluation: it recurs
+    m = Meter(total_steps=100, images_per_step=64, flops_per_image=1e9, peak_flops=1e12)
+    m.update(0)
+    now[0] += 30.0  # the carried weights' evaluation, once
+    m.new_window(before_training=True)
+    now[0] += 2.0
+    assert m.update(10)["eta_s"] == pytest.approx(90 / 5.0)
 
 
 def test_lineage_says_where_a_stages_weights_came_from(tmp_path):
