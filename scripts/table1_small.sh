@@ -4,6 +4,7 @@
 #   - FF-only, ViT, attention-only (configs/table1_small.yaml), seeds 0 1 2;
 #   - FF distilled from the ViT of its own seed (configs/table1_small_distill.yaml), seeds 0 1 2;
 #   - FF without repeated augmentation / drop path / RandAugment (configs/table1_small_recipe.yaml), seeds 0 1 2;
+#   - the three families without repeated augmentation and RandAugment (configs/table1_small_lean.yaml), seeds 0 1 2;
 # then the table (mean, spread and each seed's final top-1 per row) and the curves of seed 0.
 # Rerunning skips every finished stage and resumes an interrupted one. SEEDS="0" runs one seed;
 # NICE (default 10) is the training jobs' niceness on a shared host; extra arguments go to every job.
@@ -33,20 +34,26 @@ done
 for s in $SEEDS; do
     train --config configs/table1_small_recipe.yaml run.seed="$s" run.name="table1-small-recipe-s$s" "$@"
 done
+for s in $SEEDS; do
+    train --config configs/table1_small_lean.yaml run.seed="$s" run.name="table1-small-lean-s$s" "$@"
+done
 
 python - <<'EOF'
 import json, re, statistics
 from pathlib import Path
 
-rows = {}  # stage -> seed -> (final top-1, best top-1); `ffscale compare` shows the best
+rows = {}  # pipeline/stage -> seed -> (final top-1, best top-1); `ffscale compare` shows the best
 for done in sorted(Path("runs").glob("table1-small*-s*/*/DONE")):
-    seed = int(re.search(r"-s(\d+)$", done.parent.parent.name).group(1))
+    pipeline, seed = re.fullmatch(r"table1-small(?:-([\w-]+?))?-s(\d+)", done.parent.parent.name).groups()
     d = json.loads(done.read_text())
-    rows.setdefault(done.parent.name, {})[seed] = (d["last_eval"]["val_top1"], d["best"]["val_top1"])
-print(f"{'stage':<16} {'seeds':<5} {'final top-1: mean':>18} {'spread':>7} {'best: mean':>11}  final top-1 by seed")
+    row = f"{pipeline}/{done.parent.name}" if pipeline else done.parent.name  # lean/ff beside ff
+    rows.setdefault(row, {})[int(seed)] = (d["last_eval"]["val_top1"], d["best"]["val_top1"])
+print(f"{'stage':<24} {'seeds':<5} {'final top-1: mean':>18} {'spread':>7} {'best: mean':>11}  final top-1 by seed")
 for stage, by_seed in rows.items():
     final, best = [v[0] for v in by_seed.values()], [v[1] for v in by_seed.values()]
-    print(f"{stage:<16} {len(final):<5} {statistics.mean(final):18.2f} {max(final) - min(final):7.2f} "
+    print(f"{stage:<24} {len(final):<5} {statistics.mean(final):18.2f} {max(final) - min(final):7.2f} "
           f"{statistics.mean(best):11.2f}  " + ", ".join(f"s{k} {v[0]:.2f}" for k, v in sorted(by_seed.items())))
 EOF
-ffscale compare --filter "tags.\`ffscale.pipeline\` LIKE 'table1-small%-s0'" --plot docs/table1-small-curves.png
+ffscale compare --filter "tags.\`ffscale.pipeline\` LIKE 'table1-small%-s0' AND tags.\`ffscale.pipeline\` != 'table1-small-lean-s0'" \
+    --plot docs/table1-small-curves.png
+ffscale compare --filter "tags.\`ffscale.pipeline\` = 'table1-small-lean-s0'" --plot docs/table1-small-lean-curves.png
