@@ -44,7 +44,10 @@ from pathlib import Path
 
 rows = {}  # pipeline/stage -> seed -> (final top-1, best top-1); `ffscale compare` shows the best
 for done in sorted(Path("runs").glob("table1-small*-s*/*/DONE")):
-    pipeline, seed = re.fullmatch(r"table1-small(?:-([\w-]+?))?-s(\d+)", done.parent.parent.name).groups()
+    m = re.fullmatch(r"table1-small(?:-([\w-]+?))?-s(\d+)", done.parent.parent.name)
+    if m is None:  # another run whose name only starts the same way
+        continue
+    pipeline, seed = m.groups()
     d = json.loads(done.read_text())
     row = f"{pipeline}/{done.parent.name}" if pipeline else done.parent.name  # lean/ff beside ff
     rows.setdefault(row, {})[int(seed)] = (d["last_eval"]["val_top1"], d["best"]["val_top1"])
