@@ -88,19 +88,27 @@ def test_a_frozen_node_stops_the_other_within_the_step_timeout_and_the_restarted
     tmp_path = straight["dir"]
 
     def args(name, *extra):
-        return small_overrides(fm_shards, tmp_path, name) + ZERO3 + ["checkpoint.every_steps=4", *extra]
+        return small_overrides(fm_shards, tmp_path, name) + ZERO3 + ["checkpoint.every_steps=16", *extra]
 
+    def last_step(path):
+        rows = path.read_text().splitlines() if path.is_file() else []
+        return json.loads(rows[-1]).get("step", 0) if rows and rows[-1].endswith("}") else 0
+
+    # Freeze between steps 18 and 26 of 32: after the step-16 checkpoint and the first step that
+    # follows it (which switches back to the step timeout), before the epoch's evaluation. A node frozen
+    # during a checkpoint is noticed after run.collective_timeout_s (600 s) by design.
     procs = start_nodes(args("frozen", "run.step_timeout_s=20"))
     metrics = tmp_path / "frozen" / "train" / "metrics.jsonl"
     deadline = time.time() + 180
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 10):
-        time.sleep(0.2)
+    while time.time() < deadline and last_step(metrics) < 18:
+        time.sleep(0.02)
     node1 = psutil.Process(procs[1].pid)
     frozen = [node1, *node1.children(recursive=True)]
     for proc in frozen:
         proc.suspend()
-    t0 = time.time()
+    t0, frozen_at = time.time(), last_step(metrics)
     try:
+        assert 18 <= frozen_at <= 26, f"froze at step {frozen_at}, outside the steps between checkpoints"
         out = procs[0].communicate(timeout=150)[0]
         took = time.time() - t0
     finally:
