@@ -5,6 +5,7 @@
 #   - FF distilled from the ViT of its own seed (configs/table1_small_distill.yaml), seeds 0 1 2;
 #   - FF without repeated augmentation / drop path / RandAugment (configs/table1_small_recipe.yaml), seeds 0 1 2;
 #   - the three families without repeated augmentation and RandAugment (configs/table1_small_lean.yaml), seeds 0 1 2;
+#   - the three families with the whole recipe at 12 epochs (configs/table1_small_12ep.yaml), seeds 0 1 2;
 # then the table (mean, spread and each seed's final top-1 per row) and the curves of seed 0.
 # Rerunning skips every finished stage and resumes an interrupted one. SEEDS="0" runs one seed;
 # NICE (default 10) is the training jobs' niceness on a shared host; extra arguments go to every job.
@@ -37,6 +38,9 @@ done
 for s in $SEEDS; do
     train --config configs/table1_small_lean.yaml run.seed="$s" run.name="table1-small-lean-s$s" "$@"
 done
+for s in $SEEDS; do
+    train --config configs/table1_small_12ep.yaml run.seed="$s" run.name="table1-small-12ep-s$s" "$@"
+done
 
 python - <<'EOF'
 import json, re, statistics
@@ -57,6 +61,8 @@ for stage, by_seed in rows.items():
     print(f"{stage:<24} {len(final):<5} {statistics.mean(final):18.2f} {max(final) - min(final):7.2f} "
           f"{statistics.mean(best):11.2f}  " + ", ".join(f"s{k} {v[0]:.2f}" for k, v in sorted(by_seed.items())))
 EOF
-ffscale compare --filter "tags.\`ffscale.pipeline\` LIKE 'table1-small%-s0' AND tags.\`ffscale.pipeline\` != 'table1-small-lean-s0'" \
+ffscale compare --filter "tags.\`ffscale.pipeline\` LIKE 'table1-small%-s0' AND tags.\`ffscale.pipeline\` != 'table1-small-lean-s0' \
+    AND tags.\`ffscale.pipeline\` != 'table1-small-12ep-s0'" \
     --plot docs/table1-small-curves.png
 ffscale compare --filter "tags.\`ffscale.pipeline\` = 'table1-small-lean-s0'" --plot docs/table1-small-lean-curves.png
+ffscale compare --filter "tags.\`ffscale.pipeline\` = 'table1-small-12ep-s0'" --plot docs/table1-small-12ep-curves.png
