@@ -49,4 +49,17 @@ if ! python -c "import $imports" 2>/dev/null || [ ! -f "$marker" ] || [ pyprojec
   # torchvision would replace the CPU torch wheel
   case ",${extras}," in *,dev,*) pip install -q --no-compile --no-deps "timm>=1.0" ;; esac
   touch "$marker"
+  rm -f .venv/.ffscale-bytecode
 fi
+# Bytecode for what the processes import. Machines and images that set PYTHONDONTWRITEBYTECODE=1 (as
+# these do, and many containers) never write it, and pip ran with --no-compile: without this every
+# process (ffscale train, the launcher, each rank) compiles torch, DeepSpeed and MLflow from source at
+# every start (docs/results/startup.json holds the time to the first step). Once per install; the
+# checkout's own files every time (a second when nothing changed). Errors are files of other Python
+# versions (torch's py312 test helpers), which nothing imports.
+site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+if [ ! -f .venv/.ffscale-bytecode ]; then
+  python -m compileall -q -j 0 "$site" >/dev/null 2>&1 || true
+  touch .venv/.ffscale-bytecode
+fi
+python -m compileall -q -j 0 ffscale tests >/dev/null 2>&1 || true
