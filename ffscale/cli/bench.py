@@ -1,14 +1,22 @@
-"""`ffscale bench data|train|memory|shard|scaling|plan|decode|compare`: throughput against a baseline measured in
-the same run (ffscale/tools/bench/), printed as a table or, with --json, as JSON."""
+"""`ffscale bench data|train|memory|shard|scaling|plan|decode|compare`: throughput against a baseline
+measured in the same run (ffscale/tools/bench/), printed as a table or, with
+--json, as JSON; with --record also kept in docs/results/<bench>.json, from which `ffscale bench report`
+writes the docs' tables (ffscale/tools/bench/results.py)."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 
 
 def _show(res, a, table) -> int:
-    print(json.dumps(res, indent=1)) if a.json else table(res)
+    print(json.dumps(res, indent=1)) if getattr(a, "json", False) else table(res)
+    if getattr(a, "record", False):
+        from ffscale.tools.bench import results
+
+        results.append(a.what, sys.argv[1:], res)
+        print(f"recorded in {results.path(a.what)}; `ffscale bench report` writes the docs' tables")
     return 0
 
 
@@ -57,8 +65,13 @@ def compare(a) -> int:
 def decode(a) -> int:
     from ffscale.tools.decode_check import run
 
-    print(json.dumps(run(a.shards, a.img_size, a.images)))
-    return 0
+    return _show(run(a.shards, a.img_size, a.images), a, lambda res: print(json.dumps(res)))
+
+
+def report(a) -> int:
+    from ffscale.tools.bench.report import main
+
+    return main(a)
 
 
 def add_parser(sub) -> None:
@@ -159,3 +172,9 @@ def add_parser(sub) -> None:
     for name, fn in (("data", data), ("train", train), ("memory", memory), ("shard", shard), ("scaling", scaling),
                      ("plan", plan), ("decode", decode), ("compare", compare)):  # fmt: skip
         bsub.choices[name].set_defaults(fn=fn)
+        bsub.choices[name].add_argument(
+            "--record", action="store_true", help=f"also append the result to docs/results/{name}.json"
+        )
+    br = bsub.add_parser("report", help="write the docs' tables of figures from docs/results/*.json")
+    br.add_argument("--check", action="store_true", help="change nothing; exit 1 when a table is out of date")
+    br.set_defaults(fn=report)
