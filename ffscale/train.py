@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     from ffscale.engine import preempt
+    from ffscale.util import startup
+
+    startup.mark("rank_created", created=True)  # `ffscale bench startup` (ffscale/util/startup.py)
 
     preempt.install()  # from the first moment: a SIGTERM during start-up is acted on once the engine is up
     if "LOCAL_RANK" in os.environ:  # a launcher's rank: it never outlives its launcher or its job
@@ -42,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg = config.from_args(args)
+        startup.mark("config_loaded")
         if args.print_config:
             print(config.to_yaml(cfg))
             return 0
@@ -50,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_env()
         from ffscale.run import pipeline
 
+        startup.mark("imports_done")  # torch, DeepSpeed, MLflow (DALI is imported with the loaders)
         try:
             return pipeline.run(cfg)
         except RuntimeError as e:

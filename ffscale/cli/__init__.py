@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from ffscale.cli import bench, data, model, ops, track, train
+from ffscale.util import startup
 
 GROUPS = (data, train, model, track, ops, bench)  # the order `ffscale --help` lists them in
 
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    startup.mark("ffscale_started")  # `ffscale bench startup`: python and ffscale.cli are loaded
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # key=value overrides after an option (`--allow-change k a.b=1`): argparse leaves them over

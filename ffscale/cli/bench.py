@@ -1,5 +1,5 @@
-"""`ffscale bench data|train|memory|shard|scaling|plan|decode|compare`: throughput against a baseline
-measured in the same run (ffscale/tools/bench/), printed as a table or, with
+"""`ffscale bench data|train|memory|shard|scaling|plan|decode|compare|startup`: throughput against a baseline
+measured in the same run, or start-up time by part (ffscale/tools/bench/), printed as a table or, with
 --json, as JSON; with --record also kept in docs/results/<bench>.json, from which `ffscale bench report`
 writes the docs' tables (ffscale/tools/bench/results.py)."""
 
@@ -66,6 +66,12 @@ def decode(a) -> int:
     from ffscale.tools.decode_check import run
 
     return _show(run(a.shards, a.img_size, a.images), a, lambda res: print(json.dumps(res)))
+
+
+def startup(a) -> int:
+    from ffscale.tools.bench.startup import print_table, run
+
+    return _show(run(a), a, print_table)
 
 
 def report(a) -> int:
@@ -169,8 +175,18 @@ def add_parser(sub) -> None:
     bc.add_argument("--steps", type=int, default=100, help="loss values per run (and a tenth as many top-1)")
     bc.add_argument("--rounds", type=int, default=3, help="rounds per query; fastest kept")
     bc.add_argument("--json", action="store_true")
+    bup = bsub.add_parser(
+        "startup",
+        help="`ffscale train` from exec to the end of the first optimizer step, part by part",
+        description="Without --config: configs/demo.yaml. Always with schedule.stop_at_step=1 "
+        "tracking.enabled=false (ffscale/tools/bench/startup.py).",
+    )
+    config.add_args(bup)
+    bup.add_argument("--nproc", type=int, default=2, help="ranks")
+    bup.add_argument("--rounds", type=int, default=3, help="timed runs after one warm-up; median, min, max")
+    bup.add_argument("--json", action="store_true")
     for name, fn in (("data", data), ("train", train), ("memory", memory), ("shard", shard), ("scaling", scaling),
-                     ("plan", plan), ("decode", decode), ("compare", compare)):  # fmt: skip
+                     ("plan", plan), ("decode", decode), ("compare", compare), ("startup", startup)):  # fmt: skip
         bsub.choices[name].set_defaults(fn=fn)
         bsub.choices[name].add_argument(
             "--record", action="store_true", help=f"also append the result to docs/results/{name}.json"

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from ffscale.util import startup
 from ffscale.util.lifeline import job_env
 from ffscale.util.secrets import redact
 
@@ -61,6 +62,7 @@ def run(a, entry: Path, nproc: int, env: dict) -> int:
     # Its own session: a terminal's Ctrl-C reaches `ffscale train` alone, which passes it to the ranks
     # only. The ranks watch this process and die with it (ffscale/util/lifeline.py); the launcher then
     # exits, as it does whenever its ranks end.
+    startup.mark("launcher_started")
     proc = subprocess.Popen(cmd, env={**env, **job_env()}, start_new_session=True)
     got: list[int] = []
     since: list[float] = []  # when the first signal came

@@ -27,7 +27,7 @@ from ffscale.run.progress import Meter, eval_line, train_line
 from ffscale.run.record import Recorder
 from ffscale.run.schedule import plan_steps
 from ffscale.run.world import for_world
-from ffscale.util import flops
+from ffscale.util import flops, startup
 from ffscale.util.hostenv import allocator
 from ffscale.util.seeds import derive
 from ffscale.util.weights import load_weights
@@ -94,9 +94,11 @@ class StageRun:
         self.dist, self.run = dist, run
         self.where = f"stage {stage.name}"
         self.changes = changes.pending(self.stage, run)  # allowed: the job's preflight refused the rest
+        startup.mark("stage_started")  # `ffscale bench startup` times the job's first stage set-up
         self._loaders()
         self.steps = plan_steps(self.s, dist.world, self.train.steps_per_epoch, stage.name)
         model = self._model(init_weights)
+        startup.mark("model_built")
         self.teacher = teacher.load(self.s, Path(run.dir) / run.name, dist.device)  # None: not distilled
         self.engine = Engine(
             model,
@@ -109,6 +111,7 @@ class StageRun:
             (run.collective_timeout_s, run.step_timeout_s),
             criterion=self.teacher.distiller if self.teacher else None,
         )
+        startup.mark("engine_built")
         self.ops = DeviceOps(self.s.data, self.num_classes, dist.device, self.engine.dtype)
         stage.dir.mkdir(parents=True, exist_ok=True)
         self.progress = self._resume()
@@ -135,6 +138,7 @@ class StageRun:
         self.num_classes = s.model.num_classes or self.train_m.num_classes
         self.val, self.val_m = build_loader(s.data, s.data.val, False, *args, self.num_classes, d.device)
         same_classes(self.train_m, self.val_m, s.data.train, s.data.val, f"stages.{self.stage.name}.")
+        startup.mark("loaders_built")
 
     def _model(self, init_weights: Path | None) -> torch.nn.Module:
         torch.manual_seed(derive(self.run.seed, "init"))  # same initial weights on every rank
@@ -233,6 +237,7 @@ class StageRun:
                 continue
             prog.micro_in_epoch = i + 1
             loss.end_step(e.step_finite, st.accum)
+            startup.mark("first_step")  # once per process; on a GPU the step may still be queued
             if not e.step_finite:
                 self._skip_step()
             if loss.n and (e.global_step % self.run.log_every == 0 or i + 1 == st.micro_per_epoch):

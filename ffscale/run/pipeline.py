@@ -14,6 +14,7 @@ from ffscale.errors import LockLost, Preempted
 from ffscale.run import preflight, runlock
 from ffscale.run.loop import log, run_stage
 from ffscale.run.runlock import ENV, RunLock
+from ffscale.util import startup
 from ffscale.util.atomic import write_atomic
 from ffscale.util.weights import file_digest
 
@@ -49,6 +50,7 @@ def run(cfg: config.Config) -> int:
     run_dir = Path(cfg.run.dir) / cfg.run.name
     preempt.install()
     dist = distributed.init(cfg.run.collective_timeout_s)
+    startup.mark("distributed_initialised")
     lock = _lock(run_dir, cfg.run, dist)
     try:
         # started by a plain launcher: the job is checked here, once, by rank 0 (every rank joins in)

@@ -1,4 +1,4 @@
-"""`ffscale bench train`: both loops measured in real (multi-rank) jobs."""
+"""`ffscale bench train`: both loops measured in real (multi-rank) jobs; `ffscale bench startup` on a real launch."""
 
 from argparse import Namespace
 
@@ -44,3 +44,17 @@ def test_bench_train_runs_compiled_checkpointed_and_offloaded():
     assert r["compiled"] and r["grad_ckpt"] and r["offload_optimizer"]
     first, last = r["loss_first_last"]
     assert last < first - 0.5  # the engine still learns its one batch
+
+
+@pytest.mark.e2e
+def test_bench_startup_times_each_part_of_a_real_launch_in_order(fm_shards):
+    from helpers.launch import ROOT
+
+    from ffscale.tools.bench.startup import PARTS, run
+
+    a = Namespace(config=[str(ROOT / "configs" / "demo.yaml")], nproc=2, rounds=1,
+                  overrides=[f"data.train={fm_shards / 'train'}", f"data.val={fm_shards / 'val'}"])  # fmt: skip
+    parts = {k: p["median_s"] for k, p in run(a)["parts"].items()}  # one warm-up, one round
+    assert all(v >= 0 for v in parts.values()), parts  # every mark came after the one before it
+    top = [k for k, *_ in PARTS if k != "total" and "." not in k]
+    assert sum(parts[k] for k in top) == pytest.approx(parts["total"]) and parts["launcher_chain"] > 0

@@ -1,21 +1,27 @@
 """Bench figures kept as data (docs/results/, ffscale/tools/bench/results.py) and the docs' tables
-made from them."""
+made from them; the start-up marks and the part arithmetic of `ffscale bench startup`."""
 
 import json
 import re
 import socket
+import time
+from argparse import Namespace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from ffscale.tools.bench import report, results
+from ffscale.tools.bench import report, results, startup
+from ffscale.util import startup as marks
 
 
 def test_the_docs_tables_are_what_the_committed_records_make():
     repo = Path(__file__).resolve().parents[2]  # this checkout, whichever ffscale is installed
+    checked = 0
     for doc in report.docs(repo):
         text = doc.read_text()
         new = report.update(text, repo / "docs" / "results")
         assert new == text, f"{doc}: run `ffscale bench report` (tables are not edited by hand)"
+        checked += len(report.MARKED.findall(text))
+    assert checked  # docs/performance.md's start-up table at least
 
 
 def test_a_record_has_command_commit_date_machine_and_result(tmp_path):
@@ -53,3 +59,57 @@ def test_a_marked_block_is_rewritten_and_an_unrecorded_bench_says_so(tmp_path):
     assert "hand" not in new and "No record yet: `ffscale bench never --record`" in new
     assert new.startswith("# T\n<!-- results:never -->\n") and new.endswith("<!-- /results:never -->\nrest\n")
     assert report.update(new, tmp_path) == new
+
+
+def test_mark_writes_nothing_without_the_variable_and_each_phase_once_with_it(tmp_path, monkeypatch):
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setattr(marks, "_marked", set())
+    monkeypatch.delenv(marks.ENV, raising=False)
+    marks.mark("imports_done")
+    assert not trace.exists() and not marks._marked
+    monkeypatch.setenv(marks.ENV, str(trace))
+    monkeypatch.setenv("RANK", "1")
+    before = time.time()
+    for phase in ("imports_done", "imports_done", "rank_created"):
+        marks.mark(phase, created=phase == "rank_created")
+    done, created = (json.loads(ln) for ln in trace.read_text().splitlines())  # the repeat wrote nothing
+    assert done["phase"] == "imports_done" and done["rank"] == 1 and before <= done["t"] <= time.time()
+    # this process was created before the test began, its parent before it (to a clock tick)
+    assert created["parent_t"] <= created["t"] + 0.01 and created["t"] <= before + 0.01
+
+
+def test_startup_parts_add_up_to_the_total_and_take_the_first_rank_created_and_the_last_rank_done():
+    front = {"exec": 0.0, "ffscale_started": 0.1, "launcher_started": 5.0}
+    rank0 = {"rank_created": 12.0, "config_loaded": 13.0, "imports_done": 16.0, "distributed_initialised": 17.0,
+             "stage_started": 17.5, "loaders_built": 19.0, "model_built": 19.5, "engine_built": 23.0,
+             "first_step": 25.0}  # fmt: skip
+    lines = [{"phase": p, "t": t, "rank": None, "pid": 1} for p, t in front.items()]
+    for rank, late in ((0, 0.0), (1, 0.5)):  # rank 1 is created and gets everywhere 0.5 s later
+        lines += [{"phase": p, "t": t + late, "rank": rank, "pid": 10 + rank} for p, t in rank0.items()]
+        lines[-len(rank0)]["parent_t"] = 8.0 + late  # launch.py, the ranks' parent
+    p = startup.parts(startup.events(lines))
+    assert p["total"] == 25.5 and p["launcher_chain"] == 7.0 and p["launcher_chain.runner"] == 3.0
+    assert p["rank_config"] == 13.5 - 12.0 and p["first_step"] == 2.0
+    top = [k for k, *_ in startup.PARTS if k != "total" and "." not in k]
+    assert sum(p[k] for k in top) == p["total"] and p["ffscale_own"] == p["total"] - p["launcher_chain"]
+    for whole in ("front_end", "launcher_chain"):
+        assert sum(v for k, v in p.items() if k.startswith(whole + ".")) == p[whole]
+    res = startup.summary("ffscale train ...", [p, {k: 2 * v for k, v in p.items()}, p])
+    total = res["parts"]["total"]
+    assert (total["median_s"], total["min_s"], total["max_s"]) == (25.5, 25.5, 51.0)
+    table = report.render("startup", [results.record(["bench", "startup", "--record"], res)])
+    assert "| &nbsp;&nbsp;`deepspeed` runner | 3.00 | 3.00 | 6.00 | DeepSpeed launcher |" in table
+    for broken, lacking in ((lines[:-1], "first_step of rank 1"), (lines[1:], "exec")):
+        try:
+            startup.events(broken)
+        except RuntimeError as e:
+            assert lacking in str(e)
+        else:
+            raise AssertionError(f"a trace without {lacking} gave parts")
+
+
+def test_startup_measures_the_demo_command_with_the_given_overrides():
+    a = Namespace(config=[], nproc=2, overrides=["data.train=/d/train"])
+    assert " ".join(startup.command(a)) == (
+        "--nproc 2 --config configs/demo.yaml schedule.stop_at_step=1 tracking.enabled=false data.train=/d/train"
+    )

@@ -70,7 +70,9 @@ def flat(result) -> list[list]:
 
 
 def _tables() -> dict:
-    return {}
+    from ffscale.tools.bench import startup
+
+    return {"startup": startup.table}
 
 
 def _cell(v) -> str:
