@@ -183,7 +183,8 @@ def add_parser(sub) -> None:
     )
     config.add_args(bup)
     bup.add_argument("--nproc", type=int, default=2, help="ranks")
-    bup.add_argument("--rounds", type=int, default=3, help="timed runs after one warm-up; median, min, max")
+    bup.add_argument("--rounds", type=int, default=3, help="timed runs after the warm-up; median, min, max")
+    bup.add_argument("--warmup", type=int, default=1, help="untimed runs first (page cache, bytecode)")
     bup.add_argument("--json", action="store_true")
     for name, fn in (("data", data), ("train", train), ("memory", memory), ("shard", shard), ("scaling", scaling),
                      ("plan", plan), ("decode", decode), ("compare", compare), ("startup", startup)):  # fmt: skip

@@ -9,12 +9,12 @@ running after `--grace` seconds is the whole group killed.
 
 from __future__ import annotations
 
+import base64
+import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,17 +25,37 @@ from ffscale.util.lifeline import job_env
 from ffscale.util.secrets import redact
 
 
-def launcher_cmd(a, entry: Path, nproc: int) -> list[str]:
-    """`entry`: the script every rank runs (ffscale/train.py, or the user's --entry)."""
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    cmd = [launcher, "-q", "--num_gpus", str(nproc), "--master_port", str(a.master_port)]
-    if a.nnodes > 1:
-        hosts = Path(tempfile.mkdtemp()) / "hostfile"
-        hosts.write_text("".join(f"node{i} slots={nproc}\n" for i in range(a.nnodes)))
-        cmd += ["--hostfile", str(hosts), "--no_ssh", "--num_nodes", str(a.nnodes)]
-        cmd += ["--node_rank", str(a.node_rank), "--master_addr", a.master_addr]
-    cmd += [str(entry)] + sum((["--config", c] for c in a.config), [])
-    return cmd + sum((["--allow-change", k] for k in a.allow_change), []) + a.overrides
+def launcher_cmd(
+    entry: Path,
+    args: list[str],
+    nproc: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str = "127.0.0.1",
+    master_port: int = 29500,
+) -> list[str]:
+    """DeepSpeed's launch.py starting this node's `nproc` ranks, each running `entry` (ffscale/train.py,
+    or the user's --entry) with `args`.
+
+    This is the command the `deepspeed` runner itself builds and runs for a launch on one node or
+    without ssh (deepspeed/launcher/runner.py `main`, `if not multi_node_exec`): the nodes and their
+    local ranks, base64 JSON in --world_info, then launch.py spawns the ranks, sets RANK, LOCAL_RANK,
+    WORLD_SIZE and the visible devices, and ends them all when one fails. Going to it directly skips
+    the runner's own process, which imports the whole of DeepSpeed (and so torch and MLflow) only to
+    build this line: seconds on every start (docs/results/startup.json)."""
+    world = {f"node{i}": list(range(nproc)) for i in range(nnodes)}
+    info = base64.urlsafe_b64encode(json.dumps(world).encode()).decode()
+    return [
+        sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={info}",
+        f"--master_addr={master_addr}", f"--master_port={master_port}", f"--node_rank={node_rank}",
+        "--quiet", str(entry), *args,
+    ]  # fmt: skip
+
+
+def rank_args(a) -> list[str]:
+    """What every rank of `ffscale train` gets: the config files, --allow-change keys, overrides."""
+    files = sum((["--config", c] for c in a.config), [])
+    return files + sum((["--allow-change", k] for k in a.allow_change), []) + a.overrides
 
 
 def rank_processes(launcher_pid: int) -> list[psutil.Process]:
@@ -57,7 +77,7 @@ def rank_processes(launcher_pid: int) -> list[psutil.Process]:
 def run(a, entry: Path, nproc: int, env: dict) -> int:
     """Start the launcher in its own process group; forward SIGTERM/SIGINT to the ranks; return
     the launcher's exit code, or 128 + the signal when one came."""
-    cmd = launcher_cmd(a, entry, nproc)
+    cmd = launcher_cmd(entry, rank_args(a), nproc, a.nnodes, a.node_rank, a.master_addr, a.master_port)
     print("+", redact(" ".join(cmd)), flush=True)  # no credential in the log (ffscale/util/secrets.py)
     # Its own session: a terminal's Ctrl-C reaches `ffscale train` alone, which passes it to the ranks
     # only. The ranks watch this process and die with it (ffscale/util/lifeline.py); the launcher then

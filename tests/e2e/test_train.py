@@ -56,7 +56,10 @@ def sigterm_during_z2(shards, runs) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def ref_run(fm_shards, module_dir):
-    ref = check(launch(pipeline_args(fm_shards, module_dir, "ref", f"tracking.register_as={MODEL}")))
+    # through the `deepspeed` command, as README's `deepspeed ffscale/train.py` launches
+    ref = check(
+        launch(pipeline_args(fm_shards, module_dir, "ref", f"tracking.register_as={MODEL}"), runner=True)
+    )
     return {"dir": module_dir, "ref": ref}
 
 

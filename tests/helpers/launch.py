@@ -1,4 +1,4 @@
-"""Real jobs for the tests: the `deepspeed` launcher running ffscale/train.py (or a test entry from
+"""Real jobs for the tests: DeepSpeed's launcher running ffscale/train.py (or a test entry from
 tests/entries/) with CPU ranks, and the small model and shards most launches train."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import ffscale.train
+from ffscale.run.launch import launcher_cmd
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
 TRAIN_PY = Path(ffscale.train.__file__)
@@ -23,8 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_cmd(args: list[str], nproc: int = 2, script: Path = TRAIN_PY) -> list[str]:
-    """The real `deepspeed` launcher running ffscale/train.py (or `script`) with `nproc` CPU ranks."""
+def launch_cmd(args: list[str], nproc: int = 2, script: Path = TRAIN_PY, runner: bool = False) -> list[str]:
+    """DeepSpeed's launcher running ffscale/train.py (or `script`) with `nproc` CPU ranks: as `ffscale
+    train` starts it (ffscale/run/launch.py), or with `runner` through the `deepspeed` command, as
+    README's `deepspeed ffscale/train.py ...` launches do."""
+    if not runner:
+        return launcher_cmd(script, args, nproc, master_port=free_port())
     launcher = Path(sys.executable).with_name("deepspeed")
     return [
         str(launcher),
@@ -44,11 +49,16 @@ def launch_env(env: dict | None = None) -> dict:
 
 
 def launch(
-    args: list[str], nproc: int = 2, timeout: int = 300, env: dict | None = None, script: Path = TRAIN_PY
+    args: list[str],
+    nproc: int = 2,
+    timeout: int = 300,
+    env: dict | None = None,
+    script: Path = TRAIN_PY,
+    runner: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run a training job to its end under the real `deepspeed` launcher."""
+    """Run a training job to its end under DeepSpeed's launcher (`launch_cmd`)."""
     return subprocess.run(
-        launch_cmd(args, nproc, script),
+        launch_cmd(args, nproc, script, runner),
         cwd=ROOT,
         env=launch_env(env),
         capture_output=True,

@@ -88,7 +88,7 @@ def test_startup_parts_add_up_to_the_total_and_take_the_first_rank_created_and_t
         lines += [{"phase": p, "t": t + late, "rank": rank, "pid": 10 + rank} for p, t in rank0.items()]
         lines[-len(rank0)]["parent_t"] = 8.0 + late  # launch.py, the ranks' parent
     p = startup.parts(startup.events(lines))
-    assert p["total"] == 25.5 and p["launcher_chain"] == 7.0 and p["launcher_chain.runner"] == 3.0
+    assert p["total"] == 25.5 and p["launcher_chain"] == 7.0 and p["launcher_chain.spawn"] == 3.0
     assert p["rank_config"] == 13.5 - 12.0 and p["first_step"] == 2.0
     top = [k for k, *_ in startup.PARTS if k != "total" and "." not in k]
     assert sum(p[k] for k in top) == p["total"] and p["ffscale_own"] == p["total"] - p["launcher_chain"]
@@ -98,7 +98,7 @@ def test_startup_parts_add_up_to_the_total_and_take_the_first_rank_created_and_t
     total = res["parts"]["total"]
     assert (total["median_s"], total["min_s"], total["max_s"]) == (25.5, 25.5, 51.0)
     table = report.render("startup", [results.record(["bench", "startup", "--record"], res)])
-    assert "| &nbsp;&nbsp;`deepspeed` runner | 3.00 | 3.00 | 6.00 | DeepSpeed launcher |" in table
+    assert "| &nbsp;&nbsp;launch.py's process started | 3.00 | 3.00 | 6.00 | DeepSpeed launcher |" in table
     for broken, lacking in ((lines[:-1], "first_step of rank 1"), (lines[1:], "exec")):
         try:
             startup.events(broken)

@@ -2,11 +2,11 @@
 step, and its parts, timed by the processes themselves (ffscale/util/startup.py's marks).
 
 The command (`ffscale train --nproc N --config configs/demo.yaml schedule.stop_at_step=1
-tracking.enabled=false`, plus the given overrides) runs once to warm the page cache, then `--rounds`
-times, each in a fresh run directory; median, min and max of each part are reported. A part runs
+tracking.enabled=false`, plus the given overrides) runs `--warmup` times (1) to warm the page cache,
+then `--rounds` times, each in a fresh run directory; median, min and max of each part are reported. A part runs
 from one event to the next, so the parts add up to the total. Rank events are the time the last
 rank got there (the collectives wait for it), except the ranks' creation: the first rank's, which
-ends DeepSpeed's launcher chain (`deepspeed` runner, then its launch.py, which starts the ranks).
+ends DeepSpeed's launcher chain (its launch.py, which starts the ranks; ffscale/run/launch.py).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ PARTS = [
     ("front_end.python", "python start, ffscale.cli imported", "exec", "ffscale_started", FFSCALE),
     ("front_end.checks", "config, job checks, run lock, tracking store", "ffscale_started", "launcher_started", FFSCALE),
     ("launcher_chain", "launcher start to the first rank process", "launcher_started", "rank_created", DEEPSPEED),
-    ("launcher_chain.runner", "`deepspeed` runner", "launcher_started", "launch_created", DEEPSPEED),
-    ("launcher_chain.launch", "DeepSpeed's launch.py", "launch_created", "rank_created", DEEPSPEED),
+    ("launcher_chain.spawn", "launch.py's process started", "launcher_started", "launch_created", DEEPSPEED),
+    ("launcher_chain.launch", "DeepSpeed's launch.py (imports DeepSpeed)", "launch_created", "rank_created", DEEPSPEED),
     ("rank_config", "rank: python start, config loaded (and its imports)", "rank_created", "config_loaded", FFSCALE),
     ("rank_imports", "rank: imports left (torch, DeepSpeed, MLflow)", "config_loaded", "imports_done", FFSCALE),
     ("distributed_init", "distributed init", "imports_done", "distributed_initialised", FFSCALE),
@@ -59,20 +59,22 @@ def command(a) -> list[str]:
 
 def run(a) -> dict:
     rounds = []
-    for i in range(1 + a.rounds):  # the first warms the page cache and is not kept
+    warmup = a.warmup
+    for i in range(warmup + a.rounds):  # the warm-up runs fill the page cache and are not kept
         with tempfile.TemporaryDirectory(prefix="ffscale-startup-") as tmp:
             ev = events(_launch(a, Path(tmp)))
-        if i:
+        if i >= warmup:
             rounds.append(parts(ev))
-    return summary(shlex.join(["ffscale", "train", *command(a)]), rounds)
+    return summary(shlex.join(["ffscale", "train", *command(a)]), rounds, warmup)
 
 
-def summary(cmd: str, rounds: list[dict[str, float]]) -> dict:
+def summary(cmd: str, rounds: list[dict[str, float]], warmup: int = 1) -> dict:
     """Median, min and max of each part over the rounds, with what it covers and whose code it is."""
     spec = [(k, what, whose) for k, what, _, _, whose in PARTS] + [OWN]
     return {
         "command": cmd,
         "rounds": len(rounds),
+        "warmup": warmup,
         "parts": {
             k: {
                 "what": what,
@@ -146,7 +148,7 @@ def table(res: dict) -> list[list]:
 
 
 def print_table(res: dict) -> None:
-    print(f"{res['command']}: {res['rounds']} round(s) after one warm-up")
+    print(f"{res['command']}: {res['rounds']} round(s) after {res.get('warmup', 1)} warm-up run(s)")
     for row in table(res):
         what, *figs, whose = (str(c).replace("&nbsp;", " ") for c in row)
         print(f"{what:<66} " + " ".join(f"{f:>8}" for f in figs) + f"  {whose}")
