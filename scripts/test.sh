@@ -6,4 +6,8 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check ffscale tests
 ruff format --check ffscale tests
-exec python -m pytest -q --durations=15 "$@"  # the slowest 15 tests, so a slower suite shows where
+# Two workers, each taking whole test files (--dist loadfile: a module's scenario fixtures run once),
+# the longest files first (tests/conftest.py). A launch leaves a core idle for much of its life (one
+# process imports and spawns, ranks wait on each other, servers start, timeouts run out), which the
+# other worker's files fill. The slowest 15 tests are printed, so a slower suite shows where.
+exec python -m pytest -q -n "${FFSCALE_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder --durations=15 "$@"

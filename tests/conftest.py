@@ -35,8 +35,22 @@ def foreign(tmp_path_factory) -> Path:
     return make_foreign(tmp_path_factory.mktemp("foreign"))
 
 
+# The e2e modules with the most launches, longest first. scripts/test.sh runs the suite on two workers,
+# each taking whole files in collection order (pytest-xdist --dist loadfile --no-loadscope-reorder):
+# the longest start first so that no long one is left to run alone at the end.
+LONGEST_FIRST = ("test_faults", "test_train", "test_mlflow_server", "test_nodes", "test_bf16",
+                 "test_distill_train", "test_integrity_jobs")  # fmt: skip
+
+
 def pytest_collection_modifyitems(config, items):
     e2e = Path(__file__).parent / "e2e"
+
+    def weight(item) -> tuple[int, int]:
+        name = Path(item.fspath).stem
+        heavy = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+        return (heavy, 0 if Path(item.fspath).is_relative_to(e2e) else 1)
+
     for item in items:
         if Path(item.fspath).is_relative_to(e2e):
             item.add_marker(pytest.mark.e2e)
+    items.sort(key=weight)  # stable: a module's tests keep their order
