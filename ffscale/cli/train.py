@@ -46,13 +46,15 @@ def run(a) -> int:
     # stops the checks or the wait for the run lock at once: exit 143, the lock released.
     signal.signal(signal.SIGTERM, _stop_before_launch)
     signal.signal(signal.SIGINT, _stop_before_launch)
-    from ffscale import config, train
+    from ffscale import config
+
+    cfg = config.from_args(a)  # a bad config: its one line before anything else is imported
+    from ffscale import train
     from ffscale.run import launch, preflight, runlock
     from ffscale.run.runlock import RunLock
     from ffscale.tracking import ensure_store
     from ffscale.util.hostenv import rank_env
 
-    cfg = config.from_args(a)
     nproc = a.nproc or _default_nproc()
     env = rank_env()  # CPU ranks: jemalloc keeping freed pages
     _uri_to_env(a, env)
@@ -84,6 +86,12 @@ def _uri_to_env(a, env: dict) -> None:
 
 
 def _default_nproc() -> int:
+    """One rank per visible GPU, else 1. torch counts them, but only where one may be visible: a CPU
+    host's job (and its bad config or data) is checked without importing torch."""
+    from ffscale.util.hostenv import gpus_may_be_visible
+
+    if not gpus_may_be_visible():
+        return 1
     import torch
 
     return torch.cuda.device_count() or 1

@@ -1,14 +1,15 @@
 """A stage's data, checked before any rank starts: one line naming the key, exit 2.
 
-Reads only manifests and file sizes (`load_manifest`), so it costs milliseconds per split; the
-shards' content is checked by `ffscale verify` and, sample by sample, by the loaders.
+Reads only manifests and file sizes (`load_manifest`) and imports no torch, so it costs
+milliseconds per split; the shards' content is checked by `ffscale verify` and, sample by sample,
+by the loaders.
 """
 
 from __future__ import annotations
 
 from ffscale.config import StageCfg
+from ffscale.data.counts import train_steps
 from ffscale.data.manifest import Manifest, load_manifest
-from ffscale.data.plan import SamplePlan
 from ffscale.errors import DataError
 
 
@@ -20,7 +21,8 @@ def check_stage_data(s: StageCfg, world: int, p: str = "") -> None:
         try:
             m, _ = load_manifest(root)
             if split == "train":
-                SamplePlan(m.num_samples, 0, world, 0, s.data.repeats, root).train_steps(s.optim.micro_batch)
+                # a batch per rank, counted as the loaders count
+                train_steps(m.num_samples, world, s.data.repeats, s.optim.micro_batch, root)
         except DataError as e:
             raise DataError(f"{p}data.{split}={root}: {e}") from None
         found[split] = m

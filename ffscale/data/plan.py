@@ -16,6 +16,8 @@ its position without reading what it skips.
   covers about N / repeats distinct images, each seen `repeats` times.
 - eval: rank r takes samples r, r + W, ...: every sample exactly once over the ranks.
 
+The counts (samples and batches per rank) are ffscale/data/counts.py's, which needs no torch.
+
 The permutation is torch's `randperm` under a generator seeded as timm seeds it (the epoch), offset
 by the run's seed: `tests/unit/test_plan.py` holds the lists to timm's and torch's samplers.
 
@@ -25,7 +27,6 @@ keeps every rank doing the same number of forward passes (ZeRO-3 gathers paramet
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -33,12 +34,10 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from ffscale.errors import DataError
+from ffscale.data import counts
 from ffscale.util.seeds import derive31
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-RA_ROUND = 256  # DeiT samplers.py:32 rounds N down to a multiple of 256 before splitting
 
 
 class Loader(Protocol):
@@ -65,14 +64,7 @@ class SamplePlan:
     @property
     def per_rank(self) -> int:
         """Train samples each rank takes per epoch (before whole batches are cut)."""
-        if self.repeats == 1:
-            return math.ceil(self.n / self.world)
-        padded = math.ceil(self.n * self.repeats / self.world)
-        if self.n >= RA_ROUND:
-            selected = self.n // RA_ROUND * RA_ROUND // self.world
-        else:  # timm's rule for sets smaller than the rounding (DeiT's would select none)
-            selected = math.ceil(self.n / self.world)
-        return min(selected, padded)
+        return counts.train_per_rank(self.n, self.world, self.repeats)
 
     def positions(self, epoch: int) -> np.ndarray:
         """The epoch's list of sample indices that ranks take from (repeats in a row)."""
@@ -94,15 +86,8 @@ class SamplePlan:
         return np.arange(self.rank, self.n, self.world, dtype=np.int64)
 
     def train_steps(self, batch: int) -> int:
-        """Full batches every rank yields per epoch (DeiT's train loader drops the last partial one,
-        main.py:221)."""
-        steps = self.per_rank // batch
-        if steps == 0:
-            raise DataError(
-                f"{self.where}: {self.n} samples give {self.per_rank} per rank for {self.world} ranks, "
-                f"fewer than one batch of {batch}"
-            )
-        return steps
+        """Full batches every rank yields per epoch (the last partial one dropped, as DeiT's loader)."""
+        return counts.train_steps(self.n, self.world, self.repeats, batch, self.where)
 
     def epoch_size(self, train: bool, batch: int) -> tuple[int, int]:
         """(batches every rank yields per epoch, samples the epoch covers over all ranks): the two
@@ -118,7 +103,7 @@ class SamplePlan:
 
     def eval_steps(self, batch: int) -> int:
         """Batches of the rank with the most (rank 0; every rank pads to it)."""
-        return math.ceil(math.ceil(self.n / self.world) / batch)
+        return counts.eval_steps(self.n, self.world, batch)
 
 
 def pad_eval(done: int, steps: int, img_size: int, device: torch.device) -> Iterator[Batch]:

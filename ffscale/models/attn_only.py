@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from ffscale.models.layers import Attention, DropPath, layer_norm
-from ffscale.models.registry import register
 from ffscale.models.trunk import VisionTrunk
 
 
@@ -34,7 +33,3 @@ class AttnOnlyBlock(nn.Module):
 
 def attn_only(heads: int = 3, **kw) -> VisionTrunk:
     return VisionTrunk(partial(AttnOnlyBlock, heads=heads), **kw)
-
-
-register("attn_only_tiny", attn_only, patch_size=16, dim=192, depth=12, heads=3)  # 4.0M
-register("attn_only_base", attn_only, patch_size=16, dim=768, depth=12, heads=12)

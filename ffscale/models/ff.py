@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from ffscale.models.layers import DropPath, Mlp, layer_norm
-from ffscale.models.registry import register
 from ffscale.models.trunk import VisionTrunk
 
 
@@ -47,8 +46,3 @@ def ff_vit(token_hidden: int | None = None, **kw) -> VisionTrunk:
     # 'pos_embed', but its parameters are pos_encoding.pos_embed / .cls_pos_embed, and timm 0.3.2
     # matches names exactly (optim_factory.py:25-37), so only cls_token was spared (docs/recipe.md 8a).
     return VisionTrunk(partial(FFBlock, token_hidden=token_hidden), no_decay=("cls_token",), **kw)
-
-
-register("ff_tiny", ff_vit, patch_size=16, dim=192, depth=12)  # 7.68M params
-register("ff_base", ff_vit, patch_size=16, dim=768, depth=12)  # 61.9M
-register("ff_large", ff_vit, patch_size=32, dim=1024, depth=24)  # 206M

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from ffscale.models.layers import Attention, DropPath, Mlp, layer_norm
-from ffscale.models.registry import register
 from ffscale.models.trunk import VisionTrunk
 
 
@@ -28,8 +27,3 @@ class AttnBlock(nn.Module):
 
 def vit(heads: int = 3, **kw) -> VisionTrunk:
     return VisionTrunk(partial(AttnBlock, heads=heads), **kw)
-
-
-register("vit_tiny", vit, patch_size=16, dim=192, depth=12, heads=3)  # DeiT-Ti, 5.7M
-register("vit_base", vit, patch_size=16, dim=768, depth=12, heads=12)  # ViT-B/16, 86.6M
-register("vit_large", vit, patch_size=32, dim=1024, depth=24, heads=16)  # ViT-L/32, 306M

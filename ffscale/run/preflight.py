@@ -21,15 +21,17 @@ ENV = "FFSCALE_PREFLIGHT_DONE"
 def check_job(cfg: Config, nodes: int, per_node: int) -> None:
     check_launch(cfg, nodes, per_node)  # before NCCL init, not after
     world = nodes * per_node
-    for stage in stages(cfg):
+    pipeline = stages(cfg)
+    for stage in pipeline:
         p = f"stages.{stage.name}." if cfg.stages else ""
         check_stage_data(for_world(stage.cfg, world, p), world, p)
         changes.check(stage, cfg.run, set(cfg.run.allow_change))
-    # DeepSpeed's config code and the distiller: after the data checks, so a missing shard folder is
-    # reported in 2.9 s instead of 5.5 (2026-12-03, `ffscale train --config configs/demo.yaml data.train=nowhere`)
-    from ffscale.run import teacher
+    if any(stage.cfg.distill.teacher for stage in pipeline):
+        # torch, DeepSpeed's config code and the distiller: only for a distilled stage, after the data
+        # checks, so a job without a teacher is checked without importing torch
+        from ffscale.run import teacher
 
-    teacher.check(cfg)  # a distilled stage's teacher sees its images and predicts its classes
+        teacher.check(cfg)  # a distilled stage's teacher sees its images and predicts its classes
 
 
 def done_by_launcher() -> bool:

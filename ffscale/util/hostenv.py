@@ -16,6 +16,7 @@ another launcher (`deepspeed ffscale/train.py ...`) restarts itself once with it
 from __future__ import annotations
 
 import ctypes.util
+import glob
 import os
 import sys
 
@@ -52,6 +53,19 @@ def allocator() -> str:
 def gpu_host() -> bool:
     """An NVIDIA driver is present: decided without importing torch (2 s per rank on a small CPU)."""
     return os.path.exists("/dev/nvidiactl") or ctypes.util.find_library("cuda") is not None
+
+
+def gpus_may_be_visible() -> bool:
+    """Whether this process may see a CUDA GPU, decided without importing torch (so that a CPU host
+    never imports it to learn it has none): CUDA_VISIBLE_DEVICES naming devices, or GPU device files
+    (the driver makes /dev/nvidia0, ... one per GPU, and container runtimes mount a container's own;
+    WSL 2 passes GPUs through as /dev/dxg). CUDA reads CUDA_VISIBLE_DEVICES up to its first invalid
+    entry (CUDA C Programming Guide, "CUDA Environment Variables"), so an empty list or one starting
+    with -1 hides every GPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return bool(visible.strip()) and not visible.strip().startswith("-")
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/dxg")
 
 
 def reexec_with_rank_env() -> None:

@@ -1,3 +1,7 @@
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,15 +75,39 @@ def test_every_shipped_config_loads(path):
     assert C.stages(cfg)
 
 
-def test_ffscale_train_rejects_a_bad_config_before_any_rank_starts():
-    import subprocess
-    import sys
+NEVER_BEFORE_LAUNCH = ("torch", "deepspeed", "mlflow", "nvidia")  # nvidia: DALI's namespace (and CUDA's)
 
+
+@pytest.mark.parametrize(
+    "override, expect",
+    [
+        ("optim.lrr=1", r"config error: .*Key 'lrr' not in 'OptimCfg' \(key: optim\.lrr\)"),
+        ("model.name=ff_huge", r"config error: stages\.pretrain\.model\.name='ff_huge': unknown; known: \[.*'ff_tiny'"),
+        ("data.train={tmp}/nowhere", r"data error: stages\.pretrain\.data\.train=.*/nowhere: no shard manifest"),
+    ],
+    ids=["unknown key", "unknown model", "no data folder"],
+)  # fmt: skip
+def test_ffscale_train_rejects_bad_input_in_one_line_before_importing_torch(tmp_path, override, expect):
+    """`ffscale train` as a user runs it, with PYTHONPROFILEIMPORTTIME=1: Python then writes one
+    "import time:" line to stderr for every module the process imports, so the list says whether torch,
+    DeepSpeed, MLflow or DALI were imported before the mistake was found (they cost seconds)."""
+    from ffscale.util.hostenv import gpus_may_be_visible
+
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
+    if gpus_may_be_visible():  # torch would count them for --nproc (ffscale/cli/train.py): hide them
+        env["CUDA_VISIBLE_DEVICES"] = ""
     cli = Path(sys.executable).with_name("ffscale")
-    r = subprocess.run([str(cli), "train", "--config", str(ROOT / "configs" / "demo.yaml"), "optim.lrr=1"],
-                       capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert r.returncode == 2
-    assert "optim.lrr" in r.stderr and "deepspeed" not in r.stdout  # the launcher never ran
+    r = subprocess.run([str(cli), "train", "--config", str(ROOT / "configs" / "demo.yaml"), f"run.dir={tmp_path}",
+                        override.format(tmp=tmp_path)], env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+    lines = r.stderr.splitlines()
+    imported = [ln.rsplit("|", 1)[-1].strip() for ln in lines if ln.startswith("import time:")]
+    said = [ln for ln in lines if not ln.startswith("import time:")]
+    assert r.returncode == 2, said
+    assert len(said) == 1 and re.search(expect, said[0]), said  # one line naming the key, no traceback
+    assert "ffscale.config" in imported and "omegaconf" in imported  # the list is the process's imports
+    early = sorted({m.split(".")[0] for m in imported} & set(NEVER_BEFORE_LAUNCH))
+    assert not early, f"imported before the one line: {early}"
+    assert "deepspeed" not in r.stdout  # the launcher never ran
 
 
 @pytest.mark.parametrize("n_params", [28_901, 1_000_003, 61_940_000, 0])
