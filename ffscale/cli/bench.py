@@ -1,5 +1,5 @@
-"""`ffscale bench data|train|memory|shard|scaling|plan|decode|compare|startup`: throughput against a baseline
-measured in the same run, or start-up time by part (ffscale/tools/bench/), printed as a table or, with
+"""`ffscale bench data|train|memory|shard|scaling|plan|decode|compare|startup|suite|unit`: throughput
+against a baseline measured in the same run, start-up time by part, or the test suite's time (ffscale/tools/bench/), printed as a table or, with
 --json, as JSON; with --record also kept in docs/results/<bench>.json, from which `ffscale bench report`
 writes the docs' tables (ffscale/tools/bench/results.py)."""
 
@@ -70,6 +70,12 @@ def decode(a) -> int:
 
 def startup(a) -> int:
     from ffscale.tools.bench.startup import print_table, run
+
+    return _show(run(a), a, print_table)
+
+
+def suite(a) -> int:
+    from ffscale.tools.bench.suite import print_table, run
 
     return _show(run(a), a, print_table)
 
@@ -186,8 +192,14 @@ def add_parser(sub) -> None:
     bup.add_argument("--rounds", type=int, default=3, help="timed runs after the warm-up; median, min, max")
     bup.add_argument("--warmup", type=int, default=1, help="untimed runs first (page cache, bytecode)")
     bup.add_argument("--json", action="store_true")
+    for name, unit, what in (("suite", False, "`bash .ci/run` in a fresh clone of HEAD, as CI runs it"),
+                             ("unit", True, "`pytest tests/unit` in this checkout")):  # fmt: skip
+        bs = bsub.add_parser(name, help=f"the test suite's time: {what}")
+        bs.set_defaults(unit=unit)
+        bs.add_argument("--json", action="store_true")
     for name, fn in (("data", data), ("train", train), ("memory", memory), ("shard", shard), ("scaling", scaling),
-                     ("plan", plan), ("decode", decode), ("compare", compare), ("startup", startup)):  # fmt: skip
+                     ("plan", plan), ("decode", decode), ("compare", compare), ("startup", startup),
+                     ("suite", suite), ("unit", suite)):  # fmt: skip
         bsub.choices[name].set_defaults(fn=fn)
         bsub.choices[name].add_argument(
             "--record", action="store_true", help=f"also append the result to docs/results/{name}.json"

@@ -9,6 +9,8 @@ from argparse import Namespace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pytest
+
 from ffscale.tools.bench import report, results, startup
 from ffscale.util import startup as marks
 
@@ -113,3 +115,18 @@ def test_startup_measures_the_demo_command_with_the_given_overrides():
     assert " ".join(startup.command(a)) == (
         "--nproc 2 --config configs/demo.yaml schedule.stop_at_step=1 tracking.enabled=false data.train=/d/train"
     )
+
+
+def test_the_suite_bench_reads_pytests_closing_line_and_fails_on_a_failed_run(tmp_path):
+    import sys
+
+    from ffscale.tools.bench import suite
+
+    line = "=== 3 passed, 1 skipped, 8 warnings in 61.50s (0:01:01) ==="
+    res = suite._timed([sys.executable, "-c", f"print('...'); print({line!r})"], tmp_path)
+    assert (res["passed"], res["failed"], res["skipped"], res["pytest_s"]) == (3, 0, 1, 61.5)
+    assert res["wall_s"] >= 0 and "1 min 2 s" in suite.table(res)[1][2]
+    with pytest.raises(RuntimeError, match="exited 1"):
+        suite._timed(
+            [sys.executable, "-c", "print('1 failed, 2 passed in 3.00s'); raise SystemExit(1)"], tmp_path
+        )

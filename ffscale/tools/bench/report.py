@@ -70,9 +70,9 @@ def flat(result) -> list[list]:
 
 
 def _tables() -> dict:
-    from ffscale.tools.bench import startup
+    from ffscale.tools.bench import startup, suite
 
-    return {"startup": startup.table}
+    return {"startup": startup.table, "suite": suite.table, "unit": suite.table}
 
 
 def _cell(v) -> str:
