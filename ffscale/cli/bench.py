@@ -1,5 +1,5 @@
-"""`ffscale bench data|train|memory|shard|scaling|plan|decode|compare|startup|suite|unit`: throughput
-against a baseline measured in the same run, start-up time by part, or the test suite's time (ffscale/tools/bench/), printed as a table or, with
+"""`ffscale bench data|train|memory|shard|scaling|plan|decode|compare|startup|demo|suite|unit`:
+throughput against a baseline measured in the same run, start-up time by part, or README's two commands timed (ffscale/tools/bench/), printed as a table or, with
 --json, as JSON; with --record also kept in docs/results/<bench>.json, from which `ffscale bench report`
 writes the docs' tables (ffscale/tools/bench/results.py)."""
 
@@ -74,8 +74,8 @@ def startup(a) -> int:
     return _show(run(a), a, print_table)
 
 
-def suite(a) -> int:
-    from ffscale.tools.bench.suite import print_table, run
+def commands(a) -> int:
+    from ffscale.tools.bench.commands import print_table, run
 
     return _show(run(a), a, print_table)
 
@@ -192,14 +192,13 @@ def add_parser(sub) -> None:
     bup.add_argument("--rounds", type=int, default=3, help="timed runs after the warm-up; median, min, max")
     bup.add_argument("--warmup", type=int, default=1, help="untimed runs first (page cache, bytecode)")
     bup.add_argument("--json", action="store_true")
-    for name, unit, what in (("suite", False, "`bash .ci/run` in a fresh clone of HEAD, as CI runs it"),
-                             ("unit", True, "`pytest tests/unit` in this checkout")):  # fmt: skip
-        bs = bsub.add_parser(name, help=f"the test suite's time: {what}")
-        bs.set_defaults(unit=unit)
-        bs.add_argument("--json", action="store_true")
+    for name, what in (("demo", "`bash scripts/demo.sh` in a fresh clone of HEAD: wall time, final top-1"),
+                       ("suite", "`bash .ci/run` in a fresh clone of HEAD, as CI runs it: wall time, counts"),
+                       ("unit", "`pytest tests/unit` in this checkout: wall time, counts")):  # fmt: skip
+        bsub.add_parser(name, help=what).add_argument("--json", action="store_true")
     for name, fn in (("data", data), ("train", train), ("memory", memory), ("shard", shard), ("scaling", scaling),
                      ("plan", plan), ("decode", decode), ("compare", compare), ("startup", startup),
-                     ("suite", suite), ("unit", suite)):  # fmt: skip
+                     ("demo", commands), ("suite", commands), ("unit", commands)):  # fmt: skip
         bsub.choices[name].set_defaults(fn=fn)
         bsub.choices[name].add_argument(
             "--record", action="store_true", help=f"also append the result to docs/results/{name}.json"

@@ -117,16 +117,23 @@ def test_startup_measures_the_demo_command_with_the_given_overrides():
     )
 
 
-def test_the_suite_bench_reads_pytests_closing_line_and_fails_on_a_failed_run(tmp_path):
+def test_readmes_commands_are_read_from_their_closing_lines_and_a_failed_run_fails(tmp_path):
     import sys
 
-    from ffscale.tools.bench import suite
+    from ffscale.tools.bench import commands
 
-    line = "=== 3 passed, 1 skipped, 8 warnings in 61.50s (0:01:01) ==="
-    res = suite._timed([sys.executable, "-c", f"print('...'); print({line!r})"], tmp_path)
+    def timed(*lines: str, rc: int = 0):
+        code = "".join(f"print({ln!r}); " for ln in lines) + f"raise SystemExit({rc})"
+        return commands._timed([sys.executable, "-c", code], tmp_path)
+
+    res = commands.tests(timed("...", "=== 3 passed, 1 skipped, 8 warnings in 61.50s (0:01:01) ==="))
     assert (res["passed"], res["failed"], res["skipped"], res["pytest_s"]) == (3, 0, 1, 61.5)
-    assert res["wall_s"] >= 0 and "1 min 2 s" in suite.table(res)[1][2]
+    assert res["wall_s"] >= 0 and "1 min 2 s" in commands.table(res)[1][2]
+    res = commands.demo(
+        timed("stage finetune: ...", "pipeline demo: done; final test top-1 86.02% (runs/demo)")
+    )
+    assert res["final_top1"] == 86.02 and commands.table(res)[1][2] == "86.02%"
     with pytest.raises(RuntimeError, match="exited 1"):
-        suite._timed(
-            [sys.executable, "-c", "print('1 failed, 2 passed in 3.00s'); raise SystemExit(1)"], tmp_path
-        )
+        timed("1 failed, 2 passed in 3.00s", rc=1)
+    with pytest.raises(RuntimeError, match="no final top-1"):
+        commands.demo(timed("pipeline demo: stopped"))

@@ -70,9 +70,9 @@ def flat(result) -> list[list]:
 
 
 def _tables() -> dict:
-    from ffscale.tools.bench import startup, suite
+    from ffscale.tools.bench import commands, startup
 
-    return {"startup": startup.table, "suite": suite.table, "unit": suite.table}
+    return {"startup": startup.table, "demo": commands.table, "suite": commands.table, "unit": commands.table}
 
 
 def _cell(v) -> str:
