@@ -151,7 +151,8 @@ class RunCfg:
     # this one during training steps, from the first step on (torchtitan: comm.train_timeout_seconds,
     # 100 s): above a healthy step's longest wait. The longest seen: rank 0 in one call to an MLflow
     # server that accepts connections and never answers, 34.7 s (10 s timeout x 3 tries with backoff,
-    # measured 2026-12-03); the tracker then skips calls for 60 s. 0: collective_timeout_s throughout.
+    # tracking/store.py); the tracker then skips calls for 60 s (tracking/breaker.py).
+    # 0: collective_timeout_s throughout.
     step_timeout_s: int = 120
     # Keys a resumed stage may take new values for (`--allow-change KEY`); see ffscale/run/changes.py
     allow_change: list[str] = field(default_factory=list)

@@ -1,5 +1,5 @@
 """`ffscale shard fashion-mnist|cluttered-fashion-mnist|folder|flat|imagenet|index`: from the images people have to
-WebDataset shards with a manifest (docs: README "From ImageNet to shards"); `ffscale verify`."""
+WebDataset shards with a manifest (docs/data.md); `ffscale verify`."""
 
 from __future__ import annotations
 

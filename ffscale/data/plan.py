@@ -4,10 +4,10 @@ in which order, per epoch), computed from the manifest's counts alone, identical
 Ranks are assigned samples, not shard files, as DeiT's samplers assign them (facebookresearch/deit
 @ 2f76ec6, samplers.py:8-59 and main.py:195-211): one permutation of all N samples per epoch,
 each index repeated `repeats` times in a row, and rank r takes positions r, r + W, r + 2W, ...
-of that list. So any world size works with any number of shards (4,096 ranks read README's 40
-ImageNet val files), the copies of an image go to different ranks in the same or the next step,
-and an epoch's samples are a pure function of (seed, epoch, world): a resumed epoch starts at
-its position without reading what it skips.
+of that list. So any world size works with any number of shards (4,096 ranks read the 40
+ImageNet val files docs/data.md writes), the copies of an image go to different ranks in the same
+or the next step, and an epoch's samples are a pure function of (seed, epoch, world): a resumed
+epoch starts at its position without reading what it skips.
 
 - `repeats` 1: `torch.utils.data.DistributedSampler` (shuffle, padded by wrapping): ceil(N / W)
   samples per rank, each sample once per epoch (the up to W - 1 padding samples twice).

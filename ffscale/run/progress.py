@@ -31,10 +31,10 @@ class Meter:
         return out
 
     def new_window(self, before_training: bool = False) -> None:
-        """The next img/s window starts now: an epoch's evaluation and checkpoint are not training (the
-        demo's first window after each evaluation read 570-820 img/s against ~1,200, 2026-12-03). The
-        ETA keeps counting those (they recur), not what came `before_training` (the carried weights'
-        evaluation)."""
+        """The next img/s window starts now: an epoch's evaluation and checkpoint are not training (in
+        `bash scripts/demo.sh` the first window after each evaluation read 570-820 img/s against
+        ~1,200). The ETA keeps counting those (they recur), not what came `before_training` (the
+        carried weights' evaluation)."""
         self.t_last = time.perf_counter()
         if before_training:
             self.t0 = self.t_last

@@ -56,7 +56,7 @@ def sigterm_during_z2(shards, runs) -> tuple[int, str]:
 
 @pytest.fixture(scope="module")
 def ref_run(fm_shards, module_dir):
-    # through the `deepspeed` command, as README's `deepspeed ffscale/train.py` launches
+    # through the `deepspeed` command, as docs/training.md's `deepspeed ffscale/train.py` launches
     ref = check(
         launch(pipeline_args(fm_shards, module_dir, "ref", f"tracking.register_as={MODEL}"), runner=True)
     )

@@ -27,7 +27,7 @@ def free_port() -> int:
 def launch_cmd(args: list[str], nproc: int = 2, script: Path = TRAIN_PY, runner: bool = False) -> list[str]:
     """DeepSpeed's launcher running ffscale/train.py (or `script`) with `nproc` CPU ranks: as `ffscale
     train` starts it (ffscale/run/launch.py), or with `runner` through the `deepspeed` command, as
-    README's `deepspeed ffscale/train.py ...` launches do."""
+    docs/training.md's `deepspeed ffscale/train.py ...` launches do."""
     if not runner:
         return launcher_cmd(script, args, nproc, master_port=free_port())
     launcher = Path(sys.executable).with_name("deepspeed")

@@ -163,8 +163,8 @@ def test_the_same_shards_at_a_new_path_resume_and_other_shards_do_not(tmp_path, 
         changes.check(other, run, {"data.train"})
 
 
-def test_every_exit_code_in_the_readme_names_the_tests_that_check_it():
-    text = (ROOT / "README.md").read_text()
+def test_every_exit_code_in_docs_training_names_the_tests_that_check_it():
+    text = (ROOT / "docs" / "training.md").read_text()
     table = text[text.index("## Exit codes") :].split("\n\n")[1]
     rows = [r for r in table.splitlines() if re.match(r"\| (0|1|2|3|143)", r)]
     assert [r.split("|")[1].strip().split()[0] for r in rows] == ["0", "2", "3", "143", "1"]

@@ -75,9 +75,9 @@ def test_repeated_copies_go_to_different_ranks_in_the_same_or_next_step():
 
 
 @pytest.mark.parametrize("world", [1, 7, 40, 64, 512, 4096])
-def test_any_world_size_evaluates_readme_imagenet_val_exactly_once(world):
-    """README shards ImageNet val into 40 files of 1,250: every world size works, each image once,
-    ranks within one batch of each other and padded to the same number of forwards."""
+def test_any_world_size_evaluates_imagenet_val_in_40_shards_exactly_once(world):
+    """docs/data.md shards ImageNet val into 40 files of 1,250: every world size works, each image
+    once, ranks within one batch of each other and padded to the same number of forwards."""
     n, batch = 50_000, 64
     plans = [SamplePlan(n, rank, world, seed=0) for rank in range(world)]
     got = np.concatenate([p.eval_indices() for p in plans])
@@ -89,7 +89,8 @@ def test_any_world_size_evaluates_readme_imagenet_val_exactly_once(world):
 
 @pytest.mark.parametrize("world", [8, 512, 1026, 4096])
 def test_any_world_size_trains_imagenet_once_per_epoch_times_repeats(world):
-    """ImageNet train (1,281,167 images, 1,025 README shards) on more ranks than files."""
+    """ImageNet train (1,281,167 images in 1,025 shards, as docs/data.md writes them) on more ranks
+    than files."""
     n = 1_281_167
     for repeats in (1, 3):
         plans = [SamplePlan(n, rank, world, seed=0, repeats=repeats) for rank in range(world)]
