@@ -19,8 +19,8 @@ _marked: set[str] = set()
 
 
 def mark(phase: str, created: bool = False) -> None:
-    """Record that this process reached `phase` now; with `created`, when this process and its
-    parent (a rank's: DeepSpeed's launch.py) were created instead (`process_created`)."""
+    """Record that this process reached `phase` now; with `created`, when this process was created
+    instead (`process_created`)."""
     path = os.environ.get(ENV)
     if not path or phase in _marked:
         return
@@ -28,7 +28,7 @@ def mark(phase: str, created: bool = False) -> None:
     rank = os.environ.get("RANK")
     line = {"phase": phase, "t": time.time(), "rank": None if rank is None else int(rank), "pid": os.getpid()}
     if created:
-        line["t"], line["parent_t"] = process_created()
+        line["t"] = process_created()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, (json.dumps(line) + "\n").encode())
@@ -36,8 +36,8 @@ def mark(phase: str, created: bool = False) -> None:
         os.close(fd)
 
 
-def process_created() -> tuple[float, float]:
-    """Creation times (epoch seconds) of this process and of its parent, to a clock tick (10 ms).
+def process_created() -> float:
+    """Creation time (epoch seconds) of this process, to a clock tick (10 ms).
 
     psutil's `create_time()` adds the boot time of /proc/stat's `btime`, which the kernel rounds
     down to whole seconds (psutil/_pslinux.py `boot_time`): it read up to 1 s early against
@@ -46,7 +46,4 @@ def process_created() -> tuple[float, float]:
     import psutil
 
     boot = time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
-    me = psutil.Process()
-    parent = me.parent()
-    ages = [p.create_time() - psutil.boot_time() for p in (me, parent or me)]
-    return boot + ages[0], boot + ages[1]
+    return boot + psutil.Process().create_time() - psutil.boot_time()

@@ -76,8 +76,8 @@ def test_mark_writes_nothing_without_the_variable_and_each_phase_once_with_it(tm
         marks.mark(phase, created=phase == "rank_created")
     done, created = (json.loads(ln) for ln in trace.read_text().splitlines())  # the repeat wrote nothing
     assert done["phase"] == "imports_done" and done["rank"] == 1 and before <= done["t"] <= time.time()
-    # this process was created before the test began, its parent before it (to a clock tick)
-    assert created["parent_t"] <= created["t"] + 0.01 and created["t"] <= before + 0.01
+    # this process was created before the test began (to a clock tick)
+    assert created["t"] <= before + 0.01 and "parent_t" not in created
 
 
 def test_startup_parts_add_up_to_the_total_and_take_the_first_rank_created_and_the_last_rank_done():
@@ -88,19 +88,20 @@ def test_startup_parts_add_up_to_the_total_and_take_the_first_rank_created_and_t
     lines = [{"phase": p, "t": t, "rank": None, "pid": 1} for p, t in front.items()]
     for rank, late in ((0, 0.0), (1, 0.5)):  # rank 1 is created and gets everywhere 0.5 s later
         lines += [{"phase": p, "t": t + late, "rank": rank, "pid": 10 + rank} for p, t in rank0.items()]
-        lines[-len(rank0)]["parent_t"] = 8.0 + late  # launch.py, the ranks' parent
     p = startup.parts(startup.events(lines))
-    assert p["total"] == 25.5 and p["launcher_chain"] == 7.0 and p["launcher_chain.spawn"] == 3.0
+    assert p["total"] == 25.5 and p["launcher_chain"] == 7.0
     assert p["rank_config"] == 13.5 - 12.0 and p["first_step"] == 2.0
     top = [k for k, *_ in startup.PARTS if k != "total" and "." not in k]
     assert sum(p[k] for k in top) == p["total"] and p["ffscale_own"] == p["total"] - p["launcher_chain"]
-    for whole in ("front_end", "launcher_chain"):
-        assert sum(v for k, v in p.items() if k.startswith(whole + ".")) == p[whole]
+    assert p["front_end.python"] + p["front_end.checks"] == p["front_end"]
     res = startup.summary("ffscale train ...", [p, {k: 2 * v for k, v in p.items()}, p])
     total = res["parts"]["total"]
     assert (total["median_s"], total["min_s"], total["max_s"]) == (25.5, 25.5, 51.0)
     table = report.render("startup", [results.record(["bench", "startup", "--record"], res)])
-    assert "| &nbsp;&nbsp;launch.py's process started | 3.00 | 3.00 | 6.00 | DeepSpeed launcher |" in table
+    assert (
+        "| DeepSpeed's launch.py: imports DeepSpeed, starts the ranks | 7.00 | 7.00 | 14.00 | DeepSpeed launcher |"
+        in table
+    )
     for broken, lacking in ((lines[:-1], "first_step of rank 1"), (lines[1:], "exec")):
         try:
             startup.events(broken)

@@ -34,9 +34,7 @@ PARTS = [
     ("front_end", "`ffscale train` before it starts the launcher", "exec", "launcher_started", FFSCALE),
     ("front_end.python", "python start, ffscale.cli imported", "exec", "ffscale_started", FFSCALE),
     ("front_end.checks", "config, job checks, run lock, tracking store", "ffscale_started", "launcher_started", FFSCALE),
-    ("launcher_chain", "launcher start to the first rank process", "launcher_started", "rank_created", DEEPSPEED),
-    ("launcher_chain.spawn", "launch.py's process started", "launcher_started", "launch_created", DEEPSPEED),
-    ("launcher_chain.launch", "DeepSpeed's launch.py (imports DeepSpeed)", "launch_created", "rank_created", DEEPSPEED),
+    ("launcher_chain", "DeepSpeed's launch.py: imports DeepSpeed, starts the ranks", "launcher_started", "rank_created", DEEPSPEED),
     ("rank_config", "rank: python start, config loaded (and its imports)", "rank_created", "config_loaded", FFSCALE),
     ("rank_imports", "rank: imports left (torch, DeepSpeed, MLflow)", "config_loaded", "imports_done", FFSCALE),
     ("distributed_init", "distributed init", "imports_done", "distributed_initialised", FFSCALE),
@@ -120,8 +118,6 @@ def events(lines: list[dict]) -> dict[str, float]:
         pick = min if first else max
         ev[phase] = pick(ev.get(phase, t), t)
         seen.setdefault(phase, set()).add(ln["rank"])
-        if "parent_t" in ln:
-            ev["launch_created"] = min(ev.get("launch_created", ln["parent_t"]), ln["parent_t"])
     needed = {e for _, _, start, end, _ in PARTS for e in (start, end)}
     ranks = seen.get("rank_created", set())
     missing = sorted(needed - ev.keys()) + sorted(
