@@ -66,6 +66,13 @@ def from_tar(path: Path) -> Found:
                     out.append({})
                     key = k
                 out[-1][ext.lower()] = (m.offset_data, m.size)
+            # tarfile ends its iteration without a word at a bad header past the first member
+            # (TarFile.next: InvalidHeaderError is raised only at offset 0); a whole tar ends in zeros
+            tf.fileobj.seek(tf.offset)
+            if tf.fileobj.read(HEADER).strip(b"\0"):
+                raise DataError(
+                    f"shard {path}: not a readable tar (no valid header at byte {tf.offset}; damaged?)"
+                )
     except tarfile.TarError as e:
         raise DataError(f"shard {path}: not a readable tar ({e})") from e
     return out

@@ -189,7 +189,7 @@ def test_manifest_problems_are_named(tmp_path, id_shards):
 
 
 @pytest.mark.parametrize("kind", LOADERS)
-def test_garbage_inside_a_tar_is_named_by_both_loaders_and_by_verify(tmp_path, id_shards, kind):
+def test_garbage_inside_a_tar_is_named_by_both_loaders_and_by_verify(tmp_path, id_shards, kind, capsys):
     import shutil
 
     d = tmp_path / "copy"
@@ -205,6 +205,10 @@ def test_garbage_inside_a_tar_is_named_by_both_loaders_and_by_verify(tmp_path, i
     from ffscale.cli import main
 
     assert main(["verify", str(d)]) == 2  # sha256 differs
+    capsys.readouterr()
+    assert main(["shard", "reindex", str(d)]) == 2  # the binary index is built from checked headers
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"shard {tar}: not a readable tar (no valid header at byte 10240" in err[0], err
 
 
 def test_dali_colour_jitter_changes_pixels_not_labels(id_shards):
