@@ -27,15 +27,44 @@ from ffscale.errors import DataError
 class TarIndex:
     """Where each sample's image and label members lie in the split's shards."""
 
-    def __init__(self, files: list[Path], counts: list[int], members: Members, table: np.ndarray):
-        """`table`: a record per sample (sampleindex.DTYPE), mapped or in memory; kept as views."""
-        self.files, self.members = [str(f) for f in files], members
+    def __init__(
+        self,
+        files: list[Path],
+        counts: list[int],
+        members: Members,
+        table: np.ndarray,
+        mapped: tuple[Path, Manifest] | None = None,
+    ):
+        """`table`: a record per sample (sampleindex.DTYPE), mapped or in memory; kept as views.
+        `mapped`: the split it was mapped from, to map it again in a process this one is pickled to."""
+        self.files, self.members, self.mapped = [str(f) for f in files], members, mapped
         self.counts = np.asarray(counts, dtype=np.int64)
         self.start = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
+        self._use(table)
+        self.bytes_read = 0  # by this process (counted for the tests and `ffscale bench plan`)
+
+    def _use(self, table: np.ndarray) -> None:
         self.table = table
         self.shard = table["shard"]
         self.img, self.lab = table["img"], table["lab"]  # (n, 2): (data offset, size); -1: member absent
-        self.bytes_read = 0  # by this process (counted for the tests and `ffscale bench plan`)
+
+    def __getstate__(self) -> dict:
+        """DataLoader workers started by spawn or forkserver (Python 3.14's default on Linux) get the
+        index pickled: a mapped table travels as where it lies, not as a copy of it per worker."""
+        state = dict(self.__dict__)
+        if self.mapped is not None:
+            for k in ("table", "shard", "img", "lab"):
+                del state[k]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.mapped is not None:
+            root, m = self.mapped
+            table, why = sampleindex.open_table(root, m)
+            if table is None:
+                raise DataError(f"{root}: {why} (since this job opened it)")
+            self._use(table)
 
     @classmethod
     def of_split(
@@ -46,10 +75,11 @@ class TarIndex:
         root = Path(root)
         counts = [s.count for s in m.shards]
         table, why = sampleindex.open_table(root, m)
-        if table is None:
-            table = sampleindex.parse(files, [m.index_file(root, s) for s in m.shards], counts, m.members)
-            if say is not None:
-                say(why)
+        if table is not None:
+            return cls(files, counts, m.members, table, (root, m))
+        table = sampleindex.parse(files, [m.index_file(root, s) for s in m.shards], counts, m.members)
+        if say is not None:
+            say(why)
         return cls(files, counts, m.members, table)
 
     def __len__(self) -> int:

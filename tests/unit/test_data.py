@@ -339,6 +339,13 @@ def test_the_binary_index_sharding_writes_is_what_the_shards_own_indexes_give(fm
         assert not table.flags.owndata and not table.flags.writeable
         index = TarIndex.of_split(root, m, files)
         assert all(np.shares_memory(col, index.table) for col in (index.shard, index.img, index.lab))
+        # pickled to a spawned DataLoader worker: mapped there again, not sent as a copy
+        import pickle
+
+        sent = pickle.dumps(index)
+        assert len(sent) < table.nbytes / 10
+        again = pickle.loads(sent)
+        assert isinstance(again.table.base.obj, mmap.mmap) and np.array_equal(again.table, table)
         # the set's digest (runs' tags, model cards) is the shards' alone
         assert dataclasses.replace(m, index_sha256="").digest == m.digest
 
