@@ -1,4 +1,4 @@
-"""`ffscale bench data|train|memory|shard|scaling|plan|decode|compare|startup|demo|suite|unit`:
+"""`ffscale bench data|train|memory|shard|scaling|plan|index|decode|compare|startup|demo|suite|unit`:
 throughput against a baseline measured in the same run, start-up time by part, or README's two commands timed (ffscale/tools/bench/), printed as a table or, with
 --json, as JSON; with --record also kept in docs/results/<bench>.json, from which `ffscale bench report`
 writes the docs' tables (ffscale/tools/bench/results.py)."""
@@ -78,6 +78,12 @@ def commands(a) -> int:
     from ffscale.tools.bench.commands import print_table, run
 
     return _show(run(a), a, print_table)
+
+
+def index(a) -> int:
+    from ffscale.tools.bench.index import bench_index, print_index
+
+    return _show(bench_index(a), a, print_index)
 
 
 def report(a) -> int:
@@ -173,6 +179,16 @@ def add_parser(sub) -> None:
     bp.add_argument("--repeats", type=int, default=3, help="data.repeats")
     bp.add_argument("--batch", type=int, default=128, help="micro-batch (paper: 128 per GPU)")
     bp.add_argument("--json", action="store_true")
+    bi = bsub.add_parser(
+        "index", help="opening a split's binary sample index: seconds and Private_Dirty memory per rank"
+    )
+    bi.add_argument("--samples", type=int, default=1_281_167, help="samples (default: ImageNet train's)")
+    bi.add_argument("--shard-size", type=int, default=1250)
+    bi.add_argument("--runs", type=int, default=5, help="fresh processes, each opening it once")
+    bi.add_argument("--compare", action="store_true", help="also time building it from .idx text files")
+    bi.add_argument("--tmp", help="where the synthetic split is written (default: the system's temp dir)")
+    bi.add_argument("--json", action="store_true")
+    bi.set_defaults(fn=index)
     bc = bsub.add_parser("compare", help="`ffscale compare` over N runs vs fetching run by run")
     bc.add_argument(
         "--uri", help="tracking URI, e.g. a server's http://host:5000 (default: a fresh SQLite store)"

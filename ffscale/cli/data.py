@@ -1,5 +1,5 @@
-"""`ffscale shard fashion-mnist|cluttered-fashion-mnist|folder|flat|imagenet|index`: from the images people have to
-WebDataset shards with a manifest (docs/data.md); `ffscale verify`."""
+"""`ffscale shard fashion-mnist|cluttered-fashion-mnist|folder|flat|imagenet|index|reindex`: from the images people
+have to WebDataset shards with a manifest and a binary sample index (docs/data.md); `ffscale verify`."""
 
 from __future__ import annotations
 
@@ -79,8 +79,22 @@ def index(a) -> int:
     return 0
 
 
+def reindex(a) -> int:
+    from ffscale.data.ingest.reindex import reindex
+    from ffscale.data.sampleindex import INDEX
+
+    for root in a.dirs:
+        m = reindex(Path(root), a.workers)
+        print(
+            f"{root}: {INDEX} for {m.num_samples} samples in {len(m.shards)} shards, digest {m.digest}",
+            flush=True,
+        )
+    return 0
+
+
 def verify(a) -> int:
-    from ffscale.data.manifest import MANIFEST, verify
+    from ffscale.data.manifest import MANIFEST
+    from ffscale.data.sampleindex import verify
     from ffscale.engine.ckpt_files import verify_tree
     from ffscale.errors import DataError
 
@@ -97,8 +111,14 @@ def verify(a) -> int:
             bad += failed
             continue
         m = verify(root)
+        index = (
+            "binary sample index checked against the tars' headers"
+            if m.index_sha256
+            else f"no binary sample index (`ffscale shard reindex {root}` writes it)"
+        )
         print(
-            f"{root}: {len(m.shards)} shards, {m.num_samples} samples, sha256 as in the manifest (digest {m.digest})"
+            f"{root}: {len(m.shards)} shards, {m.num_samples} samples, sha256 as in the manifest "
+            f"(digest {m.digest}); {index}"
         )
     return 2 if bad else 0
 
@@ -165,16 +185,24 @@ def add_parser(sub) -> None:
     _writer_args(p, "output directory (gets train/ and val/)")
     p.set_defaults(fn=imagenet)
     p = ss.add_parser(
-        "index", help="describe shards written by another tool (manifest + DALI indexes, tars untouched)"
+        "index", help="describe shards written by another tool (manifest + indexes, tars untouched)"
     )
     p.add_argument("dir", help="directory of .tar shards")
     p.add_argument("--pattern", default="*.tar", help="glob picking one split, e.g. 'imagenet1k-train-*.tar'")
-    p.add_argument("--out", help="where the manifest and .idx files go (default: DIR; needed with --pattern)")
+    p.add_argument("--out", help="where the manifest and indexes go (default: DIR; needed with --pattern)")
     p.add_argument("--classes", help="class names, one per line (or `<synset> <words>` lines)")
     p.add_argument("--label-field", help="read labels from this integer field of the .json member")
     p.add_argument("--num-classes", type=int, default=0, help="classes when not every label occurs")
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes reading tars")
     p.set_defaults(fn=index)
+    p = ss.add_parser(
+        "reindex", help="write the binary sample index of shard sets made before it existed",
+        description="Reads each set's tar headers (not the images) and writes sample-index.npy beside its "
+        "manifest, with its sha256 in the manifest; shards, .idx files and the set's digest stay as they are.",
+    )  # fmt: skip
+    p.add_argument("dirs", nargs="+", help="shard directories (holding manifest.json)")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)), help="processes reading tars")
+    p.set_defaults(fn=reindex)
 
     v = sub.add_parser(
         "verify", help="check shards against their manifest, or a run's checkpoints against their records"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -28,10 +29,10 @@ def build_loader(
     against `num_classes` (default: the manifest's class count)."""
     manifest, files = load_manifest(root)
     num_classes = num_classes or manifest.num_classes
-    counts = [s.count for s in manifest.shards]
     plan = SamplePlan(manifest.num_samples, rank, world, seed, cfg.repeats if train else 1, root)
-    index = TarIndex(
-        files, [manifest.index_file(Path(root), s) for s in manifest.shards], counts, manifest.members
+    where = f"data.{'train' if train else 'val'}={root}"
+    index = TarIndex.of_split(
+        root, manifest, files, (lambda why: say_unindexed(where, root, why)) if rank == 0 else None
     )
     kind, why = choose(cfg, device)
     if kind == "dali":
@@ -49,8 +50,24 @@ def build_loader(
 def open_index(root: str) -> tuple[TarIndex, Manifest]:
     """The split's manifest (checked) and where each of its samples lies."""
     manifest, files = load_manifest(root)
-    idx = [manifest.index_file(Path(root), s) for s in manifest.shards]
-    return TarIndex(files, idx, [s.count for s in manifest.shards], manifest.members), manifest
+    return TarIndex.of_split(root, manifest, files, lambda why: say_unindexed(root, root, why)), manifest
+
+
+_SAID: set[str] = set()
+
+
+def say_unindexed(where: str, root: str | Path, why: str) -> None:
+    """One line per split and process (rank 0's): a set without a usable binary index still trains, at
+    the old start-up cost, until `ffscale shard reindex` writes one."""
+    key = os.path.realpath(root)
+    if key in _SAID:
+        return
+    _SAID.add(key)
+    print(
+        f"ffscale: {where}: {why}; built the sample index in memory from the shards' indexes "
+        f"(`ffscale shard reindex {root}` writes it)",
+        flush=True,
+    )
 
 
 def choose(cfg: DataCfg, device: torch.device) -> tuple[str, str]:

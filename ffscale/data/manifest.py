@@ -57,6 +57,10 @@ class Manifest:
     label: str = "cls"
     converted: dict[str, int] = field(default_factory=dict)  # re-encoded to RGB JPEG, by reason
     max_side: int = 0  # images downscaled to this longer side at sharding time (0: not)
+    # sha256 of the split's binary sample index (sampleindex.INDEX) beside the manifest; "" where none
+    # was written (sets made before it existed, or by an interrupted run). Not part of `digest`: the
+    # index is derived from the shards, and a set's digest (runs' tags, model cards) names its content
+    index_sha256: str = ""
 
     @property
     def num_samples(self) -> int:
@@ -175,7 +179,8 @@ def load_manifest(root: str | Path) -> tuple[Manifest, list[Path]]:
 
 
 def verify(root: str | Path) -> Manifest:
-    """Full check: each shard's size and sha256 equal the manifest's (catches swapped/truncated)."""
+    """Full check: each shard's size and sha256 equal the manifest's (catches swapped/truncated).
+    `ffscale verify` also checks the binary sample index (sampleindex.verify)."""
     m, files = load_manifest(root)
     for info, f in zip(m.shards, files):
         if sha256_file(f) != info.sha256:

@@ -1,6 +1,7 @@
 """Random access to the samples of WebDataset shards: sample i of the split -> its members' bytes,
-read with one `pread` per member at the offsets DALI's `.idx` files give (the tar's own headers
-where a shard has no index). Both loaders read through it, so a rank reads exactly its samples.
+read with one `pread` per member at the offsets of the split's binary index (ffscale/data/sampleindex.py,
+mapped read-only), or, for a split without a usable one, of DALI's `.idx` files or the tars' headers
+parsed in memory. Both loaders read through it, so a rank reads exactly its samples.
 
 Each member is read with the 512-byte tar header before it, and the header is checked (checksum,
 size) before the bytes are trusted: a damaged shard is named, as a sequential tar reader would
@@ -12,82 +13,74 @@ from __future__ import annotations
 
 import os
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from ffscale.data.manifest import Members
+from ffscale.data import sampleindex
+from ffscale.data.manifest import Manifest, Members
+from ffscale.data.sampleindex import HEADER, split_name
 from ffscale.errors import DataError
-
-HEADER = tarfile.BLOCKSIZE  # 512
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """webdataset's rule: the key is the path up to the first dot of the file name."""
-    d, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{d}/{stem}" if d else stem), ext
-
-
-def _from_idx(path: Path) -> list[dict[str, tuple[int, int]]] | None:
-    """DALI's index (wds2idx v1.2: `ext offset size name` per member, a line per sample)."""
-    lines = path.read_text().splitlines()
-    if not lines or not lines[0].startswith("v1.2"):
-        return None
-    out = []
-    for ln in lines[1:]:
-        t = ln.split()
-        out.append({t[k].lower(): (int(t[k + 1]), int(t[k + 2])) for k in range(0, len(t) - 3, 4)})
-    return out
-
-
-def _from_tar(path: Path) -> list[dict[str, tuple[int, int]]]:
-    """The same from the tar's headers (seeks over the data: reads 512 bytes a member)."""
-    out, key = [], None
-    try:
-        with tarfile.open(path, mode="r:") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                k, ext = split_name(m.name)
-                if k != key:
-                    out.append({})
-                    key = k
-                out[-1][ext.lower()] = (m.offset_data, m.size)
-    except tarfile.TarError as e:
-        raise DataError(f"shard {path}: not a readable tar ({e})") from e
-    return out
 
 
 class TarIndex:
     """Where each sample's image and label members lie in the split's shards."""
 
-    def __init__(self, files: list[Path], indexes: list[Path], counts: list[int], members: Members):
-        self.files, self.members = [str(f) for f in files], members
+    def __init__(
+        self,
+        files: list[Path],
+        counts: list[int],
+        members: Members,
+        table: np.ndarray,
+        mapped: tuple[Path, Manifest] | None = None,
+    ):
+        """`table`: a record per sample (sampleindex.DTYPE), mapped or in memory; kept as views.
+        `mapped`: the split it was mapped from, to map it again in a process this one is pickled to."""
+        self.files, self.members, self.mapped = [str(f) for f in files], members, mapped
         self.counts = np.asarray(counts, dtype=np.int64)
-        n = int(self.counts.sum())
-        self.shard = np.repeat(np.arange(len(files), dtype=np.int32), self.counts)
-        self.img = np.full((n, 2), -1, dtype=np.int64)  # (data offset, size); -1: member absent
-        self.lab = np.full((n, 2), -1, dtype=np.int64)
         self.start = np.concatenate([[0], np.cumsum(self.counts)[:-1]])
-        image_exts = members.lower_exts
-        label = members.label_member.lower()
-        i = 0
-        for f, ix, count in zip(files, indexes, counts):
-            found = (_from_idx(ix) if ix.is_file() and ix.stat().st_size else None) or _from_tar(f)
-            if len(found) != count:
-                raise DataError(
-                    f"shard {f}: {len(found)} samples in its {'index ' + str(ix) if ix.is_file() else 'tar'}, "
-                    f"the manifest says {count}; rewrite the index with `ffscale shard index {f.parent}`"
-                )
-            for s in found:
-                img = next((s[e] for e in image_exts if e in s), None)
-                if img is not None:
-                    self.img[i] = img
-                if label in s:
-                    self.lab[i] = s[label]
-                i += 1
+        self._use(table)
         self.bytes_read = 0  # by this process (counted for the tests and `ffscale bench plan`)
+
+    def _use(self, table: np.ndarray) -> None:
+        self.table = table
+        self.shard = table["shard"]
+        self.img, self.lab = table["img"], table["lab"]  # (n, 2): (data offset, size); -1: member absent
+
+    def __getstate__(self) -> dict:
+        """DataLoader workers started by spawn or forkserver (Python 3.14's default on Linux) get the
+        index pickled: a mapped table travels as where it lies, not as a copy of it per worker."""
+        state = dict(self.__dict__)
+        if self.mapped is not None:
+            for k in ("table", "shard", "img", "lab"):
+                del state[k]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if self.mapped is not None:
+            root, m = self.mapped
+            table, why = sampleindex.open_table(root, m)
+            if table is None:
+                raise DataError(f"{root}: {why} (since this job opened it)")
+            self._use(table)
+
+    @classmethod
+    def of_split(
+        cls, root: str | Path, m: Manifest, files: list[Path], say: Callable[[str], None] | None = None
+    ) -> TarIndex:
+        """The split's binary index, mapped; where it has none it can trust, the table parsed as before
+        the index existed, and `say(why)` (the caller words the line and decides who says it)."""
+        root = Path(root)
+        counts = [s.count for s in m.shards]
+        table, why = sampleindex.open_table(root, m)
+        if table is not None:
+            return cls(files, counts, m.members, table, (root, m))
+        table = sampleindex.parse(files, [m.index_file(root, s) for s in m.shards], counts, m.members)
+        if say is not None:
+            say(why)
+        return cls(files, counts, m.members, table)
 
     def __len__(self) -> int:
         return len(self.shard)

@@ -36,4 +36,7 @@ def test_sharding_killed_midway_then_rerun_gives_the_same_bytes_as_one_run_and_a
     for split in ("train", "val"):
         a, b = load_manifest(whole / split)[0], load_manifest(cut / split)[0]
         assert a.digest == b.digest and [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+        # the binary sample index is written once the shard list is final: the same bytes either way
+        assert a.index_sha256 and a.index_sha256 == b.index_sha256
+        assert (cut / split / "sample-index.npy").is_file()
     assert not list((cut / "train").glob("*.tmp"))

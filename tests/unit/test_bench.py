@@ -58,3 +58,16 @@ def test_cpu_ranks_get_jemalloc_unless_opted_out_or_preloaded(monkeypatch):
     monkeypatch.setattr(hostenv, "gpu_host", lambda: False)
     monkeypatch.setattr(hostenv, "jemalloc", lambda: None)  # not installed: nothing changes
     assert hostenv.rank_env({}) == {}
+
+
+def test_bench_index_opens_a_synthetic_split_in_fresh_processes(tmp_path, capsys):
+    from ffscale.tools.bench.index import bench_index, print_index
+
+    a = Namespace(samples=3000, shard_size=1250, runs=2, compare=True, tmp=str(tmp_path))
+    res = bench_index(a)
+    assert (res["samples"], res["shards"], res["runs"]) == (3000, 3, 2)
+    assert 0 < round(res["index_mb"] * 1e6) - 3000 * 36 < 4096  # the .npy header, then 36 bytes a sample
+    assert {"median", "min", "max"} <= set(res["open_s"]) and "parsed_in_memory" in res
+    print_index(res)
+    assert "| index opened (sha256 checked, mapped) |" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())  # the synthetic split is removed

@@ -25,8 +25,9 @@ def test_the_same_digest_on_every_run_and_with_one_or_two_workers(tmp_path, caps
     m, files = load_manifest(tmp_path / "cli" / "val")
     assert f"digest {m.digest}" in capsys.readouterr().out
     src = cluttered.cluttered_fashion_mnist("val")
-    for run in ("a", "b"):  # one worker, twice: the bytes of two workers
-        assert write_shards(src, tmp_path / run, "val", shard_size=24, limit=48, workers=1).digest == m.digest
+    for run in ("a", "b"):  # one worker, twice: the bytes of two workers, and the same binary index
+        one = write_shards(src, tmp_path / run, "val", shard_size=24, limit=48, workers=1)
+        assert (one.digest, one.index_sha256) == (m.digest, m.index_sha256) and m.index_sha256
     assert m.num_samples == 48 and m.classes[0] == "t-shirt"
     assert (
         m.source

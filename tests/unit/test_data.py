@@ -189,7 +189,7 @@ def test_manifest_problems_are_named(tmp_path, id_shards):
 
 
 @pytest.mark.parametrize("kind", LOADERS)
-def test_garbage_inside_a_tar_is_named_by_both_loaders_and_by_verify(tmp_path, id_shards, kind):
+def test_garbage_inside_a_tar_is_named_by_both_loaders_and_by_verify(tmp_path, id_shards, kind, capsys):
     import shutil
 
     d = tmp_path / "copy"
@@ -205,6 +205,10 @@ def test_garbage_inside_a_tar_is_named_by_both_loaders_and_by_verify(tmp_path, i
     from ffscale.cli import main
 
     assert main(["verify", str(d)]) == 2  # sha256 differs
+    capsys.readouterr()
+    assert main(["shard", "reindex", str(d)]) == 2  # the binary index is built from checked headers
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"shard {tar}: not a readable tar (no valid header at byte 10240" in err[0], err
 
 
 def test_dali_colour_jitter_changes_pixels_not_labels(id_shards):
@@ -302,3 +306,122 @@ def test_dali_errors_are_told_apart_by_the_operator_that_failed():
     assert not is_data_error(oom) and not is_data_error(build)
     assert dali_error_line(decode) == "nvImageCodec failure: '#3'"
     assert dali_error_line(oom) == "CUDA error: out of memory"
+
+
+def _old_parser(root: Path, idx: bool = True) -> np.ndarray:
+    """The table as every start built it before the binary index: DALI's .idx files, or the tars."""
+    from ffscale.data.sampleindex import parse
+
+    m, files = load_manifest(root)
+    indexes = [m.index_file(root, s) if idx else root / "none.idx" for s in m.shards]
+    return parse(files, indexes, [s.count for s in m.shards], m.members)
+
+
+def test_the_binary_index_sharding_writes_is_what_the_shards_own_indexes_give(fm_shards):
+    import dataclasses
+    import mmap
+
+    from ffscale.data.manifest import sha256_file
+    from ffscale.data.sampleindex import INDEX, open_table
+    from ffscale.data.tarindex import TarIndex
+
+    for split in ("train", "val"):
+        root = fm_shards / split
+        m, files = load_manifest(root)
+        assert m.index_sha256 == sha256_file(root / INDEX)
+        table, why = open_table(root, m)
+        assert why == "" and len(table) == m.num_samples
+        assert np.array_equal(table, _old_parser(root)) and np.array_equal(
+            table, _old_parser(root, idx=False)
+        )
+        # mapped, not copied: read-only views of the file's mapping, shared by the node's ranks
+        assert isinstance(table.base, memoryview) and isinstance(table.base.obj, mmap.mmap)
+        assert not table.flags.owndata and not table.flags.writeable
+        index = TarIndex.of_split(root, m, files)
+        assert all(np.shares_memory(col, index.table) for col in (index.shard, index.img, index.lab))
+        # pickled to a spawned DataLoader worker: mapped there again, not sent as a copy
+        import pickle
+
+        sent = pickle.dumps(index)
+        assert len(sent) < table.nbytes / 10
+        again = pickle.loads(sent)
+        assert isinstance(again.table.base.obj, mmap.mmap) and np.array_equal(again.table, table)
+        # the set's digest (runs' tags, model cards) is the shards' alone
+        assert dataclasses.replace(m, index_sha256="").digest == m.digest
+
+
+def _copy_of(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_set_without_the_binary_index_trains_as_before_and_reindex_writes_it(tmp_path, fm_shards, capsys):
+    from ffscale.cli import main
+    from ffscale.data.loader import open_index
+    from ffscale.data.sampleindex import INDEX
+
+    d = _copy_of(fm_shards / "val", tmp_path / "old")
+    (d / INDEX).unlink()
+    written = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({k: v for k, v in written.items() if k != "index_sha256"}))
+    capsys.readouterr()
+    for rank in (0, 0, 1):  # once per process, by rank 0
+        loader, m = build_loader(
+            plain_cfg("webdataset"), str(d), False, rank, 2, 8, 0, None, torch.device("cpu")
+        )
+    out = capsys.readouterr().out.splitlines()
+    said = [ln for ln in out if "binary sample index" in ln]
+    assert said == [
+        f"ffscale: data.val={d}: its manifest names no binary sample index; built the sample index in memory "
+        f"from the shards' indexes (`ffscale shard reindex {d}` writes it)"
+    ], out
+    assert m.index_sha256 == "" and m.digest == written["digest"]
+    assert np.array_equal(loader.index.table, _old_parser(fm_shards / "val"))
+    new, _ = open_index(str(fm_shards / "val"))
+    assert [loader.index.read(i) | {"__url__": ""} for i in range(0, 512, 37)] == [
+        new.read(i) | {"__url__": ""} for i in range(0, 512, 37)
+    ]
+    assert main(["verify", str(d)]) == 0
+    assert "no binary sample index (`ffscale shard reindex" in capsys.readouterr().out
+    assert main(["shard", "reindex", str(d), "--workers", "2"]) == 0
+    m, _ = load_manifest(d)
+    assert m.index_sha256 == written["index_sha256"] and m.digest == written["digest"]
+    assert (d / INDEX).read_bytes() == (fm_shards / "val" / INDEX).read_bytes()
+    assert main(["verify", str(d)]) == 0
+    assert "binary sample index checked against the tars' headers" in capsys.readouterr().out
+
+
+def test_a_changed_binary_index_is_never_trusted(tmp_path, fm_shards, capsys):
+    from ffscale.cli import main
+    from ffscale.data.manifest import sha256_file
+    from ffscale.data.sampleindex import INDEX, verify
+
+    d = _copy_of(fm_shards / "val", tmp_path / "changed")
+    good = (d / INDEX).read_bytes()
+    header = len(good) - 512 * 36  # the .npy header, then 36 bytes a record
+    rec = 300
+    bad = bytearray(good)
+    bad[header + rec * 36 + 4 : header + rec * 36 + 12] = (1024).to_bytes(
+        8, "little"
+    )  # sample 300's image offset
+    (d / INDEX).write_bytes(bytes(bad))
+    capsys.readouterr()
+    assert main(["verify", str(d)]) == 2
+    assert f"{d}: {INDEX} differs from its manifest's sha256" in capsys.readouterr().err
+    loader, _ = build_loader(plain_cfg("dali"), str(d), False, 0, 1, 8, 0, None, torch.device("cpu"))
+    assert f"ffscale: data.val={d}: {INDEX} differs from its manifest's sha256" in capsys.readouterr().out
+    assert np.array_equal(loader.index.table, _old_parser(fm_shards / "val"))  # built from the shards instead
+    # changed with its manifest's sha256 (by hand): verify reads every entry's tar header
+    written = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**written, "index_sha256": sha256_file(d / INDEX)}))
+    m, files = load_manifest(d)
+    shard, j = files[rec // 128], rec % 128
+    with pytest.raises(
+        DataError, match=rf"shard {shard} sample {j}: {INDEX} says a \d+-byte .jpg member at byte 1024"
+    ):
+        verify(d)
+    (d / INDEX).unlink()
+    with pytest.raises(DataError, match=f"{INDEX} is missing"):
+        verify(d)

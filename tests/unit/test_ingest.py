@@ -85,6 +85,14 @@ def test_other_tools_shards_are_indexed_without_rewriting_them(foreign, capsys):
     assert all(f.parent == foreign / "shards" for f in files)
     assert m.dataset == foreign.name  # indexed in place from <foreign>/shards
     assert all((foreign / "val" / (f.stem + ".idx")).stat().st_size > 0 for f in files)
+    from ffscale.data.sampleindex import open_table, parse
+
+    table, _ = open_table(foreign / "val", m)  # the binary index: .png images, labels in .json
+    counts = [s.count for s in m.shards]
+    assert np.array_equal(
+        table, parse(files, [m.index_file(foreign / "val", s) for s in m.shards], counts, m.members)
+    )
+    assert (table["img"][:, 1] > 0).all() and (table["lab"][:, 1] > 0).all()
     assert main(["verify", str(foreign / "train"), str(foreign / "val")]) == 0
     assert {f: f.read_bytes() for f in (foreign / "shards").glob("*.tar")} == before
     capsys.readouterr()

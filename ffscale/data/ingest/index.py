@@ -1,7 +1,8 @@
 """Describe WebDataset shards written by other tools (timm's, webdataset's, img2dataset's): count
-their samples, find their image and label members, hash them and write DALI's indexes and an ffscale
-manifest, without rewriting a tar. The tars may be read-only: the manifest and the `.idx` files go to
-`out` (default: beside them), naming the tars by relative path.
+their samples, find their image and label members, hash them and write DALI's indexes, the split's
+binary sample index and an ffscale manifest, without rewriting a tar. The tars may be read-only: the
+manifest, the `.idx` files and the index go to `out` (default: beside them), naming the tars by
+relative path.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ffscale.data.ingest import reindex
 from ffscale.data.ingest.forked import forked_map
 from ffscale.data.ingest.writer import write_dali_indexes
 from ffscale.data.manifest import DataError, Manifest, ShardInfo
-from ffscale.data.tarindex import split_name
+from ffscale.data.sampleindex import split_name
 from ffscale.util.bar import Bar
 
 IMAGE_MEMBERS = {"jpg", "jpeg", "png", "webp"}
@@ -149,7 +151,11 @@ def index_shards(
         scans[s.file] = s
         bar.update(1)
     bar.close()
-    return _manifest([scans[f] for f in files], out, pattern, classes_file, label_field, num_classes)
+    m = _manifest([scans[f] for f in files], out, pattern, classes_file, label_field, num_classes)
+    # the binary sample index once the members are known (which image extension, which label member)
+    m.index_sha256 = reindex.write(out, files, [s.count for s in m.shards], m.members, workers)
+    m.save(out)
+    return m
 
 
 def _label(scans: list[Scan], label_field: str | None) -> tuple[str, set]:
@@ -193,5 +199,4 @@ def _manifest(scans, out, pattern, classes_file, label_field, num_classes) -> Ma
         [ShardInfo(os.path.relpath(s.file, out), s.count, s.sha256, s.size) for s in scans],
         f"indexed:{scans[0].file.parent}/{pattern}", class_ids=ids, image_exts=exts, label=label,
     )  # fmt: skip
-    m.save(out)
     return m

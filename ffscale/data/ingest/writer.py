@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from ffscale.data.ingest import reindex
 from ffscale.data.ingest.forked import forked_map
 from ffscale.data.ingest.images import prepare
 from ffscale.data.ingest.sources import Source, Span, read
@@ -77,7 +78,8 @@ def write_shards(
     max_side: int = 0,
     progress: bool = False,
 ) -> Manifest:
-    """Write (or finish writing) `out/<name>-%06d.tar`, DALI's `.idx` beside each, `out/manifest.json`."""
+    """Write (or finish writing) `out/<name>-%06d.tar`, DALI's `.idx` beside each, the split's binary
+    sample index `out/sample-index.npy` and `out/manifest.json`."""
     out.mkdir(parents=True, exist_ok=True)
     order = list(range(len(src.items)))
     random.Random(seed).shuffle(order)
@@ -90,7 +92,7 @@ def write_shards(
         bar.update(n)
     bar.close()
     _index_missing(job)
-    return _manifest(job)
+    return _manifest(job, workers)
 
 
 def _resume(job: Job, fp: str) -> list[int]:
@@ -150,7 +152,9 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
     tf.addfile(info, io.BytesIO(data))
 
 
-def _manifest(job: Job) -> Manifest:
+def _manifest(job: Job, workers: int) -> Manifest:
+    """The manifest of the finished shard list, with the split's binary sample index written first
+    (from the tars' headers), so a manifest never names an index that is not there."""
     shards, converted = [], Counter()
     for j in range(job.num_shards):
         rec = json.loads(job.record(j).read_text())
@@ -159,6 +163,8 @@ def _manifest(job: Job) -> Manifest:
     src = job.source
     m = Manifest(job.name, src.classes, shards, src.description, class_ids=src.class_ids,
                  converted=dict(sorted(converted.items())), max_side=job.max_side)  # fmt: skip
+    files = [job.file(j) for j in range(job.num_shards)]
+    m.index_sha256 = reindex.write(job.out, files, [s.count for s in shards], m.members, workers)
     m.save(job.out)
     return m
 
