@@ -255,8 +255,9 @@ def load(files: list[str] | str | None = None, overrides: list[str] | None = Non
         obj: Config = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise _explain(e, "config") from e
-    names = [s.name for s in stages(obj)]
-    for i, stage in enumerate(stages(obj)):  # validate each stage now, not hours later
+    pipeline = stages(obj)  # once: each call merges every stage's config again
+    names = [s.name for s in pipeline]
+    for i, stage in enumerate(pipeline):  # validate each stage now, not hours later
         p = f"stages.{stage.name}." if obj.stages else ""
         validate(stage.cfg, p)
         teacher = stage.cfg.distill.teacher

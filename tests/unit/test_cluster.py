@@ -1,5 +1,6 @@
 """Cluster assets checked offline: rendered manifests, the Dockerfile, the examples, the preflight."""
 
+import functools
 import json
 import shutil
 import subprocess
@@ -25,6 +26,13 @@ def tool(name: str) -> str:
     return path
 
 
+@functools.cache
+def shipped(cfg_file: Path) -> C.Config:
+    """A shipped config, loaded once for the module (loading costs a few tenths of a second, and the
+    1-to-8-nodes test reads each config four times); the tests read it and never change it."""
+    return C.load([str(cfg_file)])
+
+
 EXAMPLE_RENDERS = {  # checked-in example -> the options that render it
     "ff_base-2x8": dict(nodes=2, gpus_per_node=8),
     "ff_base-4x8-jobset-rdma": dict(nodes=4, gpus_per_node=8, kind="jobset", rdma="rdma/ib", queue="team-a"),
@@ -33,7 +41,7 @@ EXAMPLE_RENDERS = {  # checked-in example -> the options that render it
 
 @pytest.mark.parametrize("example", sorted(EXAMPLE_RENDERS))
 def test_checked_in_examples_equal_a_fresh_render(tmp_path, example):
-    cfg = C.load([str(ROOT / "configs" / "ff_base.yaml")])
+    cfg = shipped(ROOT / "configs" / "ff_base.yaml")
     files = cluster.render(cfg, C.to_yaml(cfg), cluster.ClusterOpts(**EXAMPLE_RENDERS[example]))
     fresh = cluster.write(files, tmp_path / example)
     assert sorted(p.name for p in (EXAMPLES / example).iterdir()) == sorted(p.name for p in fresh)
@@ -86,7 +94,7 @@ def test_dockerfile_passes_hadolint():
 @pytest.mark.parametrize("cfg_file", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 @pytest.mark.parametrize("nodes", [1, 2, 4, 8])
 def test_every_shipped_config_starts_on_1_to_8_nodes_of_8_gpus(cfg_file, nodes, tmp_path):
-    cfg = C.load([str(cfg_file)])
+    cfg = shipped(cfg_file)
     W.check_launch(cfg, nodes, 8)  # raises naming the keys if a stage could not start
     cluster.render(cfg, C.to_yaml(cfg), cluster.ClusterOpts(nodes=nodes, gpus_per_node=8))
     for stage in C.stages(cfg):  # DeiT's recipe: global = ranks x per-rank batch, no accumulation
@@ -123,7 +131,7 @@ def test_the_cluster_readme_writes_shards_where_the_configs_read_them():
 def test_a_jobset_restarts_the_whole_group_and_validates_against_jobsets_schema(tmp_path):
     from helpers.jobset_schema import JOBSET, errors
 
-    cfg = C.load([str(ROOT / "configs" / "ff_base.yaml")])
+    cfg = shipped(ROOT / "configs" / "ff_base.yaml")
     opts = cluster.ClusterOpts(nodes=4, gpus_per_node=8, kind="jobset", rdma="rdma/ib", queue="team-a")
     files = cluster.render(cfg, C.to_yaml(cfg), opts)
     assert set(files) == {"configmap.yaml", "jobset.yaml", "kustomization.yaml"}  # JobSet makes the Service
@@ -164,7 +172,7 @@ def test_a_jobset_restarts_the_whole_group_and_validates_against_jobsets_schema(
 
 
 def test_every_pod_runs_the_preflight_first_on_its_node():
-    cfg = C.load([str(ROOT / "configs" / "ff_base.yaml")])
+    cfg = shipped(ROOT / "configs" / "ff_base.yaml")
     for kind in ("job", "jobset"):
         files = cluster.render(cfg, C.to_yaml(cfg), cluster.ClusterOpts(kind=kind))
         job = (
