@@ -188,7 +188,6 @@ def add_parser(sub) -> None:
     bi.add_argument("--compare", action="store_true", help="also time building it from .idx text files")
     bi.add_argument("--tmp", help="where the synthetic split is written (default: the system's temp dir)")
     bi.add_argument("--json", action="store_true")
-    bi.set_defaults(fn=index)
     bc = bsub.add_parser("compare", help="`ffscale compare` over N runs vs fetching run by run")
     bc.add_argument(
         "--uri", help="tracking URI, e.g. a server's http://host:5000 (default: a fresh SQLite store)"
@@ -213,7 +212,7 @@ def add_parser(sub) -> None:
                        ("unit", "`pytest tests/unit` in this checkout: wall time, counts")):  # fmt: skip
         bsub.add_parser(name, help=what).add_argument("--json", action="store_true")
     for name, fn in (("data", data), ("train", train), ("memory", memory), ("shard", shard), ("scaling", scaling),
-                     ("plan", plan), ("decode", decode), ("compare", compare), ("startup", startup),
+                     ("plan", plan), ("decode", decode), ("compare", compare), ("startup", startup), ("index", index),
                      ("demo", commands), ("suite", commands), ("unit", commands)):  # fmt: skip
         bsub.choices[name].set_defaults(fn=fn)
         bsub.choices[name].add_argument(
