@@ -1,11 +1,14 @@
 """A stage's starting weights held to its model before any rank starts (the job's preflight).
 
 An earlier stage's weights do not exist until it finishes, so both models are built from their
-stages' configs on the meta device (shapes only: no memory, no initialisation) and the earlier one's
-state dict goes through the carry rules that will load it (ffscale/models/resize.py,
-`adapt_state_dict`). A mismatch (a ViT's weights into an FF model, say) is one line naming the stage,
-the first differing tensor and the fix, exit 2, instead of a traceback on every rank once the earlier
-stage has trained. torch is imported only for a pipeline that carries weights between its stages.
+stages' configs on the meta device (shapes only: no initialisation) and the earlier one's state dict
+goes through the carry rules that will load it (ffscale/models/resize.py, `adapt_state_dict`). The
+rules run on uninitialised CPU storage of those shapes (`torch.empty`: pages never written are never
+committed), not on meta tensors: torch runs meta `cat`, `interpolate` and `empty_like` through Python
+references that import torch._dynamo and sympy, seconds before launch. A mismatch (a ViT's
+weights into an FF model, say) is one line naming the stage, the first differing tensor and the
+fix, exit 2, instead of a traceback on every rank once the earlier stage has trained. torch is
+imported only for a pipeline that carries weights between its stages.
 """
 
 from __future__ import annotations
@@ -47,8 +50,12 @@ def _misfit(source: config.StageCfg, target: config.StageCfg) -> str | None:
     from ffscale.models.resize import adapt_state_dict
 
     with torch.device("meta"):
-        weights = build_model(source, _num_classes(source)).state_dict()
+        earlier = build_model(source, _num_classes(source))
         model = build_model(target, _num_classes(target))
+    weights = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in earlier.state_dict().items()}
+    model.load_state_dict(
+        {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}, assign=True
+    )
     try:
         adapt_state_dict(weights, model, lambda _: None, target.model.carry_token_mlp)
     except ValueError as e:
