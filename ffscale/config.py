@@ -181,7 +181,9 @@ class StageCfg:
     deepspeed: DeepSpeedCfg = field(default_factory=DeepSpeedCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     distill: DistillCfg = field(default_factory=DistillCfg)
-    init_from: str | None = None  # a previous stage's name, or a weights .safetensors path
+    # scratch, an earlier stage's name, a model directory or a weights .safetensors path; None: the
+    # previous stage's weights (a student of the previous stage: scratch; `starting_weights`)
+    init_from: str | None = None
 
 
 @dataclass
@@ -287,6 +289,24 @@ def stages(cfg: Config) -> list[Stage]:
             raise _explain(e, f"stage '{name}'", f"stages.{name}.") from e
         out.append(Stage(name, OmegaConf.to_object(merged), run_dir / name))
     return out
+
+
+def starting_weights(s: StageCfg, earlier: list[str]) -> tuple[str, str | None]:
+    """Where a stage's weights start, the one rule the pipeline, its preflight and `track sync` read:
+    ("scratch", None), ("stage", an earlier stage's name) or ("path", init_from as written).
+
+    Unset init_from: the previous stage's weights, except for a student of the previous stage
+    (`distill.teacher`), which starts from scratch as DeiT trains its students: DeiT's main.py builds
+    the student with `pretrained=False` and refuses `--finetune` with distillation
+    (facebookresearch/deit @ 2f76ec6, main.py:241-247 and 176-177)."""
+    ref = s.init_from
+    if ref is None:
+        if not earlier or s.distill.teacher == earlier[-1]:
+            return "scratch", None
+        return "stage", earlier[-1]
+    if ref == "scratch":
+        return "scratch", None
+    return ("stage", ref) if ref in earlier else ("path", ref)
 
 
 def image_size(s: StageCfg) -> int:

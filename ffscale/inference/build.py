@@ -11,8 +11,13 @@ from ffscale.config import StageCfg, image_size
 from ffscale.models import create_model
 
 
-def model_kwargs(s: StageCfg, num_classes: int) -> dict:
+def model_kwargs(s: StageCfg, num_classes: int, distilled: bool | None = None) -> dict:
+    """`distilled`: the model has DeiT's distillation token and head; None: a distilled stage's
+    (distill.teacher set). Weights decide it for a model the stage did not train (an imported
+    distilled DeiT, ffscale/inference/convert.py)."""
     m = s.model
+    if distilled is None:
+        distilled = bool(s.distill.teacher)
     return dict(
         img_size=image_size(s),
         patch_size=m.patch_size,
@@ -25,9 +30,9 @@ def model_kwargs(s: StageCfg, num_classes: int) -> dict:
         depth=m.depth,
         **({"token_hidden": m.token_hidden} if m.token_hidden else {}),
         **({"heads": m.heads} if m.heads else {}),
-        **({"distilled": True} if s.distill.teacher else {}),  # DeiT's distillation token and head
+        **({"distilled": True} if distilled else {}),  # DeiT's distillation token and head
     )
 
 
-def build_model(s: StageCfg, num_classes: int) -> nn.Module:
-    return create_model(s.model.name, **model_kwargs(s, num_classes))
+def build_model(s: StageCfg, num_classes: int, distilled: bool | None = None) -> nn.Module:
+    return create_model(s.model.name, **model_kwargs(s, num_classes, distilled))

@@ -22,10 +22,20 @@ from ffscale.util.secrets import scrub
 CARD = "model.json"
 
 
-def write_card(path: Path, s, num_classes: int, classes: list[str] | None, class_ids, data: dict) -> None:
+def write_card(
+    path: Path,
+    s,
+    num_classes: int,
+    classes: list[str] | None,
+    class_ids,
+    data: dict,
+    distilled: bool | None = None,
+) -> None:
     """`s`: the stage's config; `classes` (names, or None: the indices), `class_ids` (synsets) and
-    `data` (what trained it: `trained_on`, or an import's source) describe the rest."""
-    kw = model_kwargs(s, num_classes) | {"drop_path": 0.0, "drop": 0.0, "grad_ckpt": False}
+    `data` (what trained it: `trained_on`, or an import's source) describe the rest; `distilled`:
+    as `model_kwargs` (an import says it from the weights). `ffscale predict`, a teacher and the
+    registered model build from the card's kwargs, so `distilled: true` rebuilds the second head."""
+    kw = model_kwargs(s, num_classes, distilled) | {"drop_path": 0.0, "drop": 0.0, "grad_ckpt": False}
     interp = s.data.interpolation
     card = {
         "model": s.model.name, "kwargs": kw, "num_classes": num_classes,

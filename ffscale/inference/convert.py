@@ -6,6 +6,12 @@ checkpoints (`{'model': ...}`, timm's `{'state_dict', 'state_dict_ema'}`, or a b
 `.safetensors` of any of these layouts. `.pth` files are read by ffscale/util/torchload.py (no code
 runs from them).
 
+DeiT's distilled ViTs (`deit_*_distilled_patch16_224`: facebookresearch/deit @ 2f76ec6 models.py:20-59,
+`DistilledVisionTransformer`; timm's `VisionTransformerDistilled`, timm/models/deit.py) hold a
+`dist_token` after the cls token, a position for it (patches + 2 entries in `pos_embed`) and a second
+head `head_dist`, under the names ffscale's distilled trunk uses (ffscale/models/trunk.py): they
+import as a `distilled` model, whose eval output is the average of the two heads, as DeiT predicts.
+
 The architecture comes from the tensors: patch size, width and input channels from the patch
 embedding, depth from the block count, the token count (so the image size) from the paper's token
 MLP or the ViT's position embedding, classes from the head. The family comes from the layout
@@ -36,7 +42,8 @@ from ffscale.errors import ConfigError
 KNOWN = {"linear_tiny": "ff_tiny", "linear_base": "ff_base", "linear_large": "ff_large",
          "deit_tiny_patch16_224": "vit_tiny", "deit_base_patch16_224": "vit_base",
          "deit_base_patch16_384": "vit_base", "vit_base_patch16_224": "vit_base",
-         "vit_large_patch32_224": "vit_large"}  # fmt: skip
+         "vit_large_patch32_224": "vit_large", "deit_tiny_distilled_patch16_224": "vit_tiny",
+         "deit_base_distilled_patch16_224": "vit_base", "deit_base_distilled_patch16_384": "vit_base"}  # fmt: skip
 IMAGENET = {
     "mean": [0.485, 0.456, 0.406],
     "std": [0.229, 0.224, 0.225],
@@ -85,10 +92,6 @@ def layout_of(state: dict, path: Path) -> str:
         return "paper"
     if "blocks.0.mlp_features.fc1.weight" in state or "blocks.0.attn_features.qkv.weight" in state:
         return "ffscale"
-    if "dist_token" in state:
-        raise ConfigError(
-            f"{path}: a distilled DeiT (dist_token, head_dist); ffscale imports non-distilled ViTs"
-        )
     if "blocks.0.attn.qkv.weight" in state and "pos_embed" in state:
         return "vit"
     raise ConfigError(f"{path}: neither the paper's FF layout, a timm/DeiT ViT nor an ffscale model "
@@ -107,6 +110,9 @@ def convert(path: Path, model: str | None = None, ema: bool = False, trust: bool
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     kw = {"patch_size": patch, "dim": dim, "depth": depth, "in_chans": in_chans,
           "num_classes": state["head.weight"].shape[0]}  # fmt: skip
+    prefix = 2 if "dist_token" in state else 1  # cls (+ DeiT's distillation token) before the patches
+    if prefix == 2:
+        kw["distilled"] = True
     if layout == "paper":
         state = _paper_to_ffscale(state)
     family = "ff" if "blocks.0.mlp_features.fc1.weight" in state else (
@@ -118,9 +124,9 @@ def convert(path: Path, model: str | None = None, ema: bool = False, trust: bool
             kw["token_hidden"] = hidden
     else:
         tokens = state["pos_embed"].shape[1]
-    side = math.isqrt(tokens - 1)
-    if side * side != tokens - 1:
-        raise ConfigError(f"{path}: {tokens - 1} patch tokens are not a square grid")
+    side = math.isqrt(tokens - prefix)
+    if side * side != tokens - prefix:
+        raise ConfigError(f"{path}: {tokens - prefix} patch tokens are not a square grid")
     kw["img_size"] = side * patch
     if name is None or not name.startswith(family + "_"):
         if name is not None:
@@ -176,7 +182,8 @@ def write_package(imp: Imported, src: Path, out: Path, overrides: list[str], ema
     keys += [f"model.{k}={kw[k]}" for k in ("heads", "token_hidden") if k in kw]
     cfg = config.load(None, keys + list(overrides))
     (stage,) = config.stages(cfg)
-    model = build_model(stage.cfg, kw["num_classes"])
+    distilled = kw.get("distilled", False)
+    model = build_model(stage.cfg, kw["num_classes"], distilled)
     try:
         model.load_state_dict(imp.state)
     except RuntimeError as e:
@@ -190,5 +197,5 @@ def write_package(imp: Imported, src: Path, out: Path, overrides: list[str], ema
     config.save(cfg, out / "config.yaml")
     source = {"path": str(src.resolve()), "digest": file_digest(src), "layout": imp.layout,
               "model": imp.source_model, "weights": "ema" if ema else "model"}  # fmt: skip
-    write_card(stage.dir / CARD, stage.cfg, kw["num_classes"], None, None, {"imported": source})
+    write_card(stage.dir / CARD, stage.cfg, kw["num_classes"], None, None, {"imported": source}, distilled)
     return stage.dir

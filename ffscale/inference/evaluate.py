@@ -42,7 +42,8 @@ def evaluate_weights(
     weights = weights or stage.dir / "weights.safetensors"
     state = load_weights(weights)
     num_classes = state["head.weight"].shape[0] if "head.weight" in state else s.model.num_classes
-    model = build_model(s, num_classes)
+    # a distilled model from its weights, as the class count: an imported distilled DeiT's config has no teacher
+    model = build_model(s, num_classes, "dist_token" in state)
     model.load_state_dict(state)
     dev = torch.device(device)
     model.to(dev).eval()

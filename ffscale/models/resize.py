@@ -61,7 +61,7 @@ def _fit_hidden(w1, b1, w2, new1, new_b1, new2):
     if h_new >= h_old:
         w1 = torch.cat([w1, new1[h_old:]], 0)
         b1 = torch.cat([b1, new_b1[h_old:]], 0)
-        w2 = torch.cat([w2, torch.zeros(w2.shape[0], h_new - h_old, dtype=w2.dtype)], 1)
+        w2 = torch.cat([w2, torch.zeros(w2.shape[0], h_new - h_old, dtype=w2.dtype, device=w2.device)], 1)
     else:
         keep = w2.norm(dim=0).topk(h_new).indices.sort().values
         w1, b1, w2 = w1[keep], b1[keep], w2[:, keep]

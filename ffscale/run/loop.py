@@ -91,7 +91,7 @@ class StageRun:
     ):
         # the stage with its micro-batch resolved for this world: the one copy of its config here
         self.stage = dataclasses.replace(stage, cfg=for_world(stage.cfg, dist.world, f"stages.{stage.name}."))
-        self.dist, self.run = dist, run
+        self.dist, self.run, self.lineage = dist, run, lineage
         self.where = f"stage {stage.name}"
         self.changes = changes.pending(self.stage, run)  # allowed: the job's preflight refused the rest
         startup.mark("stage_started")  # `ffscale bench startup` times the job's first stage set-up
@@ -201,8 +201,16 @@ class StageRun:
             f"{self.val_m.num_samples} val images, {self.num_classes} classes, {d.world} rank(s) on "
             f"{d.device.type}{alloc}, {e.precision}, ZeRO-{e.zero_stage}{zero_note}, {self.steps.per_epoch} "
             f"steps/epoch x {s.schedule.epochs} epochs, accum {self.steps.accum}, lr {e.lr:.2e}; "
-            f"{self.train.choice}",
+            f"{self.train.choice}{self._scratch_student_note()}",
         )
+
+    def _scratch_student_note(self) -> str:
+        """A fresh student that starts from scratch by the pipeline's rule (config.starting_weights),
+        not by its own init_from, says so."""
+        s = self.s
+        if not self.fresh or self.lineage != "scratch" or s.init_from is not None or not s.distill.teacher:
+            return ""
+        return "; starts from scratch, as DeiT trains its students (init_from names weights to start from)"
 
     def evaluate_carried(self, init_weights: Path) -> None:
         """What the carried weights are worth before any training."""

@@ -22,15 +22,13 @@ DONE = "DONE"
 
 
 def init_weights_for(stage: config.Stage, previous: list[config.Stage]) -> tuple[Path | None, str]:
-    """The weights a stage starts from and its lineage, as it happens: 'scratch', 'stage:<name>'
-    (the previous stage's weights unless init_from names another stage), or 'file:<path>@<digest>'."""
-    ref = stage.cfg.init_from
-    if ref == "scratch" or (ref is None and not previous):
+    """The weights a stage starts from (config.starting_weights) and its lineage, as it happens:
+    'scratch', 'stage:<name>', 'package:<dir>@<digest>' or 'file:<path>@<digest>'."""
+    kind, ref = config.starting_weights(stage.cfg, [s.name for s in previous])
+    if kind == "scratch":
         return None, "scratch"
-    if ref is None:
-        return previous[-1].dir / "weights.safetensors", f"stage:{previous[-1].name}"
-    named = {s.name: s for s in previous}
-    if ref in named:
+    if kind == "stage":
+        named = {s.name: s for s in previous}
         return named[ref].dir / "weights.safetensors", f"stage:{ref}"
     path = Path(ref)
     if path.is_dir():  # a finished stage, a run directory or `ffscale import` output

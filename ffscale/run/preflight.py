@@ -1,5 +1,6 @@
 """The whole job checked once, before any rank trains: every stage's batch on this world size, its
-data, a resumed stage's config changes, and a distilled stage's teacher. One line naming the key, exit 2.
+data, a resumed stage's config changes, a distilled stage's teacher, and the weights each stage starts
+from. One line naming the key, exit 2.
 
 `ffscale train` runs it before it starts the launcher; a job started by a plain launcher
 (`deepspeed ffscale/train.py`, torchrun) runs it on rank 0 once the ranks have met
@@ -12,7 +13,7 @@ import os
 
 from ffscale.config import Config, stages
 from ffscale.data.check import check_stage_data
-from ffscale.run import changes
+from ffscale.run import carry, changes
 from ffscale.run.world import check_launch, for_world
 
 ENV = "FFSCALE_PREFLIGHT_DONE"
@@ -32,6 +33,7 @@ def check_job(cfg: Config, nodes: int, per_node: int) -> None:
         from ffscale.run import teacher
 
         teacher.check(cfg)  # a distilled stage's teacher sees its images and predicts its classes
+    carry.check(pipeline)  # an earlier stage's weights fit the stage that starts from them (torch only then)
 
 
 def done_by_launcher() -> bool:

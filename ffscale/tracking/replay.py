@@ -87,7 +87,7 @@ class StageFacts:
         s, f = stage.cfg, cls()
         done = _json(stage.dir / DONE)
         card = _json(stage.dir / CARD)
-        f.lineage = done.get("init_from") or _lineage(s.init_from, previous)
+        f.lineage = done.get("init_from") or _lineage(s, previous)
         num_classes = card.get("num_classes") or s.model.num_classes
         try:
             f.train_m, f.val_m = load_manifest(s.data.train)[0], load_manifest(s.data.val)[0]
@@ -114,13 +114,10 @@ def _json(path: Path) -> dict:
         return {}
 
 
-def _lineage(ref: str | None, previous: list[str]) -> str:
+def _lineage(s: config.StageCfg, previous: list[str]) -> str:
     """The lineage the pipeline gives a stage that did not finish (a finished one records its own)."""
-    if ref == "scratch" or (ref is None and not previous):
-        return "scratch"
-    if ref is None:
-        return f"stage:{previous[-1]}"
-    return f"stage:{ref}" if ref in previous else f"path:{ref}"
+    kind, ref = config.starting_weights(s, previous)
+    return {"scratch": "scratch", "stage": f"stage:{ref}"}.get(kind, f"path:{ref}")
 
 
 def _count_params(s, num_classes: int) -> int | None:

@@ -95,6 +95,13 @@ def timm_vit(**kw):
     return timm_module("timm.models.vision_transformer").VisionTransformer(**kw)
 
 
+def timm_distilled_vit(**kw):
+    """timm's own VisionTransformerDistilled (timm/models/deit.py: DeiT's distilled ViT)."""
+    from helpers.timm_stub import timm_module
+
+    return timm_module("timm.models.deit").VisionTransformerDistilled(**kw)
+
+
 class Note:
     """A harmless class of this test suite, pickled to stand for 'a type the loader does not know'."""
 

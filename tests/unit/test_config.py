@@ -110,6 +110,20 @@ def test_ffscale_train_rejects_bad_input_in_one_line_before_importing_torch(tmp_
     assert "deepspeed" not in r.stdout  # the launcher never ran
 
 
+def test_a_job_that_carries_no_weights_between_stages_is_checked_without_importing_torch(fm_shards, tmp_path):
+    """The preflight builds models (on the meta device, ffscale/run/carry.py) only for a stage that
+    starts from an earlier stage's weights; a pipeline of fresh stages is checked without torch."""
+    code = (
+        "import sys; from ffscale import config; from ffscale.run import preflight; "
+        "preflight.check_job(config.load(None, sys.argv[1:]), 1, 2); "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({NEVER_BEFORE_LAUNCH!r})))"
+    )
+    args = [f"data.train={fm_shards / 'train'}", f"data.val={fm_shards / 'val'}", f"run.dir={tmp_path}",
+            "data.img_size=28", "model.patch_size=7", "stages.a.model.name=vit_tiny", "stages.b.init_from=scratch"]  # fmt: skip
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr)
+
+
 @pytest.mark.parametrize("n_params", [28_901, 1_000_003, 61_940_000, 0])
 def test_zero_buckets_are_aligned_and_never_bigger_than_needed(n_params):
     from ffscale.config import StageCfg

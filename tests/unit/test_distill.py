@@ -167,3 +167,38 @@ def test_a_teacher_that_does_not_fit_its_student_stops_the_job_before_launch(fm_
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "distill.teacher=" in err and "does not fit the student train" in err
+
+
+def test_starting_weights_that_do_not_fit_the_model_stop_the_job_before_launch(fm_shards, tmp_path, capsys):
+    """The issue's pipeline (a ViT teacher, then an FF student) starts its student from scratch; carrying
+    the ViT's weights into the FF model is found from the two configs (the teacher has not trained yet)."""
+    student_from_scratch = pipeline(fm_shards, tmp_path, extra=["stages.student.init_from=null"])
+    preflight.check_job(student_from_scratch, 1, 2)
+    for how, tokens, extra in (
+        ("init_from=teacher", 18, ["stages.student.init_from=teacher"]),  # 16 patches, cls and dist
+        ("by default, the previous stage's", 17, ["stages.student.distill.teacher=null", "stages.student.init_from=null"]),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError) as e:
+            preflight.check_job(pipeline(fm_shards, tmp_path, extra=extra), 1, 2)
+        assert e.value.exit_code == 2 and "\n" not in str(e.value)
+        assert str(e.value).startswith(
+            f"stages.student: its starting weights ({how}: stage teacher, vit_tiny) do not fit its model "
+            f"(ff_tiny): blocks.0.norm2.weight is (32,), model wants ({tokens},)"
+        ), e.value
+        assert str(e.value).endswith("set stages.student.init_from=scratch to train it from scratch")
+    # weights the carry rules fit: FF into a distilled FF (the token added), FF at 28 px into FF at 35 px
+    # with another class count
+    ff = ["stages.teacher.model.name=ff_tiny", "stages.teacher.model.heads=null",
+          "stages.student.init_from=teacher"]  # fmt: skip
+    preflight.check_job(pipeline(fm_shards, tmp_path, extra=ff), 1, 2)
+    other = ["stages.student.distill.teacher=null", "stages.student.data.img_size=35",
+             "stages.student.model.num_classes=12"]  # fmt: skip
+    preflight.check_job(pipeline(fm_shards, tmp_path, extra=ff + other), 1, 2)
+
+    argv = ["train", "--nproc", "2", f"data.train={fm_shards / 'train'}", f"data.val={fm_shards / 'val'}",
+            f"run.dir={tmp_path}", "data.img_size=28", "model.patch_size=7", "stages.vit.model.name=vit_tiny",
+            "stages.ff.model.name=ff_tiny"]  # fmt: skip
+    assert main(argv) == 2  # `ffscale train`: in its preflight, before any launcher or rank
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith("ffscale: config error: stages.ff: its starting weights"), err

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from helpers.paper_ff import Note, PaperFF, timm_vit
+from helpers.paper_ff import Note, PaperFF, timm_distilled_vit, timm_vit
 from safetensors.torch import save_file
 
 from ffscale.cli import main
@@ -109,3 +109,46 @@ def test_the_imported_package_works_as_a_finished_stage(tmp_path, fm_shards):
     (stage,) = config.stages(config.load(None, [f"init_from={out}", f"run.dir={tmp_path}"]))
     weights, lineage = init_weights_for(stage, [])
     assert weights == out / "imported" / "weights.safetensors" and lineage.startswith(f"package:{out}")
+
+
+@torch.no_grad()
+def test_a_distilled_deit_imports_to_its_logits_and_teaches_evaluates_and_starts_a_stage(tmp_path, fm_shards):
+    """DeiT's distilled ViT (dist_token, head_dist, 2 prefix positions) against timm's own class: the
+    package's eval output is the source's, the average of its two heads (DeiT models.py:51-59), and the
+    card says `distilled`, so predict, eval, a teacher and init_from build it with both."""
+    from ffscale import config
+    from ffscale.inference.build import build_model
+    from ffscale.inference.evaluate import evaluate_weights, find_stage
+    from ffscale.models.resize import adapt_state_dict
+    from ffscale.run import teacher
+    from ffscale.run.pipeline import init_weights_for
+    from ffscale.util.weights import load_weights
+
+    src = timm_distilled_vit(img_size=28, patch_size=7, embed_dim=48, depth=2, num_heads=3, num_classes=10)
+    for p in src.parameters():  # the two heads and both prefix tokens differ, as after training
+        p.add_(torch.randn_like(p) * 0.05)
+    deit_checkpoint(tmp_path / "deit.pth", src.eval(), "deit_tiny_distilled_patch16_224")
+    data = [f"data.val={fm_shards / 'val'}", f"data.train={fm_shards / 'train'}", "data.crop_pct=1.0"]
+    clf, ours = logits_after_import(
+        tmp_path, tmp_path / "deit.pth", "model.heads=3", *data
+    )  # predict's model
+    x = torch.randn(4, 3, 28, 28)
+    f = src.forward_features(x)
+    both = (src.head(f[:, 0]) + src.head_dist(f[:, 1])) / 2
+    assert torch.equal(src(x), both) and not torch.allclose(src.head(f[:, 0]), both)
+    assert (ours(x) - src(x)).abs().max() <= 1e-5
+    assert clf.card["model"] == "vit_tiny" and clf.card["kwargs"]["distilled"] is True
+
+    pkg = tmp_path / "imported"
+    assert evaluate_weights(find_stage(pkg, None))["samples"] == 512  # `ffscale eval`
+    student = config.load(None, [*data, "data.img_size=28", "model.patch_size=7", f"run.dir={tmp_path}",
+                                 f"distill.teacher={pkg}", f"init_from={pkg}"])  # fmt: skip
+    teacher.check(student)  # 10 classes at 28 px: it fits
+    (stage,) = config.stages(student)
+    taught = teacher.load(stage.cfg, tmp_path, torch.device("cpu"))
+    assert (taught.distiller.teacher_logits(x) - src(x)).abs().max() <= 1e-5
+    weights, _ = init_weights_for(stage, [])  # its weights start a plain ViT stage at another size
+    plain = config.load(None, ["model.name=vit_tiny", "model.dim=48", "model.depth=2", "model.heads=3",
+                               "model.patch_size=7", "data.img_size=35"])  # fmt: skip
+    model = build_model(config.stages(plain)[0].cfg, 10)
+    model.load_state_dict(adapt_state_dict(load_weights(weights), model, lambda _: None))

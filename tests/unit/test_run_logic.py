@@ -92,6 +92,21 @@ def test_lineage_says_where_a_stages_weights_came_from(tmp_path):
     assert init_weights_for(file, [pre, ft]) == (w, f"file:{w.resolve()}@{file_digest(w)}")
     assert init_weights_for(named, [pre, ft, file])[1] == "stage:pre"
     assert init_weights_for(fresh, [pre])[1] == "scratch"
+    # a student of the previous stage starts from scratch unless init_from says otherwise (as DeiT's)
+    cfg = C.load(None, ["stages.teacher.model.name=vit_tiny", "stages.student.distill.teacher=teacher",
+                        "stages.carried.distill.teacher=teacher", "stages.carried.init_from=teacher",
+                        "stages.later.distill.teacher=teacher"])  # fmt: skip
+    teacher, student, carried, later = C.stages(cfg)
+    assert init_weights_for(student, [teacher]) == (None, "scratch")
+    assert init_weights_for(carried, [teacher, student])[1] == "stage:teacher"
+    # a student of an earlier stage that is not the previous one starts from the previous one
+    assert init_weights_for(later, [teacher, student, carried])[1] == "stage:carried"
+    from ffscale.tracking.replay import _lineage
+
+    # `ffscale track sync` tags a stage that did not finish by the same rule
+    names = ["teacher", "student", "carried"]
+    assert [_lineage(s.cfg, names[:i]) for i, s in enumerate(C.stages(cfg))] == [
+        "scratch", "scratch", "stage:teacher", "stage:carried"]  # fmt: skip
     missing = C.load(None, ["stages.x.init_from=nowhere.safetensors"])
     with pytest.raises(
         C.ConfigError, match="stages.x.init_from='nowhere.safetensors': neither an earlier stage nor a file"
