@@ -50,27 +50,41 @@ def run(a) -> int:
 
     cfg = config.from_args(a)  # a bad config: its one line before anything else is imported
     from ffscale import train
-    from ffscale.run import launch, preflight, runlock
+    from ffscale.run import preflight, runlock
     from ffscale.run.runlock import RunLock
-    from ffscale.tracking import ensure_store
     from ffscale.util.hostenv import rank_env
 
     nproc = a.nproc or _default_nproc()
     env = rank_env()  # CPU ranks: jemalloc keeping freed pages
     _uri_to_env(a, env)
-    preflight.check_job(cfg, a.nnodes, nproc)  # world, data, config changes: one line, exit 2, no rank
+    # world, data, config changes: one line, exit 2, no rank; what needs torch runs beside the launch
+    torch_checks = preflight.check_job_without_torch(cfg, a.nnodes, nproc)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env[preflight.ENV] = "1"
     entry = Path(a.entry).resolve() if a.entry else Path(train.__file__)
     if a.node_rank != 0:
-        return launch.run(a, entry, nproc, env)
+        return _launch_checked(a, entry, nproc, env, torch_checks)
     run_dir = Path(cfg.run.dir) / cfg.run.name
-    with RunLock(
-        run_dir, cfg.run.lock_stale_s, wait_s=a.wait_lock
-    ) as lock:  # one job per run, before any rank
-        ensure_store(cfg, run_dir)  # before ranks race to create it
+    # one job per run, before any rank; rank 0 creates the MLflow store (ffscale/run/pipeline.py), once
+    # the checks passed and before any rank tracks
+    with RunLock(run_dir, cfg.run.lock_stale_s, wait_s=a.wait_lock) as lock:
         env[runlock.ENV] = lock.me.token  # the ranks know their launcher holds it
+        return _launch_checked(a, entry, nproc, env, torch_checks)
+
+
+def _launch_checked(a, entry: Path, nproc: int, env: dict, torch_checks) -> int:
+    """The launcher, with the preflight's torch checks (if any) running beside it: the ranks wait for
+    their verdict before they touch the run; a failed check is its line and exit code, and the
+    launcher and its ranks are killed then (nothing of theirs to keep)."""
+    from ffscale.run import launch
+    from ffscale.run.verdict import ENV, Verdict
+
+    if torch_checks is None:
         return launch.run(a, entry, nproc, env)
+    verdict = Verdict(torch_checks)
+    env[ENV] = str(verdict.path)
+    code = launch.run(a, entry, nproc, env, stop=lambda: verdict.exit_code is not None)
+    return verdict.failed() or code
 
 
 def _uri_to_env(a, env: dict) -> None:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -74,9 +75,10 @@ def rank_processes(launcher_pid: int) -> list[psutil.Process]:
     return out
 
 
-def run(a, entry: Path, nproc: int, env: dict) -> int:
+def run(a, entry: Path, nproc: int, env: dict, stop: Callable[[], bool] = lambda: False) -> int:
     """Start the launcher in its own process group; forward SIGTERM/SIGINT to the ranks; return
-    the launcher's exit code, or 128 + the signal when one came."""
+    the launcher's exit code, or 128 + the signal when one came. `stop()` true: kill the launcher
+    and its ranks at once (they have not touched the run: ffscale/run/verdict.py)."""
     cmd = launcher_cmd(entry, rank_args(a), nproc, a.nnodes, a.node_rank, a.master_addr, a.master_port)
     print("+", redact(" ".join(cmd)), flush=True)  # no credential in the log (ffscale/util/secrets.py)
     # Its own session: a terminal's Ctrl-C reaches `ffscale train` alone, which passes it to the ranks
@@ -102,6 +104,10 @@ def run(a, entry: Path, nproc: int, env: dict) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     while proc.poll() is None:
+        if stop():
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+            break
         if since and time.monotonic() - since[0] > a.grace:
             print(
                 f"ffscale: ranks still running {a.grace:g} s after the signal (--grace): killing them",

@@ -11,7 +11,7 @@ from ffscale import config, tracking
 from ffscale.engine import dist as distributed
 from ffscale.engine import preempt
 from ffscale.errors import LockLost, Preempted
-from ffscale.run import preflight, runlock
+from ffscale.run import preflight, runlock, verdict
 from ffscale.run.loop import log, run_stage
 from ffscale.run.runlock import ENV, RunLock
 from ffscale.util import startup
@@ -51,6 +51,7 @@ def run(cfg: config.Config) -> int:
     startup.mark("distributed_initialised")
     lock = _lock(run_dir, cfg.run, dist)
     try:
+        verdict.await_verdict()  # `ffscale train`'s checks that need torch, run beside this start-up
         # started by a plain launcher: the job is checked here, once, by rank 0 (every rank joins in)
         distributed.on_rank0(
             dist.rank,
