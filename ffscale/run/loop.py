@@ -48,6 +48,7 @@ class Progress:
     best: dict = field(default_factory=dict)
     skipped: int = 0  # non-finite steps skipped (optim.nonfinite=skip)
     eval_pending: bool = False  # SIGTERM stopped the epoch's evaluation: run it first on resume
+    carried_eval_pending: bool = False  # SIGTERM stopped the carried weights' evaluation: the same
 
 
 def run_stage(
@@ -62,7 +63,7 @@ def run_stage(
     """Train one stage to its end (or to schedule.stop_at_step); the stage summary. `fence()` raises
     when the run is no longer this job's (ffscale/run/runlock.py), checked before every checkpoint."""
     r = StageRun(stage, dist, tracker, run, init_weights, lineage, fence)
-    if init_weights is not None and r.fresh:
+    if init_weights is not None and (r.fresh or r.progress.carried_eval_pending):
         r.evaluate_carried(init_weights)
     r.engine.stop_if_requested(asdict(r.progress), agree=True)  # SIGTERM during start-up
     if r.progress.eval_pending:  # the evaluation a SIGTERM stopped
@@ -120,7 +121,7 @@ class StageRun:
         if self.teacher:
             log(dist, f"{self.where}: {self.teacher.announce(self.s)}")
         tracker.stage_started(stage, self.train_m, self.val_m, self.engine.num_params, lineage)
-        self.record = Recorder(stage.dir / "metrics.jsonl", tracker, dist.rank)
+        self.record = Recorder(stage.dir / "metrics.jsonl", tracker, dist.rank, self.engine.global_step)
         self._config_history(tracker)
         self.last_eval: dict = {}
 
@@ -208,9 +209,11 @@ class StageRun:
         """What the carried weights are worth before any training."""
         try:
             ev = self.engine.validate(self._val_batches())
-        except EvalInterrupted:
-            self.engine.stop_if_requested(asdict(self.progress))  # checkpoints step 0, stops
+        except EvalInterrupted:  # checkpoints step 0 saying so, stops; the rerun evaluates first
+            self.progress.carried_eval_pending = True
+            self.engine.stop_if_requested(asdict(self.progress))
             raise
+        self.progress.carried_eval_pending = False
         self.record({"step": 0, "init_val_top1": ev["val_top1"], "init_val_top5": ev["val_top5"]})
         log(
             self.dist,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 from ffscale import config
 from ffscale.data.manifest import dataset_name, load_manifest
 from ffscale.inference.card import CARD, train_tag
+from ffscale.tracking.metrics import send_missing
 from ffscale.tracking.store import client, credentials_to_env, experiment_id, flatten
 from ffscale.util.atomic import write_atomic
 from ffscale.util.secrets import redact
@@ -31,12 +31,6 @@ IDS = "mlflow_runs.json"
 HISTORY = "config-history.jsonl"  # ffscale/run/changes.py writes it
 DONE = "DONE"
 ARTIFACTS = ("DONE", "metrics.jsonl", "weights.safetensors", HISTORY)
-NOT_METRICS = ("step", "time")
-
-
-def metric_values(row: dict) -> dict[str, float]:
-    """A metrics.jsonl row's numbers, as MLflow metrics (the step and the wall time are its axes)."""
-    return {k: float(v) for k, v in row.items() if k not in NOT_METRICS and isinstance(v, (int, float))}
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -278,25 +272,10 @@ class Replay:
 
     # -- what a stage run holds ----------------------------------------------------------------
     def metrics(self, stage: config.Stage, rid: str) -> int:
-        """Every (key, step) of metrics.jsonl that the run lacks, sent; how many were sent. A step
-        that appears twice (steps retrained after a resume) is sent as its last row has it."""
-        from mlflow.entities import Metric
-
-        latest: dict[tuple[str, int], tuple[float, int]] = {}
-        now = int(time.time() * 1000)
-        for row in read_rows(stage.dir / "metrics.jsonl"):
-            t = int(row["time"] * 1000) if isinstance(row.get("time"), (int, float)) else now
-            for k, v in metric_values(row).items():
-                latest[(k, int(row.get("step", 0)))] = (v, t)
-        keys = {k for k, _ in latest}
-        have = {(k, m.step) for k in keys for m in self.client.get_metric_history(rid, k)}
-        todo = [
-            Metric(k, v, t, step) for (k, step), (v, t) in sorted(latest.items()) if (k, step) not in have
-        ]
-        for i in range(0, len(todo), 1000):  # log_batch takes at most 1,000 metrics
-            self.client.log_batch(rid, metrics=todo[i : i + 1000])
-        self.sent += len(todo)
-        return len(todo)
+        """Every (name, step) of metrics.jsonl that the run lacks, sent; how many were sent."""
+        sent = send_missing(self.client, rid, stage.dir / "metrics.jsonl")
+        self.sent += sent
+        return sent
 
     def changes(self, stage: config.Stage, rid: str) -> None:
         """A resumed stage's allowed changes as tags (params are immutable): `ffscale.change.<key>` =
