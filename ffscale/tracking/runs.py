@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 from ffscale.tracking.breaker import Breaker, Down
+from ffscale.tracking.facts import StageFacts
 from ffscale.tracking.metrics import last_steps
-from ffscale.tracking.replay import Replay, StageFacts
+from ffscale.tracking.replay import Replay
 from ffscale.tracking.store import tracking_uri
 from ffscale.util.secrets import has_secret, redact
 
@@ -118,7 +119,7 @@ class MlflowTracker:
             self.monitor = None
         if stage is None:
             return
-        self.pending.append((stage, self.facts or StageFacts.from_files(stage, []), status))
+        self.pending.append((stage, self.facts or StageFacts.from_files(stage), status))
         self._final(status, f"stage {stage.name}", self._catch_up)
         self.stage = self.child = None
         self.buffer = []

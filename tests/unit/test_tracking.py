@@ -81,7 +81,7 @@ def test_a_stage_whose_rows_carry_no_time_is_timed_from_its_config_history_to_do
     with the stage's wall time (compare showed 0.0 min), not the sync's."""
     import json
 
-    from ffscale.tracking.replay import wall_span
+    from ffscale.tracking.walltime import wall_span
 
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 100, "loss": 2.3}) + "\n")
     assert wall_span(tmp_path) == (None, None)  # nothing says when it ran
@@ -119,7 +119,7 @@ def test_a_stage_is_tagged_from_its_card_or_shards_or_history_whichever_survives
     import json
 
     from ffscale.inference.card import CARD
-    from ffscale.tracking.replay import StageFacts
+    from ffscale.tracking.facts import StageFacts
 
     gone = tmp_path / "data" / "pets" / "train"
     overrides = [f"run.dir={tmp_path / 'runs'}", f"data.train={gone}", f"data.val={gone.parent / 'val'}"]
@@ -127,12 +127,12 @@ def test_a_stage_is_tagged_from_its_card_or_shards_or_history_whichever_survives
     stage.dir.mkdir(parents=True)
     train = {"path": str(gone), "name": "train", "digest": "d1"}
     (stage.dir / CARD).write_text(json.dumps({"data": {"train": train | {"dataset": "oxford-pets"}}}))
-    assert StageFacts.from_files(stage, []).dataset == "oxford-pets:d1"
+    assert StageFacts.from_files(stage).dataset == "oxford-pets:d1"
     (stage.dir / CARD).write_text(json.dumps({"data": {"train": train}}))  # an older card
-    assert StageFacts.from_files(stage, []).dataset == "pets:d1"
+    assert StageFacts.from_files(stage).dataset == "pets:d1"
     (stage.dir / CARD).unlink()
     (stage.dir / "config-history.jsonl").write_text(json.dumps({"digests": {"data.train": "d0"}}) + "\n")
-    assert StageFacts.from_files(stage, []).dataset == "pets:d0"
+    assert StageFacts.from_files(stage).dataset == "pets:d0"
 
 
 def test_a_stage_resumed_from_an_older_checkpoint_records_one_value_per_step_and_name(tmp_path):
