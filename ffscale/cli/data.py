@@ -97,6 +97,7 @@ def verify(a) -> int:
     from ffscale.data.sampleindex import verify
     from ffscale.engine.ckpt_files import verify_tree
     from ffscale.errors import DataError
+    from ffscale.inference.stagedir import CONFIG
 
     bad = 0
     for root in a.dirs:
@@ -105,7 +106,7 @@ def verify(a) -> int:
         if not (Path(root) / MANIFEST).is_file():  # a run, stage or checkpoints directory
             found, failed = verify_tree(Path(root), lambda line: print(line, flush=True))
             if not found:
-                if not any((Path(root) / up / "config.yaml").is_file() for up in (".", "..")):
+                if not any((Path(root) / up / CONFIG).is_file() for up in (".", "..")):
                     raise DataError(f"{root}: neither shards (no {MANIFEST}) nor a run with checkpoints")
                 print(f"{root}: a run without checkpoints yet (a rerun starts it from its first step)")
             bad += failed

@@ -100,6 +100,7 @@ def predict(a) -> int:
 
 def import_checkpoint(a) -> int:
     from ffscale.inference.convert import convert, write_package
+    from ffscale.inference.stagedir import StageDir
 
     src = Path(a.checkpoint)
     imp = convert(src, a.model, a.ema, a.trust_pickle)
@@ -107,7 +108,7 @@ def import_checkpoint(a) -> int:
     kw = imp.kwargs
     print(f"{a.out}: {imp.model} ({imp.layout} layout{', EMA' if a.ema else ''}), {kw['img_size']} px, "
           f"patch {kw['patch_size']}, width {kw['dim']}, depth {kw['depth']}, {kw['num_classes']} classes -> "
-          f"{stage_dir / 'weights.safetensors'}")  # fmt: skip
+          f"{StageDir(stage_dir).weights}")  # fmt: skip
     return 0
 
 

@@ -59,15 +59,16 @@ def compare(a) -> int:
 def sync(a) -> int:
     from ffscale import config
     from ffscale.errors import ConfigError
+    from ffscale.inference.stagedir import CONFIG
     from ffscale.run.runlock import RunLock
     from ffscale.tracking.replay import Replay
     from ffscale.tracking.store import tracking_uri
     from ffscale.util.secrets import redact
 
     run_dir = Path(a.run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: no config.yaml (not an ffscale run directory)")
-    cfg = config.load([str(run_dir / "config.yaml")])
+    if not (run_dir / CONFIG).is_file():
+        raise ConfigError(f"{run_dir}: no {CONFIG} (not an ffscale run directory)")
+    cfg = config.load([str(run_dir / CONFIG)])
     uri = a.uri or tracking_uri(cfg, run_dir)
     with RunLock(run_dir):  # no job writes the directory (or tracks it) meanwhile
         rep = Replay(run_dir, uri).all(a.status)

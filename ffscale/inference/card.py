@@ -16,10 +16,9 @@ from pathlib import Path
 from ffscale.data.manifest import dataset_name
 from ffscale.errors import ConfigError
 from ffscale.inference.build import model_kwargs
+from ffscale.inference.stagedir import CARD, CONFIG, StageDir
 from ffscale.util.atomic import write_atomic
 from ffscale.util.secrets import scrub
-
-CARD = "model.json"
 
 
 def write_card(
@@ -80,11 +79,11 @@ def find_package(path: Path) -> Path:
     """A stage directory holding a card, or a run directory (its last finished stage)."""
     if (path / CARD).is_file():
         return path
-    if (path / "config.yaml").is_file():
+    if (path / CONFIG).is_file():
         from ffscale.inference.evaluate import find_stage
 
         stage = find_stage(path, None)
-        if (stage.dir / CARD).is_file():
+        if StageDir(stage.dir).holds_package():
             return stage.dir
         raise ConfigError(
             f"{stage.dir}: finished before ffscale wrote {CARD}; rerun its last stage to export it"

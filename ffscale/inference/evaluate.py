@@ -10,6 +10,7 @@ from ffscale import config
 from ffscale.data.augment import DeviceOps
 from ffscale.data.loader import build_loader
 from ffscale.inference.build import build_model
+from ffscale.inference.stagedir import CONFIG, StageDir
 from ffscale.util.topk import summarize, topk_counts
 from ffscale.util.weights import load_weights
 
@@ -17,13 +18,14 @@ EVAL_BATCH = 64  # one process evaluates: the config's micro-batch when set (it 
 
 
 def find_stage(run_dir: Path, stage_name: str | None) -> config.Stage:
-    cfg_file = run_dir / "config.yaml"
+    cfg_file = run_dir / CONFIG
     if not cfg_file.is_file():
-        raise config.ConfigError(f"{run_dir}: no config.yaml (not an ffscale run directory)")
+        raise config.ConfigError(f"{run_dir}: no {CONFIG} (not an ffscale run directory)")
     cfg = config.load([str(cfg_file)], [f"run.dir={run_dir.parent}", f"run.name={run_dir.name}"])
     stages = config.stages(cfg)
     if stage_name is None:
-        finished = [s for s in stages if (s.dir / "weights.safetensors").is_file()]
+        # a stage trained to its end, or an `ffscale import` (a package that trained nothing)
+        finished = [s for s in stages if StageDir(s.dir).finished() or StageDir(s.dir).holds_package()]
         if not finished:
             raise config.ConfigError(f"{run_dir}: no stage has exported weights yet")
         return finished[-1]
@@ -39,7 +41,7 @@ def evaluate_weights(
 ) -> dict:
     """Top-1/top-5 of a stage's exported weights (or `weights`) on its val shards (or `data`)."""
     s = stage.cfg
-    weights = weights or stage.dir / "weights.safetensors"
+    weights = weights or StageDir(stage.dir).weights
     state = load_weights(weights)
     num_classes = state["head.weight"].shape[0] if "head.weight" in state else s.model.num_classes
     # a distilled model from its weights, as the class count: an imported distilled DeiT's config has no teacher

@@ -16,6 +16,7 @@ from PIL import Image
 from ffscale.data.transforms import eval_transform
 from ffscale.errors import ConfigError, DataError
 from ffscale.inference.card import read_card
+from ffscale.inference.stagedir import EMA_WEIGHTS, WEIGHTS
 from ffscale.models import create_model
 from ffscale.util.weights import load_weights
 
@@ -24,7 +25,7 @@ def load_model(package: Path, ema: bool = False) -> tuple[torch.nn.Module, dict,
     """A finished stage's model as its card describes it (a distilled one with its distillation
     token and head, averaging them in eval mode), its weights loaded: (model, card, weights file)."""
     card = read_card(package)
-    weights = package / ("weights_ema.safetensors" if ema else "weights.safetensors")
+    weights = package / (EMA_WEIGHTS if ema else WEIGHTS)
     if not weights.is_file():
         raise ConfigError(
             f"{weights} does not exist" + (" (this stage trained without an EMA)" if ema else "")

@@ -10,14 +10,14 @@ and schedule the step count and checkpoint depend on) are refused even when allo
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 from ffscale.config import RunCfg, Stage, dotted
 from ffscale.errors import ConfigError, DataError
+from ffscale.inference.stagedir import StageDir
+from ffscale.util import jsonl
 
-HISTORY = "config-history.jsonl"
 # data.loader and data.workers are not free: they set the steps per epoch (the webdataset loader
 # holds back a batch per worker), so the schedule's length
 FREE = ("schedule.stop_at_step", "schedule.stop_at_epoch", "checkpoint.", "deepspeed.bucket_mb", "deepspeed.prefetch_mb", "model.compile",
@@ -38,15 +38,9 @@ def flat(stage: Stage, run: RunCfg) -> dict:
 
 
 def history(stage_dir: Path) -> list[dict]:
-    """The stage's history; a last line cut short by a kill mid-append is dropped (it never applied)."""
-    path = stage_dir / HISTORY
-    rows = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            break
-    return rows
+    """The stage's history; a line cut short by a kill mid-append is skipped (it never applied:
+    ffscale/util/jsonl.py)."""
+    return StageDir(stage_dir).history_rows()
 
 
 def effective(rows: list[dict]) -> dict:
@@ -58,9 +52,8 @@ def effective(rows: list[dict]) -> dict:
 
 
 def resuming(stage: Stage) -> bool:
-    """The stage has a complete checkpoint to continue from (engine/checkpoint.py's `latest`) and
-    has not finished (pipeline.py's DONE: a finished stage is skipped, whatever the config says)."""
-    return (stage.dir / "checkpoints" / "latest").is_file() and not (stage.dir / "DONE").is_file()
+    """The stage has a complete checkpoint to continue from and has not finished."""
+    return StageDir(stage.dir).resumable()
 
 
 def pending(stage: Stage, run: RunCfg) -> dict:
@@ -112,24 +105,23 @@ def _digest(root: str) -> str | None:
         return None
 
 
-def started(stage: Stage, run: RunCfg) -> None:
-    """A fresh stage: its history begins with the config it starts with and its data's digests (rank 0)."""
-    from ffscale.util.atomic import write_atomic
-
+def started(stage: Stage, run: RunCfg, lineage: str) -> None:
+    """A fresh stage: its history begins with the config it starts with, its data's digests and
+    where its weights came from (`lineage`: ffscale/run/pipeline.py's init_weights_for) (rank 0)."""
     cfg = flat(stage, run)
     row = {
         "step": 0,
         "time": time.time(),
         "config": cfg,
         "digests": {k: _digest(cfg[k]) for k in ("data.train", "data.val")},
+        "init_from": lineage,
     }
-    write_atomic(stage.dir / HISTORY, json.dumps(row) + "\n")
+    jsonl.rewrite(StageDir(stage.dir).history, [row])
 
 
 def record(stage: Stage, step: int, diff: dict) -> None:
     """An allowed change, from optimizer step `step` on (rank 0)."""
-    with open(stage.dir / HISTORY, "a") as f:
-        f.write(json.dumps({"step": step, "time": time.time(), "changes": diff}) + "\n")
+    jsonl.append(StageDir(stage.dir).history, {"step": step, "time": time.time(), "changes": diff})
 
 
 def describe(diff: dict) -> str:

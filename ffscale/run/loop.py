@@ -20,7 +20,8 @@ from ffscale.engine import lr
 from ffscale.engine.dist import DistInfo
 from ffscale.engine.engine import Engine, EvalInterrupted
 from ffscale.inference.build import build_model, model_kwargs
-from ffscale.inference.card import CARD, trained_on, write_card
+from ffscale.inference.card import trained_on, write_card
+from ffscale.inference.stagedir import StageDir
 from ffscale.models.resize import adapt_state_dict
 from ffscale.run import changes, nonfinite, teacher
 from ffscale.run.progress import Meter, eval_line, train_line
@@ -48,6 +49,7 @@ class Progress:
     best: dict = field(default_factory=dict)
     skipped: int = 0  # non-finite steps skipped (optim.nonfinite=skip)
     eval_pending: bool = False  # SIGTERM stopped the epoch's evaluation: run it first on resume
+    carried_eval_pending: bool = False  # SIGTERM stopped the carried weights' evaluation: the same
 
 
 def run_stage(
@@ -62,7 +64,7 @@ def run_stage(
     """Train one stage to its end (or to schedule.stop_at_step); the stage summary. `fence()` raises
     when the run is no longer this job's (ffscale/run/runlock.py), checked before every checkpoint."""
     r = StageRun(stage, dist, tracker, run, init_weights, lineage, fence)
-    if init_weights is not None and r.fresh:
+    if init_weights is not None and (r.fresh or r.progress.carried_eval_pending):
         r.evaluate_carried(init_weights)
     r.engine.stop_if_requested(asdict(r.progress), agree=True)  # SIGTERM during start-up
     if r.progress.eval_pending:  # the evaluation a SIGTERM stopped
@@ -93,6 +95,7 @@ class StageRun:
         self.stage = dataclasses.replace(stage, cfg=for_world(stage.cfg, dist.world, f"stages.{stage.name}."))
         self.dist, self.run, self.lineage = dist, run, lineage
         self.where = f"stage {stage.name}"
+        files = StageDir(stage.dir)
         self.changes = changes.pending(self.stage, run)  # allowed: the job's preflight refused the rest
         startup.mark("stage_started")  # `ffscale bench startup` times the job's first stage set-up
         self._loaders()
@@ -106,7 +109,7 @@ class StageRun:
             dist,
             self.steps.accum,
             lr.for_stage(self.s, self.steps.per_epoch),
-            stage.dir / "checkpoints",
+            files.checkpoints,
             fence,
             (run.collective_timeout_s, run.step_timeout_s),
             criterion=self.teacher.distiller if self.teacher else None,
@@ -120,8 +123,8 @@ class StageRun:
         if self.teacher:
             log(dist, f"{self.where}: {self.teacher.announce(self.s)}")
         tracker.stage_started(stage, self.train_m, self.val_m, self.engine.num_params, lineage)
-        self.record = Recorder(stage.dir / "metrics.jsonl", tracker, dist.rank)
-        self._config_history(tracker)
+        self.record = Recorder(files.metrics, tracker, dist.rank, self.engine.global_step)
+        self._config_history(tracker, lineage)
         self.last_eval: dict = {}
 
     @property
@@ -163,18 +166,18 @@ class StageRun:
         log(self.dist, f"{self.where}: {resumed.note}")
         return prog
 
-    def _config_history(self, tracker) -> None:
+    def _config_history(self, tracker, lineage: str) -> None:
         """A fresh stage starts its config history; a resumed one records the changes it applies."""
         step = self.engine.global_step
         if self.dist.rank == 0 and (self.fresh or not changes.history(self.stage.dir)):
-            changes.started(self.stage, self.run)
+            changes.started(self.stage, self.run, lineage)
         if not self.changes:
             return
         if self.dist.rank == 0:
             changes.record(self.stage, step, self.changes)
         what = changes.describe(self.changes)
         self.record({"step": step, "config_change": what})
-        tracker.config_changed(self.stage, step, self.changes, what, self.stage.dir / changes.HISTORY)
+        tracker.config_changed(self.stage, step, self.changes, what, StageDir(self.stage.dir).history)
         log(self.dist, f"{self.where}: from step {step}: {what} (allowed; config-history.jsonl)")
 
     def _meter(self) -> Meter:
@@ -216,9 +219,11 @@ class StageRun:
         """What the carried weights are worth before any training."""
         try:
             ev = self.engine.validate(self._val_batches())
-        except EvalInterrupted:
-            self.engine.stop_if_requested(asdict(self.progress))  # checkpoints step 0, stops
+        except EvalInterrupted:  # checkpoints step 0 saying so, stops; the rerun evaluates first
+            self.progress.carried_eval_pending = True
+            self.engine.stop_if_requested(asdict(self.progress))
             raise
+        self.progress.carried_eval_pending = False
         self.record({"step": 0, "init_val_top1": ev["val_top1"], "init_val_top5": ev["val_top5"]})
         log(
             self.dist,
@@ -339,13 +344,18 @@ class StageRun:
         return (self.ops.eval_batch(x, y) for x, y in self.val.epoch(0))
 
     def finish(self) -> dict:
-        e, d = self.engine, self.stage.dir
-        digest = e.export(d / "weights.safetensors")
-        ema = {"ema_digest": e.export_ema(d / "weights_ema.safetensors")} if e.ema else {}
+        e, files = self.engine, StageDir(self.stage.dir)
+        digest = e.export(files.weights)
+        ema = {"ema_digest": e.export_ema(files.ema_weights)} if e.ema else {}
         if self.dist.rank == 0:  # what `ffscale predict` and the registered model read
             m = self.train_m
             write_card(
-                d / CARD, self.s, self.num_classes, m.classes, m.class_ids, trained_on(self.s, m, self.val_m)
+                files.card,
+                self.s,
+                self.num_classes,
+                m.classes,
+                m.class_ids,
+                trained_on(self.s, m, self.val_m),
             )
         return {
             **ema,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 from pathlib import Path
 
@@ -11,14 +10,12 @@ from ffscale import config, tracking
 from ffscale.engine import dist as distributed
 from ffscale.engine import preempt
 from ffscale.errors import LockLost, Preempted
+from ffscale.inference.stagedir import CONFIG, WEIGHTS, StageDir
 from ffscale.run import preflight, runlock, verdict
 from ffscale.run.loop import log, run_stage
 from ffscale.run.runlock import ENV, RunLock
 from ffscale.util import startup
-from ffscale.util.atomic import write_atomic
 from ffscale.util.weights import file_digest
-
-DONE = "DONE"
 
 
 def init_weights_for(stage: config.Stage, previous: list[config.Stage]) -> tuple[Path | None, str]:
@@ -29,12 +26,12 @@ def init_weights_for(stage: config.Stage, previous: list[config.Stage]) -> tuple
         return None, "scratch"
     if kind == "stage":
         named = {s.name: s for s in previous}
-        return named[ref].dir / "weights.safetensors", f"stage:{ref}"
+        return named[ref].dir / WEIGHTS, f"stage:{ref}"
     path = Path(ref)
     if path.is_dir():  # a finished stage, a run directory or `ffscale import` output
         from ffscale.inference.card import find_package
 
-        weights = find_package(path) / "weights.safetensors"
+        weights = find_package(path) / WEIGHTS
         return weights, f"package:{path.resolve()}@{file_digest(weights)}"
     if not path.is_file():
         raise config.ConfigError(
@@ -58,7 +55,7 @@ def run(cfg: config.Config) -> int:
             lambda: None if preflight.done_by_launcher() else preflight.check_job(cfg, 1, dist.world),
         )
         if dist.rank == 0:
-            config.save(cfg, run_dir / "config.yaml")
+            config.save(cfg, run_dir / CONFIG)
             tracking.ensure_store(cfg, run_dir)
         tracker = tracking.create(cfg, run_dir, dist.rank)
         tracker.pipeline_started(cfg)
@@ -99,8 +96,8 @@ def run_stages(cfg: config.Config, dist: distributed.DistInfo, tracker, fence=la
     """FINISHED when every stage is done, RUNNING when one stopped at schedule.stop_at_step."""
     done: list[config.Stage] = []
     for stage in config.stages(cfg):
-        if (stage.dir / DONE).is_file():
-            log(dist, f"stage {stage.name}: already finished ({stage.dir / DONE}), skipping")
+        if StageDir(stage.dir).finished():
+            log(dist, f"stage {stage.name}: already finished ({StageDir(stage.dir).done}), skipping")
             done.append(stage)
             continue
         weights, lineage = init_weights_for(stage, done)
@@ -109,13 +106,14 @@ def run_stages(cfg: config.Config, dist: distributed.DistInfo, tracker, fence=la
             tracker.stage_ended(stage, "RUNNING")
             return "RUNNING"
         if dist.rank == 0:  # the lineage too: `ffscale track sync` tags a replayed stage run with it
-            write_atomic(stage.dir / DONE, json.dumps({**result, "init_from": lineage}, indent=1))
+            StageDir(stage.dir).finish({**result, "init_from": lineage})
         tracker.stage_ended(stage, "FINISHED", result)
         distributed.barrier()
         done.append(stage)
     tracker.model_ready(done[-1], done)  # rank 0's tracker; the others' do nothing
-    top1 = json.loads((done[-1].dir / DONE).read_text()).get("last_eval", {}).get("val_top1")
+    final = StageDir(done[-1].dir)
+    top1 = final.summary().get("last_eval", {}).get("val_top1")
     if top1 is not None:
-        weights = done[-1].dir / "weights.safetensors"
+        weights = final.weights
         log(dist, f"pipeline {cfg.run.name}: done; final test top-1 {top1:.2f}% ({weights})")
     return "FINISHED"

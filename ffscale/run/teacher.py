@@ -21,6 +21,7 @@ from ffscale.engine.distill import Distiller, frozen
 from ffscale.engine.ds_config import DTYPES, resolve_precision
 from ffscale.errors import ConfigError, FfscaleError
 from ffscale.inference.card import CARD, find_package, read_card
+from ffscale.inference.stagedir import StageDir
 from ffscale.util.weights import file_digest
 
 REGISTRY = ("models:/", "runs:/")
@@ -62,7 +63,7 @@ def package(ref: str, run_dir: Path) -> tuple[Path, str]:
 
         return download_model(ref), ref
     stage_dir = run_dir / ref
-    if "/" not in ref and (stage_dir / CARD).is_file():  # an earlier stage: finished before this one
+    if "/" not in ref and StageDir(stage_dir).holds_package():  # an earlier stage: finished before this one
         return stage_dir, f"stage {ref}"
     path = Path(ref)
     if not path.is_dir():
@@ -82,7 +83,8 @@ def check(cfg: config.Config) -> None:
             continue
         p = f"stages.{stage.name}." if cfg.stages else ""
         try:
-            if ref in by_name and not (by_name[ref].dir / CARD).is_file():  # not trained yet: its config
+            # an earlier stage not trained yet: its config says what it will be
+            if ref in by_name and not StageDir(by_name[ref].dir).holds_package():
                 teacher = _of_stage(by_name[ref].cfg)
             else:
                 teacher = _of_card(read_card(package(ref, Path(cfg.run.dir) / cfg.run.name)[0]))

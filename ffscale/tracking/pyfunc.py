@@ -17,8 +17,8 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from ffscale.inference.card import CARD
 from ffscale.inference.predict import Classifier, open_image
+from ffscale.inference.stagedir import StageDir
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
@@ -50,9 +50,10 @@ class FfscaleClassifier(mlflow.pyfunc.PythonModel):
 
 def log(stage_dir: Path, register_as: str | None):
     """Log the stage's model into the active run; register it when `register_as` is set."""
-    artifacts = {"card": str(stage_dir / CARD), "weights": str(stage_dir / "weights.safetensors")}
-    if (stage_dir / "weights_ema.safetensors").is_file():
-        artifacts["weights_ema"] = str(stage_dir / "weights_ema.safetensors")
+    files = StageDir(stage_dir)
+    artifacts = {"card": str(files.card), "weights": str(files.weights)}
+    if files.ema_weights.is_file():
+        artifacts["weights_ema"] = str(files.ema_weights)
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=FfscaleClassifier(),

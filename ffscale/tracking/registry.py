@@ -10,10 +10,24 @@ import os
 from pathlib import Path
 
 from ffscale.inference.card import find_package, read_card, train_tag
+from ffscale.inference.stagedir import CONFIG
 from ffscale.tracking.store import client, credentials_to_env, experiment_id, flatten
 from ffscale.util.secrets import redact
 
 LOGGED = "ffscale.logged_model"  # the stage run's tag: the logged model's URI (logged once)
+
+
+def published(c, run_id: str, register_as: str | None, model_run: str | None) -> str | None:
+    """The reference of the model already logged from the run `run_id` (and, with `register_as`,
+    registered), or None when it has yet to be: a model is logged and registered once.
+    `model_run`: the run the run directory's ids say its model was logged from."""
+    run = c.get_run(run_id)
+    if not (run.data.tags.get(LOGGED) or model_run == run_id):
+        return None
+    if not register_as:
+        return run.data.tags.get(LOGGED)
+    versions = c.search_model_versions(f"name = '{register_as}' and run_id = '{run_id}'")
+    return f"models:/{register_as}/{versions[0].version}" if versions else None
 
 
 def publish(c, uri: str, pipeline: str, stage_dir: Path, run_id: str, parent: str | None, stage_runs: dict,
@@ -81,7 +95,7 @@ def package_run_dir(path: Path) -> tuple[Path, Path]:
     """(the package directory holding model.json, the run directory it belongs to: the package
     itself when it is no stage of a run, e.g. an `ffscale import` output)."""
     package = find_package(Path(path))
-    return package, package.parent if (package.parent / "config.yaml").is_file() else package
+    return package, package.parent if (package.parent / CONFIG).is_file() else package
 
 
 def register_package(path: Path, name: str, uri: str, experiment: str) -> str:

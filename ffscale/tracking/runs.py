@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 from ffscale.tracking.breaker import Breaker, Down
-from ffscale.tracking.replay import Replay, StageFacts
+from ffscale.tracking.facts import StageFacts
+from ffscale.tracking.metrics import last_steps
+from ffscale.tracking.replay import Replay
 from ffscale.tracking.store import tracking_uri
 from ffscale.util.secrets import has_secret, redact
 
@@ -35,6 +37,7 @@ class MlflowTracker:
         self.stage = None
         self.facts: StageFacts | None = None
         self.buffer: list = []
+        self.held: dict[str, int] = {}  # the stage run's last step per metric when it (re)started
         self.monitor = None
         self.gave_up = False
         self.pending: list = []  # (stage, facts, status) of stage ends MLflow missed: caught up at the next
@@ -51,14 +54,21 @@ class MlflowTracker:
 
     def stage_started(self, stage, train_manifest, val_manifest, n_params, lineage: str) -> None:
         """`lineage`: where the stage's weights came from (pipeline.init_weights_for)."""
-        self.stage, self.child = stage, None
+        self.stage, self.child, self.held = stage, None, {}
         self.facts = StageFacts(train_manifest.tag, n_params, lineage, train_manifest, val_manifest)
         self._open_stage()
 
     def _open_stage(self) -> None:
-        self.child = self.breaker.attempt(self._open, lambda: self.replay.stage_run(self.stage, self.facts))
-        if self.child:
+        opened = self.breaker.attempt(self._open_with_steps)
+        if opened:
+            self.child, self.held = opened
             self._start_system_metrics()
+
+    def _open_with_steps(self) -> tuple[str, dict[str, int]]:
+        """The stage's run, and the last step it holds per metric: a resumed stage retrains the steps
+        past its checkpoint, and the run keeps their first values (ffscale/tracking/metrics.py)."""
+        rid = self._open(lambda: self.replay.stage_run(self.stage, self.facts))
+        return rid, last_steps(self.replay.client, rid)
 
     def _start_system_metrics(self) -> None:
         try:
@@ -91,6 +101,8 @@ class MlflowTracker:
     def flush(self) -> None:
         if self.stage is not None and self.child is None:
             self._open_stage()  # the server answers again: the stage's run exists from now on
+        if self.child:  # no second value at a step the run holds
+            self.buffer = [m for m in self.buffer if m.step > self.held.get(m.key, -1)]
         while self.child and self.buffer:
             try:
                 self.breaker.call(self.replay.client.log_batch, self.child, metrics=self.buffer[:1000])
@@ -107,7 +119,7 @@ class MlflowTracker:
             self.monitor = None
         if stage is None:
             return
-        self.pending.append((stage, self.facts or StageFacts.from_files(stage, []), status))
+        self.pending.append((stage, self.facts or StageFacts.from_files(stage), status))
         self._final(status, f"stage {stage.name}", self._catch_up)
         self.stage = self.child = None
         self.buffer = []

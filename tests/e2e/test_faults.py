@@ -2,7 +2,8 @@
 of docs/reliability.md, then rerun. One fixture per scenario, each a few launches:
 - `ref` straight through;
 - `k`: rank 0 SIGKILLed while it writes a checkpoint (it blocks on a FIFO planted where its file
-  goes), rerun and rank 1 SIGKILLed mid-step, rerun to the end; must equal `ref`;
+  goes), rerun and rank 1 SIGKILLed mid-step, a file of the newest checkpoint removed, rerun to the
+  end from the one before; must equal `ref`, with one metric value per step and name;
 - `full`: checkpoints on a 700 KiB tmpfs, the second checkpoint hits ENOSPC; more space, rerun;
 - `nan`: NaN losses injected on rank 0 (tests/entries/nan_train.py, FFSCALE_FAULT_NAN_STEPS), skipped under ZeRO-0 and ZeRO-2
   until the limit, then the stopped stage resumed by 1 rank (universal checkpoint); `nan_stop`:
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import psutil
@@ -148,6 +150,9 @@ def kills(fm_shards, module_dir):
     job.wait_for(lambda: logged_steps(d / "k" / STAGE) >= 20)
     out["step_kill"] = job.kill_rank(1)
     out["step_kill_latest"] = (ck / "latest").read_text()
+    # 3. the newest checkpoint loses a file: the rerun resumes from the one before it, retraining steps
+    # that metrics.jsonl and MLflow already hold
+    (ck / out["step_kill_latest"] / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     out["k_final"] = check(launch(args(fm_shards, d, "k")))
     return out
 
@@ -274,10 +279,36 @@ def test_killed_rank_ends_the_job_and_rerun_reaches_the_same_result(ref_run, kil
         assert took < KILL_BOUND_S, (key, took)
     ref, k = rows_by_step(d / "ref"), rows_by_step(d / "k")
     assert "resumed from" in faults["k_final"].stdout
-    for step in (33, 40, 64):  # after the last resume (from step 16 or later)
+    for step in (33, 40, 64):  # after the last resume (from step 8 or later)
         assert k[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-5)
     assert k[64]["val_top1"] == ref[64]["val_top1"]
     assert final_digest(d / "k") == final_digest(d / "ref")  # bit-identical weights
+
+
+def test_a_resume_from_an_older_checkpoint_leaves_one_value_per_step_and_name(kills):
+    """The last rerun of `k` resumed from the checkpoint before the newest (damaged): the steps it
+    retrained are in metrics.jsonl and in the MLflow stage run once each (ffscale/run/record.py)."""
+    from ffscale.run.record import POSITION
+    from ffscale.tracking.store import client
+
+    run = kills["dir"] / "k"
+    assert "the newest intact checkpoint" in kills["k_final"].stdout
+    rows = _rows(run / STAGE)
+    keys = Counter((row["step"], name) for row in rows for name in row if name not in POSITION)
+    assert [key for key, n in keys.items() if n > 1] == []
+    total = json.loads((run / STAGE / "DONE").read_text())["steps"]
+    assert [row["step"] for row in rows if "loss" in row] == list(range(1, total + 1))
+    evaluated = [row["step"] for row in rows if "val_top1" in row]
+    assert [row["epoch"] for row in rows if "val_top1" in row] == [1, 2]
+    ids = json.loads((run / "mlflow_runs.json").read_text())
+    mlflow = client(f"sqlite:///{kills['dir'].resolve() / 'mlflow.db'}")
+    for name, want in (
+        ("loss", range(1, total + 1)),
+        ("epoch", range(1, total + 1)),
+        ("val_top1", evaluated),
+    ):
+        steps = sorted(m.step for m in mlflow.get_metric_history(ids["stages"][STAGE], name))
+        assert steps == list(want), name
 
 
 def test_kill_during_checkpoint_write_leaves_latest_on_the_previous_checkpoint(kills):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers.launch import ROOT, check, free_port, launch_env, small_overrides
 
-from ffscale.run import changes
+from ffscale.inference.stagedir import HISTORY
 from ffscale.run.runlock import LOCK
 
 CLI = Path(sys.executable).with_name("ffscale")
@@ -104,7 +104,7 @@ def test_a_changed_key_on_resume_stops_with_the_diff_and_when_allowed_trains_on_
     assert change == [{"step": 8, "config_change": "optim.base_lr: 0.004 -> 0.008"}]
     lr = {r["step"]: r["lr"] for r in rows if "lr" in r}
     assert 1.8 < lr[9] / lr[8] < 2.05  # past warmup, the cosine barely moves in a step: the lr doubled
-    history = _rows(d / changes.HISTORY)
+    history = _rows(d / HISTORY)
     assert history[0]["config"]["optim.base_lr"] == 0.004 and history[1]["changes"] == {
         "optim.base_lr": [0.004, 0.008]
     }

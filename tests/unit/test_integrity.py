@@ -17,6 +17,7 @@ from helpers.launch import ROOT
 
 from ffscale import config
 from ffscale.errors import ConfigError, LockHeld, LockLost
+from ffscale.inference.stagedir import HISTORY
 from ffscale.run import changes, runlock
 from ffscale.run.runlock import BEAT, ENV, LOCK, RunLock, read
 
@@ -125,7 +126,7 @@ def _stage(tmp_path: Path, *overrides: str) -> tuple[config.Stage, config.RunCfg
 def test_a_resumed_stage_refuses_changes_unless_allowed_and_never_fixed_keys(tmp_path):
     stage, run = _stage(tmp_path)
     (stage.dir / "checkpoints").mkdir(parents=True)
-    changes.started(stage, run)
+    changes.started(stage, run, "scratch")
     assert changes.check(stage, run, set()) == {}  # not resuming yet: no checkpoint
     (stage.dir / "checkpoints" / "latest").write_text("step5")
     lr = stage.cfg.optim.base_lr
@@ -138,7 +139,7 @@ def test_a_resumed_stage_refuses_changes_unless_allowed_and_never_fixed_keys(tmp
         "optim.base_lr": [lr, lr * 2]
     }  # stop_at_step, workers: free
     changes.record(new, 5, {"optim.base_lr": [lr, lr * 2]})
-    with open(stage.dir / changes.HISTORY, "a") as f:
+    with open(stage.dir / HISTORY, "a") as f:
         f.write('{"step": 7, "chan')  # an append cut short by a kill: never applied
     assert changes.check(new, run, set()) == {}  # the history's effective config has it now
     shape, run = _stage(tmp_path, f"optim.base_lr={lr * 2}", "model.depth=9")
@@ -151,7 +152,7 @@ def test_the_same_shards_at_a_new_path_resume_and_other_shards_do_not(tmp_path, 
 
     stage, run = _stage(tmp_path, f"data.train={fm_shards / 'train'}", f"data.val={fm_shards / 'val'}")
     (stage.dir / "checkpoints").mkdir(parents=True)
-    changes.started(stage, run)
+    changes.started(stage, run, "scratch")
     (stage.dir / "checkpoints" / "latest").write_text("step5")
     shutil.copytree(fm_shards, tmp_path / "moved")  # the volume mounted elsewhere
     moved, run = _stage(

@@ -81,7 +81,7 @@ def test_a_stage_whose_rows_carry_no_time_is_timed_from_its_config_history_to_do
     with the stage's wall time (compare showed 0.0 min), not the sync's."""
     import json
 
-    from ffscale.tracking.replay import wall_span
+    from ffscale.tracking.walltime import wall_span
 
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 100, "loss": 2.3}) + "\n")
     assert wall_span(tmp_path) == (None, None)  # nothing says when it ran
@@ -119,7 +119,7 @@ def test_a_stage_is_tagged_from_its_card_or_shards_or_history_whichever_survives
     import json
 
     from ffscale.inference.card import CARD
-    from ffscale.tracking.replay import StageFacts
+    from ffscale.tracking.facts import StageFacts
 
     gone = tmp_path / "data" / "pets" / "train"
     overrides = [f"run.dir={tmp_path / 'runs'}", f"data.train={gone}", f"data.val={gone.parent / 'val'}"]
@@ -127,9 +127,66 @@ def test_a_stage_is_tagged_from_its_card_or_shards_or_history_whichever_survives
     stage.dir.mkdir(parents=True)
     train = {"path": str(gone), "name": "train", "digest": "d1"}
     (stage.dir / CARD).write_text(json.dumps({"data": {"train": train | {"dataset": "oxford-pets"}}}))
-    assert StageFacts.from_files(stage, []).dataset == "oxford-pets:d1"
+    assert StageFacts.from_files(stage).dataset == "oxford-pets:d1"
     (stage.dir / CARD).write_text(json.dumps({"data": {"train": train}}))  # an older card
-    assert StageFacts.from_files(stage, []).dataset == "pets:d1"
+    assert StageFacts.from_files(stage).dataset == "pets:d1"
     (stage.dir / CARD).unlink()
     (stage.dir / "config-history.jsonl").write_text(json.dumps({"digests": {"data.train": "d0"}}) + "\n")
-    assert StageFacts.from_files(stage, []).dataset == "pets:d0"
+    assert StageFacts.from_files(stage).dataset == "pets:d0"
+
+
+def test_a_stage_resumed_from_an_older_checkpoint_records_one_value_per_step_and_name(tmp_path):
+    """A stage logged to step 10 (checkpoints at 4 and 8, an evaluation each 6 steps) and was killed
+    mid-append; it resumes from step 4 (its newest checkpoint damaged) and trains to 12. metrics.jsonl
+    and the MLflow run (SQLite) hold one value per (step, name): the retrained steps once, each
+    evaluation once, its epoch once."""
+    import json
+    from collections import Counter
+
+    from ffscale import tracking
+    from ffscale.data.manifest import Manifest
+    from ffscale.run.record import POSITION, Recorder
+    from ffscale.tracking.store import client
+
+    cfg = C.load(None, [f"run.dir={tmp_path}", "run.name=older", "tracking.flush_every=1"])
+    (stage,) = C.stages(cfg)
+    stage.dir.mkdir(parents=True)
+    run_dir, metrics = tmp_path / "older", stage.dir / "metrics.jsonl"
+    tracking.ensure_store(cfg, run_dir)
+    shards = Manifest("fm", ["a", "b"])
+
+    def job(resumed_step: int, last_step: int):
+        tracker = tracking.create(cfg, run_dir, rank=0)
+        tracker.pipeline_started(cfg)
+        tracker.stage_started(stage, shards, shards, 1000, "scratch")
+        record = Recorder(metrics, tracker, 0, resumed_step)
+        for step in range(resumed_step + 1, last_step + 1):
+            record({"step": step, "epoch": step / 6, "loss": 1 / step, "lr": 0.1})
+            if step % 6 == 0:  # the epoch's evaluation; the progress row above carried its epoch
+                record({"step": step, "val_top1": 50.0 + step, "epoch": step // 6})
+        return tracker
+
+    killed = job(0, 10)
+    if killed.monitor is not None:
+        killed.monitor.finish()
+    with open(metrics, "a") as f:
+        f.write('{"step": 11, "lo')  # the kill cut the next row short
+    job(4, 12).stage_ended(stage, "RUNNING")
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    keys = Counter((row["step"], name) for row in rows for name in row if name not in POSITION)
+    assert set(keys.values()) == {1}, [k for k, n in keys.items() if n > 1]
+    assert [row["step"] for row in rows if "loss" in row] == list(range(1, 13))
+    assert [(row["step"], row["epoch"]) for row in rows if "val_top1" in row] == [(6, 1), (12, 2)]
+    mlflow = client(tracking.store.tracking_uri(cfg, run_dir))
+    rid = json.loads((run_dir / "mlflow_runs.json").read_text())["stages"][stage.name]
+    steps = {
+        name: [m.step for m in mlflow.get_metric_history(rid, name)]
+        for name in ("loss", "lr", "epoch", "val_top1")
+    }
+    assert {name: sorted(s) for name, s in steps.items()} == {
+        "loss": list(range(1, 13)),
+        "lr": list(range(1, 13)),
+        "epoch": list(range(1, 13)),
+        "val_top1": [6, 12],
+    }

@@ -1,4 +1,4 @@
-"""Leaves: the top-k counter, atomic writes, the one-line error report."""
+"""Leaves: the top-k counter, atomic writes, JSON-lines records, the one-line error report."""
 
 from __future__ import annotations
 
@@ -32,6 +32,23 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path):
         tmp.write_text("ste")
         raise OSError("no space left on device")
     assert f.read_text() == "step8" and [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+def test_a_row_is_never_glued_onto_a_line_a_kill_cut_short(tmp_path):
+    """metrics.jsonl and config-history.jsonl (ffscale/util/jsonl.py): the appender cuts a cut tail
+    off first; the reader skips a bad line (one left by an older appender) and keeps the rows after it."""
+    from ffscale.util import jsonl
+
+    rows = tmp_path / "metrics.jsonl"
+    rows.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    jsonl.append(rows, {"step": 2, "loss": 1.5})
+    assert rows.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    rows.write_text('{"step": 1, "lo{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n')
+    assert jsonl.read(rows) == [{"step": 2, "loss": 1.5}]
+    cut = tmp_path / "history.jsonl"
+    cut.write_text('{"step": 0, "con')  # a file of one cut line
+    jsonl.append(cut, {"step": 0})
+    assert jsonl.read(cut) == [{"step": 0}] and jsonl.read(tmp_path / "none.jsonl") == []
 
 
 def test_errors_print_one_line_on_the_rank_that_should(capsys):
