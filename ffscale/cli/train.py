@@ -1,5 +1,5 @@
-"""`ffscale train`: the whole job checked here, then the DeepSpeed launcher started and seen
-through (ffscale/run/launch.py): one rank per GPU, or the CPU's share."""
+"""`ffscale train`: the whole job checked here, then the node's launcher started and seen through
+(ffscale/run/launch.py, ffscale/run/ranks.py): one rank per GPU, or the CPU's share."""
 
 from __future__ import annotations
 

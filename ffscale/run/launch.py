@@ -1,16 +1,15 @@
-"""The DeepSpeed launcher started and seen through for `ffscale train` (ffscale/cli/train.py checks the job first).
+"""The node's launcher (ffscale/run/ranks.py) started and seen through for `ffscale train`
+(ffscale/cli/train.py checks the job first).
 
-Preemption: SIGTERM/SIGINT go to the rank processes only, never to DeepSpeed's launcher. Its
-`terminate_process_tree` (deepspeed/launcher/launch.py) answers a signal by terminating the ranks and
-SIGKILLing any still alive 30 s later, whatever grace the pod has, so a large checkpoint on a network
-filesystem would die mid-write. The ranks write their checkpoint and exit 143; only if they are still
-running after `--grace` seconds is the whole group killed.
+Preemption: SIGTERM/SIGINT go to the rank processes only, never to the launcher, which (as DeepSpeed's
+launch.py, `terminate_process_tree`) answers a rank's failure by terminating the others and SIGKILLing
+any still alive 30 s later, whatever grace the pod has: a large checkpoint on a network filesystem
+would die mid-write. The ranks write their checkpoint and exit 143; only if they are still running
+after `--grace` seconds is the whole group killed.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import signal
 import subprocess
@@ -35,21 +34,14 @@ def launcher_cmd(
     master_addr: str = "127.0.0.1",
     master_port: int = 29500,
 ) -> list[str]:
-    """DeepSpeed's launch.py starting this node's `nproc` ranks, each running `entry` (ffscale/train.py,
-    or the user's --entry) with `args`.
-
-    This is the command the `deepspeed` runner itself builds and runs for a launch on one node or
-    without ssh (deepspeed/launcher/runner.py `main`, `if not multi_node_exec`): the nodes and their
-    local ranks, base64 JSON in --world_info, then launch.py spawns the ranks, sets RANK, LOCAL_RANK,
-    WORLD_SIZE and the visible devices, and ends them all when one fails. Going to it directly skips
-    the runner's own process, which imports the whole of DeepSpeed (and so torch and MLflow) only to
-    build this line: seconds on every start (docs/results/startup.json)."""
-    world = {f"node{i}": list(range(nproc)) for i in range(nnodes)}
-    info = base64.urlsafe_b64encode(json.dumps(world).encode()).decode()
+    """This node's launcher (ffscale/run/ranks.py) starting its `nproc` ranks, each running `entry`
+    (ffscale/train.py, or the user's --entry) with `args`: what DeepSpeed's runner and its launch.py
+    do for a launch on one node or without ssh, without importing DeepSpeed in either process
+    (seconds on every start: docs/results/startup.json)."""
     return [
-        sys.executable, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={info}",
-        f"--master_addr={master_addr}", f"--master_port={master_port}", f"--node_rank={node_rank}",
-        "--quiet", str(entry), *args,
+        sys.executable, "-u", "-m", "ffscale.run.ranks", f"--nproc={nproc}", f"--nnodes={nnodes}",
+        f"--node-rank={node_rank}", f"--master-addr={master_addr}", f"--master-port={master_port}",
+        str(entry), *args,
     ]  # fmt: skip
 
 

@@ -1,12 +1,12 @@
 """Ranks that never outlive their job.
 
-`ffscale train` starts DeepSpeed's launcher, which starts the ranks. Killed with SIGKILL (the OOM
+`ffscale train` starts a launcher (ffscale/run/ranks.py), which starts the ranks. Killed with SIGKILL (the OOM
 killer, `kill -9`, a supervisor), a parent cannot stop its children, and they would train on as
 orphans while a rerun takes the run over. Two guards, both in every rank:
 - the parent-death signal (prctl(2) PR_SET_PDEATHSIG): the kernel kills the rank the moment its
   launcher process exits;
 - a watch on `ffscale train` itself (its pid and start time, every 0.5 s), for the processes in
-  between (DeepSpeed's runner and its launch.py) do not pass a parent's death on.
+  between (ffscale's launcher, or DeepSpeed's runner and its launch.py) do not pass a parent's death on.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def job_env() -> dict[str, str]:
 def watch_job(interval_s: float = 0.5) -> None:
     """In a rank started by `ffscale train`: a daemon thread that kills this rank once that process
     is gone. The parent-death signal reaches only the direct parent's child, and between
-    `ffscale train` and a rank sit DeepSpeed's runner and its `launch.py`, which do not pass it on."""
+    `ffscale train` and a rank sits a launcher, which does not pass it on."""
     import threading
     import time
 

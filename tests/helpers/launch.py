@@ -1,5 +1,6 @@
-"""Real jobs for the tests: DeepSpeed's launcher running ffscale/train.py (or a test entry from
-tests/entries/) with CPU ranks, and the small model and shards most launches train."""
+"""Real jobs for the tests: the launcher `ffscale train` starts (ffscale/run/ranks.py) running
+ffscale/train.py (or a test entry from tests/entries/) with CPU ranks, and the small model and
+shards most launches train."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def free_port() -> int:
 
 
 def launch_cmd(args: list[str], nproc: int = 2, script: Path = TRAIN_PY, runner: bool = False) -> list[str]:
-    """DeepSpeed's launcher running ffscale/train.py (or `script`) with `nproc` CPU ranks: as `ffscale
+    """The node's launcher running ffscale/train.py (or `script`) with `nproc` CPU ranks: as `ffscale
     train` starts it (ffscale/run/launch.py), or with `runner` through the `deepspeed` command, as
     docs/training.md's `deepspeed ffscale/train.py ...` launches do."""
     if not runner:
@@ -56,7 +57,7 @@ def launch(
     script: Path = TRAIN_PY,
     runner: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run a training job to its end under DeepSpeed's launcher (`launch_cmd`)."""
+    """Run a training job to its end under the launcher (`launch_cmd`)."""
     return subprocess.run(
         launch_cmd(args, nproc, script, runner),
         cwd=ROOT,

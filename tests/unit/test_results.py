@@ -89,11 +89,11 @@ def test_startup_parts_add_up_to_the_total_and_take_the_first_rank_created_and_t
     for rank, late in ((0, 0.0), (1, 0.5)):  # rank 1 is created and gets everywhere 0.5 s later
         lines += [{"phase": p, "t": t + late, "rank": rank, "pid": 10 + rank} for p, t in rank0.items()]
     p = startup.parts(startup.events(lines))
-    assert p["total"] == 25.5 and p["launcher_chain"] == 7.0
+    assert p["total"] == 25.5 and p["launcher"] == 7.0
     assert p["rank_config"] == 13.5 - 12.0 and p["first_step"] == 2.0
     top = [k for k, *_ in startup.PARTS if k != "total" and "." not in k]
     assert sum(p[k] for k in top) == p["total"] and p["ffscale_own"] == pytest.approx(
-        p["total"] - p["launcher_chain"] - p["rank_imports"] - p["engine"]
+        p["total"] - p["rank_imports"] - p["engine"]
     )
     assert p["front_end.python"] + p["front_end.checks"] == p["front_end"]
     res = startup.summary("ffscale train ...", [p, {k: 2 * v for k, v in p.items()}, p])
@@ -101,7 +101,7 @@ def test_startup_parts_add_up_to_the_total_and_take_the_first_rank_created_and_t
     assert (total["median_s"], total["min_s"], total["max_s"]) == (25.5, 25.5, 51.0)
     table = report.render("startup", [results.record(["bench", "startup", "--record"], res)])
     assert (
-        "| DeepSpeed's launch.py: imports DeepSpeed, starts the ranks | 7.00 | 7.00 | 14.00 | DeepSpeed launcher |"
+        "| the node's launcher (ffscale/run/ranks.py) starts the ranks | 7.00 | 7.00 | 14.00 | ffscale |"
         in table
     )
     for broken, lacking in ((lines[:-1], "first_step of rank 1"), (lines[1:], "exec")):

@@ -106,3 +106,32 @@ def test_lineage_says_where_a_stages_weights_came_from(tmp_path):
         C.ConfigError, match="stages.x.init_from='nowhere.safetensors': neither an earlier stage nor a file"
     ):
         init_weights_for(C.stages(missing)[0], [pre])
+
+
+def test_the_nodes_launcher_numbers_ranks_node_major_and_stops_the_rest_when_one_fails(tmp_path):
+    """ffscale/run/ranks.py: the variables torch's env:// rendezvous and DeepSpeed read, as DeepSpeed's
+    launch.py sets them for node 1 of 2; a failed rank's exit code, the other rank stopped, not waited for."""
+    import json
+    import subprocess
+    import sys
+
+    entry = tmp_path / "entry.py"
+    entry.write_text(
+        "import json, os, sys, time\n"
+        "keys = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'CROSS_RANK', 'CROSS_SIZE', "
+        "'LOCAL_SIZE')\n"
+        "out = {k: os.environ[k] for k in keys}\n"
+        "open(sys.argv[-1] + os.environ['RANK'], 'w').write(json.dumps([sys.argv[1:-1], out]))\n"
+        "if sys.argv[-2] == 'fail' and os.environ['LOCAL_RANK'] == '1': sys.exit(3)\n"
+        "if sys.argv[-2] == 'fail': time.sleep(120)\n"
+    )
+    launcher = [sys.executable, "-m", "ffscale.run.ranks", "--nproc=2", "--nnodes=2", "--node-rank=1",
+                "--master-addr=10.0.0.1", "--master-port=1234", str(entry)]  # fmt: skip
+    assert subprocess.run([*launcher, "ok", str(tmp_path / "r")], timeout=60).returncode == 0
+    args, env = json.loads((tmp_path / "r3").read_text())
+    assert args == ["--local_rank=1", "ok"]
+    assert env == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "10.0.0.1",
+                   "MASTER_PORT": "1234", "CROSS_RANK": "1", "CROSS_SIZE": "2", "LOCAL_SIZE": "2"}  # fmt: skip
+    assert json.loads((tmp_path / "r2").read_text())[1]["LOCAL_RANK"] == "0"
+    # rank 0 sleeps 120 s: the launcher stops it rather than waits (else the timeout raises)
+    assert subprocess.run([*launcher, "fail", str(tmp_path / "f")], timeout=60).returncode == 3

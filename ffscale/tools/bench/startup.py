@@ -6,7 +6,7 @@ tracking.enabled=false`, plus the given overrides) runs `--warmup` times (1) to 
 then `--rounds` times, each in a fresh run directory; median, min and max of each part are reported. A part runs
 from one event to the next, so the parts add up to the total. Rank events are the time the last
 rank got there (the collectives wait for it), except the ranks' creation: the first rank's, which
-ends DeepSpeed's launcher chain (its launch.py, which starts the ranks; ffscale/run/launch.py).
+ends the launcher's part (ffscale/run/ranks.py, which starts the node's ranks).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from ffscale.util.startup import ENV
 
 DEMO = "configs/demo.yaml"
 STOP_AFTER_ONE_STEP = ["schedule.stop_at_step=1", "tracking.enabled=false"]
-FFSCALE, DEEPSPEED, UPSTREAM = "ffscale", "DeepSpeed launcher", "torch, DeepSpeed"
+FFSCALE, UPSTREAM = "ffscale", "torch, DeepSpeed"
 TIMEOUT_S = 900  # a failed rendezvous hangs rather than fails: gloo waits for the missing peer
 
 # key, what it covers, from event, to event, whose code runs in it
@@ -34,7 +34,7 @@ PARTS = [
     ("front_end", "`ffscale train` before it starts the launcher", "exec", "launcher_started", FFSCALE),
     ("front_end.python", "python start, ffscale.cli imported", "exec", "ffscale_started", FFSCALE),
     ("front_end.checks", "config, job checks without torch, run lock", "ffscale_started", "launcher_started", FFSCALE),
-    ("launcher_chain", "DeepSpeed's launch.py: imports DeepSpeed, starts the ranks", "launcher_started", "rank_created", DEEPSPEED),
+    ("launcher", "the node's launcher (ffscale/run/ranks.py) starts the ranks", "launcher_started", "rank_created", FFSCALE),
     ("rank_config", "rank: python start, config loaded (and its imports)", "rank_created", "config_loaded", FFSCALE),
     ("rank_imports", "rank: imports left (torch, DeepSpeed, MLflow)", "config_loaded", "imports_done", UPSTREAM),
     ("distributed_init", "distributed init", "imports_done", "distributed_initialised", FFSCALE),
