@@ -425,3 +425,90 @@ def test_a_changed_binary_index_is_never_trusted(tmp_path, fm_shards, capsys):
     (d / INDEX).unlink()
     with pytest.raises(DataError, match=f"{INDEX} is missing"):
         verify(d)
+
+
+OPEN_COUNT = """
+import sys, torch
+sys.path.insert(0, {helpers!r})
+from helpers.loaders import collect, plain_cfg
+from ffscale.data.loader import build_loader
+loader, _ = build_loader(plain_cfg({kind!r}, workers=2), {root!r}, {train}, 0, 1, 16, 0, None, torch.device("cpu"))
+for epoch in range(2):
+    collect(loader, epoch)
+"""
+
+
+def _tar_opens_per_process(tmp_path: Path, root: Path, kind: str, train: bool) -> dict[str, int]:
+    """Opens of the split's tars by each process of a real run of two epochs, counted by strace."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("strace"):
+        pytest.skip("strace is not installed")
+    script = OPEN_COUNT.format(helpers=str(Path(__file__).parents[1]), kind=kind, root=str(root), train=train)
+    log = tmp_path / f"opens-{kind}-{train}"
+    cmd = [
+        "strace",
+        "-f",
+        "--seccomp-bpf",
+        "-e",
+        "trace=openat",
+        "-o",
+        str(log),
+        sys.executable,
+        "-c",
+        script,
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    per_pid: Counter = Counter()
+    for line in log.read_text().splitlines():
+        if '.tar"' in line and str(root) in line and "= -1" not in line:
+            per_pid[line.split()[0]] += 1
+    return per_pid
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_file_opens_grow_with_the_shards_touched_not_the_samples(tmp_path, id_shards, kind):
+    """Two epochs of 300 samples in 8 shards: each process opens a shard at most once (its
+    descriptor is kept), where one open per sample made 300 per epoch."""
+    shards = len(list(id_shards.glob("*.tar")))
+    for train in (True, False):
+        per_pid = _tar_opens_per_process(tmp_path, id_shards, kind, train)
+        assert per_pid and max(per_pid.values()) <= shards, (train, per_pid)
+        # workers are started per epoch (two per epoch here; DALI's eval ones are kept)
+        assert sum(per_pid.values()) <= 2 * 2 * shards < 2 * N, (train, per_pid)
+
+
+def test_descriptors_are_per_process_and_bounded(id_shards, monkeypatch):
+    """A forked child opens its own descriptors (none shared with the parent); beyond the bound the
+    least recently used is closed."""
+    import multiprocessing
+    import os
+
+    from ffscale.data import tarindex
+    from ffscale.data.loader import open_index
+
+    index, _ = open_index(str(id_shards))
+    assert index.read(0) and index.descriptors().opens == 1
+    parent_fds = dict(index.descriptors().open)
+
+    def child(conn):
+        index.read(1)
+        index.read(2)
+        fds = index.descriptors()
+        conn.send((fds.pid == os.getpid(), fds.opens, set(fds.open)))
+
+    a, b = multiprocessing.get_context("fork").Pipe()
+    p = multiprocessing.get_context("fork").Process(target=child, args=(b,))
+    p.start()
+    own, opens, open_shards = a.recv()
+    p.join()
+    assert own and opens == len(open_shards) and index.descriptors().open == parent_fds
+    assert index.read(0) and index.descriptors().opens == 1  # the parent's descriptor still serves
+    monkeypatch.setattr(tarindex, "open_shard_capacity", lambda: 2)
+    small = tarindex._Descriptors(index.files)
+    for k in (0, 1, 0, 2, 3):
+        small.get(k)
+    assert list(small.open) == [2, 3] and small.opens == 4
+    small.close()
