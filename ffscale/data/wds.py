@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ffscale.config import DataCfg
-from ffscale.data.plan import Batch, SamplePlan, pad_eval
+from ffscale.data.plan import Batch, SamplePlan, pad_batch, pad_eval
 from ffscale.data.samples import decode_image, parse_label
 from ffscale.data.tarindex import TarIndex
 from ffscale.data.transforms import eval_transform, train_transform
@@ -78,6 +78,9 @@ class WdsLoader:
             print(f"ffscale: skipped ({e})", flush=True)  # names shard and key
             return None
 
+    def close(self) -> None:
+        """Nothing is held between epochs: each epoch's DataLoader workers end with it."""
+
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         b = self.batch
         ids = self.plan.epoch_ids(epoch, self.train, b)[skip * b :]
@@ -92,10 +95,15 @@ class WdsLoader:
         n = skip
         for got in dl:
             n += 1
-            if got is not None:  # a batch whose every sample was skipped as bad
-                yield got
+            if self.train:
+                if got is not None:  # a batch whose every sample was skipped as bad
+                    yield got
+            elif got is not None:  # eval: every batch `b` rows, the last (or a short one) padded
+                yield pad_batch(*got, b)
+            else:
+                yield from pad_eval(0, 1, b, self.cfg.img_size, torch.device("cpu"))
         if not self.train:
-            yield from pad_eval(n, self.steps_per_epoch, self.cfg.img_size, torch.device("cpu"))
+            yield from pad_eval(n, self.steps_per_epoch, b, self.cfg.img_size, torch.device("cpu"))
 
 
 def _collate(samples: list) -> Batch | None:

@@ -83,8 +83,22 @@ def test_eval_covers_every_sample_exactly_once_over_ranks(id_shards, kind):
         all_ids += ids
         batches.append(len(sizes))
         assert loader.num_samples == N
+        assert set(sizes) == {16}  # every batch micro-batch rows (padded): a compiled model sees one shape
     assert sorted(all_ids) == list(range(N))
     assert batches[0] == batches[1]  # padded so ZeRO-3 ranks run equal forwards
+
+
+def test_dali_builds_the_val_pipeline_once_for_every_evaluation(id_shards):
+    """The model's and the EMA's evaluations, epoch after epoch, run through one pipeline reset
+    between them; one abandoned midway cannot be reset, so the next builds it again."""
+    loader, _ = build_loader(plain_cfg("dali"), str(id_shards), False, 0, 2, 16, 0, None, torch.device("cpu"))
+    first = collect(loader)
+    assert all(collect(loader) == first for _ in range(3)) and loader.builds == 1
+    abandoned = loader.epoch(0)
+    next(abandoned)
+    abandoned.close()
+    assert collect(loader) == first and loader.builds == 2
+    loader.close()
 
 
 @pytest.mark.parametrize("kind", LOADERS)
