@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -126,6 +127,7 @@ class DaliLoader:
         self.num_classes, self.device = num_classes, device
         self.steps_per_epoch, self.num_samples = plan.epoch_size(train, batch)
         self.builds = 0  # pipelines built by this loader (evaluation: one, however many epochs)
+        self.host_resize_s = 0.0  # this thread's CPU in the host resize (`ffscale bench data` says it apart)
         self._val = None  # the evaluation's (pipeline, iterator), kept between evaluations
         self._val_whole = False  # the last evaluation ran to its end, so a reset starts the next
 
@@ -255,6 +257,7 @@ class DaliLoader:
     def _resize(self, crops, mirror) -> torch.Tensor:
         """Each decoded crop (HWC uint8) to img_size (data.interpolation, antialiased), flipped as drawn."""
         size, mode = self.cfg.img_size, self.cfg.interpolation
+        cpu0 = time.thread_time()
         out = torch.empty(len(crops), 3, size, size, dtype=torch.uint8)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one small image each: DALI's threads are decoding the next batch
@@ -265,7 +268,34 @@ class DaliLoader:
                 out[i] = r[0].flip(-1) if mirror[i] else r[0]
         finally:
             torch.set_num_threads(threads)
+            self.host_resize_s += time.thread_time() - cpu0
         return out
+
+    def read_only(self, epoch: int) -> Iterator[int]:
+        """The feed alone (`ffscale bench data`'s ceiling): the epoch's samples read by the same
+        worker processes into a pipeline that decodes nothing; yields each batch's size."""
+        from nvidia.dali import fn, pipeline_def, types
+
+        ids = self.plan.epoch_ids(epoch, self.train, self.batch)
+        ids = ids[: len(ids) // self.batch * self.batch]
+        source = SampleSource(self.index, ids, len(ids), self.num_classes)
+
+        @pipeline_def(batch_size=self.batch, num_threads=max(1, self.cfg.workers), device_id=None,
+                      prefetch_queue_depth=self.QUEUE, py_num_workers=max(1, self.cfg.workers),
+                      py_start_method=start_method())  # fmt: skip
+        def reads():
+            return tuple(fn.external_source(
+                source=source, num_outputs=2, batch=False, parallel=True, prefetch_queue_depth=self.READ_AHEAD,
+                dtype=[types.UINT8, types.INT64],
+            ))  # fmt: skip
+
+        pipe = reads()
+        try:
+            pipe.build()
+            for _ in range(len(ids) // self.batch):
+                yield len(pipe.run()[1])
+        finally:
+            _release(pipe)
 
     def _locate(self, ids: np.ndarray, batch: int, what: str):
         """DALI's decode errors carry no file name: decode, on the host, the samples of the failing

@@ -81,6 +81,16 @@ class WdsLoader:
     def close(self) -> None:
         """Nothing is held between epochs: each epoch's DataLoader workers end with it."""
 
+    def read_only(self, epoch: int) -> Iterator[int]:
+        """The feed alone (`ffscale bench data`'s ceiling): the epoch's samples read by the same
+        DataLoader workers, nothing decoded; yields each batch's size."""
+        ids = self.plan.epoch_ids(epoch, self.train, self.batch)
+        dl = torch.utils.data.DataLoader(
+            _Reads(self, ids), batch_size=self.batch, num_workers=self.cfg.workers, drop_last=True
+        )
+        for y in dl:
+            yield len(y)
+
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         b = self.batch
         ids = self.plan.epoch_ids(epoch, self.train, b)[skip * b :]
@@ -104,6 +114,20 @@ class WdsLoader:
                 yield from pad_eval(0, 1, b, self.cfg.img_size, torch.device("cpu"))
         if not self.train:
             yield from pad_eval(n, self.steps_per_epoch, b, self.cfg.img_size, torch.device("cpu"))
+
+
+class _Reads(torch.utils.data.Dataset):
+    """Position k of the rank's epoch list -> its label, the sample read and checked, not decoded."""
+
+    def __init__(self, loader: WdsLoader, ids: np.ndarray):
+        self.l, self.ids = loader, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, k: int) -> int:
+        s = self.l.index.read(int(self.ids[k]))
+        return parse_label(s, self.l.num_classes, self.l.index.members)
 
 
 def _collate(samples: list) -> Batch | None:
