@@ -29,7 +29,7 @@ import torch
 from torch.nn import functional as F
 
 from ffscale.config import DataCfg
-from ffscale.data.feed import SampleSource, data_error_in
+from ffscale.data.feed import LABEL_BYTES, SampleSource, data_error_in
 from ffscale.data.plan import Batch, SamplePlan
 from ffscale.data.samples import decode_image
 from ffscale.data.tarindex import TarIndex
@@ -61,11 +61,12 @@ def _pipeline(source, train, c: DataCfg, rand_aug: bool, decode_device: str, hos
 
     @pipeline_def(enable_conditionals=True)
     def pipe():
-        # the rank's samples in the plan's order, read by DALI's worker processes (feed.SampleSource)
-        jpg, label = fn.external_source(
-            source=source, num_outputs=2, batch=False, parallel=True, prefetch_queue_depth=ahead,
-            dtype=[types.UINT8, types.INT64],
-        )  # fmt: skip
+        # the rank's samples in the plan's order, read by DALI's worker processes (feed.SampleSource),
+        # each one array: the encoded image, then its label's 8 bytes (feed.packed)
+        raw = fn.external_source(
+            source=source, batch=False, parallel=True, prefetch_queue_depth=ahead, dtype=types.UINT8
+        )
+        jpg, label = _unpack(raw)
         if train:
             img = fn.decoders.image_random_crop(
                 jpg, device=decode_device, output_type=types.RGB, random_area=list(c.scale),
@@ -93,6 +94,13 @@ def _pipeline(source, train, c: DataCfg, rand_aug: bool, decode_device: str, hos
         return img, label
 
     return pipe
+
+
+def _unpack(raw):
+    """feed.packed's array -> (encoded image, int64 label), in the graph."""
+    from nvidia.dali import fn, types
+
+    return raw[:-LABEL_BYTES], fn.reinterpret(raw[-LABEL_BYTES:], dtype=types.INT64)
 
 
 def start_method() -> str:
@@ -221,7 +229,7 @@ class DaliLoader:
             if n < skip:
                 yield None
             else:
-                yield self._resize(img, mirror.as_array()), torch.from_numpy(label.as_array())
+                yield self._resize(img, mirror.as_array()), torch.from_numpy(label.as_array()).view(-1)
 
     def _guarded(self, batches: Iterator, ids: np.ndarray) -> Iterator:
         """`batches` with DALI's and the workers' failures said as DataError or DaliFailure."""
@@ -284,9 +292,8 @@ class DaliLoader:
                       prefetch_queue_depth=self.QUEUE, py_num_workers=max(1, self.cfg.workers),
                       py_start_method=start_method())  # fmt: skip
         def reads():
-            return tuple(fn.external_source(
-                source=source, num_outputs=2, batch=False, parallel=True, prefetch_queue_depth=self.READ_AHEAD,
-                dtype=[types.UINT8, types.INT64],
+            return _unpack(fn.external_source(
+                source=source, batch=False, parallel=True, prefetch_queue_depth=self.READ_AHEAD, dtype=types.UINT8
             ))  # fmt: skip
 
         pipe = reads()

@@ -1,5 +1,5 @@
 """The sample source DALI's parallel external source calls in its worker processes: position k of
-the rank's epoch list -> (encoded image, label). The rank process runs no Python per sample; its
+the rank's epoch list -> its encoded image and label. The rank process runs no Python per sample; its
 workers read at the split's index offsets (TarIndex), each with its own open shards.
 
 Kept apart from ffscale/data/dali.py so that a worker started by `spawn` (DALI's start method once
@@ -26,37 +26,49 @@ PAD_LABEL = -1  # eval padding: every batch has micro_batch rows; the engine cou
 
 
 @functools.cache
-def pad_image() -> np.ndarray:
+def pad_image() -> bytes:
     """A tiny valid JPEG every decoder reads, for eval's padding rows."""
     from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (8, 8), (0, 0, 0)).save(buf, format="JPEG")
-    return np.frombuffer(buf.getvalue(), dtype=np.uint8)
+    return buf.getvalue()
 
 
-def read_sample(index: TarIndex, i: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sample i as DALI takes it: its encoded image and its label (checked here)."""
+LABEL_BYTES = 8  # the label rides after the image's bytes as an int64 (native byte order)
+
+
+def packed(image: bytes | np.ndarray, label: int) -> np.ndarray:
+    """One uint8 array: the encoded image, then its label's 8 bytes. DALI receives each output of
+    each sample with Python in the rank process (nvidia-dali 2.4.0, _multiproc/shared_batch.py
+    `deserialize_batch`, external_source.py `_prep_data_for_feed_input`), so one output costs half
+    of two; the graph splits it again (dali._pipeline)."""
+    return np.concatenate(
+        [np.frombuffer(image, dtype=np.uint8), np.array([label], dtype=np.int64).view(np.uint8)]
+    )
+
+
+def read_sample(index: TarIndex, i: int, num_classes: int) -> np.ndarray:
+    """Sample i as DALI takes it: its encoded image and its label (checked here), `packed`."""
     s = index.read(i)
-    y = parse_label(s, num_classes, index.members)
-    return np.frombuffer(image_bytes(s, index.members), dtype=np.uint8), np.array(y, dtype=np.int64)
+    return packed(image_bytes(s, index.members), parse_label(s, num_classes, index.members))
 
 
 class SampleSource:
     """`fn.external_source(source=SampleSource(...), batch=False, parallel=True)`: DALI calls it with
-    a SampleInfo per sample; `idx_in_epoch` k gives the plan's sample `ids[k]`, positions from `real`
+    a SampleInfo per sample, and it returns the sample `packed`; `idx_in_epoch` k gives the plan's sample `ids[k]`, positions from `real`
     on are padding, and StopIteration ends the epoch at len(ids) (a whole number of batches: DALI's
     parallel source drops a last partial batch). Picklable: a mapped index travels as its path."""
 
     def __init__(self, index: TarIndex, ids: np.ndarray, real: int, num_classes: int):
         self.index, self.ids, self.real, self.num_classes = index, ids, real, num_classes
 
-    def __call__(self, info) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, info) -> np.ndarray:
         k = info.idx_in_epoch
         if k >= len(self.ids):
             raise StopIteration
         if k >= self.real:
-            return pad_image(), np.array(PAD_LABEL, dtype=np.int64)
+            return packed(pad_image(), PAD_LABEL)
         try:
             return read_sample(self.index, int(self.ids[k]), self.num_classes)
         except DataError as e:
