@@ -3,9 +3,10 @@ the CPU where there is no GPU. The only module that knows DALI.
 
 The rank's samples are read in the SamplePlan's order by DALI's parallel external source: worker
 processes (`data.workers`, at least one) call ffscale/data/feed.py's SampleSource per sample, so the
-rank process runs no Python per sample and its GIL is free for the step. DALI's own webdataset
-reader cannot take the plan's order: it shards by contiguous ranges of samples and shuffles only
-inside an `initial_fill` buffer.
+reads and label checks hold no GIL of the rank process (DALI's receiving of each sample still runs
+Python there: `ffscale bench data` measures it). DALI's own webdataset reader cannot take the
+plan's order: it shards by contiguous ranges of samples and shuffles only inside an
+`initial_fill` buffer.
 
 Training builds one pipeline per epoch, seeded from (seed, epoch, rank): an epoch's batches are a
 pure function of those. DALI's random operators draw from one stream per operator, whose use

@@ -1,6 +1,9 @@
 """The sample source DALI's parallel external source calls in its worker processes: position k of
-the rank's epoch list -> its encoded image and label. The rank process runs no Python per sample; its
-workers read at the split's index offsets (TarIndex), each with its own open shards.
+the rank's epoch list -> its encoded image and label. The reads, header checks and label parsing
+run in the workers, at the split's index offsets (TarIndex), each with its own open shards; what
+stays in the rank process per sample is DALI's receiving of it from shared memory (Python in
+nvidia-dali 2.4.0: _multiproc/shared_batch.py `deserialize_batch`, external_source.py
+`_prep_data_for_feed_input`).
 
 Kept apart from ffscale/data/dali.py so that a worker started by `spawn` (DALI's start method once
 CUDA is initialised) imports numpy, PIL and the index, not torch or DALI's graph code.
