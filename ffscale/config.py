@@ -53,7 +53,7 @@ class DataCfg:
     hflip: float = 0.5
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    workers: int = 2  # loader worker processes per rank (threads for DALI)
+    workers: int = 2  # per rank: DataLoader worker processes; DALI reader processes (>= 1) and threads
     # DeiT's repeated augmentation (RASampler, samplers.py:8-59): each image `repeats` times per epoch
     # on different ranks, the epoch as long as without (data/plan.py); 3 in DeiT's ImageNet recipe
     repeats: int = 1

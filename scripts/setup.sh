@@ -40,6 +40,11 @@ case ",${extras}," in *,dev,*)
     { $SUDO apt-get install -y -qq postgresql || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq postgresql; }; } \
       >/dev/null 2>&1 || echo "setup: postgresql not installed (the MLflow server tests use SQLite instead)"
   fi
+  # strace counts the shard opens of a real read (tests/unit/test_data.py)
+  if ! command -v strace >/dev/null; then
+    { $SUDO apt-get install -y -qq strace || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq strace; }; } \
+      >/dev/null 2>&1 || echo "setup: strace not installed"
+  fi
 esac
 imports="ffscale, deepspeed, mlflow"
 case ",${extras}," in *,dali,*) imports="$imports, nvidia.dali" ;; esac

@@ -109,7 +109,9 @@ def add_parser(sub) -> None:
     bd.add_argument("--images", type=int, default=3000, help="images in the generated set")
     bd.add_argument("--img-size", type=int, default=224)
     bd.add_argument("--batch", type=int, default=64)
-    bd.add_argument("--workers", type=int, default=2, help="DataLoader workers = DALI threads")
+    bd.add_argument(
+        "--workers", type=int, default=2, help="DataLoader workers = DALI reader processes and threads"
+    )
     bd.add_argument(
         "--rounds", type=int, default=3, help="rounds per loader, alternating, each a fresh process"
     )

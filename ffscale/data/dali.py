@@ -1,21 +1,28 @@
 """NVIDIA DALI pipelines: nvJPEG/hardware decode on the GPU (`device="mixed"`), the same graph on
 the CPU where there is no GPU. The only module that knows DALI.
 
-One pipeline per epoch, fed the rank's samples of that epoch in the SamplePlan's order (read by
-index on the host, as the webdataset loader reads them) and seeded from (seed, epoch, rank): an
-epoch's batches are a pure function of those. DALI's random operators draw from one stream per
-operator, whose use depends on the images (a crop window is drawn again until it fits), so a
-resumed epoch runs the batches it skips through the pipeline and drops them, as the uninterrupted
-run drew them. DALI's own webdataset reader cannot take the plan's order: it shards by contiguous
-ranges of samples and shuffles only inside an `initial_fill` buffer.
+The rank's samples are read in the SamplePlan's order by DALI's parallel external source: worker
+processes (`data.workers`, at least one) call ffscale/data/feed.py's SampleSource per sample, so the
+reads and label checks hold no GIL of the rank process (DALI's receiving of each sample still runs
+Python there: `ffscale bench data` measures it). DALI's own webdataset reader cannot take the
+plan's order: it shards by contiguous ranges of samples and shuffles only inside an
+`initial_fill` buffer.
+
+Training builds one pipeline per epoch, seeded from (seed, epoch, rank): an epoch's batches are a
+pure function of those. DALI's random operators draw from one stream per operator, whose use
+depends on the images (a crop window is drawn again until it fits), so a resumed epoch runs the
+batches it skips through the pipeline and drops them, as the uninterrupted run drew them.
+Evaluation has no random operator: its pipeline is built once per loader and reset for every
+evaluation (the model's and the EMA's), and every batch has exactly `batch` rows (the last padded
+with label -1), so a compiled model sees one shape.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +30,11 @@ import torch
 from torch.nn import functional as F
 
 from ffscale.config import DataCfg
-from ffscale.data.plan import Batch, SamplePlan, pad_eval
-from ffscale.data.samples import decode_image, image_bytes, parse_label
+from ffscale.data.feed import LABEL_BYTES, SampleSource, data_error_in
+from ffscale.data.plan import Batch, SamplePlan
+from ffscale.data.samples import decode_image
 from ffscale.data.tarindex import TarIndex
-from ffscale.errors import DaliFailure, DataError
+from ffscale.errors import DaliFailure, DataError, FfscaleError
 from ffscale.util.seeds import derive31
 
 
@@ -45,7 +53,7 @@ def available() -> bool:
     return True
 
 
-def _pipeline(feed, train, c: DataCfg, rand_aug: bool, decode_device: str, host_resize: bool):
+def _pipeline(source, train, c: DataCfg, rand_aug: bool, decode_device: str, host_resize: bool, ahead: int):
     from nvidia.dali import fn, pipeline_def, types
 
     from ffscale.data import randaug
@@ -54,10 +62,12 @@ def _pipeline(feed, train, c: DataCfg, rand_aug: bool, decode_device: str, host_
 
     @pipeline_def(enable_conditionals=True)
     def pipe():
-        # the rank's samples in the plan's order, read on the host (TarIndex); decoded from here on
-        jpg, label = fn.external_source(
-            source=feed, num_outputs=2, batch=True, dtype=[types.UINT8, types.INT64]
+        # the rank's samples in the plan's order, read by DALI's worker processes (feed.SampleSource),
+        # each one array: the encoded image, then its label's 8 bytes (feed.packed)
+        raw = fn.external_source(
+            source=source, batch=False, parallel=True, prefetch_queue_depth=ahead, dtype=types.UINT8
         )
+        jpg, label = _unpack(raw)
         if train:
             img = fn.decoders.image_random_crop(
                 jpg, device=decode_device, output_type=types.RGB, random_area=list(c.scale),
@@ -87,42 +97,26 @@ def _pipeline(feed, train, c: DataCfg, rand_aug: bool, decode_device: str, host_
     return pipe
 
 
-class _Feed:
-    """DALI's source: batch i of the rank's epoch list as (encoded images, labels). Reads run on a
-    thread pool `ahead` batches in front of DALI (pread releases the GIL), so storage latency
-    overlaps the step. A bad sample ends the feed; the loader raises its DataError in order."""
+def _unpack(raw):
+    """feed.packed's array -> (encoded image, int64 label), in the graph."""
+    from nvidia.dali import fn, types
 
-    def __init__(self, loader: DaliLoader, ids: np.ndarray, ahead: int = 3):
-        self.l, self.ids, self.ahead = loader, ids, ahead
-        self.batches = -(-len(ids) // loader.batch)
-        self.pool = ThreadPoolExecutor(max(2, loader.cfg.workers))
-        self.pending: dict[int, list] = {}
-        self.failed: DataError | None = None
+    return raw[:-LABEL_BYTES], fn.reinterpret(raw[-LABEL_BYTES:], dtype=types.INT64)
 
-    def ids_of(self, i: int) -> np.ndarray:
-        return self.ids[i * self.l.batch : (i + 1) * self.l.batch]
 
-    def _submit(self, i: int) -> None:
-        if i < self.batches and i not in self.pending:
-            self.pending[i] = [self.pool.submit(self.l.read, int(j)) for j in self.ids_of(i)]
-
-    def __call__(self, i: int):
-        for k in range(i, i + self.ahead + 1):
-            self._submit(k)
-        if i >= self.batches or self.failed:
-            raise StopIteration
-        try:
-            got = [f.result() for f in self.pending.pop(i)]
-        except DataError as e:
-            self.failed = e
-            raise StopIteration from None
-        return [g[0] for g in got], [g[1] for g in got]
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+def start_method() -> str:
+    """How DALI starts its Python workers: "fork" unless CUDA is initialised in this process, then
+    "spawn": forking a process that holds a CUDA context is unsupported (nvidia-dali 2.4.0,
+    nvidia/dali/pipeline.py, Pipeline's `py_start_method` and `start_py_workers` docstrings)."""
+    return "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
 
 
 class DaliLoader:
+    # batches the workers read ahead of the pipeline (the parallel source's prefetch_queue_depth),
+    # so storage latency overlaps decoding and the step
+    READ_AHEAD = 2
+    QUEUE = 2  # the pipeline's own prefetch_queue_depth
+
     def __init__(
         self,
         cfg: DataCfg,
@@ -141,53 +135,138 @@ class DaliLoader:
         self.cfg, self.plan, self.index, self.train, self.batch = cfg, plan, index, train, batch
         self.num_classes, self.device = num_classes, device
         self.steps_per_epoch, self.num_samples = plan.epoch_size(train, batch)
+        self.builds = 0  # pipelines built by this loader (evaluation: one, however many epochs)
+        self.host_resize_s = 0.0  # this thread's CPU in the host resize (`ffscale bench data` says it apart)
+        self._val = None  # the evaluation's (pipeline, iterator), kept between evaluations
+        self._val_whole = False  # the last evaluation ran to its end, so a reset starts the next
 
-    def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Sample i as DALI takes it: its encoded image and its label (checked here, on the host)."""
-        s = self.index.read(i)
-        y = parse_label(s, self.num_classes, self.index.members)
-        return np.frombuffer(image_bytes(s, self.index.members), dtype=np.uint8), np.array(y, dtype=np.int64)
-
-    def _batches(self, feed: _Feed, epoch: int, skip: int) -> Iterator[tuple | None]:
-        """The epoch's batches as (images, labels) tensors; None for the `skip` first (run, dropped)."""
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-
+    def _build(self, source: SampleSource, seed: int, host_resize: bool):
         gpu = self.device.type == "cuda"
         rand_aug = self.cfg.rand_augment and self.train
-        # On a CPU, DALI's resize costs ~1 ms per 224 px image, torch's uint8 SIMD resize ~0.15 ms.
-        host = self.train and not gpu and not rand_aug
-        pipe = _pipeline(feed, self.train, self.cfg, rand_aug, "mixed" if gpu else "cpu", host)(
+        pipe = _pipeline(
+            source, self.train, self.cfg, rand_aug, "mixed" if gpu else "cpu", host_resize, self.READ_AHEAD
+        )(
             batch_size=self.batch,
             num_threads=max(1, self.cfg.workers),
             device_id=self.device.index or 0 if gpu else None,
-            seed=derive31(self.plan.seed, "dali", epoch, self.plan.rank),
-            prefetch_queue_depth=2,
+            seed=seed,
+            prefetch_queue_depth=self.QUEUE,
+            py_num_workers=max(1, self.cfg.workers),
+            py_start_method=start_method(),
         )
         pipe.build()
-        if host:
-            for n in range(feed.batches):
-                try:
-                    img, label, mirror = pipe.run()
-                except StopIteration:
-                    return
-                yield (
-                    None
-                    if n < skip
-                    else (self._resize(img, mirror.as_array()), torch.from_numpy(label.as_array()))
-                )
+        self.builds += 1
+        return pipe
+
+    def _host_resize(self) -> bool:
+        # On a CPU, DALI's resize costs ~1 ms per 224 px image, torch's uint8 SIMD resize ~0.15 ms.
+        return self.train and self.device.type != "cuda" and not self.cfg.rand_augment
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        batches = self._train_epoch(epoch, skip) if self.train else self._eval_epoch()
+        for got in batches:
+            if got is not None:
+                yield got
+
+    def _train_epoch(self, epoch: int, skip: int) -> Iterator[Batch | None]:
+        """The epoch's batches; None for the `skip` first (run through the pipeline, dropped)."""
+        ids = self.plan.epoch_ids(epoch, True, self.batch)  # whole batches
+        if not len(ids):
             return
-        it = DALIGenericIterator(
-            [pipe], ["x", "y"], last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False
-        )
+        host = self._host_resize()
+        source = SampleSource(self.index, ids, len(ids), self.num_classes)
+        seed = derive31(self.plan.seed, "dali", epoch, self.plan.rank)
+        pipe = self._told(lambda: self._build(source, seed, host), ids, 0)
         try:
-            for n, out in enumerate(it):
-                yield None if n < skip else (out[0]["x"], out[0]["y"].view(-1).cpu())
+            if host:
+                batches = self._host_batches(pipe, skip)
+            else:
+                batches = self._dali_batches(self._told(lambda: _iterator(pipe), ids, 0), skip)
+            yield from self._guarded(batches, ids)
         finally:
-            del it
+            _release(pipe)
+
+    def _eval_epoch(self) -> Iterator[Batch]:
+        """Every sample of the rank once, padded to `steps_per_epoch` whole batches, through the one
+        evaluation pipeline (reset after a whole evaluation; rebuilt after an abandoned one)."""
+        real = self.plan.eval_indices()
+        ids = np.zeros(self.steps_per_epoch * self.batch, dtype=np.int64)
+        ids[: len(real)] = real
+        if not len(ids):
+            return
+        try:
+            if self._val is not None and self._val_whole:
+                self._val_whole = False
+                self._told(self._val[1].reset, ids, 0)
+            else:
+                self.close()
+                source = SampleSource(self.index, ids, len(real), self.num_classes)
+                pipe = self._told(lambda: self._build(source, 0, False), ids, 0)
+                self._val = (pipe, None)
+                self._val = (pipe, self._told(lambda: _iterator(pipe), ids, 0))
+            yield from self._guarded(self._dali_batches(self._val[1], 0), ids)
+        except BaseException:  # a failure, or an evaluation abandoned midway: no reset resumes it
+            self.close()
+            raise
+        self._val_whole = True
+
+    def close(self) -> None:
+        """Stops the evaluation pipeline and its workers (the stage is over, or an evaluation was
+        abandoned midway: its pipeline cannot be reset)."""
+        if self._val is not None:
+            _release(self._val[0])
+        self._val, self._val_whole = None, False
+
+    def _dali_batches(self, it, skip: int) -> Iterator[Batch | None]:
+        for n, out in enumerate(it):
+            yield None if n < skip else (out[0]["x"], out[0]["y"].view(-1).cpu())
+
+    def _host_batches(self, pipe, skip: int) -> Iterator[Batch | None]:
+        for n in range(self.steps_per_epoch):
+            try:
+                img, label, mirror = pipe.run()
+            except StopIteration:
+                return
+            if n < skip:
+                yield None
+            else:
+                yield self._resize(img, mirror.as_array()), torch.from_numpy(label.as_array()).view(-1)
+
+    def _guarded(self, batches: Iterator, ids: np.ndarray) -> Iterator:
+        """`batches` with DALI's and the workers' failures said as DataError or DaliFailure."""
+        n = 0
+        while True:
+            got = self._told(lambda: next(batches, _END), ids, n)
+            if got is _END:
+                return
+            n += 1
+            yield got
+
+    def _told(self, call, ids: np.ndarray, batch: int):
+        """call(), with a failure turned into the line that names its cause: a bad sample a worker
+        read (shard and sample), a decode error located on the host, or DALI itself failing."""
+        try:
+            return call()
+        except FfscaleError:
+            raise
+        except Exception as e:
+            bad = data_error_in(e)
+            if bad is not None:
+                raise bad from None
+            if not isinstance(e, RuntimeError):
+                raise
+            what = dali_error_line(str(e))
+            if not is_data_error(str(e)):  # the driver, CUDA, nvJPEG, memory: said at once
+                raise DaliFailure(
+                    f"DALI failed on {self.device} (not a data error): {what}. Train without DALI with "
+                    "data.loader=webdataset"
+                ) from None
+            self._locate(ids, batch, what)
 
     def _resize(self, crops, mirror) -> torch.Tensor:
         """Each decoded crop (HWC uint8) to img_size (data.interpolation, antialiased), flipped as drawn."""
         size, mode = self.cfg.img_size, self.cfg.interpolation
+        cpu0 = time.thread_time()
         out = torch.empty(len(crops), 3, size, size, dtype=torch.uint8)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one small image each: DALI's threads are decoding the next batch
@@ -198,41 +277,65 @@ class DaliLoader:
                 out[i] = r[0].flip(-1) if mirror[i] else r[0]
         finally:
             torch.set_num_threads(threads)
+            self.host_resize_s += time.thread_time() - cpu0
         return out
 
-    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
-        feed = _Feed(self, self.plan.epoch_ids(epoch, self.train, self.batch))
-        n = 0
-        try:
-            if len(feed.ids):
-                for got in self._batches(feed, epoch, skip):
-                    n += 1
-                    if got is not None:
-                        yield got
-        except RuntimeError as e:
-            if feed.failed:  # the feed ended at a bad sample before DALI had a batch
-                raise feed.failed from None
-            what = dali_error_line(str(e))
-            if not is_data_error(str(e)):  # the driver, CUDA, nvJPEG, memory: said at once
-                raise DaliFailure(
-                    f"DALI failed on {self.device} (not a data error): {what}. Train without DALI with "
-                    "data.loader=webdataset"
-                ) from None
-            self._locate(feed, n, what)
-        finally:
-            feed.close()
-        if feed.failed:
-            raise feed.failed
-        if not self.train:
-            yield from pad_eval(n, self.steps_per_epoch, self.cfg.img_size, self.device)
+    def read_only(self, epoch: int) -> Iterator[int]:
+        """The feed alone (`ffscale bench data`'s ceiling): the epoch's samples read by the same
+        worker processes into a pipeline that decodes nothing; yields each batch's size."""
+        from nvidia.dali import fn, pipeline_def, types
 
-    def _locate(self, feed: _Feed, batch: int, what: str):
+        ids = self.plan.epoch_ids(epoch, self.train, self.batch)
+        ids = ids[: len(ids) // self.batch * self.batch]
+        source = SampleSource(self.index, ids, len(ids), self.num_classes)
+
+        @pipeline_def(batch_size=self.batch, num_threads=max(1, self.cfg.workers), device_id=None,
+                      prefetch_queue_depth=self.QUEUE, py_num_workers=max(1, self.cfg.workers),
+                      py_start_method=start_method())  # fmt: skip
+        def reads():
+            return _unpack(fn.external_source(
+                source=source, batch=False, parallel=True, prefetch_queue_depth=self.READ_AHEAD, dtype=types.UINT8
+            ))  # fmt: skip
+
+        pipe = reads()
+        try:
+            pipe.build()
+            for _ in range(len(ids) // self.batch):
+                yield len(pipe.run()[1])
+        finally:
+            _release(pipe)
+
+    def _locate(self, ids: np.ndarray, batch: int, what: str):
         """DALI's decode errors carry no file name: decode, on the host, the samples of the failing
         batch and those DALI may have been working ahead on, and raise naming the one that fails."""
-        for i in range(batch, min(batch + 3, feed.batches)):
-            for j in feed.ids_of(i):
-                decode_image(self.index.read(int(j)), self.index.members)  # raises DataError naming it
+        ahead = self.QUEUE + self.READ_AHEAD + 1
+        for j in ids[batch * self.batch : (batch + ahead) * self.batch]:
+            decode_image(self.index.read(int(j)), self.index.members)  # raises DataError naming it
         raise DataError(f"DALI failed near batch {batch} under {Path(self.index.files[0]).parent}: {what}")
+
+
+_END = object()
+
+
+def _release(pipe) -> None:
+    """The pipeline and its worker processes stopped now, in this thread. Left to the garbage
+    collector, a pipeline held in a reference cycle (a traceback's frames hold one) is freed wherever
+    a collection runs next: on its pool's observer thread, which cannot join itself ("cannot join
+    current thread"), or in a worker forked for the next pipeline, whose inherited copy's Shutdown
+    aborts it (nvidia-dali 2.4.0: pipeline.py `__del__` -> `_shutdown`, and `_start_py_workers`'
+    finalizer -> _multiproc/pool.py `close`, which joins the observer thread). Both are idempotent."""
+    pipe._shutdown()
+    pool = getattr(pipe, "_py_pool", None)
+    if pool is not None:
+        pool.close()
+
+
+def _iterator(pipe):
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    return DALIGenericIterator(
+        [pipe], ["x", "y"], last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=False
+    )
 
 
 def dali_error_line(message: str) -> str:

@@ -22,7 +22,8 @@ The permutation is torch's `randperm` under a generator seeded as timm seeds it 
 by the run's seed: `tests/unit/test_plan.py` holds the lists to timm's and torch's samplers.
 
 Batch format: (images uint8 [B, 3, H, W], labels int64 [B]); label -1 marks eval padding, which
-keeps every rank doing the same number of forward passes (ZeRO-3 gathers parameters per forward).
+keeps every rank doing the same number of forward passes (ZeRO-3 gathers parameters per forward)
+and every eval batch `B` = micro-batch rows (a compiled model sees one shape).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Loader(Protocol):
     choice: str  # which loader and why (for the stage log)
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]: ...
+
+    def close(self) -> None: ...  # what the loader holds between epochs (worker processes) released
 
 
 @dataclass(frozen=True)
@@ -106,10 +109,22 @@ class SamplePlan:
         return counts.eval_steps(self.n, self.world, batch)
 
 
-def pad_eval(done: int, steps: int, img_size: int, device: torch.device) -> Iterator[Batch]:
-    """Padding batches (label -1) from `done` up to `steps`: every rank runs as many eval forwards."""
+def pad_batch(x: torch.Tensor, y: torch.Tensor, batch: int) -> Batch:
+    """An eval batch filled up to `batch` rows with black images labelled -1."""
+    short = batch - len(y)
+    if short <= 0:
+        return x, y
+    return (
+        torch.cat([x, x.new_zeros((short, *x.shape[1:]))]),
+        torch.cat([y, torch.full((short,), -1, dtype=y.dtype, device=y.device)]),
+    )
+
+
+def pad_eval(done: int, steps: int, batch: int, img_size: int, device: torch.device) -> Iterator[Batch]:
+    """Padding batches (label -1) from `done` up to `steps`: every rank runs as many eval forwards, of
+    `batch` rows like every other, so a compiled model sees no new shape."""
     for _ in range(done, steps):
         yield (
-            torch.zeros(1, 3, img_size, img_size, dtype=torch.uint8, device=device),
-            torch.full((1,), -1),
+            torch.zeros(batch, 3, img_size, img_size, dtype=torch.uint8, device=device),
+            torch.full((batch,), -1),
         )

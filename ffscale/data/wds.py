@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ffscale.config import DataCfg
-from ffscale.data.plan import Batch, SamplePlan, pad_eval
+from ffscale.data.plan import Batch, SamplePlan, pad_batch, pad_eval
 from ffscale.data.samples import decode_image, parse_label
 from ffscale.data.tarindex import TarIndex
 from ffscale.data.transforms import eval_transform, train_transform
@@ -78,6 +78,19 @@ class WdsLoader:
             print(f"ffscale: skipped ({e})", flush=True)  # names shard and key
             return None
 
+    def close(self) -> None:
+        """Nothing is held between epochs: each epoch's DataLoader workers end with it."""
+
+    def read_only(self, epoch: int) -> Iterator[int]:
+        """The feed alone (`ffscale bench data`'s ceiling): the epoch's samples read by the same
+        DataLoader workers, nothing decoded; yields each batch's size."""
+        ids = self.plan.epoch_ids(epoch, self.train, self.batch)
+        dl = torch.utils.data.DataLoader(
+            _Reads(self, ids), batch_size=self.batch, num_workers=self.cfg.workers, drop_last=True
+        )
+        for y in dl:
+            yield len(y)
+
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
         b = self.batch
         ids = self.plan.epoch_ids(epoch, self.train, b)[skip * b :]
@@ -92,10 +105,29 @@ class WdsLoader:
         n = skip
         for got in dl:
             n += 1
-            if got is not None:  # a batch whose every sample was skipped as bad
-                yield got
+            if self.train:
+                if got is not None:  # a batch whose every sample was skipped as bad
+                    yield got
+            elif got is not None:  # eval: every batch `b` rows, the last (or a short one) padded
+                yield pad_batch(*got, b)
+            else:
+                yield from pad_eval(0, 1, b, self.cfg.img_size, torch.device("cpu"))
         if not self.train:
-            yield from pad_eval(n, self.steps_per_epoch, self.cfg.img_size, torch.device("cpu"))
+            yield from pad_eval(n, self.steps_per_epoch, b, self.cfg.img_size, torch.device("cpu"))
+
+
+class _Reads(torch.utils.data.Dataset):
+    """Position k of the rank's epoch list -> its label, the sample read and checked, not decoded."""
+
+    def __init__(self, loader: WdsLoader, ids: np.ndarray):
+        self.l, self.ids = loader, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, k: int) -> int:
+        s = self.l.index.read(int(self.ids[k]))
+        return parse_label(s, self.l.num_classes, self.l.index.members)
 
 
 def _collate(samples: list) -> Batch | None:

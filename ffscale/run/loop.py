@@ -64,6 +64,14 @@ def run_stage(
     """Train one stage to its end (or to schedule.stop_at_step); the stage summary. `fence()` raises
     when the run is no longer this job's (ffscale/run/runlock.py), checked before every checkpoint."""
     r = StageRun(stage, dist, tracker, run, init_weights, lineage, fence)
+    try:
+        return _run(r, init_weights)
+    finally:  # the val loader's pipeline and workers, kept between evaluations, end with the stage
+        r.train.close()
+        r.val.close()
+
+
+def _run(r: StageRun, init_weights: Path | None) -> dict:
     if init_weights is not None and (r.fresh or r.progress.carried_eval_pending):
         r.evaluate_carried(init_weights)
     r.engine.stop_if_requested(asdict(r.progress), agree=True)  # SIGTERM during start-up

@@ -71,3 +71,29 @@ def test_bench_index_opens_a_synthetic_split_in_fresh_processes(tmp_path, capsys
     print_index(res)
     assert "| index opened (sha256 checked, mapped) |" in capsys.readouterr().out
     assert not list(tmp_path.iterdir())  # the synthetic split is removed
+
+
+def test_python_thread_cpu_counts_each_python_thread_from_its_own_clock():
+    import threading
+    import time
+
+    from ffscale.tools.bench.data import PythonThreadCpu
+
+    def spin(seconds):
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    cpu = PythonThreadCpu()
+    t = threading.Thread(target=spin, args=(0.2,), name="spinner")
+    t.start()
+    time.sleep(0.01)
+    cpu.sample()  # the thread is seen while it runs: counted from here
+    t.join(timeout=0.01)
+    while t.is_alive():
+        cpu.sample()
+        time.sleep(0.01)
+    assert "spinner" in cpu.names() and "MainThread" in cpu.names()
+    assert (
+        0.1 < cpu.seconds() < 0.2 + 0.15
+    )  # the spinner's time after it was first seen, and the main thread's

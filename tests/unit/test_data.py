@@ -83,8 +83,22 @@ def test_eval_covers_every_sample_exactly_once_over_ranks(id_shards, kind):
         all_ids += ids
         batches.append(len(sizes))
         assert loader.num_samples == N
+        assert set(sizes) == {16}  # every batch micro-batch rows (padded): a compiled model sees one shape
     assert sorted(all_ids) == list(range(N))
     assert batches[0] == batches[1]  # padded so ZeRO-3 ranks run equal forwards
+
+
+def test_dali_builds_the_val_pipeline_once_for_every_evaluation(id_shards):
+    """The model's and the EMA's evaluations, epoch after epoch, run through one pipeline reset
+    between them; one abandoned midway cannot be reset, so the next builds it again."""
+    loader, _ = build_loader(plain_cfg("dali"), str(id_shards), False, 0, 2, 16, 0, None, torch.device("cpu"))
+    first = collect(loader)
+    assert all(collect(loader) == first for _ in range(3)) and loader.builds == 1
+    abandoned = loader.epoch(0)
+    next(abandoned)
+    abandoned.close()
+    assert collect(loader) == first and loader.builds == 2
+    loader.close()
 
 
 @pytest.mark.parametrize("kind", LOADERS)
@@ -425,3 +439,91 @@ def test_a_changed_binary_index_is_never_trusted(tmp_path, fm_shards, capsys):
     (d / INDEX).unlink()
     with pytest.raises(DataError, match=f"{INDEX} is missing"):
         verify(d)
+
+
+OPEN_COUNT = """
+import sys, torch
+sys.path.insert(0, {helpers!r})
+from helpers.loaders import collect, plain_cfg
+from ffscale.data.loader import build_loader
+for kind in {kinds!r}:
+    for train in (True, False):
+        loader, _ = build_loader(plain_cfg(kind, workers=2), {root!r}, train, 0, 1, 16, 0, None, torch.device("cpu"))
+        for epoch in range(2):
+            collect(loader, epoch)
+        loader.close()
+"""
+
+
+def _tar_opens_per_process(tmp_path: Path, root: Path) -> dict[str, int]:
+    """Opens of the split's tars by each process of a real run (two epochs of each loader, train and
+    eval, in one process), counted by strace."""
+    import subprocess
+    import sys
+
+    script = OPEN_COUNT.format(helpers=str(Path(__file__).parents[1]), kinds=LOADERS, root=str(root))
+    log = tmp_path / "opens"
+    cmd = [
+        "strace",
+        "-f",
+        "--seccomp-bpf",
+        "-e",
+        "trace=openat",
+        "-o",
+        str(log),
+        sys.executable,
+        "-c",
+        script,
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    per_pid: Counter = Counter()
+    for line in log.read_text().splitlines():
+        if '.tar"' in line and str(root) in line and "= -1" not in line:
+            per_pid[line.split()[0]] += 1
+    return per_pid
+
+
+def test_file_opens_grow_with_the_shards_touched_not_the_samples(tmp_path, id_shards):
+    """Two epochs of 300 samples in 8 shards, by each loader, train and eval: a process opens a shard
+    at most once per index it reads through (its descriptor is kept), where one open per sample made
+    300 per epoch."""
+    shards = len(list(id_shards.glob("*.tar")))
+    per_pid = _tar_opens_per_process(tmp_path, id_shards)
+    loaders = 2 * len(LOADERS)  # this process holds one index per loader built
+    assert per_pid and max(per_pid.values()) <= loaders * shards, per_pid
+    # workers are started per epoch (two per train epoch here; DALI's eval ones are kept)
+    assert sum(per_pid.values()) <= loaders * 2 * 2 * shards < loaders * 2 * N, per_pid
+
+
+def test_descriptors_are_per_process_and_bounded(id_shards, monkeypatch):
+    """A forked child opens its own descriptors (none shared with the parent); beyond the bound the
+    least recently used is closed."""
+    import multiprocessing
+    import os
+
+    from ffscale.data import tarindex
+    from ffscale.data.loader import open_index
+
+    index, _ = open_index(str(id_shards))
+    assert index.read(0) and index.descriptors().opens == 1
+    parent_fds = dict(index.descriptors().open)
+
+    def child(conn):
+        index.read(1)
+        index.read(2)
+        fds = index.descriptors()
+        conn.send((fds.pid == os.getpid(), fds.opens, set(fds.open)))
+
+    a, b = multiprocessing.get_context("fork").Pipe()
+    p = multiprocessing.get_context("fork").Process(target=child, args=(b,))
+    p.start()
+    own, opens, open_shards = a.recv()
+    p.join()
+    assert own and opens == len(open_shards) and index.descriptors().open == parent_fds
+    assert index.read(0) and index.descriptors().opens == 1  # the parent's descriptor still serves
+    monkeypatch.setattr(tarindex, "open_shard_capacity", lambda: 2)
+    small = tarindex._Descriptors(index.files)
+    for k in (0, 1, 0, 2, 3):
+        small.get(k)
+    assert list(small.open) == [2, 3] and small.opens == 4
+    small.close()

@@ -14,7 +14,7 @@ import torch
 from helpers.ids import make_id_folder
 
 from ffscale import errors
-from ffscale.data.plan import SamplePlan, pad_eval
+from ffscale.data.plan import SamplePlan, pad_batch, pad_eval
 
 
 def timm_repeat_aug_sampler():
@@ -107,8 +107,12 @@ def test_any_world_size_trains_imagenet_once_per_epoch_times_repeats(world):
 def test_too_few_samples_for_a_batch_is_named():
     with pytest.raises(errors.DataError, match="data/x: 10 samples give 3 per rank for 4 ranks"):
         SamplePlan(10, 0, 4, 0, where="data/x").train_steps(8)
-    pads = list(pad_eval(2, 5, 8, torch.device("cpu")))
-    assert len(pads) == 3 and all(y.tolist() == [-1] and x.shape == (1, 3, 8, 8) for x, y in pads)
+    pads = list(
+        pad_eval(2, 5, 4, 8, torch.device("cpu"))
+    )  # micro-batch rows: no new shape for a compiled model
+    assert len(pads) == 3 and all(y.tolist() == [-1] * 4 and x.shape == (4, 3, 8, 8) for x, y in pads)
+    x, y = pad_batch(torch.ones(3, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 2]), 4)
+    assert y.tolist() == [0, 1, 2, -1] and x.shape == (4, 3, 8, 8) and not x[3].any() and x[:3].all()
 
 
 @pytest.fixture(scope="module")

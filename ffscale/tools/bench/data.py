@@ -6,6 +6,11 @@ and each round runs in a fresh process started with the environment training ran
 allocator: jemalloc on CPU hosts). Rounds alternate between the loaders, so drift on a shared machine
 hits both; the median and the spread of the rounds are reported.
 
+Per loader it also reports the CPU time per image of the rank process's Python threads (the
+threads that contend for the GIL with the training step: the main thread and any `threading`
+thread; DALI's native threads and the worker processes excluded), with the host resize apart, and
+the feed's ceiling: the same workers reading the same samples with nothing decoded.
+
 The default input looks like ImageNet: real images (mosaics of Fashion-MNIST pictures, coloured)
 stored as JPEGs of ImageNet's sizes (most 500x375 or 375x500, the rest 250-800 px a side), about
 110 KB each, so decoding and resizing cost what they cost on ImageNet rather than on thumbnails.
@@ -20,6 +25,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +87,38 @@ def imagenet_like_shards(out: Path, n: int, seed: int = 0) -> Path:
     return out
 
 
+TARGET_PY_US_PER_IMG = 5.0  # issue 34: the rank process's Python threads per sample, at most
+
+
+class PythonThreadCpu:
+    """CPU seconds of this process's Python threads (the main thread and any `threading` thread: the
+    ones that contend for the GIL), each read from its own clock (CLOCK_THREAD_CPUTIME_ID of its
+    pthread, nanoseconds). DALI's native threads and the loaders' worker processes are not Python
+    threads of this process and are not counted. `sample()` each batch: a thread is counted from
+    the first time it is seen to the last."""
+
+    def __init__(self):
+        self.first: dict[tuple, float] = {}
+        self.last: dict[tuple, float] = {}
+        self.sample()
+
+    def sample(self) -> None:
+        for t in threading.enumerate():
+            try:
+                cpu = time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+            except (OSError, TypeError):  # ended meanwhile
+                continue
+            key = (t.ident, t.native_id, t.name)
+            self.first.setdefault(key, cpu)
+            self.last[key] = cpu
+
+    def seconds(self) -> float:
+        return sum(self.last[k] - self.first[k] for k in self.last)
+
+    def names(self) -> list[str]:
+        return sorted({k[2] for k in self.last})
+
+
 def _cpu_seconds() -> float:
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
@@ -114,8 +152,10 @@ def measure(
     scale,
     max_batches: int = 0,
     rand_augment: bool = True,
+    feed_only: bool = False,
 ) -> dict:
-    """One round of one loader: an epoch (or `max_batches`) after `warmup` batches, in this process."""
+    """One round of one loader: an epoch (or `max_batches`) after `warmup` batches, in this process.
+    `feed_only`: the loader's reads alone (same workers, nothing decoded), its ceiling."""
     from ffscale.data.loader import build_loader
     from ffscale.util.hostenv import allocator
 
@@ -127,32 +167,41 @@ def measure(
         raise SystemExit(
             f"bench data: {root} gives {loader.steps_per_epoch} batches of {batch}; more images or a smaller --batch"
         )
-    it = loader.epoch(0)
+    it = loader.read_only(0) if feed_only else (len(x) for x, _ in loader.epoch(0))
     for _ in range(warmup):  # start-up (workers, pipeline build, first reads) is not throughput
         next(it)
+    resized0 = getattr(loader, "host_resize_s", 0.0)
+    threads, main0 = PythonThreadCpu(), time.thread_time()
     n, c0, t0 = 0, _cpu_seconds(), time.perf_counter()
-    for i, (x, _) in enumerate(it):
-        n += len(x)
+    for i, size in enumerate(it):
+        n += size
+        threads.sample()
         if max_batches and i + 1 >= max_batches:
             break
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    dt, cpu, main = time.perf_counter() - t0, _cpu_seconds() - c0, time.thread_time() - main0
+    n = max(n, 1)
     return {
         "img_per_s": n / dt,
-        "cpu_ms_per_img": 1000 * cpu / max(n, 1),
+        "cpu_ms_per_img": 1000 * cpu / n,
+        "py_threads_us_per_img": 1e6 * threads.seconds() / n,
+        "main_thread_us_per_img": 1e6 * main / n,
+        "host_resize_us_per_img": 1e6 * (getattr(loader, "host_resize_s", 0.0) - resized0) / n,
+        "py_threads": threads.names(),
         "images": n,
         "device": dev.type,
         "allocator": allocator(),
     }
 
 
-def _round(kind: str, a, root: Path) -> dict:
+def _round(kind: str, a, root: Path, feed_only: bool = False) -> dict:
     """`measure` in a fresh process with the environment of a training rank."""
     from ffscale.util.hostenv import rank_env
 
     cmd = [sys.executable, "-m", __name__, kind, str(root), str(a.img_size), str(a.batch)]
     cmd += [str(a.workers), str(a.warmup), *map(str, a.crop_scale), str(int(not a.no_rand_augment))]
+    cmd += [str(int(feed_only))]
     env = {**rank_env(), "PYTHONWARNINGS": "ignore"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     found = [ln[len(MARK) :] for ln in p.stdout.splitlines() if ln.startswith(MARK)]
@@ -167,23 +216,35 @@ def bench_data(a) -> dict:
     root = imagenet_like_shards(Path(a.shards), a.images)  # the user's shards are used as they are
     kinds = [k for k in LOADERS if k != "dali" or available()]
     rounds: dict[str, list[dict]] = {k: [] for k in kinds}
+    feeds: dict[str, list[dict]] = {k: [] for k in kinds}
     for _ in range(a.rounds):
         for kind in kinds:
             rounds[kind].append(_round(kind, a, root))
+            feeds[kind].append(_round(kind, a, root, feed_only=True))
     res: dict = {
         "shards": str(root),
         "rounds": a.rounds,
         "crop_scale": list(a.crop_scale),
         "rand_augment": not a.no_rand_augment,
+        "target_py_threads_us_per_img": TARGET_PY_US_PER_IMG,
         **_input_stats(root),
     }
     for kind, rs in rounds.items():
         ips = [r["img_per_s"] for r in rs]
+        med = lambda key, of=rs: statistics.median(r[key] for r in of)  # noqa: E731
         res[kind] = {
             "img_per_s": statistics.median(ips),
             "img_per_s_min": min(ips),
             "img_per_s_max": max(ips),
-            "cpu_ms_per_img": statistics.median(r["cpu_ms_per_img"] for r in rs),
+            "cpu_ms_per_img": med("cpu_ms_per_img"),
+            # the rank process's Python threads per image (GIL time the step competes with); the
+            # host resize (CPU DALI without RandAugment) is torch's kernel, said apart
+            "py_threads_us_per_img": med("py_threads_us_per_img"),
+            "main_thread_us_per_img": med("main_thread_us_per_img"),
+            "host_resize_us_per_img": med("host_resize_us_per_img"),
+            "py_threads": rs[0]["py_threads"],
+            "feed_img_per_s": med("img_per_s", feeds[kind]),
+            "feed_py_threads_us_per_img": med("py_threads_us_per_img", feeds[kind]),
             "images": rs[0]["images"],
             "device": rs[0]["device"],
             "allocator": rs[0]["allocator"],
@@ -219,13 +280,26 @@ def print_data(res: dict) -> None:
                 f"{kind:11} {r['img_per_s']:>12,.0f} {r['img_per_s_min']:>8,.0f} {r['img_per_s_max']:>8,.0f} "
                 f"{r['cpu_ms_per_img']:>10.2f}  {r['device']}, {r['allocator']}"
             )
+    print(
+        f"rank process's Python threads, CPU-us per image (target <= {res['target_py_threads_us_per_img']:g}; "
+        "host resize apart), and the feed alone (reads, no decode):"
+    )
+    for kind in LOADERS:
+        if kind in res:
+            r = res[kind]
+            own = r["py_threads_us_per_img"] - r["host_resize_us_per_img"]
+            print(
+                f"{kind:11} {own:>8.1f} us (main thread {r['main_thread_us_per_img']:.1f}, host resize "
+                f"{r['host_resize_us_per_img']:.1f}; threads: {', '.join(r['py_threads'])}); feed alone "
+                f"{r['feed_img_per_s']:,.0f} img/s at {r['feed_py_threads_us_per_img']:.1f} us"
+            )
     if "ratio_dali_over_webdataset" in res:
         per = ", ".join(f"{x:.2f}" for x in res["ratio_per_round"])
         print(f"DALI / webdataset: {res['ratio_dali_over_webdataset']:.2f}x (rounds: {per})")
 
 
 if __name__ == "__main__":  # one round, in the process `_round` starts
-    kind, root, img_size, batch, workers, warmup, lo, hi, ra = sys.argv[1:10]
+    kind, root, img_size, batch, workers, warmup, lo, hi, ra, feed = sys.argv[1:11]
     r = measure(kind, root, int(img_size), int(batch), int(workers), int(warmup), (float(lo), float(hi)),
-                rand_augment=ra == "1")  # fmt: skip
+                rand_augment=ra == "1", feed_only=feed == "1")  # fmt: skip
     print(MARK + json.dumps(r), flush=True)
