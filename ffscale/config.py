@@ -23,153 +23,226 @@ from ffscale.util.secrets import scrub
 @dataclass
 class ModelCfg:
     name: str = "ff_tiny"
-    img_size: int | None = None  # None: data.img_size (if set, it must equal it)
-    patch_size: int | None = None  # None: the registered size's
+    """a registered model (`ffscale models`): ff_tiny|base|large, vit_tiny|base|large, attn_only_tiny|base"""
+    img_size: int | None = None
+    """None: data.img_size (if set, it must equal it)"""
+    patch_size: int | None = None
+    """None: the registered size's"""
     in_chans: int = 3
-    num_classes: int | None = None  # None: from the training shards' manifest
-    drop_path: float = 0.1  # stochastic depth of the last block (DeiT's --drop-path 0.1)
-    drop: float = (
-        0.0  # dropout after the position embedding and in the blocks (DeiT's --drop; the paper: 0.1)
-    )
-    heads: int | None = None  # ViT / attention-only: attention heads (None: the registered size's)
+    """input channels"""
+    num_classes: int | None = None
+    """None: from the training shards' manifest"""
+    drop_path: float = 0.1
+    """stochastic depth of the last block (DeiT's --drop-path 0.1)"""
+    drop: float = 0.0
+    """dropout after the position embedding and in the blocks (DeiT's --drop; the paper: 0.1)"""
+    heads: int | None = None
+    """ViT / attention-only: attention heads (None: the registered size's)"""
     dim: int | None = None
+    """embedding width (None: the registered size's)"""
     depth: int | None = None
-    token_hidden: int | None = None  # FF only: fixed token-MLP width (linear in patches)
-    carry_token_mlp: bool = True  # init_from another image size: resample token MLPs (else re-init)
-    grad_ckpt: bool = False  # recompute each block in backward: activations ~1/depth, ~1.3x compute
-    compile: bool = False  # torch.compile the model inside the DeepSpeed engine
+    """blocks (None: the registered size's)"""
+    token_hidden: int | None = None
+    """FF only: fixed token-MLP width, so cost is linear in patches (None: patches x mlp_ratio)"""
+    carry_token_mlp: bool = True
+    """init_from another image size: resample token MLPs (else re-init; docs/resolution.md)"""
+    grad_ckpt: bool = False
+    """recompute each block in backward: activations ~1/depth, ~1.3x compute"""
+    compile: bool = False
+    """torch.compile the model inside the DeepSpeed engine"""
 
 
 @dataclass
 class DataCfg:
-    train: str = "data/fashion-mnist/train"  # a shard directory holding manifest.json
+    train: str = "data/fashion-mnist/train"
+    """a shard directory holding manifest.json"""
     val: str = "data/fashion-mnist/val"
-    loader: str = "auto"  # auto | dali | webdataset
+    """the validation shard directory"""
+    loader: str = "auto"
+    """auto | dali | webdataset (ffscale/data/loader.py says which `auto` picks)"""
     img_size: int = 224
-    crop_pct: float = 0.875  # eval: resize shorter side to img_size / crop_pct, centre crop
-    interpolation: str = "bicubic"  # bicubic (DeiT) | bilinear: every resize, train and eval
-    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])  # random-resized-crop area
+    """the images' size in px, train and eval"""
+    crop_pct: float = 0.875
+    """eval: resize shorter side to img_size / crop_pct, centre crop"""
+    interpolation: str = "bicubic"
+    """bicubic (DeiT) | bilinear: every resize, train and eval"""
+    scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """random-resized-crop area range"""
     ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    """random-resized-crop aspect-ratio range"""
     hflip: float = 0.5
+    """horizontal-flip probability"""
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    """normalisation mean per channel"""
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
-    workers: int = 2  # per rank: DataLoader worker processes; DALI reader processes (>= 1) and threads
-    # DeiT's repeated augmentation (RASampler, samplers.py:8-59): each image `repeats` times per epoch
-    # on different ranks, the epoch as long as without (data/plan.py); 3 in DeiT's ImageNet recipe
+    """normalisation std per channel"""
+    workers: int = 2
+    """per rank: DataLoader worker processes; DALI reader processes (>= 1) and threads"""
     repeats: int = 1
-    on_error: str = "raise"  # raise | skip
-    # The rest of DeiT's recipe (defaults as DeiT: rand-m9-mstd0.5-inc1, mixup 0.8, cutmix 1.0).
-    rand_augment: bool = True  # both loaders (DALI's graph; PIL ops in the webdataset loader)
-    # brightness/contrast/saturation +-; as timm, only when RandAugment is off (DALI)
+    """DeiT's repeated augmentation (RASampler, samplers.py:8-59): each image `repeats` times per
+    epoch on different ranks, the epoch as long as without (data/plan.py); 3 in DeiT's ImageNet recipe"""
+    on_error: str = "raise"
+    """raise | skip: a bad sample stops the job naming its shard and key, or is dropped (skip needs
+    the webdataset loader)"""
+    rand_augment: bool = True
+    """DeiT's rand-m9-mstd0.5-inc1, in both loaders (DALI's graph; PIL ops in the webdataset loader)"""
     color_jitter: float = 0.3
-    mixup: float = 0.8  # Beta(alpha) for mixup; 0 = off
-    cutmix: float = 1.0  # Beta(alpha) for cutmix; 0 = off
-    mix_prob: float = 1.0  # probability that a batch is mixed at all
-    mix_switch: float = 0.5  # probability of cutmix rather than mixup when both are on
-    reprob: float = 0.25  # random erasing probability per sample
+    """brightness/contrast/saturation +-; as timm, only when RandAugment is off (DALI)"""
+    mixup: float = 0.8
+    """Beta(alpha) for mixup (DeiT: 0.8); 0 = off"""
+    cutmix: float = 1.0
+    """Beta(alpha) for cutmix (DeiT: 1.0); 0 = off"""
+    mix_prob: float = 1.0
+    """probability that a batch is mixed at all"""
+    mix_switch: float = 0.5
+    """probability of cutmix rather than mixup when both are on"""
+    reprob: float = 0.25
+    """random erasing probability per sample"""
 
 
 @dataclass
 class OptimCfg:
-    global_batch: int = 1024  # images per optimizer step over all ranks
-    # images per rank per forward; unset: global_batch / ranks (no accumulation). Set it when a rank's
-    # memory needs gradient accumulation; accumulation then fills the rest.
+    global_batch: int = 1024
+    """images per optimizer step over all ranks"""
     micro_batch: int | None = None
-    base_lr: float = 5e-4  # DeiT rule: lr = base_lr * global_batch / lr_batch_base
+    """images per rank per forward; unset: global_batch / ranks (no accumulation). Set it when a
+    rank's memory needs gradient accumulation; accumulation then fills the rest."""
+    base_lr: float = 5e-4
+    """DeiT rule: lr = base_lr * global_batch / lr_batch_base"""
     lr_batch_base: int = 512
+    """the batch base_lr is given for"""
     weight_decay: float = 0.05
+    """AdamW's decoupled weight decay"""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW's betas"""
     eps: float = 1e-8
-    clip_grad: float = 0.0  # 0 = off (DeiT); written explicitly since DeepSpeed defaults to 1.0
+    """AdamW's eps"""
+    clip_grad: float = 0.0
+    """0 = off (DeiT); written explicitly since DeepSpeed defaults to 1.0"""
     label_smoothing: float = 0.1
-    ema_decay: float = 0.99996  # EMA of the weights per step (DeiT); 0 = off; evaluated and exported
-    nonfinite: str = "stop"  # a step whose loss is NaN/inf on any rank: stop (naming it) | skip it
-    max_skipped: int = 10  # nonfinite=skip: stop once more steps than this were skipped in a stage
+    """label smoothing of the cross-entropy (DeiT: 0.1)"""
+    ema_decay: float = 0.99996
+    """EMA of the weights per step (DeiT); 0 = off; evaluated and exported"""
+    nonfinite: str = "stop"
+    """a step whose loss is NaN/inf on any rank: stop (naming it) | skip it"""
+    max_skipped: int = 10
+    """nonfinite=skip: stop once more steps than this were skipped in a stage"""
 
 
 @dataclass
 class ScheduleCfg:
     epochs: int = 300
+    """the schedule's length"""
     warmup_epochs: float = 5
+    """linear warmup from warmup_lr"""
     warmup_lr: float = 1e-6
+    """the lr warmup starts from"""
     min_lr: float = 1e-5
-    stop_at_step: int = 0  # >0: checkpoint and exit at this optimizer step; rerunning continues
-    stop_at_epoch: int = 0  # >0: checkpoint and exit after this epoch (the schedule stays `epochs` long)
-    # the lr follows timm's cosine (ffscale/engine/lr.py), read per optimizer step, or per epoch as
-    # DeiT's main.py steps it (epoch e at the value for e - 1; docs/recipe.md row 7)
-    lr_per: str = "step"  # step | epoch
+    """the lr the cosine ends at"""
+    stop_at_step: int = 0
+    """>0: checkpoint and exit at this optimizer step; rerunning continues"""
+    stop_at_epoch: int = 0
+    """>0: checkpoint and exit after this epoch (the schedule stays `epochs` long)"""
+    lr_per: str = "step"
+    """step | epoch: the lr follows timm's cosine (ffscale/engine/lr.py), read per optimizer step,
+    or per epoch as DeiT's main.py steps it (epoch e at the value for e - 1; docs/recipe.md row 7)"""
 
 
 @dataclass
 class DeepSpeedCfg:
     zero_stage: int = 2
-    precision: str = "auto"  # auto (bf16 on capable GPUs, else fp32) | bf16 | fp16 | fp32
-    # bf16/fp16: the dtype gradients are reduced across ranks in (they accumulate in fp32): fp32 as
-    # DDP with AMP reduces them, or bf16 for half the bytes on a slow network
+    """ZeRO stage: 0, 1, 2 or 3"""
+    precision: str = "auto"
+    """auto (bf16 on capable GPUs, else fp32) | bf16 | fp16 | fp32. bf16: gradients accumulate in
+    fp32, the EMA averages the fp32 masters, ZeRO-0 runs as ZeRO-1's fused bf16 optimizer"""
     comm_dtype: str = "fp32"
-    offload_optimizer: bool = False  # optimizer states + step on the CPU (ZeRO 1-3): fits bigger models
-    bucket_mb: int = 50  # ZeRO gradient reduce / parameter all-gather bucket, MiB of fp32 (13M elements)
-    prefetch_mb: int = 50  # ZeRO-3: parameters fetched ahead of the layer that needs them, MiB
-    extra: dict[str, Any] = field(default_factory=dict)  # merged into the DeepSpeed config last
+    """bf16/fp16: the dtype gradients are reduced across ranks in (they accumulate in fp32): fp32 as
+    DDP with AMP reduces them, or bf16 for half the bytes on a slow network"""
+    offload_optimizer: bool = False
+    """optimizer states + step on the CPU (ZeRO 1-3): fits bigger models"""
+    bucket_mb: int = 50
+    """ZeRO gradient reduce / parameter all-gather bucket, MiB of fp32 (13M elements)"""
+    prefetch_mb: int = 50
+    """ZeRO-3: parameters fetched ahead of the layer that needs them, MiB"""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """merged into the DeepSpeed config last"""
 
 
 @dataclass
 class CheckpointCfg:
-    every_steps: int = 0  # 0: only at epoch ends (every_epochs)
+    every_steps: int = 0
+    """0: only at epoch ends (every_epochs)"""
     every_epochs: int = 1
-    keep: int = 2  # keep the last k checkpoints
-    # Resuming ZeRO-1/2/3 shards with another rank count: convert to DeepSpeed's universal
-    # checkpoint and load that (true), or stop with the conversion command (false).
+    """epochs between checkpoints"""
+    keep: int = 2
+    """keep the last k checkpoints"""
     reshard: bool = True
+    """resuming ZeRO-1/2/3 shards with another rank count: convert to DeepSpeed's universal
+    checkpoint and load that (true), or stop with the conversion command (false)"""
 
 
 @dataclass
 class TrackingCfg:
-    enabled: bool = True  # false: no MLflow at all (metrics.jsonl only); a node without mlflow trains
-    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite in the run directory
+    enabled: bool = True
+    """false: no MLflow at all (metrics.jsonl only; `ffscale track sync` imports the run later); a
+    node without mlflow trains"""
+    uri: str | None = None
+    """None: $MLFLOW_TRACKING_URI, else sqlite in the run directory. Credentials in it never reach a
+    file or a log: give them in the environment"""
     experiment: str = "ffscale"
-    flush_every: int = 50  # metrics are buffered and written in batches
-    # at a stage's or the job's end (FINISHED or FAILED), how long a server that does not answer is
-    # retried before the job ends without it (`ffscale track sync RUN_DIR` replays it later)
+    """the MLflow experiment"""
+    flush_every: int = 50
+    """metrics are buffered and written in batches"""
     end_retry_s: float = 120.0
-    # the final stage's model is logged to its stage run; with a name, also registered under it
+    """at a stage's or the job's end (FINISHED or FAILED), how long a server that does not answer is
+    retried before the job ends without it (`ffscale track sync RUN_DIR` replays it later)"""
     register_as: str | None = None
+    """the final stage's model is logged to its stage run; with a name, also registered under it"""
 
 
 @dataclass
 class RunCfg:
     name: str = "default"
+    """the run directory's name under `dir`"""
     dir: str = "runs"
+    """where run directories live"""
     seed: int = 0
-    log_every: int = 20  # steps between progress lines
-    eval_every: int = 1  # epochs between evaluations (the last epoch always evaluates)
-    # A collective that waits longer fails the rank, so a lost or frozen node stops every other node
-    # (and a JobSet or Job restarts the group) instead of leaving them hanging. Above the longest
-    # wait of a healthy run: a checkpoint write, or rank 0 converting a checkpoint for resharding.
-    # This one holds at start-up and around checkpoints, evaluations and an epoch's first step;
+    """fixes data order, augmentation and init"""
+    log_every: int = 20
+    """steps between progress lines"""
+    eval_every: int = 1
+    """epochs between evaluations (the last epoch always evaluates)"""
     collective_timeout_s: int = 600
-    # this one during training steps, from the first step on (torchtitan: comm.train_timeout_seconds,
-    # 100 s): above a healthy step's longest wait. The longest seen: rank 0 in one call to an MLflow
-    # server that accepts connections and never answers, 34.7 s (10 s timeout x 3 tries with backoff,
-    # tracking/store.py); the tracker then skips calls for 60 s (tracking/breaker.py).
-    # 0: collective_timeout_s throughout.
+    """a collective that waits longer fails the rank, so a lost or frozen node stops every other node
+    (and a JobSet or Job restarts the group) instead of leaving them hanging. Above the longest wait of
+    a healthy run: a checkpoint write, or rank 0 converting a checkpoint for resharding. It holds at
+    start-up and around checkpoints, evaluations and an epoch's first step"""
     step_timeout_s: int = 120
-    # Keys a resumed stage may take new values for (`--allow-change KEY`); see ffscale/run/changes.py
+    """the same during training steps, from the first step on (torchtitan:
+    comm.train_timeout_seconds, 100 s): above a healthy step's longest wait, which is rank 0 in one
+    call to an MLflow server that accepts connections and never answers (10 s timeout x 3 tries with
+    backoff, tracking/store.py; the tracker then skips calls for 60 s, tracking/breaker.py).
+    0: collective_timeout_s throughout"""
     allow_change: list[str] = field(default_factory=list)
-    # The run directory's lock is taken over when its holder's heartbeat is older than this
+    """keys a resumed stage may take new values for (`--allow-change KEY`; ffscale/run/changes.py)"""
     lock_stale_s: float = 60.0
+    """the run directory's lock is taken over when its holder's heartbeat is older than this"""
 
 
 @dataclass
 class DistillCfg:
     """DeiT's distillation (ffscale/engine/distill.py): the student gets a distillation token and head."""
 
-    # an earlier stage's name, a directory holding model.json (a finished stage, a run directory,
-    # `ffscale import` output) or models:/NAME/VERSION; None: no distillation
     teacher: str | None = None
-    mode: str = "hard"  # hard (the teacher's argmax, as DeiT's README trains) | soft (KL at tau)
-    alpha: float = 0.5  # weight of the distillation head's loss (DeiT main.py:132)
-    tau: float = 1.0  # soft: temperature (DeiT main.py:133)
+    """an earlier stage's name, a directory holding model.json (a finished stage, a run directory,
+    `ffscale import` output) or models:/NAME/VERSION; None: no distillation. It must predict the
+    student's classes at its image size, checked before launch"""
+    mode: str = "hard"
+    """hard (the teacher's argmax, as DeiT's README trains) | soft (KL at tau)"""
+    alpha: float = 0.5
+    """weight of the distillation head's loss (DeiT main.py:132)"""
+    tau: float = 1.0
+    """soft: temperature (DeiT main.py:133)"""
 
 
 @dataclass
@@ -181,16 +254,17 @@ class StageCfg:
     deepspeed: DeepSpeedCfg = field(default_factory=DeepSpeedCfg)
     checkpoint: CheckpointCfg = field(default_factory=CheckpointCfg)
     distill: DistillCfg = field(default_factory=DistillCfg)
-    # scratch, an earlier stage's name, a model directory or a weights .safetensors path; None: the
-    # previous stage's weights (a student of the previous stage: scratch; `starting_weights`)
     init_from: str | None = None
+    """scratch, an earlier stage's name, a model directory or a weights .safetensors path; None: the
+    previous stage's weights (a student of the previous stage: scratch; `starting_weights`)"""
 
 
 @dataclass
 class Config(StageCfg):
     run: RunCfg = field(default_factory=RunCfg)
     tracking: TrackingCfg = field(default_factory=TrackingCfg)
-    stages: dict[str, Any] = field(default_factory=dict)  # name -> partial StageCfg, in order
+    stages: dict[str, Any] = field(default_factory=dict)
+    """name -> partial StageCfg, in order: `stages.<name>.<section>.<key>` overrides a key for one stage"""
 
 
 @dataclass

@@ -13,7 +13,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from ffscale.config import RunCfg, Stage, dotted
+from ffscale.config import RunCfg, Stage, StageCfg, dotted
 from ffscale.errors import ConfigError, DataError
 from ffscale.inference.stagedir import StageDir
 from ffscale.util import jsonl
@@ -31,6 +31,18 @@ FIXED = ("model.", "data.train", "data.val", "data.img_size", "data.mean", "data
 
 def _matches(key: str, prefixes: tuple[str, ...]) -> bool:
     return any(key == p or (p.endswith(".") and key.startswith(p)) for p in prefixes)
+
+
+def policy(key: str) -> str:
+    """What a resumed stage does with another value of `key`: "free" (differs silently), "fixed"
+    (refused even when allowed), "allow" (needs `--allow-change`), or "ignored" for keys outside the
+    stage's config that `flat` leaves out (run.* but run.seed, tracking.*, stages). docs/config.md
+    shows it per key (ffscale/tools/config_ref.py)."""
+    if key != "run.seed" and key.split(".")[0] not in StageCfg.__dataclass_fields__:
+        return "ignored"
+    if _matches(key, FREE):
+        return "free"
+    return "fixed" if _matches(key, FIXED) else "allow"
 
 
 def flat(stage: Stage, run: RunCfg) -> dict:
@@ -65,7 +77,7 @@ def pending(stage: Stage, run: RunCfg) -> dict:
     old, new = effective(rows), flat(stage, run)
     # keys both know: a key a newer ffscale added (or dropped) is not a change of this run's
     diff = {
-        k: [old[k], new[k]] for k in sorted(set(old) & set(new)) if old[k] != new[k] and not _matches(k, FREE)
+        k: [old[k], new[k]] for k in sorted(set(old) & set(new)) if old[k] != new[k] and policy(k) != "free"
     }
     started_on = rows[0].get("digests", {})
     for k in ("data.train", "data.val"):  # the same shards at a new path (a moved mount) are no change
@@ -80,7 +92,7 @@ def check(stage: Stage, run: RunCfg, allowed: set[str], where: str = "") -> dict
     diff = pending(stage, run)
     if not diff:
         return {}
-    fixed = [k for k in diff if _matches(k, FIXED)]
+    fixed = [k for k in diff if policy(k) == "fixed"]
     if fixed:
         raise ConfigError(
             f"{where}stage {stage.name} resumes with {describe({k: diff[k] for k in fixed})}: cannot change mid-stage (model shape, "
