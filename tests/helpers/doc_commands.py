@@ -84,19 +84,30 @@ PLAN: dict[str, Run | Skip] = {
 }
 
 
-def documented() -> list[tuple[str, int, str]]:
-    """(file, line number, command) of every command line in a ```bash block, a trailing `# comment`
-    dropped, in the order the docs show them."""
+def documented(docs: tuple[str, ...] = DOCS) -> list[tuple[str, int, str]]:
+    """(file, line number, command) of every command in a ```bash block, a trailing `# comment` dropped,
+    lines continued with a backslash joined, a here-document's body left out, in the order shown."""
     out = []
-    for doc in DOCS:
-        inside = False
+    for doc in docs:
+        inside, heredoc, pending = False, None, ""
         for n, line in enumerate((ROOT / doc).read_text().splitlines(), 1):
             if line.startswith("```"):
                 inside = line.strip() == "```bash" if not inside else False
                 continue
+            if not inside:
+                continue
+            if heredoc:
+                heredoc = None if line.strip() == heredoc else heredoc
+                continue
             command = re.sub(r"\s+#\s.*$", "", line).strip()
-            if inside and command and not command.startswith("#"):
+            if command.endswith("\\"):
+                pending += command[:-1].strip() + " "
+                continue
+            command, pending = pending + command, ""
+            if command and not command.startswith("#"):
                 out.append((doc, n, command))
+                marker = re.search(r"<<-?\s*'?(\w+)'?", command)
+                heredoc = marker.group(1) if marker else None
     return out
 
 
