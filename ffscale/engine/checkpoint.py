@@ -224,13 +224,12 @@ def select(ckpt_dir, rank: int, world: int) -> str | None:
                     f"checkpoint {root}: {why}; DeepSpeed checkpoints load only within the versions that wrote "
                     "them. Resume with those versions, or start a new run.name (init_from its exported weights)"
                 )
-            problems = checked(root, m.get("files"), rank, world)
+            problems = checked(root, m["files"], rank, world)
         if untrusted := [p for p in problems if p.untrusted]:
             raise UntrustedFile(f"{root / untrusted[0].file}: {untrusted[0].what.split(' (')[0]}; resume refused. "
                                 "Move the file away if nobody trusted wrote it")  # fmt: skip
         if not problems:
-            recorded = not isinstance(m, str) and "files" in m
-            on_rank0(rank, functools.partial(_resumed_past, ckpt_dir, tag, damaged, recorded))
+            on_rank0(rank, functools.partial(_resumed_past, ckpt_dir, tag, damaged))
             return tag
         more = f", and {len(problems) - 1} more" if len(problems) > 1 else ""
         damaged.append((tag, f"{problems[0]}{more}"))
@@ -259,7 +258,7 @@ def _read_meta(root: Path) -> dict | str:
         return f"unreadable ({e})"
 
 
-def _resumed_past(ckpt_dir: Path, tag: str, damaged: list[tuple[str, str]], recorded: bool) -> None:
+def _resumed_past(ckpt_dir: Path, tag: str, damaged: list[tuple[str, str]]) -> None:
     """Rank 0, once `tag` is chosen: the newer damaged checkpoints set aside, and the notes said."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
     for bad, why in damaged:
@@ -273,9 +272,6 @@ def _resumed_past(ckpt_dir: Path, tag: str, damaged: list[tuple[str, str]], reco
         print(f"ffscale: warning: {note}", flush=True)
     if damaged:
         print(f"ffscale: resuming from {ckpt_dir / tag}, the newest intact checkpoint", flush=True)
-    if not recorded:
-        print(f"ffscale: {ckpt_dir / tag} was written before ffscale recorded its files' hashes: only its "
-              "pickles were checked", flush=True)  # fmt: skip
 
 
 SOURCE = "source.json"  # in a universal checkpoint: the ffscale.json sha256 of the checkpoint it came from
@@ -367,9 +363,9 @@ def _universal(ckpt_dir: Path, tag: str, what: str, rank: int) -> str:
 
 
 def load_rank_state(ckpt_dir, tag: str, rank: int) -> dict:
-    """This rank's own file of checkpoint `tag` ({} when absent: saved without rank state)."""
-    f = _rank_file(Path(ckpt_dir), tag, rank)
-    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else {}
+    """This rank's own file of checkpoint `tag` (written when it holds rank states, and then listed
+    in its record: `select` found it there)."""
+    return torch.load(_rank_file(Path(ckpt_dir), tag, rank), map_location="cpu", weights_only=True)
 
 
 @torch.no_grad()

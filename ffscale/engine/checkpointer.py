@@ -86,22 +86,21 @@ class Checkpointer:
 
     def load(self, reshard: bool) -> list[str] | None:
         """Restore the held checkpoint into the engine and the registered states. None on a fresh
-        start; else the rank states it held none of, or none that fit (resharded, another layout),
-        which their owners restart."""
+        start; else the rank states it could not restore (all of them when resharded: they were
+        saved in another rank count's partitions), which their owners restart."""
         if not self.resumed:
             return None
         client = checkpoint.load(self.ds, self.ckpt_dir, self.tag, self.record, reshard)
         for state in self.states.values():
             state.load_state_dict(client)
-        own = {} if self.needs_reshard else checkpoint.load_rank_state(self.ckpt_dir, self.tag, self.rank)
-        missed = []
-        for name, state in self.rank_states.items():
-            try:
-                state.load_state_dict(own[name])
-            except (KeyError, ValueError):  # resharded: other partitions, or none saved
-                missed.append(name)
         self.saved_step = self.ds.global_steps
-        return missed
+        if self.needs_reshard:
+            return list(self.rank_states)
+        if self.rank_states:
+            own = checkpoint.load_rank_state(self.ckpt_dir, self.tag, self.rank)
+            for name, state in self.rank_states.items():
+                state.load_state_dict(own[name])
+        return []
 
     def maybe_save(self, step: int, reason: str, epoch: int | None = None) -> bool:
         """Save after `step` optimizer steps if it is time and this step is not saved yet; True when

@@ -63,7 +63,7 @@ class Progress:
         for f in fields(self):
             if f.name in saved and f.name != "accum":
                 setattr(self, f.name, saved[f.name])
-        self.micro_in_epoch = self.micro_in_epoch // saved.get("accum", self.accum) * self.accum
+        self.micro_in_epoch = self.micro_in_epoch // saved["accum"] * self.accum
 
 
 def run_stage(

@@ -106,6 +106,8 @@ def test_a_checkpoint_of_another_deepspeed_or_torch_stops_with_one_line(tmp_path
         ck.select(tmp_path, 0, 1)
     assert ck.incompatible({**here, "torch": "1.13.1"}).startswith("torch 1.13.1 wrote it")
     assert "newer checkpoint format" in ck.incompatible({**here, "format": ck.FORMAT + 1})
+    format1 = {"world_size": 2, "zero_stage": 2, "params": {}}  # no versions, no files: no longer read
+    assert "checkpoint format 1" in ck.incompatible(format1)
 
 
 def test_ffscale_verify_checks_a_runs_checkpoints_as_a_resume_would(tmp_path, capsys):
