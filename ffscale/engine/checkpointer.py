@@ -4,7 +4,8 @@ registered with it. The loop asks it, never the files (ffscale/engine/checkpoint
 work: writing, checking, choosing, converting).
 
 Modelled on torchtitan's CheckpointManager (github.com/pytorch/torchtitan, commit
-970fbddb3284a3e7d5ed39f0a95ffa0c5019ea94, torchtitan/components/checkpoint.py): the states to save
+970fbddb3284a3e7d5ed39f0a95ffa0c5019ea94, torchtitan/components/checkpoint.py, the last commit that
+holds it there; later ones move it to torchtitan/components/checkpointer/dcp.py): the states to save
 are registered objects with `state_dict()` / `load_state_dict()` (its `states`, beside the model and
 optimizer); the trainer offers every step and the manager decides (its `save(curr_step, last_step)`
 and `_should_save`, here `maybe_save(step, reason)`); the step to resume is found once (its
