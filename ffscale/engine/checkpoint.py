@@ -72,9 +72,10 @@ def _set_aside(ckpt_dir: Path) -> list[str]:
     return sorted(x.name for x in ckpt_dir.iterdir() if DAMAGED in x.name) if ckpt_dir.is_dir() else []
 
 
-def pointer_note(ckpt_dir: Path) -> str | None:
-    """Why `latest` was not followed, when it names something else than the checkpoint resumed."""
-    p, tag = Path(ckpt_dir) / LATEST, latest_tag(ckpt_dir)
+def pointer_note(ckpt_dir: Path, tag: str | None = None) -> str | None:
+    """Why `latest` was not followed, when it names something else than the checkpoint resumed
+    (`tag`; by default the newest complete one)."""
+    p, tag = Path(ckpt_dir) / LATEST, tag or latest_tag(ckpt_dir)
     named = p.read_text().strip() if p.is_file() else None
     if tag is None or named == tag:
         return None
@@ -96,11 +97,19 @@ def _rank_file(ckpt_dir: Path, tag: str, rank: int) -> Path:
 
 
 def save(
-    ds, ckpt_dir, tag: str, client_state: dict, keep: int, rank_state: dict | None = None, fence=lambda: None
+    ds,
+    ckpt_dir,
+    tag: str,
+    client_state: dict,
+    keep: int,
+    rank_state: dict | None = None,
+    fence=lambda: None,
+    previous: str | None = None,
 ) -> None:
     """`rank_state`: tensors only this rank holds (its EMA shard), written beside DeepSpeed's files.
     `fence()`: rank 0 calls it again right before the record that completes the checkpoint (a run
-    taken over meanwhile gets no complete checkpoint and loses no old one to the rotation)."""
+    taken over meanwhile gets no complete checkpoint and loses no old one to the rotation).
+    `previous`: the newest complete checkpoint before this one (named when the write fails)."""
     ckpt_dir = Path(ckpt_dir)
     root = ckpt_dir / tag
     try:
@@ -121,7 +130,7 @@ def save(
             errno.ENOSPC if full else getattr(e, "errno", None) or errno.EIO,
             f"writing checkpoint {ckpt_dir / tag} failed on rank {ds.global_rank}: "
             f"{'no space left on the device' if full else e} ({free / 2**20:.1f} MiB free there). "
-            f"`latest` still names {latest_tag(ckpt_dir) or 'no checkpoint'}, which is complete; "
+            f"`latest` still names {previous or 'no checkpoint'}, which is complete; "
             "free space and rerun to resume from it",
         ) from e
     every = all_gather_object(files)  # also the barrier: every rank's files are written and synced
@@ -163,11 +172,9 @@ def remove_partial(ckpt_dir) -> list[str]:
     return sorted(d.name for d in gone)
 
 
-def meta(ckpt_dir) -> dict:
-    """World size and ZeRO stage of the checkpoint `latest` names ({} when there is none)."""
-    tag = latest_tag(Path(ckpt_dir))
-    f = Path(ckpt_dir) / str(tag) / META
-    return json.loads(f.read_text()) if tag and f.is_file() else {}
+def meta_of(ckpt_dir, tag: str) -> dict:
+    """The record (ffscale.json) of checkpoint `tag`: files, versions, world size, ZeRO stage, shapes."""
+    return json.loads((Path(ckpt_dir) / tag / META).read_text())
 
 
 def model_signature(module) -> dict[str, list[int]]:
@@ -175,25 +182,22 @@ def model_signature(module) -> dict[str, list[int]]:
     return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
 
 
-def check_model(ckpt_dir, module) -> None:
-    """Stop, naming the first differing tensor, when `latest` was written by another model."""
-    saved = meta(ckpt_dir).get("params")
-    if saved is None:
-        return
-    here = model_signature(module)
+def check_model(record: dict, where: Path, module) -> None:
+    """Stop, naming the first differing tensor, when the checkpoint at `where` (its `record`) was
+    written by another model."""
+    saved, here = record["params"], model_signature(module)
     for name in sorted(set(saved) | set(here)):
         if saved.get(name) != here.get(name):
             raise CheckpointMismatch(
-                f"checkpoint {Path(ckpt_dir) / str(latest_tag(Path(ckpt_dir)))} holds another model: {name} is "
+                f"checkpoint {where} holds another model: {name} is "
                 f"{saved.get(name, 'absent')} there and {here.get(name, 'absent')} here. A changed model or "
                 "image size needs its own run.name (or init_from the old weights)"
             )
 
 
-def needs_reshard(ckpt_dir) -> bool:
-    """ZeRO-1/2/3 shards written by another number of ranks than this run has."""
-    m = meta(ckpt_dir)
-    return bool(m) and m.get("zero_stage", 0) > 0 and m.get("world_size", _world()) != _world()
+def needs_reshard(record: dict, world: int) -> bool:
+    """ZeRO-1/2/3 shards (a checkpoint's `record`) written by another number of ranks than `world`."""
+    return record["zero_stage"] > 0 and record["world_size"] != world
 
 
 def select(ckpt_dir, rank: int, world: int) -> str | None:
@@ -220,13 +224,12 @@ def select(ckpt_dir, rank: int, world: int) -> str | None:
                     f"checkpoint {root}: {why}; DeepSpeed checkpoints load only within the versions that wrote "
                     "them. Resume with those versions, or start a new run.name (init_from its exported weights)"
                 )
-            problems = checked(root, m.get("files"), rank, world)
+            problems = checked(root, m["files"], rank, world)
         if untrusted := [p for p in problems if p.untrusted]:
             raise UntrustedFile(f"{root / untrusted[0].file}: {untrusted[0].what.split(' (')[0]}; resume refused. "
                                 "Move the file away if nobody trusted wrote it")  # fmt: skip
         if not problems:
-            recorded = not isinstance(m, str) and "files" in m
-            on_rank0(rank, functools.partial(_resumed_past, ckpt_dir, tag, damaged, recorded))
+            on_rank0(rank, functools.partial(_resumed_past, ckpt_dir, tag, damaged))
             return tag
         more = f", and {len(problems) - 1} more" if len(problems) > 1 else ""
         damaged.append((tag, f"{problems[0]}{more}"))
@@ -255,7 +258,7 @@ def _read_meta(root: Path) -> dict | str:
         return f"unreadable ({e})"
 
 
-def _resumed_past(ckpt_dir: Path, tag: str, damaged: list[tuple[str, str]], recorded: bool) -> None:
+def _resumed_past(ckpt_dir: Path, tag: str, damaged: list[tuple[str, str]]) -> None:
     """Rank 0, once `tag` is chosen: the newer damaged checkpoints set aside, and the notes said."""
     stamp = time.strftime("%Y%m%dT%H%M%S")
     for bad, why in damaged:
@@ -264,14 +267,11 @@ def _resumed_past(ckpt_dir: Path, tag: str, damaged: list[tuple[str, str]], reco
         shutil.rmtree(ckpt_dir / f"{bad}_universal", ignore_errors=True)  # derived from it
         print(f"ffscale: warning: checkpoint {ckpt_dir / bad} is damaged ({why}): moved to {aside.name}",
               flush=True)  # fmt: skip
-    note = pointer_note(ckpt_dir)
+    note = pointer_note(ckpt_dir, tag)
     if note:
         print(f"ffscale: warning: {note}", flush=True)
     if damaged:
         print(f"ffscale: resuming from {ckpt_dir / tag}, the newest intact checkpoint", flush=True)
-    if not recorded:
-        print(f"ffscale: {ckpt_dir / tag} was written before ffscale recorded its files' hashes: only its "
-              "pickles were checked", flush=True)  # fmt: skip
 
 
 SOURCE = "source.json"  # in a universal checkpoint: the ffscale.json sha256 of the checkpoint it came from
@@ -319,22 +319,19 @@ def _read_meta_file(path: Path) -> str | None:
         return None
 
 
-def load(ds, ckpt_dir, reshard: bool = True) -> dict | None:
-    """Load the checkpoint `select` chose (the newest complete one now); None when there is none (a
-    fresh start). Shards of another rank count are converted to a universal checkpoint first (the
-    engine must have been built with load_universal), or, with reshard=False, stop with the command
-    that converts them."""
+def load(ds, ckpt_dir, tag: str, record: dict, reshard: bool = True) -> dict:
+    """Load checkpoint `tag` (the one `select` chose; `record` its ffscale.json): DeepSpeed's client
+    state. Shards of another rank count are converted to a universal checkpoint first (the engine
+    must have been built with load_universal), or, with reshard=False, stop with the command that
+    converts them."""
     ckpt_dir = Path(ckpt_dir)
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        return None
-    check_model(ckpt_dir, ds.module)
-    if needs_reshard(ckpt_dir):
-        m = meta(ckpt_dir)
-        what = f"checkpoint {ckpt_dir}/{tag} holds ZeRO-{m['zero_stage']} shards of {m['world_size']} ranks, this run has {_world()}"
+    check_model(record, ckpt_dir / tag, ds.module)
+    if needs_reshard(record, _world()):
+        ranks = record["world_size"]
+        what = f"checkpoint {ckpt_dir}/{tag} holds ZeRO-{record['zero_stage']} shards of {ranks} ranks, this run has {_world()}"
         if not reshard:
             raise CheckpointMismatch(
-                f"{what}. Resume with {m['world_size']} ranks, or convert it first: python -m "
+                f"{what}. Resume with {ranks} ranks, or convert it first: python -m "
                 f"ffscale.engine.to_universal --input_folder {ckpt_dir}/{tag} "
                 f"--output_folder {ckpt_dir}/{tag}_universal --inject_missing_state, then rerun with "
                 "checkpoint.reshard=true"
@@ -365,13 +362,10 @@ def _universal(ckpt_dir: Path, tag: str, what: str, rank: int) -> str:
     raise CheckpointDamaged(f"{ckpt_dir / f'{tag}_universal'}: {problems[0]} after converting it twice")
 
 
-def load_rank_state(ckpt_dir, rank: int) -> dict:
-    """This rank's own file of the checkpoint `latest` names ({} when absent, e.g. after resharding)."""
-    tag = latest_tag(Path(ckpt_dir))
-    f = _rank_file(Path(ckpt_dir), tag, rank) if tag else None
-    if f is None or not f.is_file() or needs_reshard(ckpt_dir):
-        return {}
-    return torch.load(f, map_location="cpu", weights_only=True)
+def load_rank_state(ckpt_dir, tag: str, rank: int) -> dict:
+    """This rank's own file of checkpoint `tag` (written when it holds rank states, and then listed
+    in its record: `select` found it there)."""
+    return torch.load(_rank_file(Path(ckpt_dir), tag, rank), map_location="cpu", weights_only=True)
 
 
 @torch.no_grad()

@@ -34,7 +34,7 @@ DEEPSPEED_GLOBALS = (
 )
 CHUNK = 8 * 2**20
 META = "ffscale.json"  # files, versions, world size, ZeRO stage and shapes; read before DeepSpeed loads
-FORMAT = 2  # 2: files and versions recorded
+FORMAT = 2  # 2: files and versions recorded (format 1 recorded neither and is no longer read)
 DAMAGED = ".damaged"  # a checkpoint that failed its check, moved aside (never deleted)
 
 
@@ -53,7 +53,7 @@ def versions() -> dict[str, str]:
 def incompatible(saved: dict, here: dict | None = None) -> str | None:
     """Why a checkpoint written with `saved` versions cannot be loaded here (None: it can). DeepSpeed
     changes its checkpoint layout between minor releases and promises nothing across them, so the
-    rule is the same DeepSpeed major.minor, the same torch major, and a format this ffscale knows."""
+    rule is the same DeepSpeed major.minor, the same torch major, and this ffscale's format."""
     here = here or versions()
     if saved.get("format", FORMAT) > FORMAT:
         return (
@@ -61,9 +61,11 @@ def incompatible(saved: dict, here: dict | None = None) -> str | None:
         )
     minor = lambda v: ".".join(str(v).split(".")[:2])  # noqa: E731
     ds, th = saved.get("deepspeed"), saved.get("torch")
-    if ds and minor(ds) != minor(here["deepspeed"]):
+    if ds is None or th is None:
+        return "it is in checkpoint format 1 (no versions or files recorded), which ffscale no longer reads"
+    if minor(ds) != minor(here["deepspeed"]):
         return f"deepspeed {ds} wrote it, this is deepspeed {here['deepspeed']}"
-    if th and str(th).split(".")[0] != here["torch"].split(".")[0]:
+    if str(th).split(".")[0] != here["torch"].split(".")[0]:
         return f"torch {th} wrote it, this is torch {here['torch']}"
     return None
 
@@ -115,7 +117,7 @@ def unsafe_globals(path: Path) -> list[str]:
 def check_file(root: Path, name: str, want: dict | None, deep: bool = True) -> Problem | None:
     """One file: its pickle's globals first (a planted file is named as such, whatever its size),
     then its size and, when `deep`, its sha256 against the record. `want` None: a file no record
-    lists (a checkpoint written before ffscale recorded its files)."""
+    lists (a universal checkpoint, which ffscale converts and never records)."""
     p = root / name
     if not p.is_file():
         return Problem(name, "missing")
@@ -151,7 +153,7 @@ def pickles(root: Path) -> list[str]:
 
 def check(root: Path, files: dict | None, mine=lambda i: True, deep: bool = True) -> list[Problem]:
     """The problems of the files at positions `mine(i)` of the checkpoint's sorted file list (ranks
-    split the work). `files` None: the files on disk, unhashed (an older checkpoint)."""
+    split the work). `files` None: the pickles on disk, unhashed (a universal checkpoint)."""
     names = sorted(files) if files is not None else pickles(root)
     out = []
     for i, name in enumerate(names):
@@ -195,21 +197,17 @@ def verify_tree(root: Path, say=print) -> tuple[int, int]:
                 bad += 1
                 say(f"{d}: DAMAGED: {META} unreadable ({e})")
                 continue
-            problems = check(d, m.get("files"))
             why = incompatible(m)
+            problems = check(d, m.get("files", {}))  # a format without a file list: `why` says so
             if problems or why:
                 bad += 1
                 say(f"{d}: {'UNTRUSTED' if any(p.untrusted for p in problems) else 'DAMAGED'}: "
                     + "; ".join([str(p) for p in problems] + ([f"cannot be resumed here: {why}"] if why else [])))  # fmt: skip
                 continue
-            files = m.get("files") or {}
+            files = m["files"]
             size = sum(f["size"] for f in files.values())
-            what = (
-                f"{len(files)} files, {size / 2**20:,.1f} MiB, sizes and sha256 as recorded"
-                if files
-                else "written before ffscale recorded its files: pickles checked, sizes and hashes not recorded"
-            )
             say(
-                f"{d}: {what} (deepspeed {m.get('deepspeed', '?')}; checked in {time.perf_counter() - t0:.2f} s)"
+                f"{d}: {len(files)} files, {size / 2**20:,.1f} MiB, sizes and sha256 as recorded "
+                f"(deepspeed {m['deepspeed']}; checked in {time.perf_counter() - t0:.2f} s)"
             )
     return found, bad

@@ -1,10 +1,8 @@
-"""The small engine interface the loop sees: step, validate, save, resume, export."""
+"""The small engine interface the loop sees: step, validate, resume, export, and its checkpointer."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import deepspeed
 import torch
@@ -13,20 +11,13 @@ from torch.nn import functional as F
 
 from ffscale.config import StageCfg
 from ffscale.engine import checkpoint, ckpt_engine, ds_config, preempt
+from ffscale.engine.checkpointer import Checkpointer
 from ffscale.engine.dist import DistInfo, all_reduce_sum, on_rank0, set_timeout
 from ffscale.engine.ema import Ema
 from ffscale.engine.masters import share_fp32_masters
 from ffscale.engine.optim import build_optimizer
 from ffscale.errors import NonFiniteLoss, Preempted
 from ffscale.util.topk import summarize, topk_counts
-
-
-@dataclass
-class Resumed:
-    """Where a resumed stage stands: the loop's own state saved with the checkpoint."""
-
-    state: dict
-    note: str  # for the log: which checkpoint, and whether it was resharded
 
 
 class Engine:
@@ -43,7 +34,8 @@ class Engine:
         criterion: Callable | None = None,
     ):
         """`lr_at(step)`: the lr of the optimizer step after `step` finished ones (ffscale/engine/lr.py).
-        `fence()`: called on rank 0 before every checkpoint; raising stops every rank before it writes.
+        `fence()`: called on rank 0 before every checkpoint and export; raising stops every rank
+        before it writes.
         `timeouts`: (seconds a collective may wait around checkpoints, evaluations and an epoch's
         first step, seconds during training steps from the first on; 0: no change).
         `criterion(x, outputs, target)`: the loss when not the model's logits against `target`
@@ -53,7 +45,6 @@ class Engine:
         self._short = False  # are collectives under the training steps' timeout?
         self.dist, self.s, self.accum = dist, s, accum
         self.criterion = criterion
-        self.ckpt_dir = Path(ckpt_dir)
         self.precision = ds_config.resolve_precision(s.deepspeed.precision, dist.device)
         self.dtype = ds_config.DTYPES[self.precision]
         n_params = sum(p.numel() for p in model.parameters())
@@ -62,9 +53,11 @@ class Engine:
         # Every torch.load of this rank weights-only (DeepSpeed's universal loading bypasses its
         # checkpoint engine), and the checkpoint to resume checked before anything reads it.
         ckpt_engine.force_weights_only()
-        checkpoint.select(self.ckpt_dir, dist.rank, dist.world)
+        self.checkpointer = Checkpointer(
+            ckpt_dir, s.checkpoint, s.schedule.epochs, dist.rank, dist.world, fence, prepare=self.long_waits
+        )
         # Shards of another rank count: checkpoint.load converts them to a universal checkpoint.
-        self.reshard = s.checkpoint.reshard and checkpoint.needs_reshard(self.ckpt_dir)
+        self.reshard = s.checkpoint.reshard and self.checkpointer.needs_reshard
         if self.reshard:
             cfg = ds_config.merge(cfg, {"checkpoint": {"load_universal": True}})
         opt = build_optimizer(model, s.optim, ds_config.peak_lr(s))
@@ -73,6 +66,7 @@ class Engine:
         self.lr_at = lr_at
         self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
         ckpt_engine.install(self.ds)  # weights-only loads; every saved file synced and hashed
+        self.checkpointer.attach(self.ds)
         if self.long_timeout_s:  # also on the groups DeepSpeed made (they would wait torch's 30 min)
             set_timeout(self.long_timeout_s)
         self._set_lr()
@@ -86,13 +80,14 @@ class Engine:
         self.module = self.ds.module
         ema_decay = s.optim.ema_decay
         self.ema = Ema(self.ds, ema_decay, dist.rank, dist.world) if ema_decay > 0 else None
+        if self.ema is not None:
+            self.checkpointer.register_rank("ema", self.ema)
         self._bad = torch.zeros((), device=dist.device)  # non-finite micro-batch losses this step
         if dist.device.type == "cuda":
             self._host_flags = torch.zeros(2, pin_memory=True)
             self._flags_ready = torch.cuda.Event()
         self.step_finite = True  # was the last optimizer step's loss finite on every rank?
         self.stop_requested = False  # has any rank been sent SIGTERM?
-        self.saved_step: int | None = None  # the step the newest checkpoint holds (saved or resumed)
 
     @property
     def global_step(self) -> int:
@@ -222,40 +217,22 @@ class Engine:
         return self.stop_requested
 
     # -- checkpoints -----------------------------------------------------------------------
-    def save(self, state: dict) -> None:
-        """Checkpoint `step<N>` with the loop's `state`; `latest` moves once every rank wrote."""
-        self.long_waits()
-        on_rank0(self.dist.rank, self.fence)  # the run is still this job's, else every rank stops here
-        rank_state = {"ema": self.ema.state_dict()} if self.ema else {}
-        tag = f"step{self.global_step}"
-        checkpoint.save(self.ds, self.ckpt_dir, tag, state, self.s.checkpoint.keep, rank_state, self.fence)
-        self.saved_step = self.global_step
-
-    def resume(self) -> Resumed | None:
-        """Load the checkpoint `latest` names; None on a fresh start."""
-        state = checkpoint.load(self.ds, self.ckpt_dir, self.s.checkpoint.reshard)
-        if state is None:
+    def resume(self) -> str | None:
+        """Load the checkpoint the checkpointer holds into the engine and the states registered with
+        it; None on a fresh start, else what a resume log line adds (resharded, EMA restarted)."""
+        missed = self.checkpointer.load(self.s.checkpoint.reshard)
+        if missed is None:
             return None
-        ema_note = ""
-        if self.ema is not None:
-            rank_state = checkpoint.load_rank_state(self.ckpt_dir, self.dist.rank)
-            try:
-                self.ema.load_state_dict(rank_state["ema"])
-            except (KeyError, ValueError):  # resharded, saved without EMA or with another layout
-                self.ema.reset()
-                ema_note = "; the EMA of the weights restarts from the restored weights"
-        self._set_lr()
-        self.saved_step = self.global_step
-        note = f"resumed from {self.last_checkpoint()} (epoch {state['epoch']}, step {self.global_step})"
+        note = ""
         if self.reshard:
             note += f"; resharded to {self.dist.world} ranks: the epoch goes on from the same sample"
-        return Resumed(state, note + ema_note)
+        if "ema" in missed:  # resharded: the shards it was saved in are not this run's
+            self.ema.reset()
+            note += "; the EMA of the weights restarts from the restored weights"
+        self._set_lr()
+        return note
 
-    def last_checkpoint(self) -> Path | None:
-        tag = checkpoint.latest_tag(self.ckpt_dir)
-        return self.ckpt_dir / tag if tag else None
-
-    def stop_if_requested(self, state: dict, agree: bool = False) -> None:
+    def stop_if_requested(self, agree: bool = False) -> None:
         """SIGTERM on any rank: checkpoint this step together, unless it already is, and stop (exit
         143). `agree`: ask the ranks now (a collective); else the flag the last step's collective
         carried."""
@@ -263,10 +240,9 @@ class Engine:
             self.agree_stop()
         if not self.stop_requested:
             return
-        if self.saved_step != self.global_step:
-            self.save(state)
+        self.checkpointer.maybe_save(self.global_step, "stop")
         raise Preempted(
-            f"SIGTERM: checkpoint {self.last_checkpoint()} holds step {self.global_step}; rerun to continue"
+            f"SIGTERM: checkpoint {self.checkpointer.last} holds step {self.global_step}; rerun to continue"
         )
 
     def export(self, path) -> str:

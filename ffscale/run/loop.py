@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from ffscale.run.record import Recorder
 from ffscale.run.schedule import plan_steps
 from ffscale.run.world import for_world
 from ffscale.util import flops, startup
+from ffscale.util.cadence import itstime
 from ffscale.util.hostenv import allocator
 from ffscale.util.seeds import derive
 from ffscale.util.weights import load_weights
@@ -41,15 +42,28 @@ def log(dist: DistInfo, msg: str) -> None:
 
 @dataclass
 class Progress:
-    """The loop's own state, saved with every checkpoint (keys kept stable across versions)."""
+    """The loop's own state, registered with the checkpointer: saved with every checkpoint (its
+    keys are the checkpoint's client state, kept stable) and restored on resume. (epoch,
+    micro_in_epoch) is also the train loader's position: a loader's epoch is a function of both."""
 
     epoch: int = 0
-    micro_in_epoch: int = 0
+    micro_in_epoch: int = 0  # micro-steps done in this epoch, counted in `accum` per optimizer step
     accum: int = 1
     best: dict = field(default_factory=dict)
     skipped: int = 0  # non-finite steps skipped (optim.nonfinite=skip)
     eval_pending: bool = False  # SIGTERM stopped the epoch's evaluation: run it first on resume
     carried_eval_pending: bool = False  # SIGTERM stopped the carried weights' evaluation: the same
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, saved: dict) -> None:
+        """A checkpoint's client state (DeepSpeed adds keys of its own: only ours are read). The
+        micro-steps done are counted again in this run's accumulation (the rank count may differ)."""
+        for f in fields(self):
+            if f.name in saved and f.name != "accum":
+                setattr(self, f.name, saved[f.name])
+        self.micro_in_epoch = self.micro_in_epoch // saved["accum"] * self.accum
 
 
 def run_stage(
@@ -74,7 +88,7 @@ def run_stage(
 def _run(r: StageRun, init_weights: Path | None) -> dict:
     if init_weights is not None and (r.fresh or r.progress.carried_eval_pending):
         r.evaluate_carried(init_weights)
-    r.engine.stop_if_requested(asdict(r.progress), agree=True)  # SIGTERM during start-up
+    r.engine.stop_if_requested(agree=True)  # SIGTERM during start-up
     if r.progress.eval_pending:  # the evaluation a SIGTERM stopped
         r.end_epoch()
         if r.stopped_at_epoch():
@@ -124,6 +138,7 @@ class StageRun:
         )
         startup.mark("engine_built")
         self.ops = DeviceOps(self.s.data, self.num_classes, dist.device, self.engine.dtype)
+        self.checkpoints = self.engine.checkpointer  # the loop saves through it, never the files
         stage.dir.mkdir(parents=True, exist_ok=True)
         self.progress = self._resume()
         self.meter = self._meter()
@@ -161,17 +176,16 @@ class StageRun:
         return model
 
     def _resume(self) -> Progress:
-        resumed = self.engine.resume()
-        self.fresh = resumed is None
-        if resumed is None:
-            return Progress(accum=self.steps.accum)
-        prog = Progress(**{k: v for k, v in resumed.state.items() if k in Progress.__dataclass_fields__})
-        # micro-steps done in this epoch, counted in this run's accumulation (the rank count may differ)
-        prog.micro_in_epoch = (
-            prog.micro_in_epoch // resumed.state.get("accum", self.steps.accum) * self.steps.accum
-        )
-        prog.accum = self.steps.accum
-        log(self.dist, f"{self.where}: {resumed.note}")
+        prog = Progress(accum=self.steps.accum)
+        self.checkpoints.register("progress", prog)
+        note = self.engine.resume()
+        self.fresh = note is None
+        if note is not None:
+            step = self.engine.global_step
+            log(
+                self.dist,
+                f"{self.where}: resumed from {self.checkpoints.last} (epoch {prog.epoch}, step {step}){note}",
+            )
         return prog
 
     def _config_history(self, tracker, lineage: str) -> None:
@@ -229,7 +243,7 @@ class StageRun:
             ev = self.engine.validate(self._val_batches())
         except EvalInterrupted:  # checkpoints step 0 saying so, stops; the rerun evaluates first
             self.progress.carried_eval_pending = True
-            self.engine.stop_if_requested(asdict(self.progress))
+            self.engine.stop_if_requested()
             raise
         self.progress.carried_eval_pending = False
         self.record({"step": 0, "init_val_top1": ev["val_top1"], "init_val_top5": ev["val_top5"]})
@@ -261,15 +275,13 @@ class StageRun:
             startup.mark("first_step")  # once per process; on a GPU the step may still be queued
             if not e.step_finite:
                 self._skip_step()
-            if loss.n and (e.global_step % self.run.log_every == 0 or i + 1 == st.micro_per_epoch):
+            if loss.n and (itstime(e.global_step, self.run.log_every) or i + 1 == st.micro_per_epoch):
                 self._log_progress(loss.take())
-            e.stop_if_requested(asdict(prog))
-            if self.s.checkpoint.every_steps and e.global_step % self.s.checkpoint.every_steps == 0:
-                e.save(asdict(prog))
-                e.stop_if_requested(asdict(prog), agree=True)  # SIGTERM during the write: stop, no second
+            e.stop_if_requested()
+            if self.checkpoints.maybe_save(e.global_step, "step"):
+                e.stop_if_requested(agree=True)  # SIGTERM during the write: stop, no second
             if self.s.schedule.stop_at_step and e.global_step >= self.s.schedule.stop_at_step:
-                if e.saved_step != e.global_step:
-                    e.save(asdict(prog))
+                self.checkpoints.maybe_save(e.global_step, "stop")
                 log(
                     self.dist,
                     f"{self.where}: stopped at schedule.stop_at_step={e.global_step}; rerun to continue",
@@ -283,7 +295,7 @@ class StageRun:
         prog, step = self.progress, self.engine.global_step
         prog.skipped += 1
         self.record({"step": step, "skipped_steps": prog.skipped})
-        nonfinite.check(self.s.optim, step, prog.skipped, self.engine.last_checkpoint(), self.where)
+        nonfinite.check(self.s.optim, step, prog.skipped, self.checkpoints.last, self.where)
         log(
             self.dist,
             f"{self.where}: loss not finite at step {step}: step skipped ({prog.skipped}/{self.s.optim.max_skipped})",
@@ -305,24 +317,18 @@ class StageRun:
     # -- end of an epoch, end of the stage -----------------------------------------------------
     def end_epoch(self) -> None:
         prog, epochs, e = self.progress, self.s.schedule.epochs, self.engine
-        if prog.eval_pending or prog.epoch % self.run.eval_every == 0 or prog.epoch == epochs:
+        if prog.eval_pending or itstime(prog.epoch, self.run.eval_every, last=epochs):
             self._evaluate()
-        if self._checkpoints_this_epoch() and e.saved_step != e.global_step:
-            e.save(asdict(prog))
-        e.stop_if_requested(asdict(prog), agree=True)  # SIGTERM during the evaluation or the write
+        self.checkpoints.maybe_save(e.global_step, "epoch", epoch=prog.epoch)
+        e.stop_if_requested(agree=True)  # SIGTERM during the evaluation or the write
         self.meter.new_window()
-
-    def _checkpoints_this_epoch(self) -> bool:
-        every, epoch = self.s.checkpoint.every_epochs, self.progress.epoch
-        return bool(every and epoch % every == 0) or epoch == self.s.schedule.epochs
 
     def stopped_at_epoch(self) -> bool:
         """schedule.stop_at_epoch reached before the schedule's end: checkpointed, rerun to continue."""
         stop, prog = self.s.schedule.stop_at_epoch, self.progress
         if not stop or prog.epoch < stop or prog.epoch >= self.s.schedule.epochs:
             return False
-        if self.engine.saved_step != self.engine.global_step:
-            self.engine.save(asdict(prog))
+        self.checkpoints.maybe_save(self.engine.global_step, "stop")
         log(
             self.dist,
             f"{self.where}: stopped after epoch {prog.epoch} (schedule.stop_at_epoch); rerun to continue",
@@ -338,7 +344,7 @@ class StageRun:
                 ev |= e.validate_ema(self._val_batches(), lambda: build_model(self.s, self.num_classes))
         except EvalInterrupted:  # SIGTERM: the checkpoint says to evaluate first on resume
             prog.eval_pending = True
-            e.stop_if_requested(asdict(prog))
+            e.stop_if_requested()
             raise
         prog.eval_pending = False
         ev["epoch"] = prog.epoch

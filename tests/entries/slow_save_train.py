@@ -13,14 +13,15 @@ SLOW_S = 35
 _stop_if_requested = Engine.stop_if_requested
 
 
-def stop_if_requested(self, state, agree=False):
+def stop_if_requested(self, agree=False):
     if agree:
         self.agree_stop()
-    if self.stop_requested and self.saved_step != self.global_step:  # a checkpoint is written now
+    # a checkpoint is written now
+    if self.stop_requested and self.checkpointer.saved_step != self.global_step:
         if self.dist.rank == 0:
             print(f"slow checkpoint: {SLOW_S} s", flush=True)
         time.sleep(SLOW_S)
-    return _stop_if_requested(self, state)
+    return _stop_if_requested(self)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,8 @@ def test_a_checkpoint_of_another_deepspeed_or_torch_stops_with_one_line(tmp_path
         ck.select(tmp_path, 0, 1)
     assert ck.incompatible({**here, "torch": "1.13.1"}).startswith("torch 1.13.1 wrote it")
     assert "newer checkpoint format" in ck.incompatible({**here, "format": ck.FORMAT + 1})
+    format1 = {"world_size": 2, "zero_stage": 2, "params": {}}  # no versions, no files: no longer read
+    assert "checkpoint format 1" in ck.incompatible(format1)
 
 
 def test_ffscale_verify_checks_a_runs_checkpoints_as_a_resume_would(tmp_path, capsys):
@@ -135,3 +137,25 @@ def test_ffscale_verify_checks_a_runs_checkpoints_as_a_resume_would(tmp_path, ca
     assert main(["verify", str(tmp_path / "none" / "train")]) == 0  # its stage directory too
     (tmp_path / "plain").mkdir()
     assert main(["verify", str(tmp_path / "plain")]) == 2  # neither shards nor a run
+
+
+def test_the_checkpointer_holds_the_checkpoint_it_chose_and_decides_when_to_save(tmp_path):
+    """Chosen once at start: a checkpoint written later on the disk is not the one this run resumes.
+    Saves follow the cadence, and a step already saved is never saved again."""
+    from ffscale.config import CheckpointCfg
+    from ffscale.engine.checkpointer import Checkpointer
+    from ffscale.util.cadence import itstime
+
+    for step in (100, 200):
+        _write(tmp_path, step, world_size=2, zero_stage=2)
+    ckpt = Checkpointer(tmp_path, CheckpointCfg(every_steps=50, every_epochs=2), epochs=5, rank=0, world=1)
+    assert ckpt.last == tmp_path / "step200" and ckpt.needs_reshard  # 2 ranks' ZeRO-2 shards, 1 rank here
+    _write(tmp_path, 300)
+    assert ckpt.last == tmp_path / "step200"
+    ckpt.saved_step = 200  # as loading it leaves it
+    assert not ckpt.maybe_save(200, "stop")  # already saved at this step
+    assert not ckpt.maybe_save(201, "step") and not ckpt.maybe_save(201, "epoch", epoch=3)
+    with pytest.raises(ValueError, match="reason 'later'"):
+        ckpt.maybe_save(201, "later")
+    assert [epoch for epoch in range(1, 6) if itstime(epoch, 2, last=5)] == [2, 4, 5]
+    assert not itstime(7, 0) and itstime(150, 50)

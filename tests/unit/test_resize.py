@@ -44,15 +44,15 @@ def test_carry_is_function_preserving_for_the_same_size(ff28):
 def test_resuming_a_checkpoint_of_another_model_names_the_tensor(tmp_path):
     import json
 
-    from ffscale.engine.checkpoint import CheckpointMismatch, check_model, model_signature
+    from ffscale.engine.checkpoint import CheckpointMismatch, check_model, meta_of, model_signature
 
     old = create_model("ff_tiny", img_size=28, patch_size=7, dim=32, depth=2, num_classes=10)
     (tmp_path / "step8").mkdir()
     (tmp_path / "step8" / "ffscale.json").write_text(json.dumps({"params": model_signature(old)}))
-    (tmp_path / "latest").write_text("step8")
-    check_model(tmp_path, old)  # the same model resumes
+    record = meta_of(tmp_path, "step8")  # read once, as the Checkpointer holds it
+    check_model(record, tmp_path / "step8", old)  # the same model resumes
     new = create_model("ff_tiny", img_size=35, patch_size=7, dim=32, depth=2, num_classes=10)
     with pytest.raises(
         CheckpointMismatch, match=r"step8 holds another model: blocks\.0\.mlp_tokens\.fc1\.bias"
     ):
-        check_model(tmp_path, new)
+        check_model(record, tmp_path / "step8", new)
