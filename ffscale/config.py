@@ -55,9 +55,16 @@ class ModelCfg:
 @dataclass
 class DataCfg:
     train: str = "data/fashion-mnist/train"
-    """a shard directory holding manifest.json"""
+    """a shard directory holding manifest.json: a path, or a URL prefix (https://, s3://, gs://: read
+    through fsspec; docs/data.md, "Remote shards and staging")"""
     val: str = "data/fashion-mnist/val"
-    """the validation shard directory"""
+    """the validation shard directory (a path or a URL prefix, as `train`)"""
+    stage_dir: str = ""
+    """node-local folder (NVMe, or RAM) into which each split is copied once per node, checked against its
+    manifest, before the ranks read it ("": the shards are read where they are; docs/data.md)"""
+    remote_cache_mb: int = 64
+    """without stage_dir, remote shards are read by ranged requests through a cache of this many MB per
+    reading process (a rank's DALI or DataLoader workers each hold one)"""
     loader: str = "auto"
     """auto | dali | webdataset (ffscale/data/loader.py says which `auto` picks)"""
     img_size: int = 224
@@ -407,6 +414,14 @@ def validate(s: StageCfg, p: str = "") -> None:
         raise ConfigError(
             f"{p}distill.alpha={s.distill.alpha}, {p}distill.tau={s.distill.tau}: alpha in [0, 1], tau > 0"
         )
+    for split in ("train", "val"):  # a typo'd scheme is a path that does not exist: say which are read
+        root = getattr(s.data, split)
+        if "://" in root and root.split("://")[0] not in ("http", "https", "s3", "gs", "gcs"):
+            raise ConfigError(f"{p}data.{split}={root!r}: a local path, or an https://, s3:// or gs:// URL")
+    if "://" in s.data.stage_dir:
+        raise ConfigError(f"{p}data.stage_dir={s.data.stage_dir!r}: must be a node-local folder")
+    if s.data.remote_cache_mb < 1:
+        raise ConfigError(f"{p}data.remote_cache_mb={s.data.remote_cache_mb}: must be 1 or more")
     if s.data.repeats < 1:
         raise ConfigError(f"{p}data.repeats={s.data.repeats}: must be 1 (off) or more (DeiT: 3)")
     if s.deepspeed.zero_stage not in (0, 1, 2, 3):

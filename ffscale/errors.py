@@ -35,6 +35,14 @@ class DataError(FfscaleError, RuntimeError):
     exit_code, kind, same_on_every_rank = 2, "data error", False
 
 
+class StorageError(DataError):
+    """Remote storage did not answer (server down, connection reset, timeout) after a few tries: not
+    the data, worth a retry; the rerun resumes (a staging keeps what it copied). Never skipped by
+    data.on_error=skip."""
+
+    exit_code, kind = 1, "storage error"
+
+
 class DaliFailure(FfscaleError, RuntimeError):
     """DALI itself failed (no driver, a driver too old for its CUDA, nvJPEG, memory): not the data."""
 

@@ -45,6 +45,11 @@ case ",${extras}," in *,dev,*)
     { $SUDO apt-get install -y -qq strace || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq strace; }; } \
       >/dev/null 2>&1 || echo "setup: strace not installed"
   fi
+  # nginx: the remote-shard tests' HTTP server with range requests (tests/helpers/storage.py)
+  if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+    { $SUDO apt-get install -y -qq nginx || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq nginx; }; } \
+      >/dev/null 2>&1 || echo "setup: nginx not installed (the remote-shard tests need it)"
+  fi
 esac
 imports="ffscale, deepspeed, mlflow"
 case ",${extras}," in *,dali,*) imports="$imports, nvidia.dali" ;; esac

@@ -59,6 +59,10 @@ def run(a) -> int:
     _uri_to_env(a, env)
     # world, data, config changes: one line, exit 2, no rank; what needs torch runs beside the launch
     torch_checks = preflight.check_job_without_torch(cfg, a.nnodes, nproc)
+    if any(st.cfg.data.stage_dir for st in config.stages(cfg)):
+        from ffscale.data.stage import stage_job
+
+        stage_job(cfg, lambda m: print(m, flush=True))  # this node's copy of the shards, before its ranks
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env[preflight.ENV] = "1"
     entry = Path(a.entry).resolve() if a.entry else Path(train.__file__)

@@ -11,6 +11,7 @@ from ffscale.config import StageCfg
 from ffscale.data.counts import train_steps
 from ffscale.data.manifest import Manifest, load_manifest
 from ffscale.errors import DataError
+from ffscale.util.secrets import redact
 
 
 def check_stage_data(s: StageCfg, world: int, p: str = "") -> None:
@@ -24,7 +25,7 @@ def check_stage_data(s: StageCfg, world: int, p: str = "") -> None:
                 # a batch per rank, counted as the loaders count
                 train_steps(m.num_samples, world, s.data.repeats, s.optim.micro_batch, root)
         except DataError as e:
-            raise DataError(f"{p}data.{split}={root}: {e}") from None
+            raise DataError(f"{p}data.{split}={redact(root)}: {e}") from None
         found[split] = m
     train = found["train"]
     same_classes(train, found["val"], s.data.train, s.data.val, p)

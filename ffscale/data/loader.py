@@ -11,7 +11,9 @@ import torch
 from ffscale.config import DataCfg
 from ffscale.data.manifest import Manifest, load_manifest
 from ffscale.data.plan import Loader, SamplePlan
+from ffscale.data.remote import is_remote
 from ffscale.data.tarindex import TarIndex
+from ffscale.util.secrets import redact
 
 
 def build_loader(
@@ -27,13 +29,12 @@ def build_loader(
 ) -> tuple[Loader, Manifest]:
     """The loader `choose` picks; its choice and reason in `loader.choice`. Labels are checked
     against `num_classes` (default: the manifest's class count)."""
-    manifest, files = load_manifest(root)
+    where = f"data.{'train' if train else 'val'}={redact(root)}"
+    index, manifest = open_index(
+        root, cfg, (lambda why: say_unindexed(where, root, why)) if rank == 0 else None
+    )
     num_classes = num_classes or manifest.num_classes
     plan = SamplePlan(manifest.num_samples, rank, world, seed, cfg.repeats if train else 1, root)
-    where = f"data.{'train' if train else 'val'}={root}"
-    index = TarIndex.of_split(
-        root, manifest, files, (lambda why: say_unindexed(where, root, why)) if rank == 0 else None
-    )
     kind, why = choose(cfg, device)
     if kind == "dali":
         from ffscale.data.dali import DaliLoader
@@ -47,10 +48,24 @@ def build_loader(
     return loader, manifest
 
 
-def open_index(root: str) -> tuple[TarIndex, Manifest]:
-    """The split's manifest (checked) and where each of its samples lies."""
+def open_index(root: str, cfg: DataCfg | None = None, say=...) -> tuple[TarIndex, Manifest]:
+    """The split's manifest (checked) and where each of its samples lies: its node-local copy under
+    `data.stage_dir` (staged now unless it is there: ffscale/data/stage.py), a remote split read by
+    ranged requests (ffscale/data/ranged.py), or the shards where they are."""
+    if say is ...:
+        say = lambda why: say_unindexed(root, root, why)  # noqa: E731
+    if cfg is not None and cfg.stage_dir:
+        from ffscale.data import stage
+
+        local = str(stage.ensure(cfg.stage_dir, root, lambda m: print(m, flush=True)))
+        manifest, files = load_manifest(local)
+        return TarIndex.of_split(local, manifest, files, say), manifest
     manifest, files = load_manifest(root)
-    return TarIndex.of_split(root, manifest, files, lambda why: say_unindexed(root, root, why)), manifest
+    if is_remote(root):
+        from ffscale.data.ranged import RangedTarIndex
+
+        return RangedTarIndex.of_url(root, manifest, files, cfg.remote_cache_mb if cfg else 64), manifest
+    return TarIndex.of_split(root, manifest, files, say), manifest
 
 
 _SAID: set[str] = set()

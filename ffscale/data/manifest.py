@@ -141,7 +141,10 @@ def sha256_file(path: Path) -> str:
 
 
 def load_manifest(root: str | Path) -> tuple[Manifest, list[Path]]:
-    """Read `root/manifest.json` and return it with the shard paths, all of which must exist."""
+    """Read `root/manifest.json` and return it with the shard paths, all of which must exist. A URL
+    root (https://, s3://, gs://: ffscale/data/remote.py) gives the shards' URLs, as strings."""
+    if _is_url(root):
+        return _load_remote(str(root))
     root = Path(root)
     path = root / MANIFEST
     if not path.is_file():
@@ -152,17 +155,7 @@ def load_manifest(root: str | Path) -> tuple[Manifest, list[Path]]:
             )
         hint = " (create shards with `ffscale shard ...`)" if root.exists() else ""
         raise DataError(f"no shard manifest at {path}{hint}")
-    try:
-        d = json.loads(path.read_text())
-        known = set(Manifest.__dataclass_fields__)
-        m = Manifest(**{k: v for k, v in d.items() if k in known})
-        m.shards = [ShardInfo(**s) for s in d["shards"]]
-        if not isinstance(m.classes, list) or not m.classes:
-            raise ValueError("no class list")
-    except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{path}: not a valid ffscale shard manifest ({e})") from e
-    if not m.shards:
-        raise DataError(f"{path}: lists no shards")
+    m, d = parse_manifest(path.read_text(), path)
     files = [Path(os.path.normpath(root / s.file)) for s in m.shards]  # indexed shards: ../x.tar
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
@@ -173,8 +166,62 @@ def load_manifest(root: str | Path) -> tuple[Manifest, list[Path]]:
                 f"shard {f}: {f.stat().st_size} bytes, {path} says {info.size} (truncated or replaced); "
                 f"rewrite it with `ffscale shard`, or check every shard with `ffscale verify {root}`"
             )
+    return m, files
+
+
+def parse_manifest(text: str, path: str | Path) -> tuple[Manifest, dict]:
+    """A manifest's text, checked (`path` names it in errors); with the raw dict."""
+    try:
+        d = json.loads(text)
+        known = set(Manifest.__dataclass_fields__)
+        m = Manifest(**{k: v for k, v in d.items() if k in known})
+        m.shards = [ShardInfo(**s) for s in d["shards"]]
+        if not isinstance(m.classes, list) or not m.classes:
+            raise ValueError("no class list")
+    except (KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: not a valid ffscale shard manifest ({e})") from e
+    if not m.shards:
+        raise DataError(f"{path}: lists no shards")
     if "digest" in d and d["digest"] != m.digest:
         raise DataError(f"{path}: digest does not match its shard list (edited by hand?)")
+    return m, d
+
+
+def _is_url(root: str | Path) -> bool:
+    return isinstance(root, str) and "://" in root  # fsspec is imported only for such a root
+
+
+def _load_remote(root: str) -> tuple[Manifest, list]:
+    """The manifest under a URL, and its shards' URLs; where the storage lists folders (S3, GCS, an
+    http index page) each shard is found there with its recorded size, else when it is read."""
+    from ffscale.data import remote
+
+    if not remote.is_remote(root):
+        raise DataError(f"{root}: not a local path nor a URL ffscale reads ({', '.join(remote.SCHEMES)})")
+    url = remote.join(root, MANIFEST)
+    try:
+        text = remote.read_file(url).decode()
+    except DataError as e:
+        if "(404)" in str(e):
+            raise DataError(f"no shard manifest at {remote.masked(url)}") from None
+        raise
+    m, _ = parse_manifest(text, remote.masked(url))
+    files = [remote.join(root, s.file) for s in m.shards]
+    listed: dict[str, dict[str, int] | None] = {}
+    for info, f in zip(m.shards, files):
+        folder, name = f.rsplit("/", 1)
+        if folder not in listed:
+            listed[folder] = remote.listing(folder)
+        found = listed[folder]
+        if found is None:
+            continue
+        if name not in found:
+            raise DataError(f"{remote.masked(url)}: shard missing in storage: {remote.masked(f)}")
+        if info.size and found[name] is not None and found[name] != info.size:
+            raise DataError(
+                f"shard {remote.masked(f)}: {found[name]} bytes, {remote.masked(url)} says {info.size} "
+                "(truncated or replaced)"
+            )
     return m, files
 
 

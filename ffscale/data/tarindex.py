@@ -185,7 +185,7 @@ class TarIndex:
         return f"shard {self.files[k]} sample {int(i - self.start[k])}"
 
     def _member(self, i: int, fd: int, off: int, size: int, sample: dict) -> bytes:
-        buf = os.pread(fd, size + HEADER, off - HEADER)
+        buf = self._pread(fd, size + HEADER, off - HEADER)
         self.bytes_read += len(buf)
         try:
             info = tarfile.TarInfo.frombuf(buf[:HEADER], "utf-8", "surrogateescape")
@@ -212,6 +212,11 @@ class TarIndex:
                     sample[name] = self._member(i, fd, int(off), int(size), sample)
         sample.setdefault("__key__", f"#{int(i - self.start[k])}")
         return sample
+
+    def _pread(self, fd: int, size: int, offset: int) -> bytes:
+        """Where a shard's bytes come from: a local file here; ranged requests to remote storage in
+        ffscale/data/ranged.py, which overrides this and `descriptors` and nothing else."""
+        return os.pread(fd, size, offset)
 
     def sample_bytes(self, i: int) -> int:
         """What `read(i)` reads: its members with their headers."""

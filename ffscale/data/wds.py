@@ -19,7 +19,7 @@ from ffscale.data.plan import Batch, SamplePlan, pad_batch, pad_eval
 from ffscale.data.samples import decode_image, parse_label
 from ffscale.data.tarindex import TarIndex
 from ffscale.data.transforms import eval_transform, train_transform
-from ffscale.errors import DataError
+from ffscale.errors import DataError, StorageError
 from ffscale.util.seeds import derive
 
 
@@ -73,7 +73,7 @@ class WdsLoader:
             s = self.index.read(i)
             return decode_image(s, self.index.members), parse_label(s, self.num_classes, self.index.members)
         except DataError as e:
-            if self.cfg.on_error == "raise":
+            if self.cfg.on_error == "raise" or isinstance(e, StorageError):  # storage down: stop, not skip
                 raise
             print(f"ffscale: skipped ({e})", flush=True)  # names shard and key
             return None

@@ -1,0 +1,135 @@
+"""Real storage servers on 127.0.0.1 for the remote-shard tests (no mocks): nginx serving a folder
+with HTTP range requests (and a `/forbidden/` prefix answering 403), and moto's standalone S3 API
+server (in-memory buckets). scripts/setup.sh installs both (Debian's nginx, the dev extra's moto)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from helpers.launch import free_port
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"{what} exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}"
+            )
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout} s")
+
+
+class Nginx:
+    """nginx serving `root` at http://127.0.0.1:PORT/ (autoindex on: fsspec lists folders from it)."""
+
+    def __init__(self, root: Path):
+        self.bin = shutil.which("nginx") or "/usr/sbin/nginx"
+        if not Path(self.bin).exists():
+            raise RuntimeError("nginx is not installed (bash scripts/setup.sh, or apt-get install nginx)")
+        self.root, self.port = Path(root), free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="ffscale-nginx-"))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> Nginx:
+        d = self.dir
+        # as root, workers run as `user`: root, so they read pytest's 0700 temporary folders
+        user = "user root;" if os.geteuid() == 0 else ""
+        (d / "nginx.conf").write_text(
+            f"""{user}
+daemon off; worker_processes 1; pid {d}/nginx.pid; error_log {d}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off; client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  server {{
+    listen 127.0.0.1:{self.port}; root {self.root}; autoindex on;
+    location /forbidden/ {{ return 403; }}
+  }}
+}}
+"""
+        )
+        self.proc = subprocess.Popen(
+            [self.bin, "-c", str(d / "nginx.conf"), "-p", str(d)], stderr=subprocess.PIPE, text=True
+        )
+        _wait_port(self.port, self.proc, "nginx")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+class MotoS3:
+    """moto's S3 API server; `env` is what a client needs (endpoint, a dummy key, the region)."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def start(self) -> MotoS3:
+        exe = Path(sys.executable).with_name("moto_server")
+        self.proc = subprocess.Popen(
+            [str(exe), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait_port(self.port, self.proc, "moto_server")
+        return self
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+
+    def upload(self, bucket: str, prefix: str, folder: Path) -> None:
+        c = self.client()
+        try:
+            c.create_bucket(Bucket=bucket)
+        except c.exceptions.BucketAlreadyOwnedByYou:
+            pass
+        for f in sorted(Path(folder).rglob("*")):
+            if f.is_file():
+                c.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(folder).as_posix()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None

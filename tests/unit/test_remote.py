@@ -1,0 +1,204 @@
+"""Shards under URLs against real servers on 127.0.0.1 (tests/helpers/storage.py): nginx with range
+requests and moto's S3 API server, started once for the module. Staging (data.stage_dir) and ranged
+reads without it; a 403, a missing or truncated object, a sha256 mismatch and a server that stops."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from helpers.storage import MotoS3, Nginx
+
+from ffscale.config import DataCfg
+from ffscale.data import remote, stage
+from ffscale.data.ingest import sources
+from ffscale.data.ingest.writer import write_shards
+from ffscale.data.loader import open_index
+from ffscale.data.manifest import load_manifest
+from ffscale.errors import DataError, StorageError
+
+BUCKET = "ffscale-test"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One small real shard set (256 Fashion-MNIST images, 4 shards) served as it is and spoilt
+    three ways, by nginx and by moto; {name: local folder}, the servers."""
+    srv = tmp_path_factory.mktemp("srv")
+    good = srv / "fm" / "val"
+    write_shards(sources.fashion_mnist("val"), good, "val", shard_size=64, limit=256)
+    for name in ("forbidden", "trunc", "bad", "missing"):
+        shutil.copytree(good, srv / name / "val")
+    tar = "val-000001.tar"
+    data = (good / tar).read_bytes()
+    (srv / "trunc" / "val" / tar).write_bytes(data[: len(data) // 2])  # an upload cut short
+    spoilt = bytearray(data)
+    spoilt[len(data) // 2] ^= 0xFF  # the same size, other bytes: only the sha256 tells
+    (srv / "bad" / "val" / tar).write_bytes(bytes(spoilt))
+    (srv / "missing" / "val" / tar).unlink()
+    saved = dict(os.environ)
+    ng, s3 = Nginx(srv).start(), MotoS3().start()
+    os.environ.update(s3.env)
+    try:
+        for name in ("fm", "trunc", "bad", "missing"):
+            s3.upload(BUCKET, f"{name}/val", srv / name / "val")
+        yield {"srv": srv, "local": good, "nginx": ng, "s3": s3}
+    finally:
+        ng.stop()
+        s3.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def roots(served, name: str = "fm") -> list[str]:
+    return [f"{served['nginx'].url}/{name}/val", f"s3://{BUCKET}/{name}/val"]
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch):
+    monkeypatch.setattr(remote, "BACKOFF_S", 0.01)
+
+
+def test_staging_from_s3_and_https_copies_the_checked_set_once(served, tmp_path):
+    local_m, local_files = load_manifest(served["local"])
+    for root in roots(served):
+        said = []
+        dest = stage.ensure(tmp_path, root, said.append)
+        m, files = load_manifest(dest)  # the loaders' own check of the copy
+        assert m.digest == local_m.digest and m.index_sha256 == local_m.index_sha256
+        assert [f.read_bytes() for f in files] == [f.read_bytes() for f in local_files]
+        assert any("staged" in s and "copied" in s for s in said)
+        again = []
+        assert stage.ensure(tmp_path, root, again.append) == dest and again == []  # nothing copied twice
+        index, _ = open_index(root, DataCfg(stage_dir=str(tmp_path)))
+        assert Path(index.files[0]).parent == dest  # the existing loaders read the local copy
+        assert stage.staged(tmp_path, root) == dest
+
+
+def test_an_interrupted_staging_resumes_and_never_trusts_a_partial_copy(served, tmp_path):
+    root = roots(served)[1]
+    m, _ = load_manifest(served["local"])
+    dest = stage.local_root(tmp_path, root)
+    dest.mkdir(parents=True)
+    first, second = (served["local"] / s.file for s in m.shards[:2])
+    # what a killed copy leaves: a part holding the first half, and one whose bytes went wrong
+    (dest / (first.name + ".part")).write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    (dest / (second.name + ".part")).write_bytes(b"\0" * (second.stat().st_size // 2))
+    said = []
+    stage.ensure(tmp_path, root, said.append)
+    assert (dest / first.name).read_bytes() == first.read_bytes()  # resumed at its last byte
+    assert (dest / second.name).read_bytes() == second.read_bytes()  # redone from its first byte
+    assert not list(dest.glob("*.part"))
+    # a resumed part fetches only what it lacks
+    part = tmp_path / "one.part"
+    part.write_bytes(first.read_bytes()[:1000])
+    got = stage.copy_checked(
+        remote.join(root, first.name), tmp_path / "one", m.shards[0].size, m.shards[0].sha256
+    )
+    assert got == m.shards[0].size - 1000 and (tmp_path / "one").read_bytes() == first.read_bytes()
+
+
+def test_a_sha256_mismatch_names_the_shard_and_url_and_stages_nothing_wrong(served, tmp_path):
+    for root in roots(served, "bad"):
+        with pytest.raises(DataError) as e:
+            stage.ensure(tmp_path, root, lambda m: None)
+        assert e.value.exit_code == 2 and "\n" not in str(e.value)
+        assert "val-000001.tar" in str(e.value) and "sha256" in str(e.value) and root in str(e.value)
+        dest = stage.local_root(tmp_path, root)
+        assert not (dest / "val-000001.tar").exists() and not (dest / stage.STAGED).exists()
+
+
+def test_a_403_a_missing_and_a_truncated_object_are_one_line_data_errors(served, tmp_path):
+    port = served["nginx"].port
+    secret_url = f"http://reader:hunter2secret@127.0.0.1:{port}/forbidden/val"
+    with pytest.raises(DataError) as e:
+        load_manifest(secret_url)
+    assert "(403)" in str(e.value) and "hunter2secret" not in str(e.value) and "127.0.0.1" in str(e.value)
+    assert e.value.exit_code == 2
+    with pytest.raises(DataError, match=r"missing in storage: s3://ffscale-test/missing/val/val-000001.tar"):
+        load_manifest(f"s3://{BUCKET}/missing/val")  # S3 lists sizes: found before any rank starts
+    http_missing = f"{served['nginx'].url}/missing/val"
+    with pytest.raises(DataError, match="missing in storage"):
+        load_manifest(http_missing)  # nginx's index page lists it
+    for root in roots(served, "trunc"):
+        with pytest.raises(DataError) as e:
+            stage.ensure(tmp_path, root, lambda m: None)
+        assert "val-000001.tar" in str(e.value) and ("truncated" in str(e.value))
+        assert e.value.exit_code == 2 and not isinstance(e.value, StorageError)
+    index, m = open_index(roots(served, "trunc")[0], DataCfg())
+    late = m.shards[0].count + m.shards[1].count - 1  # the last sample of the cut shard
+    with pytest.raises(DataError, match="truncated"):
+        index.read(late)
+
+
+def test_a_server_that_stops_is_a_storage_error_and_staging_resumes_after_it(served, tmp_path):
+    ng = Nginx(served["srv"]).start()
+    root = f"{ng.url}/fm/val"
+    try:
+        index, m = open_index(root, DataCfg())
+        index.read(0)
+        ng.stop()  # mid-epoch
+        with pytest.raises(StorageError) as e:
+            index.read(m.num_samples - 1)
+        assert e.value.exit_code == 1 and "\n" not in str(e.value)
+        assert f"{root}/val-000003.tar" in str(e.value) and "rerun" in str(e.value)
+        dest = stage.local_root(tmp_path, root)
+        dest.mkdir(parents=True)
+        first = served["local"] / m.shards[0].file
+        (dest / (first.name + ".part")).write_bytes(first.read_bytes()[:5000])
+        with pytest.raises(StorageError):
+            stage.ensure(tmp_path, root, lambda m: None)
+        assert not (dest / stage.STAGED).exists()
+        ng.start()  # the same port: the rerun
+        stage.ensure(tmp_path, root, lambda m: None)
+        assert (dest / first.name).read_bytes() == first.read_bytes() and (dest / stage.STAGED).exists()
+    finally:
+        ng.stop()
+
+
+def test_ranged_reads_without_staging_read_the_same_bytes_as_local(served):
+    local, m = open_index(str(served["local"]))
+    for root in roots(served):
+        index, rm = open_index(root, DataCfg(remote_cache_mb=1))
+        assert rm.digest == m.digest and len(index) == len(local)
+        for i in range(len(local)):
+            got, want = index.read(i), local.read(i)
+            assert got["__url__"].startswith(root) and {**got, "__url__": 0} == {**want, "__url__": 0}
+        cache = index.cache
+        assert cache.held <= (1 << 20) + (256 << 10)  # bounded
+        assert cache.requests < len(local)  # neighbours share a block
+
+
+NEVER_BEFORE_LAUNCH = ("torch", "deepspeed", "mlflow", "nvidia")
+
+
+@pytest.mark.parametrize("case", ["403", "sha256"])
+def test_ffscale_train_stops_on_remote_data_in_one_line_before_importing_torch(served, tmp_path, case):
+    """A 403 found by the preflight, a sha256 mismatch found by the node's staging: one line, credentials
+    masked, exit 2, before any rank starts or torch is imported (PYTHONPROFILEIMPORTTIME lists imports)."""
+    import re
+    import subprocess
+    import sys
+
+    port = served["nginx"].port
+    root = f"http://reader:hunter2secret@127.0.0.1:{port}/" + (
+        "forbidden/val" if case == "403" else "bad/val"
+    )
+    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cli = Path(sys.executable).with_name("ffscale")
+    config = Path(__file__).parents[2] / "configs" / "demo.yaml"
+    args = [f"run.dir={tmp_path}", f"data.train={root}", f"data.val={root}", f"data.stage_dir={tmp_path / 'stage'}",
+            "optim.global_batch=32", "tracking.enabled=false"]  # fmt: skip
+    r = subprocess.run([str(cli), "train", "--config", str(config), *args], env=env, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    lines = r.stderr.splitlines()
+    imported = {ln.rsplit("|", 1)[-1].strip().split(".")[0] for ln in lines if ln.startswith("import time:")}
+    said = [ln for ln in lines if not ln.startswith("import time:")]
+    assert r.returncode == 2, said
+    assert len(said) == 1 and "hunter2secret" not in said[0] and "stages.pretrain.data.train=" in said[0], (
+        said
+    )
+    assert re.search(r"\(403\)" if case == "403" else r"val-000001\.tar: its sha256 differs", said[0]), said
+    assert not imported & set(NEVER_BEFORE_LAUNCH)
