@@ -103,15 +103,18 @@ class WdsLoader:
             pin_memory=self.device.type == "cuda",
         )
         n = skip
-        for got in dl:
-            n += 1
-            if self.train:
-                if got is not None:  # a batch whose every sample was skipped as bad
-                    yield got
-            elif got is not None:  # eval: every batch `b` rows, the last (or a short one) padded
-                yield pad_batch(*got, b)
-            else:
-                yield from pad_eval(0, 1, b, self.cfg.img_size, torch.device("cpu"))
+        try:
+            for got in dl:
+                n += 1
+                if self.train:
+                    if got is not None:  # a batch whose every sample was skipped as bad
+                        yield got
+                elif got is not None:  # eval: every batch `b` rows, the last (or a short one) padded
+                    yield pad_batch(*got, b)
+                else:
+                    yield from pad_eval(0, 1, b, self.cfg.img_size, torch.device("cpu"))
+        except DataError as e:  # raised in a worker: torch puts its traceback in the text (ExceptionWrapper)
+            raise type(e)(own_line(e)) from None
         if not self.train:
             yield from pad_eval(n, self.steps_per_epoch, b, self.cfg.img_size, torch.device("cpu"))
 
@@ -128,6 +131,17 @@ class _Reads(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> int:
         s = self.l.index.read(int(self.ids[k]))
         return parse_label(s, self.l.num_classes, self.l.index.members)
+
+
+def own_line(e: Exception) -> str:
+    """An error's own message, without the worker's traceback torch's DataLoader puts before it
+    ("Caught DataError in DataLoader worker process 0. Original Traceback ...": torch/_utils.py,
+    ExceptionWrapper.reraise)."""
+    text = str(e).strip()
+    if "\n" not in text:
+        return text
+    last = text.splitlines()[-1]
+    return last.split(": ", 1)[1] if last.startswith("ffscale.errors.") and ": " in last else last
 
 
 def _collate(samples: list) -> Batch | None:

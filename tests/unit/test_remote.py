@@ -202,3 +202,33 @@ def test_ffscale_train_stops_on_remote_data_in_one_line_before_importing_torch(s
     )
     assert re.search(r"\(403\)" if case == "403" else r"val-000001\.tar: its sha256 differs", said[0]), said
     assert not imported & set(NEVER_BEFORE_LAUNCH)
+
+
+def test_the_webdataset_loader_in_worker_processes_reads_remote_shards_and_stops_in_one_line(served):
+    """Ranged reads from forked DataLoader workers (each its own cache and client) give the local
+    batches; a server that stops mid-epoch is one StorageError line, not the worker's traceback."""
+    import torch
+    from helpers.loaders import plain_cfg
+
+    from ffscale.data.loader import build_loader
+
+    def batches(root):
+        cfg = plain_cfg("webdataset", workers=2, img_size=28)
+        loader, _ = build_loader(cfg, root, True, 0, 1, 32, 0, None, torch.device("cpu"))
+        return loader, loader.epoch(0)
+
+    _, local = batches(str(served["local"]))
+    ng = Nginx(served["srv"]).start()
+    try:
+        _, remote_batches = batches(f"{ng.url}/fm/val")
+        for k, ((x, y), (rx, ry)) in enumerate(zip(local, remote_batches)):
+            assert torch.equal(x, rx) and torch.equal(y, ry)
+            if k == 1:
+                break
+        _, later = batches(f"{ng.url}/fm/val")
+        ng.stop()
+        with pytest.raises(StorageError) as e:
+            list(later)
+        assert "\n" not in str(e.value) and "storage did not answer" in str(e.value)
+    finally:
+        ng.stop()
