@@ -36,6 +36,13 @@ def add_parser(sub) -> None:
                    "while the config tracks without a tracking.uri)")  # fmt: skip
     r.add_argument("--mlflow-secret", help="Secret with MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN "
                    "(default mlflow-credentials; optional)")  # fmt: skip
+    r.add_argument("--storage-secret", help="Secret with the remote shards' credentials as their clients read "
+                   "them, e.g. AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (default storage-credentials; optional)")  # fmt: skip
+    r.add_argument("--stage-gi", type=int, help="size limit (GiB) of the emptyDir mounted at data.stage_dir "
+                   "when the config stages its shards (default: none)")  # fmt: skip
+    r.add_argument("--stage-medium", choices=["Memory"], help="stage into RAM (an emptyDir of medium Memory)")
+    r.add_argument("--stage-host-path", help="a node folder (hostPath, writable by uid 1000) at data.stage_dir "
+                   "instead of an emptyDir: it outlives the pod, so a replacement pod resumes the staging")  # fmt: skip
     r.set_defaults(fn=cluster)
 
     d = sub.add_parser(

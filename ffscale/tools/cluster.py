@@ -14,6 +14,7 @@ Kueue queue label (the workload is created suspended; Kueue admits it).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,9 @@ class ClusterOpts:
     # no pod falls back to a SQLite file on the shared runs volume (NFS: its locks are unsafe there)
     mlflow_configmap: str = "mlflow"
     mlflow_secret: str = "mlflow-credentials"  # MLFLOW_TRACKING_USERNAME / _PASSWORD or _TOKEN (optional)
+    # remote shards' credentials as the storage clients read them (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+    # AWS_ENDPOINT_URL, GOOGLE_APPLICATION_CREDENTIALS...; optional)
+    storage_secret: str = "storage-credentials"
     shm_gi: int = 64
     cpu: int = 32
     memory_gi: int = 400
@@ -54,6 +58,13 @@ class ClusterOpts:
     nccl_socket_ifname: str = ""  # NCCL_SOCKET_IFNAME for its bootstrap/TCP traffic, e.g. eth0
     queue: str = ""  # Kueue LocalQueue name
     preflight: bool = True  # ffscale doctor in an init container before training
+    # the node-local volume mounted at data.stage_dir (when the config sets one): an emptyDir (its size
+    # limit in GiB, 0: none; in RAM with stage_medium=Memory), or a folder of the node (hostPath), which
+    # outlives the pod, so a replacement pod on that node resumes the staging or finds it done
+    stage_gi: int = 0
+    stage_medium: str = ""  # "" (the node's disk) | Memory
+    stage_host_path: str = ""
+    stage_dirs: tuple[str, ...] = ()  # not an option: the config's data.stage_dir folders (render fills it)
 
 
 def _name(s: str) -> str:
@@ -67,6 +78,7 @@ def render(cfg: config.Config, config_yaml: str, o: ClusterOpts) -> dict[str, di
     check_launch(cfg, o.nodes, o.gpus_per_node)  # a Job that cannot start is not rendered
     refuse_secrets(cfg, o)
     needs_uri = cfg.tracking.enabled and not cfg.tracking.uri
+    o = _with_stage_dirs(cfg, o)
     name = _name(f"ffscale-{cfg.run.name}")
     labels = {"app.kubernetes.io/name": "ffscale", "app.kubernetes.io/instance": name}
     meta = {"name": name, "namespace": o.namespace, "labels": labels}
@@ -103,6 +115,33 @@ def render(cfg: config.Config, config_yaml: str, o: ClusterOpts) -> dict[str, di
         "resources": list(files),
     }
     return {**files, "kustomization.yaml": kustomization}
+
+
+def _with_stage_dirs(cfg: config.Config, o: ClusterOpts) -> ClusterOpts:
+    """The options with the config's data.stage_dir folders (each must be absolute inside the pod)."""
+    dirs = sorted({st.cfg.data.stage_dir for st in config.stages(cfg) if st.cfg.data.stage_dir})
+    for d in dirs:
+        if not d.startswith("/"):
+            raise ConfigError(f"data.stage_dir={d!r}: an absolute path in the pod, e.g. /stage")
+    if o.stage_medium not in ("", "Memory"):
+        raise ConfigError(f"cluster render --stage-medium {o.stage_medium!r}: empty (disk) or Memory")
+    return dataclasses.replace(o, stage_dirs=tuple(dirs))
+
+
+def stage_volume(o: ClusterOpts) -> dict:
+    if o.stage_host_path:
+        return {"name": "stage", "hostPath": {"path": o.stage_host_path, "type": "DirectoryOrCreate"}}
+    empty = {"medium": o.stage_medium} if o.stage_medium else {}
+    return {"name": "stage", "emptyDir": empty | ({"sizeLimit": f"{o.stage_gi}Gi"} if o.stage_gi else {})}
+
+
+def stage_mounts(o: ClusterOpts) -> list[dict]:
+    """One volume at every stage_dir of the pipeline (a folder of it each, where stages name several)."""
+    dirs = o.stage_dirs
+    return [
+        {"name": "stage", "mountPath": d, **({"subPath": str(i)} if len(dirs) > 1 else {})}
+        for i, d in enumerate(dirs)
+    ]
 
 
 def job_spec(o: ClusterOpts, pod: dict, backoff: int | None = None) -> dict:
@@ -184,7 +223,8 @@ def pod_template(o: ClusterOpts, name: str, labels: dict, master: str, needs_uri
             {"name": "shards", "persistentVolumeClaim": {"claimName": o.shards_pvc, "readOnly": True}},
             {"name": "runs", "persistentVolumeClaim": {"claimName": o.runs_pvc}},
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{o.shm_gi}Gi"}},
-        ],
+        ]
+        + ([stage_volume(o)] if o.stage_dirs else []),
     }
     if o.kind == "job":
         spec["subdomain"] = name  # the headless Service's name: pod 0 is <name>-0.<name>
@@ -237,6 +277,7 @@ def container(o: ClusterOpts, master: str, needs_uri: bool = True) -> dict:
         "envFrom": [
             {"configMapRef": {"name": o.mlflow_configmap, "optional": not needs_uri}},
             {"secretRef": {"name": o.mlflow_secret, "optional": True}},
+            {"secretRef": {"name": o.storage_secret, "optional": True}},
         ],
         "resources": {
             "requests": {"cpu": str(o.cpu), "memory": f"{o.memory_gi}Gi", **devices},
@@ -253,6 +294,7 @@ def container(o: ClusterOpts, master: str, needs_uri: bool = True) -> dict:
             {"name": "shards", "mountPath": "/data", "readOnly": True},
             {"name": "runs", "mountPath": "/runs"},
             {"name": "dshm", "mountPath": "/dev/shm"},
+            *stage_mounts(o),
         ],
     }
 

@@ -187,3 +187,29 @@ def test_every_pod_runs_the_preflight_first_on_its_node():
         assert init["volumeMounts"] == pod["containers"][0]["volumeMounts"]
     off = cluster.render(cfg, C.to_yaml(cfg), cluster.ClusterOpts(preflight=False))
     assert off["job.yaml"]["spec"]["template"]["spec"]["initContainers"] == []
+
+
+def test_a_config_that_stages_its_shards_gets_a_node_local_volume_at_stage_dir(tmp_path):
+    cfg = C.load(
+        [str(ROOT / "configs" / "ff_tiny.yaml")], ["data.stage_dir=/stage", "data.train=s3://b/in/train"]
+    )
+    for opts, volume in (
+        (dict(stage_gi=200), {"name": "stage", "emptyDir": {"sizeLimit": "200Gi"}}),
+        (dict(stage_medium="Memory"), {"name": "stage", "emptyDir": {"medium": "Memory"}}),
+        (dict(stage_host_path="/mnt/nvme/ffscale"),
+         {"name": "stage", "hostPath": {"path": "/mnt/nvme/ffscale", "type": "DirectoryOrCreate"}}),
+    ):  # fmt: skip
+        files = cluster.render(cfg, C.to_yaml(cfg), cluster.ClusterOpts(nodes=2, gpus_per_node=8, **opts))
+        pod = files["job.yaml"]["spec"]["template"]["spec"]
+        assert volume in pod["volumes"]
+        for c in pod["containers"] + pod["initContainers"]:  # the preflight sees the same folders
+            assert {"name": "stage", "mountPath": "/stage"} in c["volumeMounts"]
+        paths = cluster.write(files, tmp_path / str(len(opts)) / next(iter(opts)))
+        k8s = [str(p) for p in paths if p.name != "kustomization.yaml"]
+        r = subprocess.run([tool("kubernetes-validate"), "--strict", *k8s], capture_output=True, text=True)
+        assert r.returncode == 0, r.stdout + r.stderr
+    plain = cluster.render(shipped(ROOT / "configs" / "ff_tiny.yaml"), "", cluster.ClusterOpts())
+    assert "stage" not in json.dumps(plain["job.yaml"])  # no staging, no volume
+    relative = C.load([str(ROOT / "configs" / "ff_tiny.yaml")], ["data.stage_dir=stage"])
+    with pytest.raises(C.ConfigError, match="data.stage_dir='stage': an absolute path"):
+        cluster.render(relative, "", cluster.ClusterOpts())
