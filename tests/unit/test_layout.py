@@ -30,7 +30,8 @@ LAYERS = [
     ("ffscale.cli", "ffscale.train"),
 ]
 OWNERS = {"deepspeed": "ffscale.engine", "nvidia.dali": "ffscale.data", "webdataset": "ffscale.data",
-          "mlflow": "ffscale.tracking"}  # fmt: skip
+          "mlflow": "ffscale.tracking", "fsspec": "ffscale.data.remote", "s3fs": "ffscale.data.remote",
+          "gcsfs": "ffscale.data.remote"}  # fmt: skip
 
 
 def module_name(path: Path) -> str:
