@@ -24,6 +24,7 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -139,6 +140,12 @@ def _stage(root: str, dest: Path, say) -> Path:
     if m.index_sha256:
         jobs.append((INDEX, INDEX, 0, m.index_sha256))
     total = sum(size for *_, size, _ in jobs)
+    have = sum(_on_disk(dest / name) for _, name, *_ in jobs)
+    free = shutil.disk_usage(dest).free
+    if total - have > free:  # found now, not after an hour of copying
+        raise DataError(
+            f"data.stage_dir {dest.parent}: {_mb(free)} free, staging {_masked(root)} needs {_mb(total - have)} more"
+        )
     say(
         f"ffscale: staging {_masked(root)} -> {dest}: {len(m.shards)} shards"
         + (f", {_mb(total)}" if total else "")
@@ -168,6 +175,14 @@ def _stage(root: str, dest: Path, say) -> Path:
         f"ffscale: staged {_masked(root)}: {_mb(copied)} copied in {dt:.1f} s ({copied / 1e6 / max(dt, 1e-9):.0f} MB/s)"
     )
     return dest
+
+
+def _on_disk(path: Path) -> int:
+    """Bytes of a shard already here, whole or as a part."""
+    for p in (path, path.with_name(path.name + ".part")):
+        if p.is_file():
+            return p.stat().st_size
+    return 0
 
 
 def _mb(n: int) -> str:

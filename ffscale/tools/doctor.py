@@ -134,6 +134,8 @@ def allreduce(nproc: int, a) -> Check:
 
 def data(cfg, stage, a) -> list[Check]:
     from ffscale.data.manifest import load_manifest
+    from ffscale.data.remote import is_remote
+    from ffscale.util.secrets import redact
 
     s, out = stage.cfg, []
     roots = {"train": s.data.train, "val": s.data.val}
@@ -145,20 +147,45 @@ def data(cfg, stage, a) -> list[Check]:
             out.append(Check(f"data.{split}", str(e), ok=False))
             continue
         manifests[split] = (m, files)
-        size = sum(f.stat().st_size for f in files)
+        remote = is_remote(root)  # shards under a URL: their sizes as the manifest (and the listing) say
+        size = sum(sh.size for sh in m.shards) if remote else sum(f.stat().st_size for f in files)
+        root = redact(root)
         out.append(Check(f"data.{split}", f"{root}: {m.num_samples} samples, {m.num_classes} classes, "
                                           f"{len(files)} shards, {size / 2**30:.2f} GiB"))  # fmt: skip
     if len(manifests) == 2 and manifests["train"][0].classes != manifests["val"][0].classes:
         out.append(Check("data.classes", "train and val have other classes", ok=False))
     if "train" in manifests:
-        out.append(read_speed(manifests["train"][1]))
+        m, files = manifests["train"]
+        out.append(read_speed(files, sizes=[sh.size for sh in m.shards]))
         out.append(decode_speed(s.data.train, s.data.img_size))
     return out
 
 
-def read_speed(files: list[Path], seconds: float = 3.0) -> Check:
-    """Sequential read of the training shards (what a loader streams), MB/s."""
+def read_speed(files: list, seconds: float = 3.0, sizes: list[int] | None = None) -> Check:
+    """Sequential read of the training shards (what a loader streams, or a staging copies), MB/s."""
+    from ffscale.data import remote
+    from ffscale.errors import DataError
+
     n, t0 = 0, time.perf_counter()
+    if remote.is_remote(files[0]):  # 16 MiB ranges, as staging copies (ffscale/data/stage.py)
+        chunk_size = 16 << 20
+        try:
+            for f, size in zip(files, sizes or [0] * len(files)):
+                off = 0
+                while time.perf_counter() - t0 < seconds:
+                    got = len(remote.read_range(f, off, off + chunk_size))
+                    n, off = n + got, off + got
+                    if got < chunk_size or off == size:  # the object's end
+                        break
+                if time.perf_counter() - t0 >= seconds:
+                    break
+        except DataError as e:
+            return Check("data.read", str(e), ok=False)
+        dt = time.perf_counter() - t0
+        where = remote.masked(files[0].rsplit("/", 1)[0])
+        return Check(
+            "data.read", f"{n / dt / 1e6:,.0f} MB/s from {where} ({n / 1e6:,.0f} MB read, one stream)"
+        )
     for f in files:
         with open(f, "rb") as fh:
             while chunk := fh.read(8 << 20):

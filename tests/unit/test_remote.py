@@ -232,3 +232,20 @@ def test_the_webdataset_loader_in_worker_processes_reads_remote_shards_and_stops
         assert "\n" not in str(e.value) and "storage did not answer" in str(e.value)
     finally:
         ng.stop()
+
+
+def test_staging_stops_before_copying_when_the_stage_volume_is_too_small(served, tmp_path, monkeypatch):
+    root = roots(served)[0]
+    real = shutil.disk_usage
+    monkeypatch.setattr(stage.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(DataError, match=r"data.stage_dir .*: 0.0 MB free, staging .* needs 0.\d MB more"):
+        stage.ensure(tmp_path, root, lambda m: None)
+    assert not list(stage.local_root(tmp_path, root).glob("*.tar*"))
+
+
+def test_the_doctor_measures_reading_remote_shards(served):
+    from ffscale.tools.doctor import read_speed
+
+    m, files = load_manifest(roots(served)[1])
+    check = read_speed(files, 1.0, [s.size for s in m.shards])
+    assert check.ok and "MB/s from s3://ffscale-test/fm/val" in check.figure, check
