@@ -39,7 +39,7 @@ def foreign(tmp_path_factory) -> Path:
 # each taking whole files in collection order (pytest-xdist --dist loadfile --no-loadscope-reorder):
 # the longest start first so that no long one is left to run alone at the end.
 LONGEST_FIRST = ("test_faults", "test_train", "test_mlflow_server", "test_faults_numeric", "test_bf16",
-                 "test_nodes", "test_readme", "test_distill_train", "test_integrity_jobs")  # fmt: skip
+                 "test_nodes", "test_readme", "test_distill_train", "test_integrity_jobs", "test_remote_train")  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):
