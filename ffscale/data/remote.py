@@ -52,11 +52,24 @@ def filesystem(url: str):
     key = (proto, os.getpid())
     if key not in _FS:
         try:
-            _FS[key] = fsspec.filesystem(proto)
+            _FS[key] = fsspec.filesystem(proto, **_options(proto))
         except ImportError as e:  # fsspec's registry names the package: "Install gcsfs to access ..."
             raise DataError(f"{masked(url)}: {e}") from None
     fs = _FS[key]
     return fs, fs._strip_protocol(url) if proto in ("s3", "gs", "gcs") else url
+
+
+def _options(proto: str) -> dict:
+    """Timeouts for a server that accepts a connection and then says nothing: fsspec's http client is an
+    aiohttp session with aiohttp's default of 300 s a request (fsspec/implementations/http.py,
+    `client_kwargs`); s3fs already sets 5 s to connect and 15 s between reads (s3fs/core.py)."""
+    if proto in ("http", "https"):
+        import aiohttp
+
+        return {
+            "client_kwargs": {"timeout": aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=60)}
+        }
+    return {}
 
 
 def failure(e: BaseException, url: str, what: str, shard: bool = True) -> DataError:
