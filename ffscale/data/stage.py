@@ -78,6 +78,9 @@ def ensure(stage_dir: str | Path, root: str, say=print) -> Path:
     the same split are waited for. Raises DataError (StorageError) naming the shard and its URL."""
     dest = local_root(stage_dir, root)
     dest.mkdir(parents=True, exist_ok=True)
+    text = _manifest_text(root)
+    if _complete(dest, text):  # the ranks after `ffscale train` staged: no lock, no line
+        return dest
     with open(dest.with_name(dest.name + ".lock"), "a+") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -85,9 +88,20 @@ def ensure(stage_dir: str | Path, root: str, say=print) -> Path:
             say(f"ffscale: waiting for another process of this node staging {_masked(root)}")
             fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return _stage(root, dest, say)
+            if _complete(dest, text):  # staged by another process of this node while this one waited
+                return dest
+            return _stage(root, dest, text, say)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _complete(dest: Path, manifest_text: str) -> bool:
+    """`.staged` says the copy was finished from this very manifest."""
+    try:
+        mark = json.loads((dest / STAGED).read_text())
+    except (OSError, ValueError):
+        return False
+    return mark.get("manifest_sha256") == hashlib.sha256(manifest_text.encode()).hexdigest()
 
 
 def _masked(root: str) -> str:
@@ -123,15 +137,9 @@ def _manifest_text(root: str) -> str:
     return path.read_text()
 
 
-def _stage(root: str, dest: Path, say) -> Path:
-    text = _manifest_text(root)
+def _stage(root: str, dest: Path, text: str, say) -> Path:
     sha = hashlib.sha256(text.encode()).hexdigest()
     mark = dest / STAGED
-    try:
-        if json.loads(mark.read_text()).get("manifest_sha256") == sha:
-            return dest  # staged by another process of this node while this one waited
-    except (OSError, ValueError):
-        pass
     mark.unlink(missing_ok=True)  # from here on the copy is incomplete until proven otherwise
     m, d = parse_manifest(text, f"{_masked(root)}/{MANIFEST}")
     t0, jobs = time.monotonic(), []

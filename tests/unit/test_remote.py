@@ -249,3 +249,17 @@ def test_the_doctor_measures_reading_remote_shards(served):
     m, files = load_manifest(roots(served)[1])
     check = read_speed(files, 1.0, [s.size for s in m.shards])
     assert check.ok and "MB/s from s3://ffscale-test/fm/val" in check.figure, check
+
+
+def test_the_processes_of_a_node_share_one_staging(served, tmp_path):
+    """Three stagers at once (each its own open file description, so flock treats them as processes
+    do): one copies, the others wait and find the copy complete."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root, said = roots(served)[1], []
+    with ThreadPoolExecutor(3) as pool:
+        dests = list(pool.map(lambda _: stage.ensure(tmp_path, root, said.append), range(3)))
+    assert len(set(dests)) == 1 and (dests[0] / stage.STAGED).is_file()
+    assert sum(s.startswith("ffscale: staging ") for s in said) == 1, said
+    m, files = load_manifest(dests[0])
+    assert [f.read_bytes() for f in files] == [(served["local"] / s.file).read_bytes() for s in m.shards]
