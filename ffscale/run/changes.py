@@ -21,7 +21,9 @@ from ffscale.util import jsonl
 # data.loader and data.workers are not free: they set the steps per epoch (the webdataset loader
 # holds back a batch per worker), so the schedule's length
 FREE = ("schedule.stop_at_step", "schedule.stop_at_epoch", "checkpoint.", "deepspeed.bucket_mb", "deepspeed.prefetch_mb", "model.compile",
-        "model.grad_ckpt", "optim.micro_batch")  # fmt: skip
+        "model.grad_ckpt", "optim.micro_batch",
+        # where the shards are read from, not which: a staged copy is checked against the same manifest
+        "data.stage_dir", "data.remote_cache_mb")  # fmt: skip
 # distill.teacher: a teacher or none sets the student's shape (its distillation token)
 FIXED = ("model.", "data.train", "data.val", "data.img_size", "data.mean", "data.std", "optim.global_batch",
          "optim.lr_batch_base", "optim.ema_decay", "schedule.epochs", "schedule.warmup_epochs", "schedule.lr_per",

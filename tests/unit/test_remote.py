@@ -263,3 +263,23 @@ def test_the_processes_of_a_node_share_one_staging(served, tmp_path):
     assert sum(s.startswith("ffscale: staging ") for s in said) == 1, said
     m, files = load_manifest(dests[0])
     assert [f.read_bytes() for f in files] == [(served["local"] / s.file).read_bytes() for s in m.shards]
+
+
+def test_a_stage_resumes_on_the_same_shards_uploaded_and_staged(served, tmp_path):
+    """A run started on local shards resumes on the same set under a URL (its digest, not its path,
+    is the data's identity), staged or not: where shards are read from is no config change."""
+    from ffscale import config
+    from ffscale.run import changes
+
+    def stage_of(root: str, *extra: str):
+        cfg = config.load([str(Path(__file__).parents[2] / "configs" / "demo.yaml")],
+                          [f"run.dir={tmp_path}", "run.name=r", f"data.train={root}", f"data.val={root}", *extra])  # fmt: skip
+        return config.stages(cfg)[0], cfg.run
+
+    stage_cfg, run = stage_of(str(served["local"]))
+    (stage_cfg.dir / "checkpoints").mkdir(parents=True)
+    changes.started(stage_cfg, run)
+    (stage_cfg.dir / "checkpoints" / "latest").write_text("step5")
+    for root in roots(served):
+        moved, run = stage_of(root, f"data.stage_dir={tmp_path / 'stage'}", "data.remote_cache_mb=8")
+        assert changes.check(moved, run, set()) == {}
