@@ -77,6 +77,14 @@ def test_staging_from_s3_and_https_copies_the_checked_set_once(served, tmp_path)
         assert stage.staged(tmp_path, root) == dest
 
 
+def test_a_split_on_a_shared_filesystem_is_staged_the_same_way(served, tmp_path):
+    """A local path (NFS, Lustre: one open per sample there costs the metadata server) stages too."""
+    dest = stage.ensure(tmp_path, str(served["local"]), lambda m: None)
+    m, files = load_manifest(dest)
+    assert dest != served["local"] and m.digest == load_manifest(served["local"])[0].digest
+    assert [f.read_bytes() for f in files] == [(served["local"] / f.name).read_bytes() for f in files]
+
+
 def test_an_interrupted_staging_resumes_and_never_trusts_a_partial_copy(served, tmp_path):
     root = roots(served)[1]
     m, _ = load_manifest(served["local"])
