@@ -25,6 +25,7 @@ import os
 import posixpath
 import re
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -158,9 +159,10 @@ def _stage(root: str, dest: Path, text: str, say) -> Path:
         f"ffscale: staging {_masked(root)} -> {dest}: {len(m.shards)} shards"
         + (f", {_mb(total)}" if total else "")
     )
+    progress = _Progress(f"ffscale: staging {_masked(root)}", total - have)
     with ThreadPoolExecutor(min(WORKERS, len(jobs))) as pool:
         futures = [
-            pool.submit(copy_checked, _src(root, rel), dest / name, size, digest)
+            pool.submit(copy_checked, _src(root, rel), dest / name, size, digest, progress)
             for rel, name, size, digest in jobs
         ]
         try:
@@ -203,14 +205,29 @@ def _relocated(d: dict) -> dict:
     return {**d, "shards": [{**s, "file": _local_name(s["file"])} for s in d["shards"]]}
 
 
-def copy_checked(src: str, dst: Path, size: int, sha256: str) -> int:
+class _Progress:
+    """Bytes copied by the staging's threads, as util/bar.py's line (MB, MB/s, ETA) every 10 s."""
+
+    def __init__(self, what: str, total: int):
+        from ffscale.util.bar import Bar
+
+        self.bar, self.bytes, self.lock = Bar(what, max(1, total // 10**6), unit="MB"), 0, threading.Lock()
+
+    def __call__(self, n: int) -> None:
+        with self.lock:
+            before, self.bytes = self.bytes // 10**6, self.bytes + n
+            if self.bytes // 10**6 > before:
+                self.bar.update(self.bytes // 10**6 - before)
+
+
+def copy_checked(src: str, dst: Path, size: int, sha256: str, progress=lambda n: None) -> int:
     """`src` copied to `dst` with its size (0: unknown) and sha256 checked; the bytes copied now."""
     if dst.is_file() and (not size or dst.stat().st_size == size):
         return 0  # renamed into place only after its check
     part = dst.with_name(dst.name + ".part")
     dst.parent.mkdir(parents=True, exist_ok=True)
     for _ in (0, 1):  # a part that fails its check is copied again from its first byte, once
-        got = _fill(src, part, size)
+        got = _fill(src, part, size, progress)
         if sha256 == _sha256(part):
             with open(part, "rb+") as f:
                 os.fsync(f.fileno())
@@ -223,7 +240,7 @@ def copy_checked(src: str, dst: Path, size: int, sha256: str) -> int:
     )
 
 
-def _fill(src: str, part: Path, size: int) -> int:
+def _fill(src: str, part: Path, size: int, progress=lambda n: None) -> int:
     """Append to `part` from where it stopped to the object's end; the bytes fetched."""
     size = size or _size(src)
     have = part.stat().st_size if part.is_file() else 0
@@ -240,6 +257,7 @@ def _fill(src: str, part: Path, size: int) -> int:
                     f"shard {_masked(src)}: ends at byte {have}, its manifest says {size} (truncated object)"
                 )
             f.write(chunk)
+            progress(len(chunk))
             have += len(chunk)
             fetched += len(chunk)
     return fetched
