@@ -36,6 +36,7 @@ from ffscale.errors import DataError
 from ffscale.util.atomic import write_atomic
 
 STAGED = ".staged"
+STAGING = ".staging.json"  # the source manifest the shards in place were checked against
 INDEX = "sample-index.npy"  # sampleindex.INDEX (that module imports numpy; this one stays light)
 CHUNK = 16 << 20  # bytes per ranged request: few requests per shard, a resumed part loses at most this
 WORKERS = 8  # shards copied at once: enough to fill a link whose single streams are latency-bound
@@ -148,6 +149,7 @@ def _stage(root: str, dest: Path, text: str, say) -> Path:
         jobs.append((s.file, _local_name(s.file), s.size, s.sha256))
     if m.index_sha256:
         jobs.append((INDEX, INDEX, 0, m.index_sha256))
+    _forget_other_versions(dest, {name: digest for _, name, _, digest in jobs}, text)
     total = sum(size for *_, size, _ in jobs)
     have = sum(_on_disk(dest / name) for _, name, *_ in jobs)
     free = shutil.disk_usage(dest).free
@@ -185,6 +187,22 @@ def _stage(root: str, dest: Path, text: str, say) -> Path:
         f"ffscale: staged {_masked(root)}: {_mb(copied)} copied in {dt:.1f} s ({copied / 1e6 / max(dt, 1e-9):.0f} MB/s)"
     )
     return dest
+
+
+def _forget_other_versions(dest: Path, digests: dict[str, str], text: str) -> None:
+    """Shards in place were checked against the manifest of the staging that copied them, kept in
+    `.staging.json`; where the source's manifest has changed since, those whose sha256 it changed go."""
+    pending = dest / STAGING
+    try:
+        old = json.loads(pending.read_text())
+        before = {_local_name(s["file"]): s["sha256"] for s in old["shards"]}
+        before |= {INDEX: old.get("index_sha256", "")}
+    except (OSError, ValueError, KeyError, TypeError):
+        before = {}
+    for name, digest in digests.items():
+        if before.get(name) != digest:
+            (dest / name).unlink(missing_ok=True)
+    write_atomic(pending, text)
 
 
 def _on_disk(path: Path) -> int:

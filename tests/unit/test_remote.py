@@ -291,3 +291,23 @@ def test_a_stage_resumes_on_the_same_shards_uploaded_and_staged(served, tmp_path
     for root in roots(served):
         moved, run = stage_of(root, f"data.stage_dir={tmp_path / 'stage'}", "data.remote_cache_mb=8")
         assert changes.check(moved, run, set()) == {}
+
+
+def test_a_changed_source_stages_again_and_replaces_the_shards_it_changed(served, tmp_path):
+    """A shard replaced at the source with bytes of the same size, the manifest rewritten: the copy
+    made from the old manifest is not kept for its size."""
+    src = tmp_path / "src"
+    shutil.copytree(served["local"], src)
+    dest = stage.ensure(tmp_path / "stage", str(src), lambda m: None)
+    m, files = load_manifest(src)
+    data = bytearray(files[0].read_bytes())
+    data[-2000] ^= 0xFF  # inside the tar's end-of-archive zeros: still a valid tar, other bytes
+    files[0].write_bytes(bytes(data))
+    from ffscale.data.manifest import sha256_file
+
+    m.shards[0].sha256 = sha256_file(files[0])
+    m.save(src)
+    said = []
+    assert stage.ensure(tmp_path / "stage", str(src), said.append) == dest
+    assert (dest / files[0].name).read_bytes() == bytes(data)
+    assert any("staged" in s for s in said)
