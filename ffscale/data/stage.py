@@ -7,8 +7,9 @@ read at local-disk latency with no request per sample. Shards are copied in para
 hashed as they arrive and renamed into place only when size and sha256 equal the manifest's. A part
 left by an interrupted copy is rehashed and continued; one whose result differs from the manifest is
 removed and copied again from the start once, then the job stops naming the shard. A shard in place
-was checked before its rename and is kept. The split is complete when `.staged` (the sha256 of the
-manifest it was copied from) is written; a changed manifest at the source stages the split again.
+was checked before its rename and is kept while the source's manifest gives it the same sha256. The
+split is complete when `.staged` (the sha256 of the manifest it was copied from) is written; a changed
+manifest at the source stages the split again.
 
 One copy serves the node's ranks: whoever stages holds an exclusive `flock` on the split's lock file
 (the kernel releases it when the process dies, so an interrupted staging never blocks the next), the
