@@ -311,3 +311,16 @@ def test_a_changed_source_stages_again_and_replaces_the_shards_it_changed(served
     assert stage.ensure(tmp_path / "stage", str(src), said.append) == dest
     assert (dest / files[0].name).read_bytes() == bytes(data)
     assert any("staged" in s for s in said)
+
+
+@pytest.mark.parametrize(
+    "override, expect",
+    [("data.train=ftp://host/train", r"data.train='ftp://host/train': a local path, or an https://"),
+     ("data.stage_dir=s3://b/stage", r"data.stage_dir='s3://b/stage': must be a node-local folder"),
+     ("data.remote_cache_mb=0", r"data.remote_cache_mb=0: must be 1 or more")],
+)  # fmt: skip
+def test_remote_keys_are_checked_when_the_config_loads(override, expect):
+    from ffscale import config
+
+    with pytest.raises(config.ConfigError, match=expect):
+        config.load([str(Path(__file__).parents[2] / "configs" / "demo.yaml")], [override])
