@@ -286,7 +286,7 @@ def test_a_stage_resumes_on_the_same_shards_uploaded_and_staged(served, tmp_path
 
     stage_cfg, run = stage_of(str(served["local"]))
     (stage_cfg.dir / "checkpoints").mkdir(parents=True)
-    changes.started(stage_cfg, run)
+    changes.started(stage_cfg, run, "scratch")
     (stage_cfg.dir / "checkpoints" / "latest").write_text("step5")
     for root in roots(served):
         moved, run = stage_of(root, f"data.stage_dir={tmp_path / 'stage'}", "data.remote_cache_mb=8")
