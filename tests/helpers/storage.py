@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 from helpers.launch import free_port
@@ -39,6 +40,7 @@ class Nginx:
             raise RuntimeError("nginx is not installed (bash scripts/setup.sh, or apt-get install nginx)")
         self.root, self.port = Path(root), free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="ffscale-nginx-"))
+        weakref.finalize(self, shutil.rmtree, self.dir, True)  # its config, pid and log: gone with it
         self.proc: subprocess.Popen | None = None
 
     @property
