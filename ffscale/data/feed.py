@@ -18,13 +18,14 @@ import numpy as np
 
 from ffscale.data.samples import image_bytes, parse_label
 from ffscale.data.tarindex import TarIndex
-from ffscale.errors import DataError
+from ffscale.errors import DataError, StorageError
 
 # DALI's workers hand a callback's exception to the pipeline as RuntimeError(str(e)) inside a
 # generic Exception carrying the worker's traceback (nvidia-dali 2.4.0,
 # nvidia/dali/_multiproc/messages.py `failed`, pool.py `handle_error`): the class is lost, so a bad
 # sample's message starts with this mark and the loader turns it back into one DataError line.
 DATA_ERROR_MARK = "ffscale data error: "
+STORAGE_ERROR_MARK = "ffscale storage error: "  # remote storage not answering: exit 1, not 2 (errors.py)
 PAD_LABEL = -1  # eval padding: every batch has micro_batch rows; the engine counts labels >= 0 only
 
 
@@ -75,7 +76,8 @@ class SampleSource:
         try:
             return read_sample(self.index, int(self.ids[k]), self.num_classes)
         except DataError as e:
-            raise RuntimeError(DATA_ERROR_MARK + str(e)) from None
+            mark = STORAGE_ERROR_MARK if isinstance(e, StorageError) else DATA_ERROR_MARK
+            raise RuntimeError(mark + str(e)) from None
 
 
 def data_error_in(e: BaseException) -> DataError | None:
@@ -84,8 +86,9 @@ def data_error_in(e: BaseException) -> DataError | None:
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         for line in str(e).splitlines():
-            at = line.find(DATA_ERROR_MARK)
-            if at >= 0:
-                return DataError(line[at + len(DATA_ERROR_MARK) :].strip())
+            for mark, kind in ((DATA_ERROR_MARK, DataError), (STORAGE_ERROR_MARK, StorageError)):
+                at = line.find(mark)
+                if at >= 0:
+                    return kind(line[at + len(mark) :].strip())
         e = e.__cause__ or e.__context__
     return None
