@@ -123,6 +123,11 @@ def add_parser(sub) -> None:
     bd.add_argument(
         "--no-rand-augment", action="store_true", help="without RandAugment (both loaders run it by default)"
     )
+    bd.add_argument(
+        "--require-dali",
+        action="store_true",
+        help="fail when DALI does not import (default: measure the rest)",
+    )
     bd.add_argument("--json", action="store_true")
     bt = bsub.add_parser(
         "train", help="ffscale (DeepSpeed) step vs a plain PyTorch loop per ZeRO stage: ratio, MFU, memory"
