@@ -13,8 +13,9 @@ the data set-up talks to no other rank). After its imports it waits until every 
    opens in) on a small real split of JPEG shards (Fashion-MNIST test pictures), for this rank of N,
    and its first batch of epoch 0.
 
-Per rank: wall seconds of each part, the process's CPU seconds for all three, Private_Dirty and RSS
-(/proc/self/smaps_rollup) at the end and Private_Dirty added by opening the index, and the files it
+Per rank: wall seconds of each part, the process's CPU seconds for all three, the Private_Dirty the
+set-up added (its imports' own apart), the process's Private_Dirty and RSS at the end
+(/proc/self/smaps_rollup), the Private_Dirty added by opening the index, and the files it
 opened under either split (Python's audit hook on `open`, which `open()`, `os.open` and numpy's
 mapping all raise), by kind: manifest, index, shards (tars and DALI `.idx`).
 
@@ -76,6 +77,7 @@ def rank(big: str, small: str, rank: int, world: int, batch: int) -> dict:
     sys.addaudithook(audit)
     print("ready", flush=True)
     sys.stdin.readline()  # every rank starts its set-up at once
+    start = _memory_kb()["Private_Dirty"]  # the imports' own (torch's mostly) is not the data set-up's
     c0, t0 = time.process_time(), time.perf_counter()
     m, _ = load_manifest(big)
     plan = SamplePlan(m.num_samples, rank, world, 0, 3, big)
@@ -100,6 +102,7 @@ def rank(big: str, small: str, rank: int, world: int, batch: int) -> dict:
         "total_s": t3 - t0,
         "cpu_s": cpu,
         "private_dirty_mb": mem["Private_Dirty"] / 1024,
+        "setup_private_dirty_mb": (mem["Private_Dirty"] - start) / 1024,
         "rss_mb": mem["Rss"] / 1024,
         "index_private_dirty_mb": index_kb / 1024,
         "opens": opens,
@@ -173,7 +176,7 @@ def run(a) -> dict:
 def _summary(per_rank: list[dict], wall: float) -> dict:
     out: dict = {"wall_s": wall}
     for k in ("plan_s", "index_s", "first_batch_s", "total_s", "cpu_s", "private_dirty_mb", "rss_mb",
-              "index_private_dirty_mb"):  # fmt: skip
+              "setup_private_dirty_mb", "index_private_dirty_mb"):  # fmt: skip
         v = [r[k] for r in per_rank]
         out[k] = {"median": statistics.median(v), "max": max(v)}
     out["opens"] = {k: max(r["opens"][k] for r in per_rank) for k in per_rank[0]["opens"]}
@@ -188,12 +191,12 @@ def extrapolate(one: dict, index_mb: float, shards: int) -> dict:
     return {
         "ranks": RANKS_AT_SCALE,
         "per_node": PER_NODE,
-        "formula": "per rank: t = cpu_s(N=1), memory = private_dirty_mb(N=1), opens = opens(N=1) "
+        "formula": "per rank: t = cpu_s(N=1), memory = setup_private_dirty_mb(N=1), opens = opens(N=1) "
         "(none grows with N); per node: index read once into the page cache (index_mb) and shared, "
-        "ranks' private memory = per_node x private_dirty_mb; job: opens = ranks x opens, "
+        "the data set-up's private memory = per_node x setup_private_dirty_mb; job: opens = ranks x opens, "
         "index bytes from shared storage = nodes x index_mb",
         "rank_setup_s": one["cpu_s"]["median"],
-        "node_private_mb": PER_NODE * one["private_dirty_mb"]["median"],
+        "node_setup_private_mb": PER_NODE * one["setup_private_dirty_mb"]["median"],
         "job_opens": RANKS_AT_SCALE * opens,
         "job_index_read_gb": nodes * index_mb / 1e3,
         "job_index_read_gb_without_page_cache_sharing": RANKS_AT_SCALE * index_mb / 1e3,
@@ -204,20 +207,21 @@ def extrapolate(one: dict, index_mb: float, shards: int) -> dict:
 def table(res: dict) -> list[list]:
     """Rows per N: the median rank's seconds by part (the slowest rank's total), CPU, memory, opens."""
     rows: list[list] = [
-        ["ranks", "plan s", "index s", "first batch s", "total s (slowest)", "CPU s", "Private_Dirty MB",
-         "RSS MB", "index's Private_Dirty MB", "opens: manifest, index, shards"],
+        ["ranks", "plan s", "index s", "first batch s", "total s (slowest)", "CPU s", "set-up's Private_Dirty MB",
+         "process's Private_Dirty MB", "RSS MB", "index's Private_Dirty MB", "opens: manifest, index, shards"],
     ]  # fmt: skip
     for n, r in res["ranks"].items():
         med = lambda k, r=r: f"{r[k]['median']:.2f}"  # noqa: E731
         o = r["opens"]
         rows.append([n, med("plan_s"), med("index_s"), med("first_batch_s"),
                      f"{r['total_s']['median']:.2f} ({r['total_s']['max']:.2f})", med("cpu_s"),
-                     f"{r['private_dirty_mb']['median']:.1f}", f"{r['rss_mb']['median']:.1f}",
+                     f"{r['setup_private_dirty_mb']['median']:.1f}", f"{r['private_dirty_mb']['median']:.1f}",
+                     f"{r['rss_mb']['median']:.1f}",
                      f"{r['index_private_dirty_mb']['median']:.2f}",
                      f"{o['manifest']}, {o['index']}, {o['shards']}"])  # fmt: skip
     s = res["at_scale"]
     rows.append([f"{s['ranks']:,} (extrapolated, {s['per_node']} a node)", "", "", "",
-                 f"{s['rank_setup_s']:.2f} (a core each)", "", f"{s['node_private_mb']:.0f} a node", "", "",
+                 f"{s['rank_setup_s']:.2f} (a core each)", "", f"{s['node_setup_private_mb']:.0f} a node", "", "", "",
                  f"{s['job_opens']:,} in the job; index {s['job_index_read_gb']:.1f} GB read "
                  f"({s['job_index_read_gb_without_page_cache_sharing']:.0f} GB unshared)"])  # fmt: skip
     return rows
