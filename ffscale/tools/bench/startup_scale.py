@@ -23,7 +23,8 @@ On this host N ranks share its few cores, so wall seconds grow with N / cores; C
 opens per rank are what a rank with a core of its own pays. The extrapolation to 4,096 ranks (8 per
 node) assumes what the table shows: none of the three grows with N (every rank plans from the same
 seed, maps the same index, reads only its own first samples), and the index's pages are read once per
-node into the page cache and shared by its ranks (mapped, not copied: Private_Dirty stays small).
+node into the page cache and shared by its ranks (mapped, not copied: Private_Dirty stays small). The
+memory the set-up adds shrinks with N: it holds the rank's epoch list, samples x repeats / N entries.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from pathlib import Path
 
 MARK = "FFSCALE_STARTUP_SCALE "
 RANKS_AT_SCALE, PER_NODE = 4096, 8
+REPEATS = 3  # DeiT's repeated augmentation (data.repeats)
 
 
 def _memory_kb() -> dict[str, int]:
@@ -80,7 +82,7 @@ def rank(big: str, small: str, rank: int, world: int, batch: int) -> dict:
     start = _memory_kb()["Private_Dirty"]  # the imports' own (torch's mostly) is not the data set-up's
     c0, t0 = time.process_time(), time.perf_counter()
     m, _ = load_manifest(big)
-    plan = SamplePlan(m.num_samples, rank, world, 0, 3, big)
+    plan = SamplePlan(m.num_samples, rank, world, 0, REPEATS, big)
     mine = plan.train_indices(0)
     t1 = time.perf_counter()
     before = _memory_kb()["Private_Dirty"]
@@ -162,14 +164,16 @@ def run(a) -> dict:
         for n in ranks:
             per_rank, wall = _start_ranks(big, small, n, a.batch)
             rows[str(n)] = _summary(per_rank, wall)
-    one = rows[str(ranks[0])]
+    one, most = rows[str(ranks[0])], ranks[-1]
     return {
         "samples": a.samples,
         "shards": -(-a.samples // a.shard_size),
         "index_mb": index_mb,
         "first_batch": {"images": a.images, "shard_size": a.small_shard_size, "batch": a.batch},
         "ranks": rows,
-        "at_scale": extrapolate(one, index_mb, -(-a.samples // a.shard_size)),
+        "at_scale": extrapolate(
+            one, rows[str(most)], most, a.samples, index_mb, -(-a.samples // a.shard_size)
+        ),
     }
 
 
@@ -183,20 +187,27 @@ def _summary(per_rank: list[dict], wall: float) -> dict:
     return out
 
 
-def extrapolate(one: dict, index_mb: float, shards: int) -> dict:
-    """4,096 ranks, 8 a node, each with a core: per-rank figures as measured with the fewest ranks
-    (they do not grow with N), node and job totals from them."""
+def extrapolate(one: dict, most: dict, n_most: int, samples: int, index_mb: float, shards: int) -> dict:
+    """4,096 ranks, 8 a node, each with a core: CPU seconds and opens per rank as measured with the
+    fewest ranks (they do not grow with N); the set-up's memory is a fixed part plus the rank's epoch
+    list, 8 bytes for each of its samples x repeats / N (`SamplePlan.train_indices`), the fixed part
+    taken from the most ranks measured; node and job totals from them."""
     nodes = RANKS_AT_SCALE // PER_NODE
     opens = sum(one["opens"].values())
+    epoch_list_mb = lambda n: 8 * samples * REPEATS / n / 2**20  # noqa: E731
+    fixed_mb = most["setup_private_dirty_mb"]["median"] - epoch_list_mb(n_most)
     return {
         "ranks": RANKS_AT_SCALE,
         "per_node": PER_NODE,
-        "formula": "per rank: t = cpu_s(N=1), memory = setup_private_dirty_mb(N=1), opens = opens(N=1) "
-        "(none grows with N); per node: index read once into the page cache (index_mb) and shared, "
+        "formula": "per rank: t = cpu_s(N=1), opens = opens(N=1) (neither grows with N), set-up memory = "
+        "fixed_mb + 8 B x samples x repeats / N (the rank's epoch list; fixed_mb from the most ranks "
+        "measured); per node: index read once into the page cache (index_mb) and shared, "
         "the data set-up's private memory = per_node x setup_private_dirty_mb; job: opens = ranks x opens, "
         "index bytes from shared storage = nodes x index_mb",
         "rank_setup_s": one["cpu_s"]["median"],
-        "node_setup_private_mb": PER_NODE * one["setup_private_dirty_mb"]["median"],
+        "fixed_mb": fixed_mb,
+        "rank_setup_private_mb": fixed_mb + epoch_list_mb(RANKS_AT_SCALE),
+        "node_setup_private_mb": PER_NODE * (fixed_mb + epoch_list_mb(RANKS_AT_SCALE)),
         "job_opens": RANKS_AT_SCALE * opens,
         "job_index_read_gb": nodes * index_mb / 1e3,
         "job_index_read_gb_without_page_cache_sharing": RANKS_AT_SCALE * index_mb / 1e3,
@@ -221,7 +232,8 @@ def table(res: dict) -> list[list]:
                      f"{o['manifest']}, {o['index']}, {o['shards']}"])  # fmt: skip
     s = res["at_scale"]
     rows.append([f"{s['ranks']:,} (extrapolated, {s['per_node']} a node)", "", "", "",
-                 f"{s['rank_setup_s']:.2f} (a core each)", "", f"{s['node_setup_private_mb']:.0f} a node", "", "", "",
+                 f"{s['rank_setup_s']:.2f} (a core each)", "",
+                 f"{s['rank_setup_private_mb']:.1f} ({s['node_setup_private_mb']:.0f} a node)", "", "", "",
                  f"{s['job_opens']:,} in the job; index {s['job_index_read_gb']:.1f} GB read "
                  f"({s['job_index_read_gb_without_page_cache_sharing']:.0f} GB unshared)"])  # fmt: skip
     return rows
