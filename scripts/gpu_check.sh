@@ -33,6 +33,11 @@ step() {  # step NAME command...: its output in $OUT/NAME.log, its exit code and
 # 1. ImageNet-like shards; DALI (mixed decode on the GPU) against the webdataset loader on them
 step bench_data ff bench data --shards "$SHARDS" --images "$IMAGES" --workers "$WORKERS" --batch "$BATCH" \
   --rounds 2 --json
+# 1b. the feed per GPU: the loaders' reads alone (no decode: the feed's ceiling) beside decode +
+#     RandAugment (DALI: mixed decode and RandAugment on the device), one rank on one GPU, so its img/s
+#     are per GPU; summarised into $OUT/feed.json. DALI must be installed: without it the step fails.
+step feed ff bench data --shards "$SHARDS" --images "$IMAGES" --workers "$WORKERS" --batch "$BATCH" \
+  --rounds 1 --require-dali --json
 # 2. the preflight on those shards, tracking off
 step doctor ff doctor --config "$MODEL" "data.train=$SHARDS" "data.val=$SHARDS" "data.img_size=$SIZE" \
   tracking.enabled=false "run.dir=$OUT/runs" --json "$OUT/doctor.json" --burst-steps 3
@@ -81,6 +86,20 @@ data = last_json("bench_data")
 if data:
     lines += ["", f"bench data: webdataset {data['webdataset']['img_per_s']:,.0f} img/s, "
               f"DALI ({data.get('dali', {}).get('device')}) {data.get('dali', {}).get('img_per_s', 0):,.0f} img/s"]
+feed = last_json("feed")
+if feed:  # one rank on one device: its img/s are per GPU (per CPU rank on a CPU host)
+    per = {k: {"device": feed[k]["device"], "feed_img_per_s": feed[k]["feed_img_per_s"],
+               "decode_augment_img_per_s": feed[k]["img_per_s"],
+               "rank_py_us_per_img": feed[k]["py_threads_us_per_img"] - feed[k]["host_resize_us_per_img"]}
+           for k in ("dali", "webdataset") if k in feed}
+    (out / "feed.json").write_text(json.dumps({"img_per_s_of": "one rank on one device (per GPU on a GPU host)",
+                                               "rand_augment": feed["rand_augment"], "images": feed["input_images"],
+                                               "kb_per_image": feed["input_kb_per_image"], **per}, indent=1) + "\n")
+    for k, r in per.items():
+        unit = "per GPU" if r["device"] == "cuda" else "per CPU rank"
+        lines.append(f"feed {k} on {r['device']}: reads alone {r['feed_img_per_s']:,.0f} img/s {unit}, "
+                     f"decode + RandAugment {r['decode_augment_img_per_s']:,.0f} img/s {unit}, "
+                     f"rank's Python {r['rank_py_us_per_img']:.1f} us/img")
 for name in ("bench_train", "bench_train_compiled"):
     res = last_json(name)
     for r in (res or {}).get("runs", []):

@@ -1,4 +1,4 @@
-"""`ffscale bench data|train|memory|shard|scaling|plan|index|decode|compare|startup|demo|suite|unit`:
+"""`ffscale bench data|train|memory|shard|scaling|plan|index|decode|compare|startup|startup-scale|demo|suite|unit`:
 throughput against a baseline measured in the same run, start-up time by part, or README's two commands timed (ffscale/tools/bench/), printed as a table or, with
 --json, as JSON; with --record also kept in docs/results/<bench>.json, from which `ffscale bench report`
 writes the docs' tables (ffscale/tools/bench/results.py)."""
@@ -74,6 +74,12 @@ def startup(a) -> int:
     return _show(run(a), a, print_table)
 
 
+def startup_scale(a) -> int:
+    from ffscale.tools.bench.startup_scale import print_table, run
+
+    return _show(run(a), a, print_table)
+
+
 def commands(a) -> int:
     from ffscale.tools.bench.commands import print_table, run
 
@@ -122,6 +128,11 @@ def add_parser(sub) -> None:
     )  # fmt: skip
     bd.add_argument(
         "--no-rand-augment", action="store_true", help="without RandAugment (both loaders run it by default)"
+    )
+    bd.add_argument(
+        "--require-dali",
+        action="store_true",
+        help="fail when DALI does not import (default: measure the rest)",
     )
     bd.add_argument("--json", action="store_true")
     bt = bsub.add_parser(
@@ -209,12 +220,25 @@ def add_parser(sub) -> None:
     bup.add_argument("--rounds", type=int, default=3, help="timed runs after the warm-up; median, min, max")
     bup.add_argument("--warmup", type=int, default=1, help="untimed runs first (page cache, bytecode)")
     bup.add_argument("--json", action="store_true")
+    bss = bsub.add_parser(
+        "startup-scale",
+        help="data set-up (plan, index, first batch) of N ranks at once: seconds, memory, opens per rank",
+    )
+    bss.add_argument("--ranks", default="1,8,32", help="world sizes, each started as that many processes")
+    bss.add_argument("--samples", type=int, default=1_281_167, help="plan and index size (ImageNet train's)")
+    bss.add_argument("--shard-size", type=int, default=1250)
+    bss.add_argument("--images", type=int, default=1024, help="real JPEGs the first batch is read from")
+    bss.add_argument("--small-shard-size", type=int, default=64)
+    bss.add_argument("--batch", type=int, default=8, help="first batch's size")
+    bss.add_argument("--tmp", help="where the splits are written (default: the system's temp dir)")
+    bss.add_argument("--json", action="store_true")
     for name, what in (("demo", "`bash scripts/demo.sh` in a fresh clone of HEAD: wall time, final top-1"),
                        ("suite", "`bash .ci/run` in a fresh clone of HEAD, as CI runs it: wall time, counts"),
                        ("unit", "`pytest tests/unit` in this checkout: wall time, counts")):  # fmt: skip
         bsub.add_parser(name, help=what).add_argument("--json", action="store_true")
     for name, fn in (("data", data), ("train", train), ("memory", memory), ("shard", shard), ("scaling", scaling),
                      ("plan", plan), ("decode", decode), ("compare", compare), ("startup", startup), ("index", index),
+                     ("startup-scale", startup_scale),
                      ("demo", commands), ("suite", commands), ("unit", commands)):  # fmt: skip
         bsub.choices[name].set_defaults(fn=fn)
         bsub.choices[name].add_argument(

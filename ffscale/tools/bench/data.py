@@ -215,6 +215,10 @@ def bench_data(a) -> dict:
 
     root = imagenet_like_shards(Path(a.shards), a.images)  # the user's shards are used as they are
     kinds = [k for k in LOADERS if k != "dali" or available()]
+    if getattr(a, "require_dali", False) and "dali" not in kinds:
+        raise SystemExit(
+            "bench data --require-dali: nvidia.dali does not import here (pip install nvidia-dali-cuda130)"
+        )
     rounds: dict[str, list[dict]] = {k: [] for k in kinds}
     feeds: dict[str, list[dict]] = {k: [] for k in kinds}
     for _ in range(a.rounds):

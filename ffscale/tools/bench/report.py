@@ -70,9 +70,15 @@ def flat(result) -> list[list]:
 
 
 def _tables() -> dict:
-    from ffscale.tools.bench import commands, startup
+    from ffscale.tools.bench import commands, startup, startup_scale
 
-    return {"startup": startup.table, "demo": commands.table, "suite": commands.table, "unit": commands.table}
+    return {
+        "startup": startup.table,
+        "startup-scale": startup_scale.table,
+        "demo": commands.table,
+        "suite": commands.table,
+        "unit": commands.table,
+    }
 
 
 def _cell(v) -> str:
