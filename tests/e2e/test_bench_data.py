@@ -1,4 +1,5 @@
-"""`ffscale bench data` end to end: both loaders timed, each round a fresh process."""
+"""`ffscale bench data` end to end: both loaders timed, each round a fresh process; `ffscale bench
+startup-scale`: ranks' data set-up started together, each a fresh process."""
 
 from argparse import Namespace
 
@@ -17,3 +18,22 @@ def test_bench_data_reports_both_loaders_and_their_ratio(fm_shards):
         assert 0 < r["py_threads_us_per_img"] and 0 < r["feed_py_threads_us_per_img"]
     assert res["target_py_threads_us_per_img"] == 5
     assert res["ratio_dali_over_webdataset"] > 0
+
+
+def test_bench_startup_scale_starts_ranks_together_and_counts_their_opens(tmp_path, capsys):
+    from ffscale.tools.bench.startup_scale import print_table, run
+
+    a = Namespace(
+        ranks="1,2", samples=3000, shard_size=1000, images=64, small_shard_size=16, batch=4, tmp=str(tmp_path)
+    )
+    res = run(a)
+    assert set(res["ranks"]) == {"1", "2"}
+    for r in res["ranks"].values():
+        # the big split: manifest twice (plan, index) and one index file; the small one: its manifest,
+        # its index and the shard(s) of the rank's first 4 samples, opened once each and held
+        assert r["opens"]["manifest"] == 3 and r["opens"]["index"] == 2
+        assert 1 <= r["opens"]["shards"] <= 4
+        assert r["private_dirty_mb"]["median"] > 0 and r["total_s"]["max"] >= r["total_s"]["median"] > 0
+    assert res["at_scale"]["job_opens"] == 4096 * sum(res["ranks"]["1"]["opens"].values())
+    print_table(res)
+    assert "extrapolated" in capsys.readouterr().out

@@ -97,22 +97,3 @@ def test_python_thread_cpu_counts_each_python_thread_from_its_own_clock():
     assert (
         0.1 < cpu.seconds() < 0.2 + 0.15
     )  # the spinner's time after it was first seen, and the main thread's
-
-
-def test_bench_startup_scale_starts_ranks_together_and_counts_their_opens(tmp_path, capsys):
-    from ffscale.tools.bench.startup_scale import print_table, run
-
-    a = Namespace(
-        ranks="1,2", samples=3000, shard_size=1000, images=64, small_shard_size=16, batch=4, tmp=str(tmp_path)
-    )
-    res = run(a)
-    assert set(res["ranks"]) == {"1", "2"}
-    for r in res["ranks"].values():
-        # the big split: manifest twice (plan, index) and one index file; the small one: its manifest,
-        # its index and the shard(s) of the rank's first 4 samples, opened once each and held
-        assert r["opens"]["manifest"] == 3 and r["opens"]["index"] == 2
-        assert 1 <= r["opens"]["shards"] <= 4
-        assert r["private_dirty_mb"]["median"] > 0 and r["total_s"]["max"] >= r["total_s"]["median"] > 0
-    assert res["at_scale"]["job_opens"] == 4096 * sum(res["ranks"]["1"]["opens"].values())
-    print_table(res)
-    assert "extrapolated" in capsys.readouterr().out
