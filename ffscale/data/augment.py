@@ -1,5 +1,5 @@
 """Batch ops on the device, shared by every loader: normalise, label-smoothed soft targets,
-random erasing (timm's per-pixel mode) per image, then mixup / cutmix (timm's batch mode): DeiT
+random erasing (timm's per-pixel mode) per image, drawn for the batch at once, then mixup / cutmix (timm's batch mode): DeiT
 erases inside each image's transform, after Normalize, and mixes the batch later (timm 0.3.2
 transforms_factory.py:120-122; DeiT engine.py @ 2f76ec6 lines 31-35).
 
@@ -71,17 +71,29 @@ def mix(x, t, mixup: float, cutmix: float, prob: float, switch: float):
     return x, t * lam + t.flip(0) * (1.0 - lam)
 
 
-def random_erase(x, prob: float, area=(0.02, 1 / 3), log_ratio=(math.log(0.3), math.log(1 / 0.3))):
-    """Per sample with probability `prob`: one rectangle replaced by normal noise (timm 'pixel')."""
+def random_erase(
+    x, prob: float, area=(0.02, 1 / 3), log_ratio=(math.log(0.3), math.log(1 / 0.3)), attempts=10
+):
+    """Per sample with probability `prob`: one rectangle replaced by normal noise (timm 'pixel' mode,
+    timm/data/random_erasing.py `RandomErasing._erase`: up to 10 draws of area and aspect ratio, the
+    first that fits, its corner uniform). Drawn for the whole batch at once on the batch's device, so
+    no host loop runs per sample; its random draws differ from a per-sample loop's."""
     b, c, h, w = x.shape
-    x = x.clone()
-    for i in torch.nonzero(torch.rand(b) < prob).flatten().tolist():
-        for _ in range(10):
-            a = h * w * float(torch.empty(()).uniform_(*area))
-            r = math.exp(float(torch.empty(()).uniform_(*log_ratio)))
-            eh, ew = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
-            if eh < h and ew < w:
-                top, left = int(torch.randint(h - eh + 1, ())), int(torch.randint(w - ew + 1, ()))
-                x[i, :, top : top + eh, left : left + ew] = torch.randn(c, eh, ew, device=x.device)
-                break
-    return x
+    on = {"device": x.device}
+    target = h * w * torch.empty(b, attempts, **on).uniform_(*area)
+    ratio = torch.exp(torch.empty(b, attempts, **on).uniform_(*log_ratio))
+    tall, wide = (
+        torch.round(torch.sqrt(target * ratio)).long(),
+        torch.round(torch.sqrt(target / ratio)).long(),
+    )
+    fits = (tall < h) & (wide < w)
+    first = fits.long().argmax(1, keepdim=True)  # the first draw that fits (timm's loop breaks there)
+    tall, wide = tall.gather(1, first).squeeze(1), wide.gather(1, first).squeeze(1)
+    erase = (torch.rand(b, **on) < prob) & fits.any(1)
+    top = (torch.rand(b, **on) * (h - tall + 1)).long()  # uniform in [0, h - tall], as randint
+    left = (torch.rand(b, **on) * (w - wide + 1)).long()
+    rows, cols = torch.arange(h, **on), torch.arange(w, **on)
+    in_rows = (rows >= top[:, None]) & (rows < (top + tall)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < (left + wide)[:, None])
+    inside = in_rows[:, :, None] & in_cols[:, None, :] & erase[:, None, None]
+    return torch.where(inside[:, None], torch.randn_like(x), x)

@@ -275,6 +275,13 @@ def test_random_erasing_is_per_sample_and_seeded():
     b = random_erase(x, 0.25)
     erased = (a.flatten(1).abs().sum(1) > 0).sum().item()
     assert torch.equal(a, b) and 5 <= erased <= 30
+    for image in a:  # each erased image: one rectangle, the same in every channel, inside the image
+        changed = image != 0
+        if changed.any():
+            rows, cols = changed.any(0).any(1).nonzero(), changed.any(0).any(0).nonzero()
+            box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+            assert int(changed.sum()) == 3 * box and torch.equal(changed[0], changed[1])
+            assert box >= 0.02 * 16 * 16 / 2 and box <= 16 * 16 / 3 * 1.5
 
 
 def test_dali_rand_augment_pipeline_runs(id_shards):
