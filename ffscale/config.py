@@ -305,9 +305,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(merged, node)
 
 
-def _explain(e: OmegaConfBaseException, where: str, prefix: str = "") -> ConfigError:
-    msg = str(e).splitlines()[0]
-    key = getattr(e, "full_key", None)
+def _explain(error: OmegaConfBaseException, where: str, prefix: str = "") -> ConfigError:
+    msg = str(error).splitlines()[0]
+    key = getattr(error, "full_key", None)
     if key:
         msg = f"{msg} (key: {prefix}{key})"
     return ConfigError(f"{where}: {msg}")
@@ -372,7 +372,7 @@ def stages(cfg: Config) -> list[Stage]:
     return out
 
 
-def starting_weights(s: StageCfg, earlier: list[str]) -> tuple[str, str | None]:
+def starting_weights(stage_cfg: StageCfg, earlier: list[str]) -> tuple[str, str | None]:
     """Where a stage's weights start, the one rule the pipeline, its preflight and `track sync` read:
     ("scratch", None), ("stage", an earlier stage's name) or ("path", init_from as written).
 
@@ -380,9 +380,9 @@ def starting_weights(s: StageCfg, earlier: list[str]) -> tuple[str, str | None]:
     (`distill.teacher`), which starts from scratch as DeiT trains its students: DeiT's main.py builds
     the student with `pretrained=False` and refuses `--finetune` with distillation
     (facebookresearch/deit @ 2f76ec6, main.py:241-247 and 176-177)."""
-    ref = s.init_from
+    ref = stage_cfg.init_from
     if ref is None:
-        if not earlier or s.distill.teacher == earlier[-1]:
+        if not earlier or stage_cfg.distill.teacher == earlier[-1]:
             return "scratch", None
         return "stage", earlier[-1]
     if ref == "scratch":
@@ -390,9 +390,9 @@ def starting_weights(s: StageCfg, earlier: list[str]) -> tuple[str, str | None]:
     return ("stage", ref) if ref in earlier else ("path", ref)
 
 
-def image_size(s: StageCfg) -> int:
+def image_size(stage_cfg: StageCfg) -> int:
     """The one resolution of the model's image size: data.img_size unless model.img_size says (the same)."""
-    return s.model.img_size or s.data.img_size
+    return stage_cfg.model.img_size or stage_cfg.data.img_size
 
 
 def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
@@ -400,71 +400,85 @@ def _choice(value: str, allowed: tuple[str, ...], key: str) -> None:
         raise ConfigError(f"{key}={value!r}: must be one of {', '.join(allowed)}")
 
 
-def validate(s: StageCfg, p: str = "") -> None:
+def validate(stage_cfg: StageCfg, prefix: str = "") -> None:
     """Checks OmegaConf's types cannot express. `p` prefixes keys (stages.<name>.)."""
-    _choice(s.data.loader, ("auto", "dali", "webdataset"), f"{p}data.loader")
-    _choice(s.data.on_error, ("raise", "skip"), f"{p}data.on_error")
-    _choice(s.data.interpolation, ("bicubic", "bilinear"), f"{p}data.interpolation")
-    _choice(s.schedule.lr_per, ("step", "epoch"), f"{p}schedule.lr_per")
-    _choice(s.optim.nonfinite, ("stop", "skip"), f"{p}optim.nonfinite")
-    _choice(s.deepspeed.precision, ("auto", "bf16", "fp16", "fp32"), f"{p}deepspeed.precision")
-    _choice(s.deepspeed.comm_dtype, ("fp32", "bf16", "fp16"), f"{p}deepspeed.comm_dtype")
-    _choice(s.distill.mode, ("hard", "soft"), f"{p}distill.mode")
-    if not 0 <= s.distill.alpha <= 1 or s.distill.tau <= 0:
+    _choice(stage_cfg.data.loader, ("auto", "dali", "webdataset"), f"{prefix}data.loader")
+    _choice(stage_cfg.data.on_error, ("raise", "skip"), f"{prefix}data.on_error")
+    _choice(stage_cfg.data.interpolation, ("bicubic", "bilinear"), f"{prefix}data.interpolation")
+    _choice(stage_cfg.schedule.lr_per, ("step", "epoch"), f"{prefix}schedule.lr_per")
+    _choice(stage_cfg.optim.nonfinite, ("stop", "skip"), f"{prefix}optim.nonfinite")
+    _choice(stage_cfg.deepspeed.precision, ("auto", "bf16", "fp16", "fp32"), f"{prefix}deepspeed.precision")
+    _choice(stage_cfg.deepspeed.comm_dtype, ("fp32", "bf16", "fp16"), f"{prefix}deepspeed.comm_dtype")
+    _choice(stage_cfg.distill.mode, ("hard", "soft"), f"{prefix}distill.mode")
+    if not 0 <= stage_cfg.distill.alpha <= 1 or stage_cfg.distill.tau <= 0:
         raise ConfigError(
-            f"{p}distill.alpha={s.distill.alpha}, {p}distill.tau={s.distill.tau}: alpha in [0, 1], tau > 0"
+            f"{prefix}distill.alpha={stage_cfg.distill.alpha}, {prefix}distill.tau={stage_cfg.distill.tau}: alpha in [0, 1], tau > 0"
         )
     for split in ("train", "val"):  # a typo'd scheme is a path that does not exist: say which are read
-        root = getattr(s.data, split)
+        root = getattr(stage_cfg.data, split)
         if "://" in root and root.split("://")[0] not in ("http", "https", "s3", "gs", "gcs"):
-            raise ConfigError(f"{p}data.{split}={root!r}: a local path, or an https://, s3:// or gs:// URL")
-    if "://" in s.data.stage_dir:
-        raise ConfigError(f"{p}data.stage_dir={s.data.stage_dir!r}: must be a node-local folder")
-    if s.data.remote_cache_mb < 1:
-        raise ConfigError(f"{p}data.remote_cache_mb={s.data.remote_cache_mb}: must be 1 or more")
-    if s.data.repeats < 1:
-        raise ConfigError(f"{p}data.repeats={s.data.repeats}: must be 1 (off) or more (DeiT: 3)")
-    if s.deepspeed.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{p}deepspeed.zero_stage={s.deepspeed.zero_stage}: must be 0, 1, 2 or 3")
+            raise ConfigError(
+                f"{prefix}data.{split}={root!r}: a local path, or an https://, s3:// or gs:// URL"
+            )
+    if "://" in stage_cfg.data.stage_dir:
+        raise ConfigError(f"{prefix}data.stage_dir={stage_cfg.data.stage_dir!r}: must be a node-local folder")
+    if stage_cfg.data.remote_cache_mb < 1:
+        raise ConfigError(f"{prefix}data.remote_cache_mb={stage_cfg.data.remote_cache_mb}: must be 1 or more")
+    if stage_cfg.data.repeats < 1:
+        raise ConfigError(f"{prefix}data.repeats={stage_cfg.data.repeats}: must be 1 (off) or more (DeiT: 3)")
+    if stage_cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(
+            f"{prefix}deepspeed.zero_stage={stage_cfg.deepspeed.zero_stage}: must be 0, 1, 2 or 3"
+        )
     from ffscale.models import list_models
 
-    if s.model.name not in list_models():
-        raise ConfigError(f"{p}model.name={s.model.name!r}: unknown; known: {list_models()}")
+    if stage_cfg.model.name not in list_models():
+        raise ConfigError(f"{prefix}model.name={stage_cfg.model.name!r}: unknown; known: {list_models()}")
     from ffscale.models.registry import defaults
 
-    if s.model.heads and "heads" not in defaults(s.model.name):  # else a TypeError on every rank
-        raise ConfigError(f"{p}model.heads={s.model.heads}: {s.model.name} has no attention heads")
-    if s.model.token_hidden and "heads" in defaults(s.model.name):
-        raise ConfigError(f"{p}model.token_hidden={s.model.token_hidden}: {s.model.name} has no token MLP")
-    if s.model.img_size is not None and s.model.img_size != s.data.img_size:  # else the first forward fails
+    if stage_cfg.model.heads and "heads" not in defaults(
+        stage_cfg.model.name
+    ):  # else a TypeError on every rank
         raise ConfigError(
-            f"{p}model.img_size={s.model.img_size} but {p}data.img_size={s.data.img_size}: the loader makes "
-            f"{s.data.img_size} px images; leave model.img_size unset (it follows data.img_size) or make them equal"
+            f"{prefix}model.heads={stage_cfg.model.heads}: {stage_cfg.model.name} has no attention heads"
         )
-    img = image_size(s)
-    if s.model.patch_size and img % s.model.patch_size:
+    if stage_cfg.model.token_hidden and "heads" in defaults(stage_cfg.model.name):
         raise ConfigError(
-            f"{p}model.img_size={img} is not divisible by {p}model.patch_size={s.model.patch_size}"
+            f"{prefix}model.token_hidden={stage_cfg.model.token_hidden}: {stage_cfg.model.name} has no token MLP"
         )
-    if s.optim.micro_batch is not None and (
-        s.optim.micro_batch <= 0 or s.optim.global_batch % s.optim.micro_batch
+    if (
+        stage_cfg.model.img_size is not None and stage_cfg.model.img_size != stage_cfg.data.img_size
+    ):  # else the first forward fails
+        raise ConfigError(
+            f"{prefix}model.img_size={stage_cfg.model.img_size} but {prefix}data.img_size={stage_cfg.data.img_size}: the loader makes "
+            f"{stage_cfg.data.img_size} px images; leave model.img_size unset (it follows data.img_size) or make them equal"
+        )
+    img = image_size(stage_cfg)
+    if stage_cfg.model.patch_size and img % stage_cfg.model.patch_size:
+        raise ConfigError(
+            f"{prefix}model.img_size={img} is not divisible by {prefix}model.patch_size={stage_cfg.model.patch_size}"
+        )
+    if stage_cfg.optim.micro_batch is not None and (
+        stage_cfg.optim.micro_batch <= 0 or stage_cfg.optim.global_batch % stage_cfg.optim.micro_batch
     ):
         raise ConfigError(
-            f"{p}optim.global_batch={s.optim.global_batch} is not a multiple of "
-            f"{p}optim.micro_batch={s.optim.micro_batch}"
+            f"{prefix}optim.global_batch={stage_cfg.optim.global_batch} is not a multiple of "
+            f"{prefix}optim.micro_batch={stage_cfg.optim.micro_batch}"
         )
-    if s.deepspeed.offload_optimizer and s.deepspeed.zero_stage == 0:
-        raise ConfigError(f"{p}deepspeed.offload_optimizer=true needs {p}deepspeed.zero_stage 1, 2 or 3")
-    if not 0 <= s.optim.ema_decay < 1:
-        raise ConfigError(f"{p}optim.ema_decay={s.optim.ema_decay}: must be in [0, 1)")
-    if s.schedule.epochs <= 0:
-        raise ConfigError(f"{p}schedule.epochs must be positive")
+    if stage_cfg.deepspeed.offload_optimizer and stage_cfg.deepspeed.zero_stage == 0:
+        raise ConfigError(
+            f"{prefix}deepspeed.offload_optimizer=true needs {prefix}deepspeed.zero_stage 1, 2 or 3"
+        )
+    if not 0 <= stage_cfg.optim.ema_decay < 1:
+        raise ConfigError(f"{prefix}optim.ema_decay={stage_cfg.optim.ema_decay}: must be in [0, 1)")
+    if stage_cfg.schedule.epochs <= 0:
+        raise ConfigError(f"{prefix}schedule.epochs must be positive")
 
 
-def dotted(d: dict, prefix: str = "") -> dict[str, Any]:
+def dotted(values: dict, prefix: str = "") -> dict[str, Any]:
     """Nested dicts -> {'optim.base_lr': 0.0005, ...}, values as they are."""
     out = {}
-    for k, v in d.items():
+    for k, v in values.items():
         if isinstance(v, dict):
             out.update(dotted(v, f"{prefix}{k}."))
         else:
@@ -477,22 +491,22 @@ def allow_change_overrides(keys: list[str]) -> list[str]:
     return [f"run.allow_change=[{','.join(keys)}]"] if keys else []
 
 
-def add_args(p, allow_change: bool = False) -> None:
+def add_args(parser, allow_change: bool = False) -> None:
     """The config's command-line flags, the same for every command that reads a training config:
     YAML files merged in order, then key=value overrides (and `--allow-change` for training)."""
-    p.add_argument("--config", "-c", action="append", default=[], help="YAML file(s), merged in order")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.base_lr=1e-3")
+    parser.add_argument("--config", "-c", action="append", default=[], help="YAML file(s), merged in order")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.base_lr=1e-3")
     if allow_change:
-        p.add_argument(
+        parser.add_argument(
             "--allow-change", action="append", default=[], metavar="KEY",
             help="resume a stage with a new value for KEY (e.g. optim.base_lr), applied from the resumed step "
             "and recorded; without it a changed config stops the resume with the differences",
         )  # fmt: skip
 
 
-def from_args(a) -> Config:
+def from_args(args) -> Config:
     """The config that `add_args`' flags describe."""
-    return load(a.config, a.overrides + allow_change_overrides(getattr(a, "allow_change", [])))
+    return load(args.config, args.overrides + allow_change_overrides(getattr(args, "allow_change", [])))
 
 
 def to_yaml(cfg: Config) -> str:

@@ -113,12 +113,12 @@ class Preempted(FfscaleError):
     exit_code = 143  # 128 + SIGTERM
 
 
-def report(e: FfscaleError, rank: int | None = None) -> int:
+def report(error: FfscaleError, rank: int | None = None) -> int:
     """Print `e` as one line (on the rank that should) and return its exit code."""
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-    if str(e) and (rank == 0 or not e.same_on_every_rank):
-        print(f"ffscale: {e.kind + ': ' if e.kind else ''}{e}", file=sys.stderr, flush=True)
-    return e.exit_code
+    if str(error) and (rank == 0 or not error.same_on_every_rank):
+        print(f"ffscale: {error.kind + ': ' if error.kind else ''}{error}", file=sys.stderr, flush=True)
+    return error.exit_code
 
 
 def guarded(fn: Callable[[], int]) -> int:
@@ -129,14 +129,14 @@ def guarded(fn: Callable[[], int]) -> int:
         return report(e)
 
 
-def peer_gone(e: RuntimeError) -> PeerGone | None:
+def peer_gone(error: RuntimeError) -> PeerGone | None:
     """A training rank's collective that failed because a peer stopped (its sockets closed, or it
     stopped answering past the timeout), as one line: the peer's own message is the one that explains.
     Only the ranks ask (ffscale/train.py): elsewhere "timed out" can mean anything."""
-    if not PEER_GONE.search(str(e)):
+    if not PEER_GONE.search(str(error)):
         return None
     rank = os.environ.get("RANK", "?")
-    return PeerGone(f"rank {rank} stopped: another rank failed or stopped answering ({_first_line(e)})")
+    return PeerGone(f"rank {rank} stopped: another rank failed or stopped answering ({_first_line(error)})")
 
 
 # gloo's and NCCL's words for a collective whose peer is gone, or that waited past its timeout
@@ -144,6 +144,6 @@ PEER_GONE = re.compile(r"Connection closed by peer|Connection reset by peer|Brok
                        r"timed out", re.I)  # fmt: skip
 
 
-def _first_line(e: Exception) -> str:
-    line = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+def _first_line(error: Exception) -> str:
+    line = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
     return re.sub(r"^\[[^\]]*\]\s*", "", line)[:200]

@@ -10,92 +10,92 @@ import os
 import sys
 
 
-def _show(res, a, table) -> int:
-    print(json.dumps(res, indent=1)) if getattr(a, "json", False) else table(res)
-    if getattr(a, "record", False):
+def _show(res, args, table) -> int:
+    print(json.dumps(res, indent=1)) if getattr(args, "json", False) else table(res)
+    if getattr(args, "record", False):
         from ffscale.tools.bench import results
 
-        results.append(a.what, sys.argv[1:], res)
-        print(f"recorded in {results.path(a.what)}; `ffscale bench report` writes the docs' tables")
+        results.append(args.what, sys.argv[1:], res)
+        print(f"recorded in {results.path(args.what)}; `ffscale bench report` writes the docs' tables")
     return 0
 
 
-def data(a) -> int:
+def data(args) -> int:
     from ffscale.tools.bench.data import bench_data, print_data
 
-    return _show(bench_data(a), a, print_data)
+    return _show(bench_data(args), args, print_data)
 
 
-def train(a) -> int:
+def train(args) -> int:
     from ffscale.tools.bench.train import print_table, run
 
-    return _show(run(a), a, print_table)
+    return _show(run(args), args, print_table)
 
 
-def memory(a) -> int:
+def memory(args) -> int:
     from ffscale.tools.bench.memory import memory, print_memory
 
-    return _show(memory(a), a, lambda rows: print_memory(rows, a.hbm_gib))
+    return _show(memory(args), args, lambda rows: print_memory(rows, args.hbm_gib))
 
 
-def shard(a) -> int:
+def shard(args) -> int:
     from ffscale.tools.bench.shard import bench_shard, print_shard
 
-    return _show(bench_shard(a), a, print_shard)
+    return _show(bench_shard(args), args, print_shard)
 
 
-def scaling(a) -> int:
+def scaling(args) -> int:
     from ffscale.tools.bench.scaling import print_scaling, scaling
 
-    return _show(scaling(a), a, print_scaling)
+    return _show(scaling(args), args, print_scaling)
 
 
-def plan(a) -> int:
+def plan(args) -> int:
     from ffscale.tools.bench.plan import measure, print_plan
 
-    return _show(measure(a), a, print_plan)
+    return _show(measure(args), args, print_plan)
 
 
-def compare(a) -> int:
+def compare(args) -> int:
     from ffscale.tools.bench.compare import print_compare, run
 
-    return _show(run(a), a, print_compare)
+    return _show(run(args), args, print_compare)
 
 
-def decode(a) -> int:
+def decode(args) -> int:
     from ffscale.tools.decode_check import run
 
-    return _show(run(a.shards, a.img_size, a.images), a, lambda res: print(json.dumps(res)))
+    return _show(run(args.shards, args.img_size, args.images), args, lambda res: print(json.dumps(res)))
 
 
-def startup(a) -> int:
+def startup(args) -> int:
     from ffscale.tools.bench.startup import print_table, run
 
-    return _show(run(a), a, print_table)
+    return _show(run(args), args, print_table)
 
 
-def startup_scale(a) -> int:
+def startup_scale(args) -> int:
     from ffscale.tools.bench.startup_scale import print_table, run
 
-    return _show(run(a), a, print_table)
+    return _show(run(args), args, print_table)
 
 
-def commands(a) -> int:
+def commands(args) -> int:
     from ffscale.tools.bench.commands import print_table, run
 
-    return _show(run(a), a, print_table)
+    return _show(run(args), args, print_table)
 
 
-def index(a) -> int:
+def index(args) -> int:
     from ffscale.tools.bench.index import bench_index, print_index
 
-    return _show(bench_index(a), a, print_index)
+    return _show(bench_index(args), args, print_index)
 
 
-def report(a) -> int:
+def report(args) -> int:
     from ffscale.tools.bench.report import main
 
-    return main(a)
+    return main(args)
 
 
 def add_parser(sub) -> None:

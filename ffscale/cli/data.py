@@ -8,10 +8,12 @@ import os
 from pathlib import Path
 
 
-def _write(src, out: Path, name: str, a) -> None:
+def _write(src, out: Path, name: str, args) -> None:
     from ffscale.data.ingest.writer import write_shards
 
-    m = write_shards(src, out, name, a.shard_size, a.seed, a.limit, a.workers, a.max_side, progress=True)
+    m = write_shards(
+        src, out, name, args.shard_size, args.seed, args.limit, args.workers, args.max_side, progress=True
+    )
     conv = ", ".join(f"{n} {why}" for why, n in m.converted.items())
     print(
         f"{out}: {m.num_samples} samples of {m.num_classes} classes in {len(m.shards)} shards, "
@@ -20,71 +22,76 @@ def _write(src, out: Path, name: str, a) -> None:
     )
 
 
-def fashion_mnist(a) -> int:
+def fashion_mnist(args) -> int:
     from ffscale.data.ingest import sources as shards
 
     for split in ("train", "val"):
-        _write(shards.fashion_mnist(split), Path(a.out) / split, split, a)
+        _write(shards.fashion_mnist(split), Path(args.out) / split, split, args)
     return 0
 
 
-def cluttered_fashion_mnist(a) -> int:
+def cluttered_fashion_mnist(args) -> int:
     from ffscale.data.ingest.cluttered import Clutter, cluttered_fashion_mnist
 
-    params = Clutter(a.size, (a.scale[0], a.scale[1]), a.fragments)
+    params = Clutter(args.size, (args.scale[0], args.scale[1]), args.fragments)
     for split in ("train", "val"):
-        _write(cluttered_fashion_mnist(split, params, a.seed), Path(a.out) / split, split, a)
+        _write(cluttered_fashion_mnist(split, params, args.seed), Path(args.out) / split, split, args)
     return 0
 
 
-def folder(a) -> int:
+def folder(args) -> int:
     from ffscale.data.ingest import sources as shards
 
-    _write(shards.image_folder(Path(a.root)), Path(a.out), a.name or Path(a.root).name, a)
+    _write(shards.image_folder(Path(args.root)), Path(args.out), args.name or Path(args.root).name, args)
     return 0
 
 
-def flat(a) -> int:
+def flat(args) -> int:
     from ffscale.data.ingest import sources as shards
 
-    _write(shards.flat_folder(Path(a.root), Path(a.labels)), Path(a.out), a.name or Path(a.root).name, a)
+    _write(
+        shards.flat_folder(Path(args.root), Path(args.labels)),
+        Path(args.out),
+        args.name or Path(args.root).name,
+        args,
+    )
     return 0
 
 
-def imagenet(a) -> int:
+def imagenet(args) -> int:
     from ffscale.data.ingest.imagenet import shard_sources
 
-    train, val, found = shard_sources(Path(a.root))
+    train, val, found = shard_sources(Path(args.root))
     for line in found:
         print(f"ffscale shard imagenet: {line}", flush=True)
     for split, src in (("train", train), ("val", val)):
         if src is not None:
-            _write(src, Path(a.out) / split, split, a)
+            _write(src, Path(args.out) / split, split, args)
     return 0
 
 
-def index(a) -> int:
+def index(args) -> int:
     from ffscale.data.ingest.index import index_shards
 
-    root = Path(a.dir)
+    root = Path(args.dir)
     m = index_shards(
-        root, Path(a.out) if a.out else None, a.pattern, Path(a.classes) if a.classes else None,
-        a.label_field, a.num_classes, a.workers, progress=True,
+        root, Path(args.out) if args.out else None, args.pattern, Path(args.classes) if args.classes else None,
+        args.label_field, args.num_classes, args.workers, progress=True,
     )  # fmt: skip
     print(
-        f"{a.out or root}: {m.num_samples} samples of {m.num_classes} classes in {len(m.shards)} shards "
+        f"{args.out or root}: {m.num_samples} samples of {m.num_classes} classes in {len(m.shards)} shards "
         f"({'/'.join(m.image_exts)} images, labels from {m.label}), digest {m.digest}",
         flush=True,
     )
     return 0
 
 
-def reindex(a) -> int:
+def reindex(args) -> int:
     from ffscale.data.ingest.reindex import reindex
     from ffscale.data.sampleindex import INDEX
 
-    for root in a.dirs:
-        m = reindex(Path(root), a.workers)
+    for root in args.dirs:
+        m = reindex(Path(root), args.workers)
         print(
             f"{root}: {INDEX} for {m.num_samples} samples in {len(m.shards)} shards, digest {m.digest}",
             flush=True,
@@ -92,7 +99,7 @@ def reindex(a) -> int:
     return 0
 
 
-def verify(a) -> int:
+def verify(args) -> int:
     from ffscale.data.manifest import MANIFEST
     from ffscale.data.sampleindex import verify
     from ffscale.engine.ckpt_files import verify_tree
@@ -100,7 +107,7 @@ def verify(a) -> int:
     from ffscale.inference.stagedir import CONFIG
 
     bad = 0
-    for root in a.dirs:
+    for root in args.dirs:
         if not Path(root).is_dir():
             raise DataError(f"{root}: no such directory (shards, or a run with checkpoints)")
         if not (Path(root) / MANIFEST).is_file():  # a run, stage or checkpoints directory

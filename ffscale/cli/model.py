@@ -58,16 +58,16 @@ def add_parser(sub) -> None:
     m.set_defaults(fn=models)
 
 
-def evaluate(a) -> int:
+def evaluate(args) -> int:
     from ffscale.inference.evaluate import evaluate_weights, find_stage
 
-    stage = find_stage(Path(a.run), a.stage)
+    stage = find_stage(Path(args.run), args.stage)
     res = evaluate_weights(
-        stage, Path(a.weights) if a.weights else None, a.data, a.device or _device_default()
+        stage, Path(args.weights) if args.weights else None, args.data, args.device or _device_default()
     )
     print(
         json.dumps(res)
-        if a.json
+        if args.json
         else f"{stage.name}: top-1 {res['top1']:.2f}% top-5 {res['top5']:.2f}% on {res['samples']} images"
     )
     return 0
@@ -84,38 +84,38 @@ def package_of(ref: str) -> Path:
     return find_package(Path(ref))
 
 
-def predict(a) -> int:
+def predict(args) -> int:
     from ffscale.inference.predict import Classifier, open_image
 
-    clf = Classifier(package_of(a.model), a.ema, a.device or _device_default())
-    images = [open_image(f) for f in a.images]
-    rows = clf.top(images, a.top)
-    for f, row in zip(a.images, rows):
-        if a.json:
+    clf = Classifier(package_of(args.model), args.ema, args.device or _device_default())
+    images = [open_image(f) for f in args.images]
+    rows = clf.top(images, args.top)
+    for f, row in zip(args.images, rows):
+        if args.json:
             print(json.dumps({"image": f, "top": [{"index": i, "class": c, "prob": p} for i, c, p in row]}))
         else:
             print(f"{f}: " + ", ".join(f"{c} ({i}) {100 * p:.1f}%" for i, c, p in row))
     return 0
 
 
-def import_checkpoint(a) -> int:
+def import_checkpoint(args) -> int:
     from ffscale.inference.convert import convert, write_package
     from ffscale.inference.stagedir import StageDir
 
-    src = Path(a.checkpoint)
-    imp = convert(src, a.model, a.ema, a.trust_pickle)
-    stage_dir = write_package(imp, src, Path(a.out), a.overrides, a.ema)
+    src = Path(args.checkpoint)
+    imp = convert(src, args.model, args.ema, args.trust_pickle)
+    stage_dir = write_package(imp, src, Path(args.out), args.overrides, args.ema)
     kw = imp.kwargs
-    print(f"{a.out}: {imp.model} ({imp.layout} layout{', EMA' if a.ema else ''}), {kw['img_size']} px, "
+    print(f"{args.out}: {imp.model} ({imp.layout} layout{', EMA' if args.ema else ''}), {kw['img_size']} px, "
           f"patch {kw['patch_size']}, width {kw['dim']}, depth {kw['depth']}, {kw['num_classes']} classes -> "
           f"{StageDir(stage_dir).weights}")  # fmt: skip
     return 0
 
 
-def models(a) -> int:
+def models(args) -> int:
     from ffscale.models import create_model, list_models
 
-    for name in list_models(a.filter or ""):
+    for name in list_models(args.filter or ""):
         m = create_model(name)
         print(f"{name:18s} {sum(p.numel() for p in m.parameters()) / 1e6:8.2f}M params")
     return 0

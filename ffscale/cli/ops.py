@@ -69,13 +69,13 @@ def add_parser(sub) -> None:
     d.set_defaults(fn=doctor)
 
 
-def cluster(a) -> int:
+def cluster(args) -> int:
     from ffscale.tools.cluster import main
 
-    return main(a)
+    return main(args)
 
 
-def doctor(a) -> int:
+def doctor(args) -> int:
     from ffscale.tools.doctor import run
 
-    return run(a)
+    return run(args)

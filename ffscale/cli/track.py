@@ -50,13 +50,13 @@ def add_parser(sub) -> None:
     r.set_defaults(fn=register)
 
 
-def compare(a) -> int:
+def compare(args) -> int:
     from ffscale.tools.compare import main
 
-    return main(a)
+    return main(args)
 
 
-def sync(a) -> int:
+def sync(args) -> int:
     from ffscale import config
     from ffscale.errors import ConfigError
     from ffscale.inference.stagedir import CONFIG
@@ -65,13 +65,13 @@ def sync(a) -> int:
     from ffscale.tracking.store import tracking_uri
     from ffscale.util.secrets import redact
 
-    run_dir = Path(a.run_dir)
+    run_dir = Path(args.run_dir)
     if not (run_dir / CONFIG).is_file():
         raise ConfigError(f"{run_dir}: no {CONFIG} (not an ffscale run directory)")
     cfg = config.load([str(run_dir / CONFIG)])
-    uri = a.uri or tracking_uri(cfg, run_dir)
+    uri = args.uri or tracking_uri(cfg, run_dir)
     with RunLock(run_dir):  # no job writes the directory (or tracks it) meanwhile
-        rep = Replay(run_dir, uri).all(a.status)
+        rep = Replay(run_dir, uri).all(args.status)
     stages = ", ".join(f"{name} {status}" for name, (_, status) in rep["stages"].items()) or "none started"
     print(f"{run_dir} -> MLflow at {redact(uri)}: pipeline run {rep['parent']} {rep['status']}; stages: {stages}; "
           f"{rep['sent']} metric values sent, {len(rep['uploaded'])} artifacts uploaded"
@@ -79,13 +79,13 @@ def sync(a) -> int:
     return 0
 
 
-def register(a) -> int:
+def register(args) -> int:
     from ffscale.tracking.registry import package_run_dir, register_package
     from ffscale.tracking.store import default_store
 
-    path = Path(a.package)
+    path = Path(args.package)
     run_dir = package_run_dir(path)[1].resolve()
-    uri = a.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store(run_dir.parent)
-    ref = register_package(path, a.name, uri, a.experiment)
+    uri = args.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_store(run_dir.parent)
+    ref = register_package(path, args.name, uri, args.experiment)
     print(f"{path}: registered as {ref}")
     return 0

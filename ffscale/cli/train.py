@@ -39,7 +39,7 @@ def _stop_before_launch(signum, frame):
     raise Preempted(f"signal {signum} before any rank started: nothing to checkpoint")
 
 
-def run(a) -> int:
+def run(args) -> int:
     import signal
 
     # Until the launcher runs (ffscale/run/launch.py then forwards signals to the ranks), a SIGTERM
@@ -48,35 +48,35 @@ def run(a) -> int:
     signal.signal(signal.SIGINT, _stop_before_launch)
     from ffscale import config
 
-    cfg = config.from_args(a)  # a bad config: its one line before anything else is imported
+    cfg = config.from_args(args)  # a bad config: its one line before anything else is imported
     from ffscale import train
     from ffscale.run import preflight, runlock
     from ffscale.run.runlock import RunLock
     from ffscale.util.hostenv import rank_env
 
-    nproc = a.nproc or _default_nproc()
+    nproc = args.nproc or _default_nproc()
     env = rank_env()  # CPU ranks: jemalloc keeping freed pages
-    _uri_to_env(a, env)
+    _uri_to_env(args, env)
     # world, data, config changes: one line, exit 2, no rank; what needs torch runs beside the launch
-    torch_checks = preflight.check_job_without_torch(cfg, a.nnodes, nproc)
+    torch_checks = preflight.check_job_without_torch(cfg, args.nnodes, nproc)
     if any(st.cfg.data.stage_dir for st in config.stages(cfg)):
         from ffscale.data.stage import stage_job
 
         stage_job(cfg, lambda m: print(m, flush=True))  # this node's copy of the shards, before its ranks
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env[preflight.ENV] = "1"
-    entry = Path(a.entry).resolve() if a.entry else Path(train.__file__)
-    if a.node_rank != 0:
-        return _launch_checked(a, entry, nproc, env, torch_checks)
+    entry = Path(args.entry).resolve() if args.entry else Path(train.__file__)
+    if args.node_rank != 0:
+        return _launch_checked(args, entry, nproc, env, torch_checks)
     run_dir = Path(cfg.run.dir) / cfg.run.name
     # one job per run, before any rank; rank 0 creates the MLflow store (ffscale/run/pipeline.py), once
     # the checks passed and before any rank tracks
-    with RunLock(run_dir, cfg.run.lock_stale_s, wait_s=a.wait_lock) as lock:
+    with RunLock(run_dir, cfg.run.lock_stale_s, wait_s=args.wait_lock) as lock:
         env[runlock.ENV] = lock.me.token  # the ranks know their launcher holds it
-        return _launch_checked(a, entry, nproc, env, torch_checks)
+        return _launch_checked(args, entry, nproc, env, torch_checks)
 
 
-def _launch_checked(a, entry: Path, nproc: int, env: dict, torch_checks) -> int:
+def _launch_checked(args, entry: Path, nproc: int, env: dict, torch_checks) -> int:
     """The launcher, with the preflight's torch checks (if any) running beside it: the ranks wait for
     their verdict before they touch the run; a failed check is its line and exit code, and the
     launcher and its ranks are killed then (nothing of theirs to keep)."""
@@ -84,23 +84,23 @@ def _launch_checked(a, entry: Path, nproc: int, env: dict, torch_checks) -> int:
     from ffscale.run.verdict import ENV, Verdict
 
     if torch_checks is None:
-        return launch.run(a, entry, nproc, env)
+        return launch.run(args, entry, nproc, env)
     verdict = Verdict(torch_checks)
     env[ENV] = str(verdict.path)
-    code = launch.run(a, entry, nproc, env, stop=lambda: verdict.exit_code is not None)
+    code = launch.run(args, entry, nproc, env, stop=lambda: verdict.exit_code is not None)
     return verdict.failed() or code
 
 
-def _uri_to_env(a, env: dict) -> None:
+def _uri_to_env(args, env: dict) -> None:
     """A `tracking.uri=` override that carries a credential reaches the ranks as MLFLOW_TRACKING_URI,
     not on their command lines (which the launcher prints and `ps` shows to every user of the node)."""
     from ffscale.util.secrets import has_secret
 
-    for i, o in enumerate(a.overrides):
+    for i, o in enumerate(args.overrides):
         key, _, value = o.partition("=")
         if key.strip() == "tracking.uri" and has_secret(value):
             env["MLFLOW_TRACKING_URI"] = value
-            a.overrides[i] = "tracking.uri=null"
+            args.overrides[i] = "tracking.uri=null"
 
 
 def _default_nproc() -> int:

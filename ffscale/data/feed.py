@@ -80,15 +80,15 @@ class SampleSource:
             raise RuntimeError(mark + str(e)) from None
 
 
-def data_error_in(e: BaseException) -> DataError | None:
+def data_error_in(error: BaseException) -> DataError | None:
     """The DataError a worker's sample raised, found in the exception DALI re-raised; else None."""
     seen: set[int] = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        for line in str(e).splitlines():
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        for line in str(error).splitlines():
             for mark, kind in ((DATA_ERROR_MARK, DataError), (STORAGE_ERROR_MARK, StorageError)):
                 at = line.find(mark)
                 if at >= 0:
                     return kind(line[at + len(mark) :].strip())
-        e = e.__cause__ or e.__context__
+        error = error.__cause__ or error.__context__
     return None

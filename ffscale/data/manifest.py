@@ -107,10 +107,12 @@ class Manifest:
         write_atomic(root / MANIFEST, json.dumps(d, indent=1))
 
 
-def broken_tar(e: Exception) -> bool:
+def broken_tar(error: Exception) -> bool:
     """webdataset's handler for tar-level errors (its args end with the shard's URL): name the shard."""
-    where = e.args[-1] if len(e.args) > 1 else "?"
-    raise DataError(f"shard {where}: not a readable tar ({e.args[0] if e.args else e})") from e
+    where = error.args[-1] if len(error.args) > 1 else "?"
+    raise DataError(
+        f"shard {where}: not a readable tar ({error.args[0] if error.args else error})"
+    ) from error
 
 
 def dataset_name(source: str, fallback: str) -> str:

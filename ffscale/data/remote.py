@@ -72,39 +72,41 @@ def _options(proto: str) -> dict:
     return {}
 
 
-def failure(e: BaseException, url: str, what: str, shard: bool = True) -> DataError:
+def failure(error: BaseException, url: str, what: str, shard: bool = True) -> DataError:
     """The one line for a failed request: DataError (exit 2) where a rerun would meet the same answer,
     StorageError (exit 1) where the server did not answer."""
     name = f"{'shard ' if shard else ''}{masked(url)}"
-    status = _status(e)
-    if isinstance(e, FileNotFoundError) or status == 404:
+    status = _status(error)
+    if isinstance(error, FileNotFoundError) or status == 404:
         return DataError(f"{name}: not found (404) while {what}")
-    if isinstance(e, PermissionError) or status in (401, 403):
+    if isinstance(error, PermissionError) or status in (401, 403):
         return DataError(f"{name}: access denied ({status or 403}) while {what}; check the credentials")
     if status == 416:
         return DataError(f"{name}: shorter than its manifest says (truncated or replaced) while {what}")
-    return StorageError(f"{name}: storage did not answer while {what} ({_first_line(e)}); rerun to resume")
+    return StorageError(
+        f"{name}: storage did not answer while {what} ({_first_line(error)}); rerun to resume"
+    )
 
 
-def _status(e: BaseException) -> int | None:
+def _status(error: BaseException) -> int | None:
     """The HTTP status a failed request carries: aiohttp.ClientResponseError's `status` (fsspec's http
     raise_for_status); s3fs turns S3's InvalidRange (416) into OSError(EINVAL, "The requested range is
     not satisfiable") (s3fs/errors.py, ERROR_CODE_TO_EXCEPTION)."""
-    if isinstance(e, OSError) and e.errno == errno.EINVAL and "range" in str(e).lower():
+    if isinstance(error, OSError) and error.errno == errno.EINVAL and "range" in str(error).lower():
         return 416
-    return getattr(e, "status", None)
+    return getattr(error, "status", None)
 
 
-def _transient(e: BaseException) -> bool:
-    status = _status(e)
-    if isinstance(e, (FileNotFoundError, PermissionError)) or status in (401, 403, 404, 416):
+def _transient(error: BaseException) -> bool:
+    status = _status(error)
+    if isinstance(error, (FileNotFoundError, PermissionError)) or status in (401, 403, 404, 416):
         return False
-    return not isinstance(e, (DataError, ValueError, TypeError))
+    return not isinstance(error, (DataError, ValueError, TypeError))
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return masked(f"{type(e).__name__}: {text[0] if text else ''}"[:200])
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return masked(f"{type(error).__name__}: {text[0] if text else ''}"[:200])
 
 
 def call(fn, url: str, what: str, shard: bool = True):

@@ -218,10 +218,10 @@ def _mb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
-def _relocated(d: dict) -> dict:
+def _relocated(values: dict) -> dict:
     """The manifest as the copy holds it: shard files under its folder (the digest is the shards'
     sha256s, unchanged)."""
-    return {**d, "shards": [{**s, "file": _local_name(s["file"])} for s in d["shards"]]}
+    return {**values, "shards": [{**s, "file": _local_name(s["file"])} for s in values["shards"]]}
 
 
 class _Progress:

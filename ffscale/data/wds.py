@@ -27,13 +27,13 @@ class _Samples(torch.utils.data.Dataset):
     """Position k of the rank's epoch list -> (image tensor, label), or None for a skipped sample."""
 
     def __init__(self, loader: WdsLoader, ids: np.ndarray, epoch: int, first: int):
-        self.l, self.ids, self.epoch, self.first = loader, ids, epoch, first
+        self.loader, self.ids, self.epoch, self.first = loader, ids, epoch, first
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, k: int):
-        lo, c = self.l, self.l.cfg
+        lo, c = self.loader, self.loader.cfg
         got = lo.sample(int(self.ids[k]))
         if got is None:
             return None
@@ -123,21 +123,21 @@ class _Reads(torch.utils.data.Dataset):
     """Position k of the rank's epoch list -> its label, the sample read and checked, not decoded."""
 
     def __init__(self, loader: WdsLoader, ids: np.ndarray):
-        self.l, self.ids = loader, ids
+        self.loader, self.ids = loader, ids
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, k: int) -> int:
-        s = self.l.index.read(int(self.ids[k]))
-        return parse_label(s, self.l.num_classes, self.l.index.members)
+        s = self.loader.index.read(int(self.ids[k]))
+        return parse_label(s, self.loader.num_classes, self.loader.index.members)
 
 
-def own_line(e: Exception) -> str:
+def own_line(error: Exception) -> str:
     """An error's own message, without the worker's traceback torch's DataLoader puts before it
     ("Caught DataError in DataLoader worker process 0. Original Traceback ...": torch/_utils.py,
     ExceptionWrapper.reraise)."""
-    text = str(e).strip()
+    text = str(error).strip()
     if "\n" not in text:
         return text
     last = text.splitlines()[-1]

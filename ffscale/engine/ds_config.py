@@ -18,7 +18,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def build(
-    s: StageCfg,
+    stage_cfg: StageCfg,
     world: int,
     accum: int,
     precision: str,
@@ -27,11 +27,11 @@ def build(
 ) -> dict:
     # no "scheduler": the engine sets each step's lr from ffscale/engine/lr.py (timm's schedule)
     cfg: dict = {
-        "train_batch_size": s.optim.global_batch,
-        "train_micro_batch_size_per_gpu": s.optim.micro_batch,
+        "train_batch_size": stage_cfg.optim.global_batch,
+        "train_micro_batch_size_per_gpu": stage_cfg.optim.micro_batch,
         "gradient_accumulation_steps": accum,
-        "gradient_clipping": s.optim.clip_grad,  # DeepSpeed 0.19 defaults to 1.0; DeiT uses none
-        "zero_optimization": zero(s, n_params, cuda, zero_stage(s, precision)),
+        "gradient_clipping": stage_cfg.optim.clip_grad,  # DeepSpeed 0.19 defaults to 1.0; DeiT uses none
+        "zero_optimization": zero(stage_cfg, n_params, cuda, zero_stage(stage_cfg, precision)),
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 10**9,  # progress is ours
@@ -42,22 +42,24 @@ def build(
         # bf16) and are reduced across ranks in deepspeed.comm_dtype (fp32 by default, as DDP with AMP
         # reduces DeiT's fp32 gradients; bf16 halves the bytes).
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
-        cfg["communication_data_type"] = s.deepspeed.comm_dtype
-    return merge(cfg | offload(s), dict(s.deepspeed.extra))
+        cfg["communication_data_type"] = stage_cfg.deepspeed.comm_dtype
+    return merge(cfg | offload(stage_cfg), dict(stage_cfg.deepspeed.extra))
 
 
-def zero_stage(s: StageCfg, precision: str) -> int:
+def zero_stage(stage_cfg: StageCfg, precision: str) -> int:
     """The ZeRO stage DeepSpeed runs: ZeRO-0 in bf16 runs as ZeRO-1's bf16 optimizer. DeepSpeed's
     ZeRO-0 bf16 path steps one tensor at a time (FP16_UnfusedOptimizer, a host sync per tensor) and
     cannot accumulate gradients in fp32; ZeRO-1 on one rank partitions nothing, on N ranks it only
     splits the optimizer states (less memory, the same all-reduce volume)."""
-    return 1 if s.deepspeed.zero_stage == 0 and precision == "bf16" else s.deepspeed.zero_stage
+    return (
+        1 if stage_cfg.deepspeed.zero_stage == 0 and precision == "bf16" else stage_cfg.deepspeed.zero_stage
+    )
 
 
-def zero(s: StageCfg, n_params: int = 0, cuda: bool = True, stage: int | None = None) -> dict:
+def zero(stage_cfg: StageCfg, n_params: int = 0, cuda: bool = True, stage: int | None = None) -> dict:
     """ZeRO settings written out: buckets sized in MiB (never above a quarter of the model: DeepSpeed
     allocates them whole), overlap on, and CPU optimizer offload."""
-    d = s.deepspeed
+    d = stage_cfg.deepspeed
     cap = n_params // 4 if n_params else 2**62
 
     def elems(mb: int) -> int:  # DeepSpeed counts elements, and wants buckets aligned for NCCL
@@ -89,9 +91,9 @@ def zero(s: StageCfg, n_params: int = 0, cuda: bool = True, stage: int | None = 
     return z
 
 
-def offload(s: StageCfg) -> dict:
+def offload(stage_cfg: StageCfg) -> dict:
     # Our torch AdamW steps the offloaded states (DeepSpeed would otherwise insist on its JIT-built CPU Adam).
-    return {"zero_force_ds_cpu_optimizer": False} if s.deepspeed.offload_optimizer else {}
+    return {"zero_force_ds_cpu_optimizer": False} if stage_cfg.deepspeed.offload_optimizer else {}
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -101,5 +103,5 @@ def merge(a: dict, b: dict) -> dict:
     return out
 
 
-def peak_lr(s: StageCfg) -> float:
-    return s.optim.base_lr * s.optim.global_batch / s.optim.lr_batch_base
+def peak_lr(stage_cfg: StageCfg) -> float:
+    return stage_cfg.optim.base_lr * stage_cfg.optim.global_batch / stage_cfg.optim.lr_batch_base

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ffscale.config import StageCfg
+from ffscale.config import RunCfg, StageCfg
 from ffscale.engine import checkpoint, ckpt_engine, ds_config, preempt
 from ffscale.engine.checkpointer import Checkpointer
 from ffscale.engine.dist import DistInfo, all_reduce_sum, on_rank0, set_timeout
@@ -24,43 +24,53 @@ class Engine:
     def __init__(
         self,
         model: nn.Module,
-        s: StageCfg,
+        stage_cfg: StageCfg,
         dist: DistInfo,
+        *,
         accum: int,
         lr_at: Callable[[int], float],
         ckpt_dir,
+        run: RunCfg | None = None,
         fence: Callable[[], None] = lambda: None,
-        timeouts: tuple[float, float] = (0, 0),
         criterion: Callable | None = None,
     ):
         """`lr_at(step)`: the lr of the optimizer step after `step` finished ones (ffscale/engine/lr.py).
         `fence()`: called on rank 0 before every checkpoint and export; raising stops every rank
         before it writes.
-        `timeouts`: (seconds a collective may wait around checkpoints, evaluations and an epoch's
-        first step, seconds during training steps from the first on; 0: no change).
+        `run`: the collectives' timeouts (run.collective_timeout_s around checkpoints, evaluations and
+        an epoch's first step, run.step_timeout_s during training steps from the first on); None: no
+        change.
         `criterion(x, outputs, target)`: the loss when not the model's logits against `target`
         (a distilled stage: ffscale/engine/distill.py)."""
         self.fence = fence
-        self.long_timeout_s, self.step_timeout_s = timeouts
+        self.long_timeout_s, self.step_timeout_s = (
+            (run.collective_timeout_s, run.step_timeout_s) if run else (0, 0)
+        )
         self._short = False  # are collectives under the training steps' timeout?
-        self.dist, self.s, self.accum = dist, s, accum
+        self.dist, self.stage_cfg, self.accum = dist, stage_cfg, accum
         self.criterion = criterion
-        self.precision = ds_config.resolve_precision(s.deepspeed.precision, dist.device)
+        self.precision = ds_config.resolve_precision(stage_cfg.deepspeed.precision, dist.device)
         self.dtype = ds_config.DTYPES[self.precision]
         n_params = sum(p.numel() for p in model.parameters())
         cuda = dist.device.type == "cuda"
-        cfg = ds_config.build(s, dist.world, accum, self.precision, n_params, cuda)
+        cfg = ds_config.build(stage_cfg, dist.world, accum, self.precision, n_params, cuda)
         # Every torch.load of this rank weights-only (DeepSpeed's universal loading bypasses its
         # checkpoint engine), and the checkpoint to resume checked before anything reads it.
         ckpt_engine.force_weights_only()
         self.checkpointer = Checkpointer(
-            ckpt_dir, s.checkpoint, s.schedule.epochs, dist.rank, dist.world, fence, prepare=self.long_waits
+            ckpt_dir,
+            stage_cfg.checkpoint,
+            stage_cfg.schedule.epochs,
+            dist.rank,
+            dist.world,
+            fence,
+            prepare=self.long_waits,
         )
         # Shards of another rank count: checkpoint.load converts them to a universal checkpoint.
-        self.reshard = s.checkpoint.reshard and self.checkpointer.needs_reshard
+        self.reshard = stage_cfg.checkpoint.reshard and self.checkpointer.needs_reshard
         if self.reshard:
             cfg = ds_config.merge(cfg, {"checkpoint": {"load_universal": True}})
-        opt = build_optimizer(model, s.optim, ds_config.peak_lr(s))
+        opt = build_optimizer(model, stage_cfg.optim, ds_config.peak_lr(stage_cfg))
         # the lr of each step comes from the step count, set before every step: no scheduler state to
         # checkpoint, and a resume or an allowed optim.base_lr change recomputes it from the config
         self.lr_at = lr_at
@@ -75,10 +85,12 @@ class Engine:
             # every gradient (~20% of a CPU step for ff_base at 112 px).
             self.ds.enable_backward_allreduce = False
         share_fp32_masters(self.ds.optimizer)  # fp32 ZeRO 1-3: no duplicate copy of the weights
-        if s.model.compile:  # compiled inside the engine, so ZeRO hooks and checkpoints still see the module
+        if (
+            stage_cfg.model.compile
+        ):  # compiled inside the engine, so ZeRO hooks and checkpoints still see the module
             self.ds.compile()
         self.module = self.ds.module
-        ema_decay = s.optim.ema_decay
+        ema_decay = stage_cfg.optim.ema_decay
         self.ema = Ema(self.ds, ema_decay, dist.rank, dist.world) if ema_decay > 0 else None
         if self.ema is not None:
             self.checkpointer.register_rank("ema", self.ema)
@@ -220,7 +232,7 @@ class Engine:
     def resume(self) -> str | None:
         """Load the checkpoint the checkpointer holds into the engine and the states registered with
         it; None on a fresh start, else what a resume log line adds (resharded, EMA restarted)."""
-        missed = self.checkpointer.load(self.s.checkpoint.reshard)
+        missed = self.checkpointer.load(self.stage_cfg.checkpoint.reshard)
         if missed is None:
             return None
         note = ""

@@ -44,11 +44,11 @@ class Cosine:
         return self.warmup_lr if epoch == 0 else self.at_time(epoch - 1)
 
 
-def for_stage(s, steps_per_epoch: int) -> Cosine:
+def for_stage(stage_cfg, steps_per_epoch: int) -> Cosine:
     """The schedule of a stage's config (`schedule.*`, the peak from optim.base_lr x batch / lr_batch_base)."""
-    sc = s.schedule
+    sc = stage_cfg.schedule
     return Cosine(
-        peak_lr(s),
+        peak_lr(stage_cfg),
         sc.epochs,
         sc.warmup_epochs,
         sc.warmup_lr,

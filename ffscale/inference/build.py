@@ -11,15 +11,15 @@ from ffscale.config import StageCfg, image_size
 from ffscale.models import create_model
 
 
-def model_kwargs(s: StageCfg, num_classes: int, distilled: bool | None = None) -> dict:
+def model_kwargs(stage_cfg: StageCfg, num_classes: int, distilled: bool | None = None) -> dict:
     """`distilled`: the model has DeiT's distillation token and head; None: a distilled stage's
     (distill.teacher set). Weights decide it for a model the stage did not train (an imported
     distilled DeiT, ffscale/inference/convert.py)."""
-    m = s.model
+    m = stage_cfg.model
     if distilled is None:
-        distilled = bool(s.distill.teacher)
+        distilled = bool(stage_cfg.distill.teacher)
     return dict(
-        img_size=image_size(s),
+        img_size=image_size(stage_cfg),
         patch_size=m.patch_size,
         in_chans=m.in_chans,
         num_classes=num_classes,
@@ -34,5 +34,5 @@ def model_kwargs(s: StageCfg, num_classes: int, distilled: bool | None = None) -
     )
 
 
-def build_model(s: StageCfg, num_classes: int, distilled: bool | None = None) -> nn.Module:
-    return create_model(s.model.name, **model_kwargs(s, num_classes, distilled))
+def build_model(stage_cfg: StageCfg, num_classes: int, distilled: bool | None = None) -> nn.Module:
+    return create_model(stage_cfg.model.name, **model_kwargs(stage_cfg, num_classes, distilled))

@@ -23,7 +23,7 @@ from ffscale.util.secrets import scrub
 
 def write_card(
     path: Path,
-    s,
+    stage_cfg,
     num_classes: int,
     classes: list[str] | None,
     class_ids,
@@ -34,25 +34,25 @@ def write_card(
     `data` (what trained it: `trained_on`, or an import's source) describe the rest; `distilled`:
     as `model_kwargs` (an import says it from the weights). `ffscale predict`, a teacher and the
     registered model build from the card's kwargs, so `distilled: true` rebuilds the second head."""
-    kw = model_kwargs(s, num_classes, distilled) | {"drop_path": 0.0, "drop": 0.0, "grad_ckpt": False}
-    interp = s.data.interpolation
+    kw = model_kwargs(stage_cfg, num_classes, distilled) | {"drop_path": 0.0, "drop": 0.0, "grad_ckpt": False}
+    interp = stage_cfg.data.interpolation
     card = {
-        "model": s.model.name, "kwargs": kw, "num_classes": num_classes,
+        "model": stage_cfg.model.name, "kwargs": kw, "num_classes": num_classes,
         "classes": classes if classes and len(classes) == num_classes else [str(k) for k in range(num_classes)],
         "class_ids": class_ids,
-        "preprocessing": {"img_size": kw["img_size"], "crop_pct": s.data.crop_pct, "mean": s.data.mean,
-                          "std": s.data.std, "interpolation": interp,
+        "preprocessing": {"img_size": kw["img_size"], "crop_pct": stage_cfg.data.crop_pct, "mean": stage_cfg.data.mean,
+                          "std": stage_cfg.data.std, "interpolation": interp,
                           "resize": f"shorter side to img_size / crop_pct, {interp}; centre crop"},
         "data": data,
-        "config": scrub(dataclasses.asdict(s)),
+        "config": scrub(dataclasses.asdict(stage_cfg)),
     }  # fmt: skip
     write_atomic(path, json.dumps(card, indent=1))
 
 
-def trained_on(s, train_m, val_m) -> dict:
+def trained_on(stage_cfg, train_m, val_m) -> dict:
     """The card's `data` of a trained stage: its shards' paths, names and digests."""
-    return {"train": {"path": s.data.train, "name": train_m.name, "dataset": train_m.dataset, "digest": train_m.digest},
-            "val": {"path": s.data.val, "name": val_m.name, "digest": val_m.digest}}  # fmt: skip
+    return {"train": {"path": stage_cfg.data.train, "name": train_m.name, "dataset": train_m.dataset, "digest": train_m.digest},
+            "val": {"path": stage_cfg.data.val, "name": val_m.name, "digest": val_m.digest}}  # fmt: skip
 
 
 def train_tag(card: dict, manifest=None) -> str | None:

@@ -63,5 +63,5 @@ def _misfit(source: config.StageCfg, target: config.StageCfg) -> str | None:
     return None
 
 
-def _num_classes(s: config.StageCfg) -> int:
-    return s.model.num_classes or load_manifest(s.data.train)[0].num_classes
+def _num_classes(stage_cfg: config.StageCfg) -> int:
+    return stage_cfg.model.num_classes or load_manifest(stage_cfg.data.train)[0].num_classes

@@ -45,10 +45,10 @@ def launcher_cmd(
     ]  # fmt: skip
 
 
-def rank_args(a) -> list[str]:
+def rank_args(args) -> list[str]:
     """What every rank of `ffscale train` gets: the config files, --allow-change keys, overrides."""
-    files = sum((["--config", c] for c in a.config), [])
-    return files + sum((["--allow-change", k] for k in a.allow_change), []) + a.overrides
+    files = sum((["--config", c] for c in args.config), [])
+    return files + sum((["--allow-change", k] for k in args.allow_change), []) + args.overrides
 
 
 def rank_processes(launcher_pid: int) -> list[psutil.Process]:
@@ -67,11 +67,13 @@ def rank_processes(launcher_pid: int) -> list[psutil.Process]:
     return out
 
 
-def run(a, entry: Path, nproc: int, env: dict, stop: Callable[[], bool] = lambda: False) -> int:
+def run(args, entry: Path, nproc: int, env: dict, stop: Callable[[], bool] = lambda: False) -> int:
     """Start the launcher in its own process group; forward SIGTERM/SIGINT to the ranks; return
     the launcher's exit code, or 128 + the signal when one came. `stop()` true: kill the launcher
     and its ranks at once (they have not touched the run: ffscale/run/verdict.py)."""
-    cmd = launcher_cmd(entry, rank_args(a), nproc, a.nnodes, a.node_rank, a.master_addr, a.master_port)
+    cmd = launcher_cmd(
+        entry, rank_args(args), nproc, args.nnodes, args.node_rank, args.master_addr, args.master_port
+    )
     print("+", redact(" ".join(cmd)), flush=True)  # no credential in the log (ffscale/util/secrets.py)
     # Its own session: a terminal's Ctrl-C reaches `ffscale train` alone, which passes it to the ranks
     # only. The ranks watch this process and die with it (ffscale/util/lifeline.py); the launcher then
@@ -100,9 +102,9 @@ def run(a, entry: Path, nproc: int, env: dict, stop: Callable[[], bool] = lambda
             _signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
             break
-        if since and time.monotonic() - since[0] > a.grace:
+        if since and time.monotonic() - since[0] > args.grace:
             print(
-                f"ffscale: ranks still running {a.grace:g} s after the signal (--grace): killing them",
+                f"ffscale: ranks still running {args.grace:g} s after the signal (--grace): killing them",
                 flush=True,
             )
             _signal_group(proc.pid, signal.SIGKILL)

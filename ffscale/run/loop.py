@@ -93,7 +93,7 @@ def _run(r: StageRun, init_weights: Path | None) -> dict:
         r.end_epoch()
         if r.stopped_at_epoch():
             return {"finished": False}
-    while r.progress.epoch < r.s.schedule.epochs:
+    while r.progress.epoch < r.stage_cfg.schedule.epochs:
         if not r.train_epoch():
             return {"finished": False}
         r.end_epoch()
@@ -121,30 +121,32 @@ class StageRun:
         self.changes = changes.pending(self.stage, run)  # allowed: the job's preflight refused the rest
         startup.mark("stage_started")  # `ffscale bench startup` times the job's first stage set-up
         self._loaders()
-        self.steps = plan_steps(self.s, dist.world, self.train.steps_per_epoch, stage.name)
+        self.steps = plan_steps(self.stage_cfg, dist.world, self.train.steps_per_epoch, stage.name)
         model = self._model(init_weights)
         startup.mark("model_built")
-        self.teacher = teacher.load(self.s, Path(run.dir) / run.name, dist.device)  # None: not distilled
+        self.teacher = teacher.load(
+            self.stage_cfg, Path(run.dir) / run.name, dist.device
+        )  # None: not distilled
         self.engine = Engine(
             model,
-            self.s,
+            self.stage_cfg,
             dist,
-            self.steps.accum,
-            lr.for_stage(self.s, self.steps.per_epoch),
-            files.checkpoints,
-            fence,
-            (run.collective_timeout_s, run.step_timeout_s),
+            accum=self.steps.accum,
+            lr_at=lr.for_stage(self.stage_cfg, self.steps.per_epoch),
+            ckpt_dir=files.checkpoints,
+            run=run,
+            fence=fence,
             criterion=self.teacher.distiller if self.teacher else None,
         )
         startup.mark("engine_built")
-        self.ops = DeviceOps(self.s.data, self.num_classes, dist.device, self.engine.dtype)
+        self.ops = DeviceOps(self.stage_cfg.data, self.num_classes, dist.device, self.engine.dtype)
         self.checkpoints = self.engine.checkpointer  # the loop saves through it, never the files
         stage.dir.mkdir(parents=True, exist_ok=True)
         self.progress = self._resume()
         self.meter = self._meter()
         self._announce()
         if self.teacher:
-            log(dist, f"{self.where}: {self.teacher.announce(self.s)}")
+            log(dist, f"{self.where}: {self.teacher.announce(self.stage_cfg)}")
         tracker.stage_started(stage, self.train_m, self.val_m, self.engine.num_params, lineage)
         self.record = Recorder(files.metrics, tracker, dist.rank, self.engine.global_step)
         self._config_history(tracker, lineage)
@@ -156,7 +158,7 @@ class StageRun:
 
     # -- set-up ------------------------------------------------------------------------------
     def _loaders(self) -> None:
-        s, d = self.s, self.dist
+        s, d = self.stage_cfg, self.dist
         args = (d.rank, d.world, s.optim.micro_batch, self.run.seed)
         self.train, self.train_m = build_loader(
             s.data, s.data.train, True, *args, s.model.num_classes, d.device
@@ -168,10 +170,12 @@ class StageRun:
 
     def _model(self, init_weights: Path | None) -> torch.nn.Module:
         torch.manual_seed(derive(self.run.seed, "init"))  # same initial weights on every rank
-        model = build_model(self.s, self.num_classes)
+        model = build_model(self.stage_cfg, self.num_classes)
         if init_weights is not None:
             say = lambda m: log(self.dist, m)  # noqa: E731
-            state = adapt_state_dict(load_weights(init_weights), model, say, self.s.model.carry_token_mlp)
+            state = adapt_state_dict(
+                load_weights(init_weights), model, say, self.stage_cfg.model.carry_token_mlp
+            )
             model.load_state_dict(state)
         return model
 
@@ -203,19 +207,19 @@ class StageRun:
         log(self.dist, f"{self.where}: from step {step}: {what} (allowed; config-history.jsonl)")
 
     def _meter(self) -> Meter:
-        kw = model_kwargs(self.s, self.num_classes)
+        kw = model_kwargs(self.stage_cfg, self.num_classes)
         self.flops_per_image = flops.train_flops_per_image(
-            lambda: build_model(self.s, self.num_classes), kw["img_size"], kw["in_chans"]
+            lambda: build_model(self.stage_cfg, self.num_classes), kw["img_size"], kw["in_chans"]
         )
         peak = flops.rank_peak(self.dist, self.engine.precision)
         meter = Meter(
-            self.steps.total, self.s.optim.global_batch, self.flops_per_image, peak * self.dist.world
+            self.steps.total, self.stage_cfg.optim.global_batch, self.flops_per_image, peak * self.dist.world
         )
         meter.update(self.engine.global_step)
         return meter
 
     def _announce(self) -> None:
-        s, d, e = self.s, self.dist, self.engine
+        s, d, e = self.stage_cfg, self.dist, self.engine
         alloc = f" ({allocator()})" if d.device.type == "cpu" else ""
         asked = s.deepspeed.zero_stage
         zero_note = f" (asked: {asked})" if asked != e.zero_stage else ""
@@ -232,7 +236,7 @@ class StageRun:
     def _scratch_student_note(self) -> str:
         """A fresh student that starts from scratch by the pipeline's rule (config.starting_weights),
         not by its own init_from, says so."""
-        s = self.s
+        s = self.stage_cfg
         if not self.fresh or self.lineage != "scratch" or s.init_from is not None or not s.distill.teacher:
             return ""
         return "; starts from scratch, as DeiT trains its students (init_from names weights to start from)"
@@ -266,7 +270,7 @@ class StageRun:
                 break
             # Seeded per micro-step: drop path and augmentation replay exactly after a resume.
             torch.manual_seed(derive(self.run.seed, "step", self.dist.rank, prog.epoch, i))
-            x, target = self.ops.train_batch(x, y, self.s.optim.label_smoothing)
+            x, target = self.ops.train_batch(x, y, self.stage_cfg.optim.label_smoothing)
             loss.add_micro(e.train_step(x, target))
             if (i + 1) % st.accum:
                 continue
@@ -280,7 +284,7 @@ class StageRun:
             e.stop_if_requested()
             if self.checkpoints.maybe_save(e.global_step, "step"):
                 e.stop_if_requested(agree=True)  # SIGTERM during the write: stop, no second
-            if self.s.schedule.stop_at_step and e.global_step >= self.s.schedule.stop_at_step:
+            if self.stage_cfg.schedule.stop_at_step and e.global_step >= self.stage_cfg.schedule.stop_at_step:
                 self.checkpoints.maybe_save(e.global_step, "stop")
                 log(
                     self.dist,
@@ -295,10 +299,10 @@ class StageRun:
         prog, step = self.progress, self.engine.global_step
         prog.skipped += 1
         self.record({"step": step, "skipped_steps": prog.skipped})
-        nonfinite.check(self.s.optim, step, prog.skipped, self.checkpoints.last, self.where)
+        nonfinite.check(self.stage_cfg.optim, step, prog.skipped, self.checkpoints.last, self.where)
         log(
             self.dist,
-            f"{self.where}: loss not finite at step {step}: step skipped ({prog.skipped}/{self.s.optim.max_skipped})",
+            f"{self.where}: loss not finite at step {step}: step skipped ({prog.skipped}/{self.stage_cfg.optim.max_skipped})",
         )
 
     def _log_progress(self, loss: float) -> None:
@@ -306,7 +310,7 @@ class StageRun:
         perf = self.meter.update(e.global_step) | (self.teacher.distiller.share() if self.teacher else {})
         epoch = prog.epoch + self.steps.epoch_of(prog.micro_in_epoch)
         self.record({"step": e.global_step, "epoch": epoch, "loss": loss, "lr": e.lr, **perf})
-        epochs = self.s.schedule.epochs
+        epochs = self.stage_cfg.schedule.epochs
         log(
             self.dist,
             train_line(
@@ -316,7 +320,7 @@ class StageRun:
 
     # -- end of an epoch, end of the stage -----------------------------------------------------
     def end_epoch(self) -> None:
-        prog, epochs, e = self.progress, self.s.schedule.epochs, self.engine
+        prog, epochs, e = self.progress, self.stage_cfg.schedule.epochs, self.engine
         if prog.eval_pending or itstime(prog.epoch, self.run.eval_every, last=epochs):
             self._evaluate()
         self.checkpoints.maybe_save(e.global_step, "epoch", epoch=prog.epoch)
@@ -325,8 +329,8 @@ class StageRun:
 
     def stopped_at_epoch(self) -> bool:
         """schedule.stop_at_epoch reached before the schedule's end: checkpointed, rerun to continue."""
-        stop, prog = self.s.schedule.stop_at_epoch, self.progress
-        if not stop or prog.epoch < stop or prog.epoch >= self.s.schedule.epochs:
+        stop, prog = self.stage_cfg.schedule.stop_at_epoch, self.progress
+        if not stop or prog.epoch < stop or prog.epoch >= self.stage_cfg.schedule.epochs:
             return False
         self.checkpoints.maybe_save(self.engine.global_step, "stop")
         log(
@@ -341,7 +345,9 @@ class StageRun:
             ev = e.validate(self._val_batches())
             if e.ema is not None:  # beside the trained model, whose top-1 is the headline (DeiT's main.py
                 # never evaluates its EMA)
-                ev |= e.validate_ema(self._val_batches(), lambda: build_model(self.s, self.num_classes))
+                ev |= e.validate_ema(
+                    self._val_batches(), lambda: build_model(self.stage_cfg, self.num_classes)
+                )
         except EvalInterrupted:  # SIGTERM: the checkpoint says to evaluate first on resume
             prog.eval_pending = True
             e.stop_if_requested()
@@ -365,11 +371,11 @@ class StageRun:
             m = self.train_m
             write_card(
                 files.card,
-                self.s,
+                self.stage_cfg,
                 self.num_classes,
                 m.classes,
                 m.class_ids,
-                trained_on(self.s, m, self.val_m),
+                trained_on(self.stage_cfg, m, self.val_m),
             )
         return {
             **ema,

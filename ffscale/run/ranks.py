@@ -40,28 +40,28 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def rank_env(a: argparse.Namespace, local_rank: int) -> dict[str, str]:
+def rank_env(args: argparse.Namespace, local_rank: int) -> dict[str, str]:
     return {
         **os.environ,
-        "MASTER_ADDR": a.master_addr,
-        "MASTER_PORT": str(a.master_port),
-        "WORLD_SIZE": str(a.nnodes * a.nproc),
-        "RANK": str(a.node_rank * a.nproc + local_rank),
+        "MASTER_ADDR": args.master_addr,
+        "MASTER_PORT": str(args.master_port),
+        "WORLD_SIZE": str(args.nnodes * args.nproc),
+        "RANK": str(args.node_rank * args.nproc + local_rank),
         "LOCAL_RANK": str(local_rank),
-        "CROSS_RANK": str(a.node_rank),
-        "CROSS_SIZE": str(a.nnodes),
-        "LOCAL_SIZE": str(a.nproc),
+        "CROSS_RANK": str(args.node_rank),
+        "CROSS_SIZE": str(args.nnodes),
+        "LOCAL_SIZE": str(args.nproc),
     }
 
 
-def start(a: argparse.Namespace) -> list[subprocess.Popen]:
+def start(args: argparse.Namespace) -> list[subprocess.Popen]:
     """The node's ranks, in this process's group (a signal to the group reaches them all)."""
     return [
         subprocess.Popen(
-            [sys.executable, "-u", a.entry, f"--local_rank={local_rank}", *a.args],
-            env=rank_env(a, local_rank),
+            [sys.executable, "-u", args.entry, f"--local_rank={local_rank}", *args.args],
+            env=rank_env(args, local_rank),
         )
-        for local_rank in range(a.nproc)
+        for local_rank in range(args.nproc)
     ]
 
 

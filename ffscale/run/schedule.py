@@ -22,13 +22,15 @@ class Steps:
         return micro / self.micro_per_epoch
 
 
-def plan_steps(s: StageCfg, world: int, loader_steps: int, stage: str = "train") -> Steps:
+def plan_steps(stage_cfg: StageCfg, world: int, loader_steps: int, stage: str = "train") -> Steps:
     """`loader_steps`: micro-batches a rank's train loader yields per epoch. Epochs end on an
     optimizer-step boundary."""
-    accum = check_world(s, world, f"stages.{stage}.")
+    accum = check_world(stage_cfg, world, f"stages.{stage}.")
     micro = loader_steps // accum * accum
     per_epoch = micro // accum
     if per_epoch == 0:
-        raise ConfigError(f"stage {stage}: one epoch of {s.data.train} is smaller than optim.global_batch")
-    total = s.schedule.epochs * per_epoch
-    return Steps(accum, micro, per_epoch, total, int(s.schedule.warmup_epochs * per_epoch))
+        raise ConfigError(
+            f"stage {stage}: one epoch of {stage_cfg.data.train} is smaller than optim.global_batch"
+        )
+    total = stage_cfg.schedule.epochs * per_epoch
+    return Steps(accum, micro, per_epoch, total, int(stage_cfg.schedule.warmup_epochs * per_epoch))

@@ -44,11 +44,13 @@ def _named(classes: list[str]) -> bool:
     return classes != [str(k) for k in range(len(classes))]
 
 
-def _of_stage(s: config.StageCfg) -> Fit:
-    classes = load_manifest(s.data.train)[0].classes
-    k = s.model.num_classes or len(classes)
+def _of_stage(stage_cfg: config.StageCfg) -> Fit:
+    classes = load_manifest(stage_cfg.data.train)[0].classes
+    k = stage_cfg.model.num_classes or len(classes)
     return Fit(
-        s.model.name, classes if len(classes) == k else [str(i) for i in range(k)], config.image_size(s)
+        stage_cfg.model.name,
+        classes if len(classes) == k else [str(i) for i in range(k)],
+        config.image_size(stage_cfg),
     )
 
 
@@ -116,21 +118,28 @@ class Teacher:
     line: str  # which teacher, how it runs
     dtype: torch.dtype
 
-    def announce(self, s: config.StageCfg) -> str:
+    def announce(self, stage_cfg: config.StageCfg) -> str:
         """The stage log's line: the teacher, and its forward rate alone on a micro-batch of this stage."""
-        img, device = config.image_size(s), next(self.distiller.teacher.parameters()).device
-        x = torch.randn(s.optim.micro_batch or 1, s.model.in_chans, img, img, device=device, dtype=self.dtype)
+        img, device = config.image_size(stage_cfg), next(self.distiller.teacher.parameters()).device
+        x = torch.randn(
+            stage_cfg.optim.micro_batch or 1,
+            stage_cfg.model.in_chans,
+            img,
+            img,
+            device=device,
+            dtype=self.dtype,
+        )
         return f"{self.line}; teacher forward alone {self.distiller.rate(x):,.0f} img/s per rank"
 
 
-def load(s: config.StageCfg, run_dir: Path, device: torch.device) -> Teacher | None:
+def load(stage_cfg: config.StageCfg, run_dir: Path, device: torch.device) -> Teacher | None:
     """The stage's teacher, frozen on this rank in the run's dtype (None: not a distilled stage)."""
-    d = s.distill
+    d = stage_cfg.distill
     if not d.teacher:
         return None
     from ffscale.inference.predict import load_model
 
-    dtype = DTYPES[resolve_precision(s.deepspeed.precision, device)]
+    dtype = DTYPES[resolve_precision(stage_cfg.deepspeed.precision, device)]
     where, what = package(d.teacher, run_dir)
     model, card, weights = load_model(where)
     distiller = Distiller(frozen(model, device, dtype), d.mode, d.alpha, d.tau)

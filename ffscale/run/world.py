@@ -10,33 +10,33 @@ from ffscale.config import Config, StageCfg, stages
 from ffscale.errors import ConfigError
 
 
-def check_world(s: StageCfg, world: int, p: str = "") -> int:
+def check_world(stage_cfg: StageCfg, world: int, prefix: str = "") -> int:
     """Gradient accumulation steps for this world size, or an error naming the keys and a fix."""
-    g, m = s.optim.global_batch, s.optim.micro_batch
+    g, m = stage_cfg.optim.global_batch, stage_cfg.optim.micro_batch
     if m is None:
         if g % world:
             raise ConfigError(
-                f"{p}optim.global_batch={g} is not divisible by {world} ranks; pick a multiple of {world}"
+                f"{prefix}optim.global_batch={g} is not divisible by {world} ranks; pick a multiple of {world}"
             )
         return 1
     if g % (m * world):
         fits = [d for d in range(min(m, g // world), 0, -1) if g % (d * world) == 0]
         fix = (
-            f"set {p}optim.micro_batch={fits[0]} (accumulating {g // (fits[0] * world)}), or leave it unset"
+            f"set {prefix}optim.micro_batch={fits[0]} (accumulating {g // (fits[0] * world)}), or leave it unset"
             if fits and g % world == 0
             else f"pick a global_batch that is a multiple of {m * world}"
         )
         raise ConfigError(
-            f"{p}optim.global_batch={g} is not divisible by ranks x micro_batch = {world} x {m}; {fix}"
+            f"{prefix}optim.global_batch={g} is not divisible by ranks x micro_batch = {world} x {m}; {fix}"
         )
     return g // (m * world)
 
 
-def for_world(s: StageCfg, world: int, p: str = "") -> StageCfg:
+def for_world(stage_cfg: StageCfg, world: int, prefix: str = "") -> StageCfg:
     """The stage's config with optim.micro_batch resolved for `world` ranks (checked)."""
-    accum = check_world(s, world, p)
-    optim = dataclasses.replace(s.optim, micro_batch=s.optim.global_batch // (world * accum))
-    return dataclasses.replace(s, optim=optim)
+    accum = check_world(stage_cfg, world, prefix)
+    optim = dataclasses.replace(stage_cfg.optim, micro_batch=stage_cfg.optim.global_batch // (world * accum))
+    return dataclasses.replace(stage_cfg, optim=optim)
 
 
 def check_launch(cfg: Config, nodes: int, per_node: int) -> None:

@@ -67,8 +67,8 @@ class ClusterOpts:
     stage_dirs: tuple[str, ...] = ()  # not an option: the config's data.stage_dir folders (render fills it)
 
 
-def _name(s: str) -> str:
-    return re.sub(r"[^a-z0-9-]+", "-", s.lower()).strip("-")[:50] or "ffscale"
+def _name(text: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")[:50] or "ffscale"
 
 
 def render(cfg: config.Config, config_yaml: str, o: ClusterOpts) -> dict[str, dict]:
@@ -340,12 +340,16 @@ def refuse_secrets(cfg: config.Config, o: ClusterOpts) -> None:
         )
 
 
-def main(a) -> int:
-    cfg = config.load(a.config, a.overrides)  # a ConfigError is reported by the cli
+def main(args) -> int:
+    cfg = config.load(args.config, args.overrides)  # a ConfigError is reported by the cli
     yaml_text = config.to_yaml(cfg)
     o = ClusterOpts(
-        **{k: getattr(a, k) for k in ClusterOpts.__dataclass_fields__ if getattr(a, k, None) is not None}
+        **{
+            k: getattr(args, k)
+            for k in ClusterOpts.__dataclass_fields__
+            if getattr(args, k, None) is not None
+        }
     )
-    for p in write(render(cfg, yaml_text, o), Path(a.out)):
+    for p in write(render(cfg, yaml_text, o), Path(args.out)):
         print(p)
     return 0

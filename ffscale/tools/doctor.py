@@ -31,28 +31,28 @@ class Check:
     fatal: bool = True  # a failure that would break the job (else a warning)
 
 
-def run(a) -> int:
+def run(args) -> int:
     from ffscale.engine.dist import prepare_env
 
-    cfg = config.load(a.config, a.overrides)
+    cfg = config.load(args.config, args.overrides)
     prepare_env()  # this process alone; on a CPU host DeepSpeed skips its accelerator probe
     stage = config.stages(cfg)[0]
     checks: list[Check] = []
     for section in (versions, devices, data, run_dir, tracking, burst):
         t0 = time.perf_counter()
         try:
-            checks += section(cfg, stage, a)
+            checks += section(cfg, stage, args)
         except Exception as e:  # a check that crashes is a failed check, named
             checks.append(Check(section.__name__, f"{type(e).__name__}: {str(e)[:200]}", ok=False))
-        if a.verbose:
+        if args.verbose:
             print(f"  ({section.__name__}: {time.perf_counter() - t0:.1f}s)", file=sys.stderr)
     print_table(checks)
-    if a.json:
-        Path(a.json).write_text(json.dumps([asdict(c) for c in checks], indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps([asdict(c) for c in checks], indent=1))
     return 1 if any(not c.ok and c.fatal for c in checks) else 0
 
 
-def versions(cfg, stage, a) -> list[Check]:
+def versions(cfg, stage, args) -> list[Check]:
     from ffscale.engine.dist import deepspeed_version
 
     out = [
@@ -86,7 +86,7 @@ def _driver_version() -> str:
     return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else "unknown"
 
 
-def devices(cfg, stage, a) -> list[Check]:
+def devices(cfg, stage, args) -> list[Check]:
     if not torch.cuda.is_available():
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         out = [Check("devices", f"no GPU: CPU ranks over gloo, {cores} cores")]
@@ -102,37 +102,39 @@ def devices(cfg, stage, a) -> list[Check]:
                 ok=bf16 or stage.cfg.deepspeed.precision != "bf16",
             ),
         ]
-    nproc = a.nproc or max(torch.cuda.device_count(), 2 if not torch.cuda.is_available() else 1)
-    out.append(allreduce(nproc, a))
+    nproc = args.nproc or max(torch.cuda.device_count(), 2 if not torch.cuda.is_available() else 1)
+    out.append(allreduce(nproc, args))
     return out
 
 
-def allreduce(nproc: int, a) -> Check:
+def allreduce(nproc: int, args) -> Check:
     """All-reduce bus bandwidth over this node's ranks (NCCL on GPUs, gloo on CPUs), or over every
     node's when doctor runs on each node with --nnodes/--node-rank/--master-addr (as ffscale train)."""
-    if nproc * a.nnodes < 2:
+    if nproc * args.nnodes < 2:
         return Check("all-reduce", "one rank: nothing to reduce", fatal=False)
     from ffscale.engine.dist import free_port
     from ffscale.tools import allreduce as allreduce_job
     from ffscale.util.hostenv import rank_env
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={a.nnodes}",
-           f"--node-rank={a.node_rank}", f"--master-addr={a.master_addr}",
-           f"--master-port={a.master_port or free_port()}", "-m", allreduce_job.__name__]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={args.nnodes}",
+           f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",
+           f"--master-port={args.master_port or free_port()}", "-m", allreduce_job.__name__]  # fmt: skip
     env = {**rank_env(), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("busbw_gbps ")]
     if r.returncode == 0 and not lines:  # another node's rank 0 measured it
-        return Check("all-reduce", f"joined the all-reduce of {a.nnodes} nodes; node 0 reports its bandwidth")
+        return Check(
+            "all-reduce", f"joined the all-reduce of {args.nnodes} nodes; node 0 reports its bandwidth"
+        )
     if r.returncode or not lines:
         return Check("all-reduce", f"failed over {nproc} ranks: {(r.stderr or r.stdout)[-300:]}", ok=False)
     gbps = float(lines[-1].split()[1])
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    where = f"{a.nnodes} nodes x {nproc}" if a.nnodes > 1 else f"{nproc}"
+    where = f"{args.nnodes} nodes x {nproc}" if args.nnodes > 1 else f"{nproc}"
     return Check("all-reduce", f"{gbps:.2f} GB/s bus bandwidth, {where} ranks, {backend}, 64 MiB fp32")
 
 
-def data(cfg, stage, a) -> list[Check]:
+def data(cfg, stage, args) -> list[Check]:
     from ffscale.data.manifest import load_manifest
     from ffscale.data.remote import is_remote
     from ffscale.util.secrets import redact
@@ -212,7 +214,7 @@ def decode_speed(root: str, img_size: int) -> Check:
     )
 
 
-def run_dir(cfg, stage, a) -> list[Check]:
+def run_dir(cfg, stage, args) -> list[Check]:
     root = Path(cfg.run.dir)
     root.mkdir(parents=True, exist_ok=True)
     out = []
@@ -241,19 +243,19 @@ def run_dir(cfg, stage, a) -> list[Check]:
     return out
 
 
-def checkpoint_bytes(s) -> int:
+def checkpoint_bytes(stage_cfg) -> int:
     """What one checkpoint holds over all ranks: the module's weights (4 bytes fp32, 2 bf16/fp16),
     fp32 masters beside bf16/fp16 weights (4), Adam's two moments (8)."""
     from ffscale.engine.ds_config import resolve_precision
     from ffscale.inference.build import build_model
 
     with torch.device("meta"):
-        n = sum(p.numel() for p in build_model(s, s.model.num_classes or 1000).parameters())
+        n = sum(p.numel() for p in build_model(stage_cfg, stage_cfg.model.num_classes or 1000).parameters())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return n * (12 if resolve_precision(s.deepspeed.precision, device) == "fp32" else 14)
+    return n * (12 if resolve_precision(stage_cfg.deepspeed.precision, device) == "fp32" else 14)
 
 
-def tracking(cfg, stage, a) -> list[Check]:
+def tracking(cfg, stage, args) -> list[Check]:
     """The tracking URI as the job will use it: reachable, authenticated, its artifact store
     writable; SQLite on a network filesystem refused (several jobs stall on its locks)."""
     if not cfg.tracking.enabled:
@@ -265,18 +267,18 @@ def tracking(cfg, stage, a) -> list[Check]:
     return [Check(f.name, f.figure, f.ok, f.fatal) for f in probe(uri, cfg.tracking.experiment)]
 
 
-def burst(cfg, stage, a) -> list[Check]:
+def burst(cfg, stage, args) -> list[Check]:
     """A few steps of the configured model on the real engine (ffscale bench train)."""
-    if a.no_burst:
+    if args.no_burst:
         return []
     from argparse import Namespace
 
     from ffscale.tools.bench import train as bench_train
 
-    nproc = a.nproc or max(torch.cuda.device_count(), 1)
-    overrides = list(a.overrides)
-    ns = Namespace(config=a.config, overrides=overrides, nproc=nproc, zero=str(stage.cfg.deepspeed.zero_stage),
-                   steps=a.burst_steps, warmup=1, rounds=1)  # fmt: skip
+    nproc = args.nproc or max(torch.cuda.device_count(), 1)
+    overrides = list(args.overrides)
+    ns = Namespace(config=args.config, overrides=overrides, nproc=nproc, zero=str(stage.cfg.deepspeed.zero_stage),
+                   steps=args.burst_steps, warmup=1, rounds=1)  # fmt: skip
     r = bench_train.run(ns)["runs"][0]
     mfu = f", MFU {r['mfu_pct']:.1f}%" if r.get("mfu_pct") else ""
     return [Check("train burst", f"{r['model']} {r['img_size']} px, ZeRO-{r['zero']} {r['precision']}, {r['ranks']} rank(s): "

@@ -29,10 +29,10 @@ class Breaker:
             self.failed(e)
             raise Down from None
 
-    def failed(self, e: Exception) -> None:
+    def failed(self, error: Exception) -> None:
         self.down_until = time.monotonic() + self.open_s
         if not self.warned:
-            print(f"ffscale: MLflow at {redact(self.uri)} failed ({type(e).__name__}: {redact(str(e))[:200]}); "
+            print(f"ffscale: MLflow at {redact(self.uri)} failed ({type(error).__name__}: {redact(str(error))[:200]}); "
                   "training continues, metrics are kept and retried", flush=True)  # fmt: skip
             self.warned = True
 

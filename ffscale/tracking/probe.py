@@ -22,9 +22,9 @@ class Finding:
     fatal: bool = True
 
 
-def _why(e: Exception) -> str:
-    text = redact(str(e)).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+def _why(error: Exception) -> str:
+    text = redact(str(error)).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"
 
 
 def probe(uri: str, experiment: str) -> list[Finding]:

@@ -174,7 +174,7 @@ class MlflowTracker:
                 print(f"ffscale: MLflow at {self.where} answered again: {what} caught up", flush=True)
             return out
 
-    def _give_up(self, what: str, e: Exception) -> None:
+    def _give_up(self, what: str, error: Exception) -> None:
         self.breaker.down_until = time.monotonic() + self.breaker.open_s
         if self.gave_up:
             return
@@ -185,7 +185,7 @@ class MlflowTracker:
             if has_secret(self.uri)
             else f" --uri {self.uri}"
         )
-        print(f"ffscale: MLflow at {self.where} unreachable at the end of {what} ({type(e).__name__}: "
-              f"{redact(str(e)).splitlines()[0][:160] if str(e) else ''}); the job goes on without it. {self.run_dir} "
+        print(f"ffscale: MLflow at {self.where} unreachable at the end of {what} ({type(error).__name__}: "
+              f"{redact(str(error)).splitlines()[0][:160] if str(error) else ''}); the job goes on without it. {self.run_dir} "
               f"holds every metric and artifact; once the server answers, replay them with: "
               f"ffscale track sync {self.run_dir}{uri}", flush=True)  # fmt: skip

@@ -51,10 +51,10 @@ def client(uri: str):
     return MlflowClient(credentials_to_env(uri))
 
 
-def flatten(d: dict) -> dict[str, str]:
+def flatten(values: dict) -> dict[str, str]:
     """Nested config -> {'optim.base_lr': '0.0005', ...}; secret-looking keys and credentials
     never leave the machine (ffscale/util/secrets.py)."""
-    return {k: redact(str(v))[:6000] for k, v in dotted(d).items() if not secret_key(k)}
+    return {k: redact(str(v))[:6000] for k, v in dotted(values).items() if not secret_key(k)}
 
 
 def default_store(runs_root: Path) -> str:

@@ -6,10 +6,10 @@ import sys
 import time
 
 
-def fmt_time(s: float) -> str:
-    s = int(max(0, s))
-    h, m = divmod(s // 60, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s % 60:02d}s"
+def fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, m = divmod(seconds // 60, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{seconds % 60:02d}s"
 
 
 class Bar:

@@ -78,29 +78,29 @@ def scan(path: Path) -> Scan:
     return s
 
 
-def _sample(s: Scan, key: str | None, sample: dict) -> None:
+def _sample(scan: Scan, key: str | None, sample: dict) -> None:
     if key is None:
         return
     img = [e for e in sample if e.lower() in IMAGE_MEMBERS]
     if not img:
-        raise DataError(f"shard {s.file} sample {key}: no image member (.jpg/.jpeg/.png/.webp)")
-    s.count += 1
-    s.exts[img[0]] += 1
+        raise DataError(f"shard {scan.file} sample {key}: no image member (.jpg/.jpeg/.png/.webp)")
+    scan.count += 1
+    scan.exts[img[0]] += 1
     if "cls" in sample:
         v = sample["cls"].decode(errors="replace").strip()
         if not v.isdigit():
-            raise DataError(f"shard {s.file} sample {key}: .cls {sample['cls'][:20]!r} is not an integer")
-        s.cls += 1
-        s.labels.add(int(v))
+            raise DataError(f"shard {scan.file} sample {key}: .cls {sample['cls'][:20]!r} is not an integer")
+        scan.cls += 1
+        scan.labels.add(int(v))
     if "json" in sample:
         try:
             d = json.loads(sample["json"])
         except ValueError as e:
-            raise DataError(f"shard {s.file} sample {key}: .json is not JSON ({e})") from e
+            raise DataError(f"shard {scan.file} sample {key}: .json is not JSON ({e})") from e
         for k in LABEL_FIELDS:
             if isinstance(d, dict) and isinstance(d.get(k), int):
-                s.json_fields[k] += 1
-                s.json_labels.setdefault(k, set()).add(d[k])
+                scan.json_fields[k] += 1
+                scan.json_labels.setdefault(k, set()).add(d[k])
 
 
 def _scan_and_index(args: tuple[Path, Path]) -> Scan:

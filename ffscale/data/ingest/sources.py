@@ -101,8 +101,8 @@ def fashion_mnist(split: str, root: Path = FASHION_MNIST_DIR) -> Source:
     return Source(f"fashion-mnist:{split}", FASHION_MNIST_CLASSES, items)
 
 
-def _images_in(d: Path) -> list[Path]:
-    return sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file())
 
 
 def image_folder(root: Path, names: dict[str, str] | None = None) -> Source:

@@ -28,14 +28,14 @@ FINAL = re.compile(r"^pipeline \S+: done; final test top-1 (?P<top1>[\d.]+)%", r
 TIMEOUT_S = 2 * 3600
 
 
-def run(a) -> dict:
-    if a.what == "unit":
+def run(args) -> dict:
+    if args.what == "unit":
         cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/unit"]
         return tests(_timed(cmd, REPO))
-    with tempfile.TemporaryDirectory(prefix=f"ffscale-{a.what}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"ffscale-{args.what}-") as tmp:
         clone = Path(tmp) / "ffscale"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-        if a.what == "demo":
+        if args.what == "demo":
             return demo(_timed(["bash", "scripts/demo.sh"], clone, fresh_clone=True))
         return tests(_timed(["bash", ".ci/run"], clone, fresh_clone=True))
 
@@ -85,8 +85,8 @@ def table(res: dict) -> list[list]:
             row + [_minutes(res["pytest_s"]), res["passed"], res["failed"], res["skipped"]]]  # fmt: skip
 
 
-def _minutes(s: float) -> str:
-    return f"{int(s // 60)} min {s % 60:.0f} s"
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
 
 
 def print_table(res: dict) -> None:

@@ -56,31 +56,31 @@ def best(fn, rounds: int) -> tuple[float, object]:
     return min(times), out
 
 
-def run(a) -> dict:
+def run(args) -> dict:
     tmp = None
-    uri = a.uri
+    uri = args.uri
     if not uri:
         tmp = tempfile.TemporaryDirectory(prefix="ffscale-bench-compare-")
         uri = f"sqlite:///{tmp.name}/mlflow.db"
     experiment = f"ffscale-bench-compare-{uuid.uuid4().hex[:8]}"
     try:
-        fill_s = fill(uri, experiment, a.runs, a.steps)
+        fill_s = fill(uri, experiment, args.runs, args.steps)
 
         def per_run():
             return store.runs_one_by_one(uri, [r.info.run_id for r in store.stage_runs(uri, experiment)])
 
-        table_s, rows = best(lambda: stage_rows(uri, experiment), a.rounds)
-        base_s, runs = best(per_run, a.rounds)
-        model_s, some = best(lambda: stage_rows(uri, experiment, model="ff_"), a.rounds)
+        table_s, rows = best(lambda: stage_rows(uri, experiment), args.rounds)
+        base_s, runs = best(per_run, args.rounds)
+        model_s, some = best(lambda: stage_rows(uri, experiment, model="ff_"), args.rounds)
         wanted = [(r["run_id"], k) for r in rows for k in ("loss", "val_top1")]
-        curves_s, hists = best(lambda: store.metric_histories(uri, wanted), a.rounds)
-        serial_s, _ = best(lambda: store.metric_histories(uri, wanted, threads=1), a.rounds)
+        curves_s, hists = best(lambda: store.metric_histories(uri, wanted), args.rounds)
+        serial_s, _ = best(lambda: store.metric_histories(uri, wanted, threads=1), args.rounds)
         store.delete_experiment(uri, experiment)
     finally:
         if tmp is not None:
             tmp.cleanup()
-    assert len(rows) == len(runs) == a.runs and len(hists) == 2 * a.runs
-    return {"uri": redact(uri), "runs": a.runs, "params_per_run": len(runs[0].data.params), "steps": a.steps,
+    assert len(rows) == len(runs) == args.runs and len(hists) == 2 * args.runs
+    return {"uri": redact(uri), "runs": args.runs, "params_per_run": len(runs[0].data.params), "steps": args.steps,
             "fill_s": round(fill_s, 2), "table_s": round(table_s, 3), "per_run_s": round(base_s, 3),
             "speedup": round(base_s / table_s, 1), "model_filter_s": round(model_s, 3), "model_filter_runs": len(some),
             "curves_s": round(curves_s, 2), "curves_serial_s": round(serial_s, 2),

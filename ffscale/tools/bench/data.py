@@ -195,12 +195,17 @@ def measure(
     }
 
 
-def _round(kind: str, a, root: Path, feed_only: bool = False) -> dict:
+def _round(kind: str, args, root: Path, feed_only: bool = False) -> dict:
     """`measure` in a fresh process with the environment of a training rank."""
     from ffscale.util.hostenv import rank_env
 
-    cmd = [sys.executable, "-m", __name__, kind, str(root), str(a.img_size), str(a.batch)]
-    cmd += [str(a.workers), str(a.warmup), *map(str, a.crop_scale), str(int(not a.no_rand_augment))]
+    cmd = [sys.executable, "-m", __name__, kind, str(root), str(args.img_size), str(args.batch)]
+    cmd += [
+        str(args.workers),
+        str(args.warmup),
+        *map(str, args.crop_scale),
+        str(int(not args.no_rand_augment)),
+    ]
     cmd += [str(int(feed_only))]
     env = {**rank_env(), "PYTHONWARNINGS": "ignore"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -210,26 +215,26 @@ def _round(kind: str, a, root: Path, feed_only: bool = False) -> dict:
     return json.loads(found[-1])
 
 
-def bench_data(a) -> dict:
+def bench_data(args) -> dict:
     from ffscale.data.dali import available
 
-    root = imagenet_like_shards(Path(a.shards), a.images)  # the user's shards are used as they are
+    root = imagenet_like_shards(Path(args.shards), args.images)  # the user's shards are used as they are
     kinds = [k for k in LOADERS if k != "dali" or available()]
-    if getattr(a, "require_dali", False) and "dali" not in kinds:
+    if getattr(args, "require_dali", False) and "dali" not in kinds:
         raise SystemExit(
             "bench data --require-dali: nvidia.dali does not import here (pip install nvidia-dali-cuda130)"
         )
     rounds: dict[str, list[dict]] = {k: [] for k in kinds}
     feeds: dict[str, list[dict]] = {k: [] for k in kinds}
-    for _ in range(a.rounds):
+    for _ in range(args.rounds):
         for kind in kinds:
-            rounds[kind].append(_round(kind, a, root))
-            feeds[kind].append(_round(kind, a, root, feed_only=True))
+            rounds[kind].append(_round(kind, args, root))
+            feeds[kind].append(_round(kind, args, root, feed_only=True))
     res: dict = {
         "shards": str(root),
-        "rounds": a.rounds,
-        "crop_scale": list(a.crop_scale),
-        "rand_augment": not a.no_rand_augment,
+        "rounds": args.rounds,
+        "crop_scale": list(args.crop_scale),
+        "rand_augment": not args.no_rand_augment,
         "target_py_threads_us_per_img": TARGET_PY_US_PER_IMG,
         **_input_stats(root),
     }

@@ -107,18 +107,18 @@ def _fresh(root: Path, parse: bool) -> dict:
     return json.loads(r.stdout)
 
 
-def bench_index(a) -> dict:
-    with tempfile.TemporaryDirectory(dir=a.tmp) as d:
+def bench_index(args) -> dict:
+    with tempfile.TemporaryDirectory(dir=args.tmp) as d:
         root = Path(d)
-        make_split(root, a.samples, a.shard_size, a.compare)
+        make_split(root, args.samples, args.shard_size, args.compare)
         size = (root / "sample-index.npy").stat().st_size
-        runs = [_fresh(root, False) for _ in range(a.runs)]
-        parsed = _fresh(root, True) if a.compare else None
+        runs = [_fresh(root, False) for _ in range(args.runs)]
+        parsed = _fresh(root, True) if args.compare else None
     res = {
-        "samples": a.samples,
-        "shards": -(-a.samples // a.shard_size),
+        "samples": args.samples,
+        "shards": -(-args.samples // args.shard_size),
         "index_mb": size / 1e6,
-        "runs": a.runs,
+        "runs": args.runs,
     }
     for k in ("open_s", "private_dirty_mb", "manifest_s"):
         v = [r[k] for r in runs]

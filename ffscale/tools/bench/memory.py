@@ -4,10 +4,12 @@ micro-batch that fits (figures from ffscale/engine/memory.py)."""
 from __future__ import annotations
 
 
-def memory(a) -> list[dict]:
+def memory(args) -> list[dict]:
     from ffscale.engine.memory import cluster_table
 
-    return cluster_table(a.models.split(","), a.img_size, [int(g) for g in a.gpus.split(",")], a.hbm_gib)
+    return cluster_table(
+        args.models.split(","), args.img_size, [int(g) for g in args.gpus.split(",")], args.hbm_gib
+    )
 
 
 def print_memory(rows: list[dict], hbm_gib: float) -> None:

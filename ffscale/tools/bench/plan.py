@@ -9,19 +9,19 @@ import numpy as np
 from ffscale.data.plan import SamplePlan
 
 
-def measure(a) -> dict:
-    if a.shards:
+def measure(args) -> dict:
+    if args.shards:
         from ffscale.data.loader import open_index
 
-        index, manifest = open_index(a.shards)
+        index, manifest = open_index(args.shards)
         sizes = np.array([index.sample_bytes(i) for i in range(len(index))], dtype=np.int64)
-        n, mean, source = len(index), float(sizes.mean()), f"{a.shards} (member sizes from its index)"
+        n, mean, source = len(index), float(sizes.mean()), f"{args.shards} (member sizes from its index)"
     else:
-        n, mean = a.samples, float(a.bytes_per_sample)
+        n, mean = args.samples, float(args.bytes_per_sample)
         source = f"{n:,} samples at {mean:,.0f} bytes each (--bytes-per-sample, with the 2 tar headers)"
     rows = []
-    for world in [int(w) for w in a.world.split(",")]:
-        plans = [SamplePlan(n, r, world, 0, a.repeats) for r in range(world)]
+    for world in [int(w) for w in args.world.split(",")]:
+        plans = [SamplePlan(n, r, world, 0, args.repeats) for r in range(world)]
         order = plans[0].positions(0)
         taken = np.concatenate([p.train_indices(0, order) for p in plans])
         per_rank = plans[0].per_rank
@@ -29,13 +29,13 @@ def measure(a) -> dict:
             {
                 "world": world,
                 "samples_per_rank": per_rank,
-                "steps": per_rank // a.batch,
+                "steps": per_rank // args.batch,
                 "distinct_images": int(len(np.unique(taken))),
-                "bytes_per_rank": int(sizes[taken[:per_rank]].sum()) if a.shards else int(per_rank * mean),
-                "val_per_rank_max": -(-a.val // world),
+                "bytes_per_rank": int(sizes[taken[:per_rank]].sum()) if args.shards else int(per_rank * mean),
+                "val_per_rank_max": -(-args.val // world),
             }
         )
-    return {"source": source, "samples": n, "repeats": a.repeats, "batch": a.batch, "rows": rows}
+    return {"source": source, "samples": n, "repeats": args.repeats, "batch": args.batch, "rows": rows}
 
 
 def print_plan(res: dict) -> None:

@@ -87,7 +87,7 @@ def _cell(v) -> str:
     return "-" if v is None else str(v).replace("|", "\\|")
 
 
-def main(a) -> int:
+def main(args) -> int:
     """Rewrite the docs' tables; with `check`, change nothing and fail when one is out of date."""
     stale = []
     for p in docs():
@@ -95,8 +95,8 @@ def main(a) -> int:
         new = update(text)
         if new != text:
             stale.append(p)
-            if not a.check:
+            if not args.check:
                 p.write_text(new)
     for p in stale:
-        print(f"{'out of date' if a.check else 'updated'}: {p.relative_to(results.REPO)}")
-    return 1 if a.check and stale else 0
+        print(f"{'out of date' if args.check else 'updated'}: {p.relative_to(results.REPO)}")
+    return 1 if args.check and stale else 0

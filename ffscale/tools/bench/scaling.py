@@ -23,21 +23,21 @@ def _step_time(model: torch.nn.Module, size: int, batch: int, steps: int) -> flo
     return (time.perf_counter() - t0) / steps
 
 
-def scaling(a) -> dict:
+def scaling(args) -> dict:
     from ffscale.models import create_model
     from ffscale.util.flops import train_flops_per_image
 
     variants = {
         "ff (token MLP 4 x tokens)": ("ff_tiny", {}),
-        f"ff (token MLP {a.token_hidden})": ("ff_tiny", {"token_hidden": a.token_hidden}),
+        f"ff (token MLP {args.token_hidden})": ("ff_tiny", {"token_hidden": args.token_hidden}),
         "vit (attention)": ("vit_tiny", {}),
     }
-    sizes = [int(v) for v in a.sizes.split(",")]
+    sizes = [int(v) for v in args.sizes.split(",")]
     out: dict = {"sizes": sizes, "tokens": [(s // 16) ** 2 + 1 for s in sizes], "step_s": {}, "gflops": {}}
     for label, (name, extra) in variants.items():
-        kw = dict(patch_size=16, dim=a.dim, depth=a.depth, num_classes=1000, **extra)
+        kw = dict(patch_size=16, dim=args.dim, depth=args.depth, num_classes=1000, **extra)
         out["step_s"][label] = [
-            _step_time(create_model(name, img_size=s, **kw), s, a.batch, a.steps) for s in sizes
+            _step_time(create_model(name, img_size=s, **kw), s, args.batch, args.steps) for s in sizes
         ]
         out["gflops"][label] = [
             train_flops_per_image(lambda s=s, n=name, k=kw: create_model(n, img_size=s, **k), s) / 1e9

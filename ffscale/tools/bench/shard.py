@@ -34,21 +34,21 @@ def bench_input(root: Path, n: int, classes: int = 10, seed: int = 0) -> Path:
     return root
 
 
-def bench_shard(a) -> dict:
+def bench_shard(args) -> dict:
     from ffscale.data.ingest.sources import image_folder
     from ffscale.data.ingest.writer import write_shards
 
-    root = Path(a.root) if a.root else bench_input(Path(a.input), a.images)
+    root = Path(args.root) if args.root else bench_input(Path(args.input), args.images)
     src = image_folder(root)
-    settings = sorted({1, a.workers})
+    settings = sorted({1, args.workers})
     times: dict[int, list[float]] = {w: [] for w in settings}
     digests = set()
-    for _ in range(a.rounds):
+    for _ in range(args.rounds):
         for w in settings:
-            out = Path(tempfile.mkdtemp(prefix="ffscale-bench-shard-", dir=a.tmp))
+            out = Path(tempfile.mkdtemp(prefix="ffscale-bench-shard-", dir=args.tmp))
             try:
                 t = time.perf_counter()
-                m = write_shards(src, out, "bench", a.shard_size, workers=w, max_side=a.max_side)
+                m = write_shards(src, out, "bench", args.shard_size, workers=w, max_side=args.max_side)
                 times[w].append(time.perf_counter() - t)
                 digests.add(m.digest)
             finally:
@@ -59,7 +59,7 @@ def bench_shard(a) -> dict:
     base = rows[0]["img_per_s"]
     for r in rows:
         r["ratio"] = r["img_per_s"] / base
-    return {"images": n, "input": str(root), "max_side": a.max_side, "same_digest": len(digests) == 1,
+    return {"images": n, "input": str(root), "max_side": args.max_side, "same_digest": len(digests) == 1,
             "digest": sorted(digests)[0], "rows": rows}  # fmt: skip
 
 

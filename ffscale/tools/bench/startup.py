@@ -52,21 +52,21 @@ RANK_EVENTS = ("config_loaded", "imports_done", "distributed_initialised", "stag
 OWN = ("ffscale_own", "ffscale's own: the parts whose code is ffscale's", FFSCALE)
 
 
-def command(a) -> list[str]:
+def command(args) -> list[str]:
     """The measured command's arguments after `ffscale train` (run dir and port are added per run)."""
-    configs = sum((["--config", c] for c in a.config or [DEMO]), [])
-    return ["--nproc", str(a.nproc), *configs, *STOP_AFTER_ONE_STEP, *a.overrides]
+    configs = sum((["--config", c] for c in args.config or [DEMO]), [])
+    return ["--nproc", str(args.nproc), *configs, *STOP_AFTER_ONE_STEP, *args.overrides]
 
 
-def run(a) -> dict:
+def run(args) -> dict:
     rounds = []
-    warmup = a.warmup
-    for i in range(warmup + a.rounds):  # the warm-up runs fill the page cache and are not kept
+    warmup = args.warmup
+    for i in range(warmup + args.rounds):  # the warm-up runs fill the page cache and are not kept
         with tempfile.TemporaryDirectory(prefix="ffscale-startup-") as tmp:
-            ev = events(_launch(a, Path(tmp)))
+            ev = events(_launch(args, Path(tmp)))
         if i >= warmup:
             rounds.append(parts(ev))
-    return summary(shlex.join(["ffscale", "train", *command(a)]), rounds, warmup)
+    return summary(shlex.join(["ffscale", "train", *command(args)]), rounds, warmup)
 
 
 def summary(cmd: str, rounds: list[dict[str, float]], warmup: int = 1) -> dict:
@@ -90,14 +90,14 @@ def summary(cmd: str, rounds: list[dict[str, float]], warmup: int = 1) -> dict:
     }
 
 
-def _launch(a, tmp: Path) -> list[dict]:
+def _launch(args, tmp: Path) -> list[dict]:
     """One run of the command in `tmp`: the trace's lines, with the exec time as the event 'exec'."""
     from ffscale.engine.dist import free_port
 
     trace = tmp / "startup.jsonl"
     exe = Path(sys.executable).parent / "ffscale"
     cli = [str(exe)] if exe.is_file() else [sys.executable, "-m", "ffscale.cli"]
-    cmd = [*cli, "train", "--master-port", str(free_port()), *command(a), f"run.dir={tmp / 'runs'}"]
+    cmd = [*cli, "train", "--master-port", str(free_port()), *command(args), f"run.dir={tmp / 'runs'}"]
     t0 = time.time()
     # on a timeout the ranks die with `ffscale train` (ffscale/util/lifeline.py)
     p = subprocess.run(

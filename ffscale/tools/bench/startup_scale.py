@@ -150,29 +150,29 @@ def small_split(out: Path, images: int, shard_size: int) -> Path:
     return out
 
 
-def run(a) -> dict:
+def run(args) -> dict:
     from ffscale.tools.bench.index import make_split
 
-    ranks = [int(n) for n in a.ranks.split(",")]
-    with tempfile.TemporaryDirectory(dir=a.tmp, prefix="ffscale-startup-scale-") as d:
+    ranks = [int(n) for n in args.ranks.split(",")]
+    with tempfile.TemporaryDirectory(dir=args.tmp, prefix="ffscale-startup-scale-") as d:
         big, small = Path(d) / "big", Path(d) / "small"
         big.mkdir()
-        make_split(big, a.samples, a.shard_size, False)
-        small_split(small, a.images, a.small_shard_size)
+        make_split(big, args.samples, args.shard_size, False)
+        small_split(small, args.images, args.small_shard_size)
         index_mb = (big / "sample-index.npy").stat().st_size / 1e6
         rows = {}
         for n in ranks:
-            per_rank, wall = _start_ranks(big, small, n, a.batch)
+            per_rank, wall = _start_ranks(big, small, n, args.batch)
             rows[str(n)] = _summary(per_rank, wall)
     one, most = rows[str(ranks[0])], ranks[-1]
     return {
-        "samples": a.samples,
-        "shards": -(-a.samples // a.shard_size),
+        "samples": args.samples,
+        "shards": -(-args.samples // args.shard_size),
         "index_mb": index_mb,
-        "first_batch": {"images": a.images, "shard_size": a.small_shard_size, "batch": a.batch},
+        "first_batch": {"images": args.images, "shard_size": args.small_shard_size, "batch": args.batch},
         "ranks": rows,
         "at_scale": extrapolate(
-            one, rows[str(most)], most, a.samples, index_mb, -(-a.samples // a.shard_size)
+            one, rows[str(most)], most, args.samples, index_mb, -(-args.samples // args.shard_size)
         ),
     }
 

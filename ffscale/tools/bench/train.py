@@ -23,12 +23,21 @@ from ffscale.config import image_size
 MARK = "FFSCALE_BENCH "
 
 
-def _child_args(a, zero: int) -> list[str]:
+def _child_args(args, zero: int) -> list[str]:
     """The arguments of one ZeRO stage's job, which runs this module (`child_parser`)."""
-    out = ["--zero", str(zero), "--steps", str(a.steps), "--warmup", str(a.warmup), "--rounds", str(a.rounds)]
-    for c in a.config:
+    out = [
+        "--zero",
+        str(zero),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+        "--rounds",
+        str(args.rounds),
+    ]
+    for c in args.config:
         out += ["--config", c]
-    return out + list(a.overrides)
+    return out + list(args.overrides)
 
 
 def child_parser() -> argparse.ArgumentParser:
@@ -43,12 +52,12 @@ def child_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(a) -> dict:
+def run(opts) -> dict:
     """Parent: one job per ZeRO stage, results collected from rank 0's marked line."""
     rows = []
-    for zero in [int(z) for z in str(a.zero).split(",")]:
-        args = _child_args(a, zero)
-        if a.nproc > 1:
+    for zero in [int(z) for z in str(opts.zero).split(",")]:
+        args = _child_args(opts, zero)
+        if opts.nproc > 1:
             from ffscale.engine.dist import free_port
 
             launcher = str(os.path.join(os.path.dirname(sys.executable), "deepspeed"))
@@ -57,7 +66,7 @@ def run(a) -> dict:
                 "-q",
                 "--no_local_rank",
                 "--num_gpus",
-                str(a.nproc),
+                str(opts.nproc),
                 "--master_port",
                 str(free_port()),
             ]
@@ -75,14 +84,14 @@ def run(a) -> dict:
     return {"runs": rows}
 
 
-def child(a) -> int:
+def child(args) -> int:
     """One ZeRO stage inside its job: ffscale's engine and the plain loop on one fixed batch."""
     from ffscale import config
     from ffscale.engine import dist as distributed
     from ffscale.util import flops
 
     distributed.prepare_env()
-    cfg = config.load(a.config, [*a.overrides, f"deepspeed.zero_stage={a.zero}"])
+    cfg = config.load(args.config, [*args.overrides, f"deepspeed.zero_stage={args.zero}"])
     s = config.stages(cfg)[0].cfg
     info = distributed.init()
     from ffscale.engine.ds_config import resolve_precision
@@ -98,15 +107,15 @@ def child(a) -> int:
     x = torch.randn(s.optim.micro_batch, 3, size, size, device=info.device)
     y = torch.randint(0, num_classes, (s.optim.micro_batch,), device=info.device)
     prec = resolve_precision(s.deepspeed.precision, info.device)
-    ff = _ffscale_step(s, info, num_classes, x, y, a.warmup)
+    ff = _ffscale_step(s, info, num_classes, x, y, args.warmup)
     plain_step = _plain_step(s, info, num_classes, x, y, prec)
-    timed(info.device, plain_step, a.warmup)
+    timed(info.device, plain_step, args.warmup)
     t_plain, t_ff = [], []
-    for _ in range(a.rounds):  # alternate, so drift on a shared machine hits both alike
-        t_plain.append(timed(info.device, plain_step, a.steps))
-        t_ff.append(timed(info.device, ff["step"], a.steps))
+    for _ in range(args.rounds):  # alternate, so drift on a shared machine hits both alike
+        t_plain.append(timed(info.device, plain_step, args.steps))
+        t_ff.append(timed(info.device, ff["step"], args.steps))
     fpi = flops.train_flops_per_image(lambda: build_model(s, num_classes), size, s.model.in_chans)
-    res = _result(s, info, a.zero, prec, ff, min(t_plain), min(t_ff), fpi, flops.rank_peak(info, prec))
+    res = _result(s, info, args.zero, prec, ff, min(t_plain), min(t_ff), fpi, flops.rank_peak(info, prec))
     if info.rank == 0:
         print(MARK + json.dumps(res), flush=True)
     return 0
@@ -124,7 +133,7 @@ def timed(device: torch.device, step, n: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def _ffscale_step(s, info, num_classes: int, x, y, warmup: int) -> dict:
+def _ffscale_step(stage_cfg, info, num_classes: int, x, y, warmup: int) -> dict:
     """The engine warmed up, its model states measured at their peak (after backward, gradients
     live, before the step); `step` trains on the fixed batch and records the loss."""
     from ffscale.engine import ds_config
@@ -133,8 +142,15 @@ def _ffscale_step(s, info, num_classes: int, x, y, warmup: int) -> dict:
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as ckpt_dir:  # never written: the bench saves no checkpoint
-        peak = ds_config.peak_lr(s)  # the plain loop's lr: both step at it from the first step
-        engine = Engine(build_model(s, num_classes), s, info, 1, lambda step: peak, ckpt_dir)
+        peak = ds_config.peak_lr(stage_cfg)  # the plain loop's lr: both step at it from the first step
+        engine = Engine(
+            build_model(stage_cfg, num_classes),
+            stage_cfg,
+            info,
+            accum=1,
+            lr_at=lambda step: peak,
+            ckpt_dir=ckpt_dir,
+        )
     xe, losses = x.to(engine.dtype), []
     step = lambda: losses.append(engine.train_step(xe, y).item())  # noqa: E731
     timed(info.device, step, warmup)
@@ -170,7 +186,7 @@ def host_syncs(step, device: torch.device) -> int | None:
     return sum("synchroniz" in str(w.message) for w in caught)
 
 
-def _plain_step(s, info, num_classes: int, x, y, prec: str):
+def _plain_step(stage_cfg, info, num_classes: int, x, y, prec: str):
     """The same model in a plain PyTorch loop (DDP over several ranks), autocast for bf16/fp16."""
     from ffscale.engine.ds_config import DTYPES
     from ffscale.engine.engine import soft_cross_entropy
@@ -178,10 +194,10 @@ def _plain_step(s, info, num_classes: int, x, y, prec: str):
     from ffscale.inference.build import build_model
 
     torch.manual_seed(0)
-    plain = build_model(s, num_classes).to(info.device)
+    plain = build_model(stage_cfg, num_classes).to(info.device)
     if info.world > 1:
         plain = torch.nn.parallel.DistributedDataParallel(plain)
-    opt = build_optimizer(plain, s.optim, 1e-4)
+    opt = build_optimizer(plain, stage_cfg.optim, 1e-4)
 
     def step():
         with torch.autocast(info.device.type, dtype=DTYPES[prec], enabled=prec != "fp32"):
@@ -193,19 +209,21 @@ def _plain_step(s, info, num_classes: int, x, y, prec: str):
     return step
 
 
-def _result(s, info, zero: int, prec: str, ff: dict, t_plain: float, t_ff: float, fpi: float, peak: float):
-    b, mem, peak_mem = s.optim.micro_batch, ff["mem"], ff["peak_mem"]
+def _result(
+    stage_cfg, info, zero: int, prec: str, ff: dict, t_plain: float, t_ff: float, fpi: float, peak: float
+):
+    b, mem, peak_mem = stage_cfg.optim.micro_batch, ff["mem"], ff["peak_mem"]
     return {
-        "model": s.model.name,
-        "img_size": image_size(s),
+        "model": stage_cfg.model.name,
+        "img_size": image_size(stage_cfg),
         "micro_batch": b,
         "ranks": info.world,
         "zero": zero,
         "precision": prec,
-        "grad_ckpt": s.model.grad_ckpt,
-        "compile": s.model.compile,
+        "grad_ckpt": stage_cfg.model.grad_ckpt,
+        "compile": stage_cfg.model.compile,
         "compiled": ff["engine"].compiled,
-        "offload_optimizer": s.deepspeed.offload_optimizer,
+        "offload_optimizer": stage_cfg.deepspeed.offload_optimizer,
         "loss_first_last": [ff["losses"][0], ff["losses"][-1]],  # one fixed batch: it must be learned
         "gflops_per_img": fpi / 1e9,
         "plain_step_s": t_plain,
