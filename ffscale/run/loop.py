@@ -153,7 +153,7 @@ class StageRun:
         self.last_eval: dict = {}
 
     @property
-    def s(self) -> StageCfg:
+    def stage_cfg(self) -> StageCfg:
         return self.stage.cfg
 
     # -- set-up ------------------------------------------------------------------------------
