@@ -126,12 +126,13 @@ def _dali_probe(device: torch.device) -> str | None:
     return reason
 
 
-# Which loader is faster on a CPU host, and the measurement that says so (docs/performance.md).
+# Which loader is faster on a CPU host, and where the measurement that says so lives: the figure
+# itself belongs to the bench's record (docs/performance.md#input-pipeline), not to a log line.
 CPU_RAND_AUGMENT = (
-    "with RandAugment on a CPU host the webdataset loader gives 1.12x DALI's img/s "
+    "with RandAugment on a CPU host the webdataset loader is the faster "
     "(`ffscale bench data`, docs/performance.md#input-pipeline)"
 )
 CPU_PLAIN = (
-    "without RandAugment on a CPU host DALI gives 2.26x the webdataset loader's img/s "
+    "without RandAugment on a CPU host DALI is the faster "
     "(`ffscale bench data --no-rand-augment`, docs/performance.md#input-pipeline)"
 )

@@ -77,9 +77,8 @@ def zero(stage_cfg: StageCfg, n_params: int = 0, cuda: bool = True, stage: int |
     }
     # compute_grad_norm stays on even without clipping: a non-finite norm is how ZeRO-1/2 skip a step
     # whose loss was NaN/inf on the device, which lets the engine read its NaN flag after the step is
-    # queued instead of draining the GPU first. Its cost did not show: `ffscale bench train --zero 0,2
-    # ... data.img_size=112 optim.micro_batch=16` gave ZeRO-2 0.89x plain with it and without
-    # (docs/performance.md, "Where the CPU step goes").
+    # queued instead of draining the GPU first. Its cost does not show in `ffscale bench train --zero
+    # 0,2` (docs/performance.md, "Where the CPU step goes").
     if stage == 3:
         z |= {
             "stage3_prefetch_bucket_size": elems(d.prefetch_mb),

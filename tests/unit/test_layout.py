@@ -234,3 +234,21 @@ def test_ffscale_help_lists_every_command_on_one_line_each(monkeypatch, capsys):
     listed = [ln.split()[0] for ln in out.splitlines() if ln.startswith("    ") and ln.strip()]
     assert listed == list(sub.choices), out
     assert all(a.help for a in sub._choices_actions), [a.dest for a in sub._choices_actions if not a.help]
+
+
+def test_no_dated_figure_in_the_code():
+    """Figures live in docs/results/ with their command, commit, date and machine; the code says why
+    and cites where, never a date or a measured ratio that rots. (A config may state its expected
+    result and when it was measured, as big_vision's configs do.)"""
+    import re
+
+    date = re.compile(r"\b20\d\d-[01]\d-[0-3]\d\b")
+    ratio = re.compile(r"\b\d+\.\d\dx\b")  # a measured speed ratio such as "1.12x"
+    root = Path(__file__).resolve().parents[2]
+    found = [
+        f"{path.relative_to(root)}:{n}: {line.strip()}"
+        for path in sorted((root / "ffscale").rglob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if date.search(line) or ratio.search(line)
+    ]
+    assert not found, "\n".join(found)
