@@ -61,8 +61,10 @@ def run(args) -> int:
     torch_checks = preflight.check_job_without_torch(cfg, args.nnodes, nproc)
     if any(st.cfg.data.stage_dir for st in config.stages(cfg)):
         from ffscale.data.stage import stage_job
+        from ffscale.inference.stagedir import StageDir
 
-        stage_job(cfg, lambda m: print(m, flush=True))  # this node's copy of the shards, before its ranks
+        pending = {st.name for st in config.stages(cfg) if not StageDir(st.dir).finished()}
+        stage_job(cfg, lambda m: print(m, flush=True), pending)  # this node's copy, before its ranks
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     env[preflight.ENV] = "1"
     entry = Path(args.entry).resolve() if args.entry else Path(train.__file__)

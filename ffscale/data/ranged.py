@@ -49,15 +49,16 @@ class BlockCache:
     def pread(self, k: int, size: int, offset: int) -> bytes:
         first, last = offset // BLOCK, (offset + size - 1) // BLOCK
         parts = []
+        fetched: dict[int, bytes] = {}  # this read's own blocks: the cache may drop them at once
         b = first
         while b <= last:
-            got = self._get(k, b)
+            got = fetched[b] if b in fetched else self._get(k, b)
             if got is None:  # fetch the missing run of blocks in one request
                 run = b
                 while run + 1 <= last and self._peek(k, run + 1) is None:
                     run += 1
-                self._fetch(k, b, run)
-                got = self._get(k, b)
+                fetched.update(self._fetch(k, b, run))
+                got = fetched[b]
             parts.append(got)
             if len(got) < BLOCK:  # the object's end
                 break
@@ -82,21 +83,23 @@ class BlockCache:
                 self.blocks.move_to_end((k, b))
             return got
 
-    def _fetch(self, k: int, b0: int, b1: int) -> None:
+    def _fetch(self, k: int, b0: int, b1: int) -> dict[int, bytes]:
+        """Blocks b0..b1 of shard k in one request, kept (as far as the limit allows) and returned."""
         start, end = b0 * BLOCK, (b1 + 1) * BLOCK
         if self.sizes[k]:
             end = min(end, self.sizes[k])
         data = remote.read_range(self.files[k], start, end) if start < end else b""
+        pieces = {b: data[(b - b0) * BLOCK : (b - b0 + 1) * BLOCK] for b in range(b0, b1 + 1)}
         with self.lock:
             self.requests += 1
-            for b in range(b0, b1 + 1):
-                piece = data[(b - b0) * BLOCK : (b - b0 + 1) * BLOCK]
+            for b, piece in pieces.items():
                 if (k, b) not in self.blocks:
                     self.blocks[(k, b)] = piece
                     self.held += len(piece)
             while self.held > self.limit and len(self.blocks) > 1:
                 _, old = self.blocks.popitem(last=False)
                 self.held -= len(old)
+        return pieces
 
 
 class _Shards:

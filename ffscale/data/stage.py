@@ -294,13 +294,16 @@ def manifest_of(dest: Path) -> Manifest:
     return parse_manifest((dest / MANIFEST).read_text(), dest / MANIFEST)[0]
 
 
-def stage_job(cfg, say=print) -> None:
+def stage_job(cfg, say=print, pending: set[str] | None = None) -> None:
     """Every stage's splits that name a `data.stage_dir`, staged on this node (`ffscale train`, before
-    it starts the node's ranks: a long copy then runs outside any collective's timeout)."""
+    it starts the node's ranks: a long copy then runs outside any collective's timeout). `pending`:
+    the names of the stages still to train (None: all); a finished stage's shards are not needed."""
     from ffscale.config import stages
 
     seen = set()
     for st in stages(cfg):
+        if pending is not None and st.name not in pending:
+            continue
         d = st.cfg.data
         for split in ("train", "val"):
             root = getattr(d, split)

@@ -5,7 +5,7 @@ It does for one node what DeepSpeed's `deepspeed/launcher/launch.py` does (DeepS
 without importing DeepSpeed (and through it torch and MLflow): seconds on every start, every resume
 and every requeue. Each rank runs `python -u ENTRY --local_rank=L ARGS` with the variables torch's
 `env://` rendezvous and DeepSpeed's `init_distributed` read (MASTER_ADDR, MASTER_PORT, WORLD_SIZE,
-RANK, LOCAL_RANK) and DeepSpeed's launcher's own (CROSS_RANK, CROSS_SIZE, LOCAL_SIZE: the node's
+RANK, LOCAL_RANK; torchrun's LOCAL_WORLD_SIZE) and DeepSpeed's launcher's own (CROSS_RANK, CROSS_SIZE, LOCAL_SIZE: the node's
 index, the node count, the ranks per node). Global ranks are node-major: node n holds ranks
 n * nproc ... n * nproc + nproc - 1, as launch.py's `global_rank_mapping` numbers them.
 
@@ -51,6 +51,7 @@ def rank_env(args: argparse.Namespace, local_rank: int) -> dict[str, str]:
         "CROSS_RANK": str(args.node_rank),
         "CROSS_SIZE": str(args.nnodes),
         "LOCAL_SIZE": str(args.nproc),
+        "LOCAL_WORLD_SIZE": str(args.nproc),  # torchrun's name for it (ffscale/engine/dist.py reads it)
     }
 
 
@@ -93,17 +94,23 @@ def see_through(ranks: list[subprocess.Popen], poll_s: float = 0.1) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse(argv)
+    options = parse(argv)
     ranks: list[subprocess.Popen] = []
+    got: list[int] = []
 
     def forward(signum, frame):  # signalled itself (not through the ranks): the ranks decide, as signalled
+        got.append(signum)
         for r in ranks:
             if r.poll() is None:
                 r.send_signal(signum)
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    ranks += start(a)
+    ranks += start(options)
+    for signum in list(got):  # a signal that came while the ranks were being started reaches them all
+        for r in ranks:
+            if r.poll() is None:
+                r.send_signal(signum)
     return see_through(ranks)
 
 

@@ -324,3 +324,16 @@ def test_remote_keys_are_checked_when_the_config_loads(override, expect):
 
     with pytest.raises(config.ConfigError, match=expect):
         config.load([str(Path(__file__).parents[2] / "configs" / "demo.yaml")], [override])
+
+
+def test_a_read_larger_than_the_cache_returns_its_bytes(tmp_path):
+    """A member spanning more blocks than data.remote_cache_mb holds: the read keeps its own blocks,
+    whatever the cache drops meanwhile (fsspec's local files stand in for a server's ranges)."""
+    from ffscale.data.ranged import BLOCK, BlockCache
+
+    blob = tmp_path / "shard.tar"
+    data = bytes(range(256)) * (5 * BLOCK // 256)
+    blob.write_bytes(data)
+    cache = BlockCache([f"file://{blob}"], [len(data)], limit=BLOCK)
+    assert cache.pread(0, 3 * BLOCK + 10, BLOCK - 5) == data[BLOCK - 5 : 4 * BLOCK + 5]
+    assert cache.held <= BLOCK and cache.requests == 1

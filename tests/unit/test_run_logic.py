@@ -119,7 +119,7 @@ def test_the_nodes_launcher_numbers_ranks_node_major_and_stops_the_rest_when_one
     entry.write_text(
         "import json, os, sys, time\n"
         "keys = ('RANK', 'LOCAL_RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'CROSS_RANK', 'CROSS_SIZE', "
-        "'LOCAL_SIZE')\n"
+        "'LOCAL_SIZE', 'LOCAL_WORLD_SIZE')\n"
         "out = {k: os.environ[k] for k in keys}\n"
         "open(sys.argv[-1] + os.environ['RANK'], 'w').write(json.dumps([sys.argv[1:-1], out]))\n"
         "if sys.argv[-2] == 'fail' and os.environ['LOCAL_RANK'] == '1': sys.exit(3)\n"
@@ -131,7 +131,8 @@ def test_the_nodes_launcher_numbers_ranks_node_major_and_stops_the_rest_when_one
     args, env = json.loads((tmp_path / "r3").read_text())
     assert args == ["--local_rank=1", "ok"]
     assert env == {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "10.0.0.1",
-                   "MASTER_PORT": "1234", "CROSS_RANK": "1", "CROSS_SIZE": "2", "LOCAL_SIZE": "2"}  # fmt: skip
+                   "MASTER_PORT": "1234", "CROSS_RANK": "1", "CROSS_SIZE": "2", "LOCAL_SIZE": "2",
+                   "LOCAL_WORLD_SIZE": "2"}  # fmt: skip
     assert json.loads((tmp_path / "r2").read_text())[1]["LOCAL_RANK"] == "0"
     # rank 0 sleeps 120 s: the launcher stops it rather than waits (else the timeout raises)
     assert subprocess.run([*launcher, "fail", str(tmp_path / "f")], timeout=60).returncode == 3
