@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import functools
 import io
+import os
 
 import numpy as np
 
 from ffscale.data.samples import image_bytes, parse_label
 from ffscale.data.tarindex import TarIndex
 from ffscale.errors import DataError, StorageError
+from ffscale.util.lifeline import die_with_parent
 
 # DALI's workers hand a callback's exception to the pipeline as RuntimeError(str(e)) inside a
 # generic Exception carrying the worker's traceback (nvidia-dali 2.4.0,
@@ -66,8 +68,10 @@ class SampleSource:
 
     def __init__(self, index: TarIndex, ids: np.ndarray, real: int, num_classes: int):
         self.index, self.ids, self.real, self.num_classes = index, ids, real, num_classes
+        self.owner = os.getpid()  # the rank; DALI's worker processes call it
 
     def __call__(self, info) -> np.ndarray:
+        _die_with_the_rank(self.owner)
         k = info.idx_in_epoch
         if k >= len(self.ids):
             raise StopIteration
@@ -78,6 +82,20 @@ class SampleSource:
         except DataError as e:
             mark = STORAGE_ERROR_MARK if isinstance(e, StorageError) else DATA_ERROR_MARK
             raise RuntimeError(mark + str(e)) from None
+
+
+_ARMED: list[int] = []  # the worker process that asked for its parent-death signal (a fork copies it)
+
+
+def _die_with_the_rank(rank_pid: int) -> None:
+    """In a DALI worker process, once: be killed when the rank that started it dies. DALI's workers
+    wait on their task queue and outlive a rank killed with SIGKILL (the OOM killer, or the watch
+    on `ffscale train`: ffscale/util/lifeline.py), reading on for nobody."""
+    me = os.getpid()
+    if me == rank_pid or me in _ARMED:
+        return
+    _ARMED[:] = [me]
+    die_with_parent()
 
 
 def data_error_in(error: BaseException) -> DataError | None:
