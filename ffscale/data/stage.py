@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ffscale.data.manifest import MANIFEST, Manifest, parse_manifest
+from ffscale.data.manifest import MANIFEST, Manifest, parse_manifest, sha256_file
 from ffscale.errors import DataError
 from ffscale.util.atomic import write_atomic
 
@@ -247,7 +247,7 @@ def copy_checked(src: str, dst: Path, size: int, sha256: str, progress=lambda n:
     dst.parent.mkdir(parents=True, exist_ok=True)
     for _ in (0, 1):  # a part that fails its check is copied again from its first byte, once
         got = _fill(src, part, size, progress)
-        if sha256 == _sha256(part):
+        if sha256 == sha256_file(part):
             with open(part, "rb+") as f:
                 os.fsync(f.fileno())
             os.replace(part, dst)
@@ -280,14 +280,6 @@ def _fill(src: str, part: Path, size: int, progress=lambda n: None) -> int:
             have += len(chunk)
             fetched += len(chunk)
     return fetched
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def manifest_of(dest: Path) -> Manifest:
