@@ -40,7 +40,7 @@ case ",${extras}," in *,dev,*)
     { $SUDO apt-get install -y -qq postgresql || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq postgresql; }; } \
       >/dev/null 2>&1 || echo "setup: postgresql not installed (the MLflow server tests use SQLite instead)"
   fi
-  # strace counts the shard opens of a real read (tests/unit/test_data.py)
+  # strace counts the shard opens of a real read (tests/integration/test_data.py)
   if ! command -v strace >/dev/null; then
     { $SUDO apt-get install -y -qq strace || { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq strace; }; } \
       >/dev/null 2>&1 || echo "setup: strace not installed"
@@ -55,7 +55,7 @@ imports="ffscale, deepspeed, mlflow"
 case ",${extras}," in *,dali,*) imports="$imports, nvidia.dali" ;; esac
 if ! python -c "import $imports" 2>/dev/null || [ ! -f "$marker" ] || [ pyproject.toml -nt "$marker" ]; then
   pip install -q --no-compile -e ".[${extras}]"
-  # timm's RandAugment definitions for tests/unit/test_randaug.py; without its dependencies, whose
+  # timm's RandAugment definitions for tests/integration/test_randaug.py; without its dependencies, whose
   # torchvision would replace the CPU torch wheel
   case ",${extras}," in *,dev,*) pip install -q --no-compile --no-deps "timm>=1.0" ;; esac
   touch "$marker"

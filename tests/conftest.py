@@ -1,6 +1,6 @@
 """Shared fixtures: small real shards, a directory per test module for its scenarios. Helpers that
 tests call live in tests/helpers/; tests under tests/e2e/ are marked e2e (`pytest -m "not e2e"`
-runs tests/unit/ alone)."""
+runs tests/unit/ and tests/integration/), those under tests/integration/ integration."""
 
 from __future__ import annotations
 
@@ -50,7 +50,10 @@ def pytest_collection_modifyitems(config, items):
         heavy = LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
         return (heavy, 0 if Path(item.fspath).is_relative_to(e2e) else 1)
 
+    integration = Path(__file__).parent / "integration"
     for item in items:
         if Path(item.fspath).is_relative_to(e2e):
             item.add_marker(pytest.mark.e2e)
+        elif Path(item.fspath).is_relative_to(integration):
+            item.add_marker(pytest.mark.integration)
     items.sort(key=weight)  # stable: a module's tests keep their order

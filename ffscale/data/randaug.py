@@ -5,7 +5,7 @@ DALI's own `rand_augment(n=2, m=9)` maps m onto 31 magnitude bins, so m=9 is 30%
 degrees at m=9), drawn per op from N(m, 0.5) and clipped to [0, 10], and each chosen op is applied
 with probability 0.5. Here every op's magnitude is the timm level itself (101 bins over [0, 10],
 so the noise survives to 0.1 of a level) and `mag_to_param` is timm's level-to-argument rule.
-`tests/unit/test_randaug.py` holds every op's parameter against timm's own definitions.
+`tests/integration/test_randaug.py` holds every op's parameter against timm's own definitions.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Per image: 2 ops drawn uniformly with replacement from the 15 `_RAND_INCREASING_
 is applied with probability 0.5 at magnitude N(9, 0.5) clipped to [0, 10], as level / 10 of its
 range, the sign of signed ops flipped with probability 0.5. Geometric ops resample bicubically
 (DeiT passes `--train-interpolation bicubic`: timm 0.3.2 transforms_factory.py:89-90) and fill
-with the mean colour (`img_mean`). `tests/unit/test_randaug.py` holds every op, at every level, to
+with the mean colour (`img_mean`). `tests/integration/test_randaug.py` holds every op, at every level, to
 timm's own functions pixel for pixel.
 """
 

@@ -69,7 +69,7 @@ PLAN: dict[str, Run | Skip] = {
     ),
     "ffscale import linear-tiny-checkpoint.pth --out models/ff-tiny-paper data.val=/data/imagenet/shards/val": Skip(
         "the paper's released checkpoint and ImageNet (not here, offline): scripts/gpu_check.sh runs them "
-        "given PAPER_CHECKPOINTS and IMAGENET_VAL; tests/unit/test_import.py imports that layout"
+        "given PAPER_CHECKPOINTS and IMAGENET_VAL; tests/integration/test_import.py imports that layout"
     ),
     "ffscale eval --run models/ff-tiny-paper": Skip(
         "evaluates the import above on ImageNet (scripts/gpu_check.sh)"
