@@ -358,8 +358,8 @@ def stages(cfg: Config) -> list[Stage]:
     """The pipeline's stages in order, each the top-level sections merged with its overrides.
 
     Only the sections a stage overrides go through OmegaConf (its type checks); the others are
-    copied. Wrapping the whole StageCfg in OmegaConf for every stage cost 0.1 s a call, and the
-    launch checks, the renderer and the preflight each ask for the pipeline."""
+    copied: wrapping a whole StageCfg in OmegaConf was most of the time a config took to load, and
+    the launch checks, the renderer and the preflight each ask for the pipeline."""
     run_dir = Path(cfg.run.dir) / cfg.run.name
     out = []
     for name, over in (cfg.stages or {"train": {}}).items():
