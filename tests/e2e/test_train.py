@@ -33,7 +33,7 @@ MODEL = "ffscale-test"  # the reference pipeline registers its final model under
 
 
 def pipeline_args(shards, runs, name, *extra):
-    return small_overrides(shards, runs, name) + [
+    return small_overrides(shards, runs, name, fresh_store=True) + [
         "stages.z2.deepspeed.zero_stage=2",
         "stages.z2.schedule.epochs=2",
         "stages.z3.deepspeed.zero_stage=3",

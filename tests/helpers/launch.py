@@ -4,11 +4,14 @@ shards most launches train."""
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -89,8 +92,33 @@ def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     return proc
 
 
-def small_overrides(shards: Path, run_dir: Path, name: str) -> list[str]:
-    """A small FF model on the small shards: fast enough for several multi-rank launches."""
+@functools.cache
+def _empty_store() -> Path:
+    """An empty MLflow SQLite store with MLflow's migrations applied, made once per test process."""
+    from ffscale.tracking.store import client
+
+    db = Path(tempfile.mkdtemp(prefix="ffscale-mlflow-")) / "mlflow.db"
+    client(f"sqlite:///{db}").search_experiments(max_results=1)
+    return db
+
+
+def migrated_store(run_dir: Path) -> None:
+    """Put a copy of an empty, migrated MLflow store where a job's default store goes
+    (`run.dir`/mlflow.db), unless one is there. MLflow runs its schema migrations on every new
+    SQLite store, seconds of CPU; the suite pays them once per test process instead of once per run
+    directory."""
+    db = Path(run_dir) / "mlflow.db"
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(_empty_store(), db)
+
+
+def small_overrides(shards: Path, run_dir: Path, name: str, fresh_store: bool = False) -> list[str]:
+    """A small FF model on the small shards: fast enough for several multi-rank launches. Its run
+    directory gets a migrated MLflow store (`migrated_store`) unless `fresh_store`: the job's rank 0
+    then creates it, as a user's first job does (tests/e2e/test_train.py)."""
+    if not fresh_store:
+        migrated_store(run_dir)
     return [
         f"data.train={shards / 'train'}",
         f"data.val={shards / 'val'}",
