@@ -132,3 +132,28 @@ def test_a_registered_model_can_teach_and_must_fit(runs, fm_shards, monkeypatch)
     with pytest.raises(ConfigError, match=rf"distill.teacher=models:/{MODEL}/1: the teacher \(ff_tiny, 10 classes, 35 px\) "
                        r"does not fit the student train \(ff_tiny, 10 classes, 28 px\)"):  # fmt: skip
         preflight.check_job(config.load(None, base), 1, 2)
+
+
+def test_a_family_of_the_users_own_teaches_from_its_directory(fm_shards, tmp_path):
+    """docs/recipe.md's way to a convnet teacher, with a small convnet for timm's RegNetY: the family
+    registered on every rank by an entry script, its weights beside the smallest card the note
+    gives (family, arguments, classes, image size)."""
+    from entries import convnet_teacher
+    from safetensors.torch import save_file
+
+    from ffscale.data.manifest import load_manifest
+
+    teacher = tmp_path / "convnet"
+    teacher.mkdir()
+    classes = load_manifest(str(fm_shards / "train"))[0].classes
+    card = {"model": "tiny_convnet", "kwargs": {"num_classes": 10}, "num_classes": 10, "classes": classes,
+            "preprocessing": {"img_size": 28}}  # fmt: skip
+    (teacher / "model.json").write_text(json.dumps(card))
+    save_file(convnet_teacher.convnet(10).state_dict(), teacher / "weights.safetensors")
+    args = small_overrides(fm_shards, tmp_path, "convnet") + [
+        f"distill.teacher={teacher}",
+        "schedule.stop_at_step=3",
+    ]
+    out = check(launch(args, nproc=1, script=Path(convnet_teacher.__file__))).stdout
+    assert f"distilling from tiny_convnet ({teacher}: {teacher / 'weights.safetensors'}, digest" in out
+    assert [r["step"] for r in rows(tmp_path / "convnet" / "train") if "loss" in r] == [1, 2, 3]
