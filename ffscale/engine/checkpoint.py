@@ -44,7 +44,7 @@ from ffscale.errors import (
 from ffscale.util.atomic import atomic_path, write_atomic
 from ffscale.util.weights import save_weights, state_digest
 
-LATEST = "latest"
+LATEST = ckpt_files.LATEST
 META, FORMAT, DAMAGED = ckpt_files.META, ckpt_files.FORMAT, ckpt_files.DAMAGED
 versions, incompatible = ckpt_files.versions, ckpt_files.incompatible
 

@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+LATEST = "latest"  # in a stage's checkpoints/: the newest complete checkpoint's tag
+
 # The globals DeepSpeed 0.19.8 pickles into its checkpoint files besides tensors and containers,
 # measured by saving ZeRO 0-3 in fp32 and bf16 and scanning every file:
 # the loss scaler (also with bf16, as a constant scale of 1), the ZeRO stage enum in the optimizer

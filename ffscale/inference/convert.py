@@ -167,7 +167,8 @@ def write_package(imp: Imported, src: Path, out: Path, overrides: list[str], ema
     `overrides`: config keys over the source's own (e.g. data.crop_pct=1.0, data.val=...)."""
     from ffscale import config
     from ffscale.inference.build import build_model
-    from ffscale.inference.card import CARD, write_card
+    from ffscale.inference.card import write_card
+    from ffscale.inference.stagedir import CONFIG, StageDir
     from ffscale.util.weights import file_digest, save_weights
 
     if out.exists() and any(out.iterdir()):
@@ -192,10 +193,10 @@ def write_package(imp: Imported, src: Path, out: Path, overrides: list[str], ema
         ) from None
     stage.dir.mkdir(parents=True, exist_ok=True)
     save_weights(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, stage.dir / "weights.safetensors"
+        {k: v.contiguous() for k, v in model.state_dict().items()}, StageDir(stage.dir).weights
     )
-    config.save(cfg, out / "config.yaml")
+    config.save(cfg, out / CONFIG)
     source = {"path": str(src.resolve()), "digest": file_digest(src), "layout": imp.layout,
               "model": imp.source_model, "weights": "ema" if ema else "model"}  # fmt: skip
-    write_card(stage.dir / CARD, stage.cfg, kw["num_classes"], None, None, {"imported": source}, distilled)
+    write_card(StageDir(stage.dir).card, stage.cfg, kw["num_classes"], None, None, {"imported": source}, distilled)
     return stage.dir

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ffscale.engine.ckpt_files import LATEST
 from ffscale.util import jsonl
 from ffscale.util.atomic import write_atomic
 
@@ -31,7 +32,6 @@ EMA_WEIGHTS = "weights_ema.safetensors"
 METRICS = "metrics.jsonl"  # ffscale/run/record.py
 HISTORY = "config-history.jsonl"  # ffscale/run/changes.py
 CHECKPOINTS = "checkpoints"  # ffscale/engine/checkpoint.py owns what is inside
-LATEST = "latest"  # in CHECKPOINTS: the newest complete checkpoint's tag (engine/checkpoint.py's LATEST)
 UNKNOWN_LINEAGE = "?"  # a stage whose files do not say where its weights came from
 
 
