@@ -31,7 +31,7 @@ from torch.nn import functional as F
 
 from ffscale.config import DataCfg
 from ffscale.data.feed import LABEL_BYTES, SampleSource, data_error_in
-from ffscale.data.plan import Batch, SamplePlan
+from ffscale.data.plan import Batch, Loader, SamplePlan
 from ffscale.data.samples import decode_image
 from ffscale.data.tarindex import TarIndex
 from ffscale.errors import DaliFailure, DataError, FfscaleError
@@ -111,30 +111,20 @@ def start_method() -> str:
     return "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
 
 
-class DaliLoader:
+class DaliLoader(Loader):
     # batches the workers read ahead of the pipeline (the parallel source's prefetch_queue_depth),
     # so storage latency overlaps decoding and the step
     READ_AHEAD = 2
     QUEUE = 2  # the pipeline's own prefetch_queue_depth
 
-    def __init__(
-        self,
-        cfg: DataCfg,
-        plan: SamplePlan,
-        index: TarIndex,
-        train: bool,
-        batch: int,
-        num_classes: int,
-        device: torch.device,
-    ):
+    def __init__(self, cfg: DataCfg, plan: SamplePlan, index: TarIndex, train: bool, batch: int,
+                 num_classes: int, device: torch.device):  # fmt: skip
         if cfg.on_error == "skip":
             raise DataError(
                 "data.on_error=skip needs data.loader=webdataset: DALI cannot drop a sample inside its "
                 "graph (data.loader=auto picks webdataset for skip)"
             )
-        self.cfg, self.plan, self.index, self.train, self.batch = cfg, plan, index, train, batch
-        self.num_classes, self.device = num_classes, device
-        self.steps_per_epoch, self.num_samples = plan.epoch_size(train, batch)
+        super().__init__(cfg, plan, index, train, batch, num_classes, device)
         self.builds = 0  # pipelines built by this loader (evaluation: one, however many epochs)
         self.host_resize_s = 0.0  # this thread's CPU in the host resize (`ffscale bench data` says it apart)
         self._val = None  # the evaluation's (pipeline, iterator), kept between evaluations

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,17 +38,33 @@ import torch
 from ffscale.data import counts
 from ffscale.util.seeds import derive31
 
+if TYPE_CHECKING:
+    from ffscale.config import DataCfg
+    from ffscale.data.tarindex import TarIndex
+
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-class Loader(Protocol):
-    steps_per_epoch: int  # batches every rank yields per epoch (same on every rank)
-    num_samples: int  # samples one epoch covers over all ranks (eval: exact)
-    choice: str  # which loader and why (for the stage log)
+class Loader:
+    """What every loader is: a rank's share of a split (`plan`) read through its index in batches of
+    `batch`, for training or evaluation, labels checked against `num_classes`. A loader adds
+    `epoch` and `close`."""
 
-    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]: ...
+    choice: str = ""  # which loader and why (for the stage log)
 
-    def close(self) -> None: ...  # what the loader holds between epochs (worker processes) released
+    def __init__(self, cfg: DataCfg, plan: SamplePlan, index: TarIndex, train: bool, batch: int,
+                 num_classes: int, device: torch.device):  # fmt: skip
+        self.cfg, self.plan, self.index, self.train, self.batch = cfg, plan, index, train, batch
+        self.num_classes, self.device = num_classes, device
+        # batches every rank yields per epoch (the same on every rank); samples one epoch covers
+        # over all ranks (eval: exact)
+        self.steps_per_epoch, self.num_samples = plan.epoch_size(train, batch)
+
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Releases what the loader holds between epochs (worker processes)."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ffscale.config import DataCfg
-from ffscale.data.plan import Batch, SamplePlan, pad_batch, pad_eval
+from ffscale.data.plan import Batch, Loader, SamplePlan, pad_batch, pad_eval
 from ffscale.data.samples import decode_image, parse_label
 from ffscale.data.tarindex import TarIndex
 from ffscale.data.transforms import eval_transform, train_transform
@@ -46,26 +46,16 @@ class _Samples(torch.utils.data.Dataset):
         return x, y
 
 
-class WdsLoader:
-    def __init__(
-        self,
-        cfg: DataCfg,
-        plan: SamplePlan,
-        index: TarIndex,
-        train: bool,
-        batch: int,
-        num_classes: int,
-        device: torch.device,
-    ):
-        self.cfg, self.plan, self.index, self.train, self.batch = cfg, plan, index, train, batch
-        self.num_classes, self.device = num_classes, device
+class WdsLoader(Loader):
+    def __init__(self, cfg: DataCfg, plan: SamplePlan, index: TarIndex, train: bool, batch: int,
+                 num_classes: int, device: torch.device):  # fmt: skip
+        super().__init__(cfg, plan, index, train, batch, num_classes, device)
         # timm fills RandAugment's empty pixels with the mean colour (transforms_factory.py:85-88)
         self.fill = tuple(min(255, round(255 * v)) for v in cfg.mean) if train and cfg.rand_augment else None
         if train and cfg.color_jitter > 0 and not cfg.rand_augment and plan.rank == 0:
             print(
                 "ffscale: data.color_jitter is DALI-only; the webdataset loader trains without it", flush=True
             )
-        self.steps_per_epoch, self.num_samples = plan.epoch_size(train, batch)
 
     def sample(self, i: int):
         """Sample i decoded, with its label; None when it is bad and data.on_error=skip."""

@@ -192,11 +192,11 @@ def write_package(imp: Imported, src: Path, out: Path, overrides: list[str], ema
             f"{src}: its tensors do not fit {imp.model} {kw}: {str(e).splitlines()[1].strip()}"
         ) from None
     stage.dir.mkdir(parents=True, exist_ok=True)
-    save_weights(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, StageDir(stage.dir).weights
-    )
+    save_weights({k: v.contiguous() for k, v in model.state_dict().items()}, StageDir(stage.dir).weights)
     config.save(cfg, out / CONFIG)
     source = {"path": str(src.resolve()), "digest": file_digest(src), "layout": imp.layout,
               "model": imp.source_model, "weights": "ema" if ema else "model"}  # fmt: skip
-    write_card(StageDir(stage.dir).card, stage.cfg, kw["num_classes"], None, None, {"imported": source}, distilled)
+    write_card(
+        StageDir(stage.dir).card, stage.cfg, kw["num_classes"], None, None, {"imported": source}, distilled
+    )
     return stage.dir
