@@ -20,76 +20,40 @@ def _show(res, args, table) -> int:
     return 0
 
 
-def data(args) -> int:
-    from ffscale.tools.bench.data import bench_data, print_data
-
-    return _show(bench_data(args), args, print_data)
-
-
-def train(args) -> int:
-    from ffscale.tools.bench.train import print_table, run
-
-    return _show(run(args), args, print_table)
-
-
-def memory(args) -> int:
-    from ffscale.tools.bench.memory import memory, print_memory
-
-    return _show(memory(args), args, lambda rows: print_memory(rows, args.hbm_gib))
-
-
-def shard(args) -> int:
-    from ffscale.tools.bench.shard import bench_shard, print_shard
-
-    return _show(bench_shard(args), args, print_shard)
+# bench -> (what measures it, what prints its table), as "module:function", imported when it runs
+BENCHES = {
+    "data": ("ffscale.tools.bench.data:bench_data", "ffscale.tools.bench.data:print_data"),
+    "train": ("ffscale.tools.bench.train:run", "ffscale.tools.bench.train:print_table"),
+    "memory": ("ffscale.tools.bench.memory:memory", "ffscale.tools.bench.memory:print_memory"),
+    "shard": ("ffscale.tools.bench.shard:bench_shard", "ffscale.tools.bench.shard:print_shard"),
+    "scaling": ("ffscale.tools.bench.scaling:scaling", "ffscale.tools.bench.scaling:print_scaling"),
+    "plan": ("ffscale.tools.bench.plan:measure", "ffscale.tools.bench.plan:print_plan"),
+    "compare": ("ffscale.tools.bench.compare:run", "ffscale.tools.bench.compare:print_compare"),
+    "decode": ("ffscale.tools.decode_check:bench", "json:dumps"),
+    "startup": ("ffscale.tools.bench.startup:run", "ffscale.tools.bench.startup:print_table"),
+    "startup-scale": ("ffscale.tools.bench.startup_scale:run", "ffscale.tools.bench.startup_scale:print_table"),
+    "index": ("ffscale.tools.bench.index:bench_index", "ffscale.tools.bench.index:print_index"),
+    "demo": ("ffscale.tools.bench.commands:run", "ffscale.tools.bench.commands:print_table"),
+    "suite": ("ffscale.tools.bench.commands:run", "ffscale.tools.bench.commands:print_table"),
+    "unit": ("ffscale.tools.bench.commands:run", "ffscale.tools.bench.commands:print_table"),
+}  # fmt: skip
 
 
-def scaling(args) -> int:
-    from ffscale.tools.bench.scaling import print_scaling, scaling
+def _function(ref: str):
+    import importlib
 
-    return _show(scaling(args), args, print_scaling)
-
-
-def plan(args) -> int:
-    from ffscale.tools.bench.plan import measure, print_plan
-
-    return _show(measure(args), args, print_plan)
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
-def compare(args) -> int:
-    from ffscale.tools.bench.compare import print_compare, run
-
-    return _show(run(args), args, print_compare)
-
-
-def decode(args) -> int:
-    from ffscale.tools.decode_check import run
-
-    return _show(run(args.shards, args.img_size, args.images), args, lambda res: print(json.dumps(res)))
-
-
-def startup(args) -> int:
-    from ffscale.tools.bench.startup import print_table, run
-
-    return _show(run(args), args, print_table)
-
-
-def startup_scale(args) -> int:
-    from ffscale.tools.bench.startup_scale import print_table, run
-
-    return _show(run(args), args, print_table)
-
-
-def commands(args) -> int:
-    from ffscale.tools.bench.commands import print_table, run
-
-    return _show(run(args), args, print_table)
-
-
-def index(args) -> int:
-    from ffscale.tools.bench.index import bench_index, print_index
-
-    return _show(bench_index(args), args, print_index)
+def run(args) -> int:
+    """The bench `args.what`: measured, then shown as a table (or JSON) and recorded if asked."""
+    measure, table = (_function(ref) for ref in BENCHES[args.what])
+    if args.what == "memory":  # its table marks what fits the GPU's memory
+        return _show(measure(args), args, lambda rows: table(rows, args.hbm_gib))
+    if args.what == "decode":
+        return _show(measure(args), args, lambda res: print(table(res)))
+    return _show(measure(args), args, table)
 
 
 def report(args) -> int:
@@ -236,11 +200,8 @@ def add_parser(sub) -> None:
                        ("suite", "`bash .ci/run` in a fresh clone of HEAD, as CI runs it: wall time, counts"),
                        ("unit", "`pytest tests/unit` in this checkout: wall time, counts")):  # fmt: skip
         bsub.add_parser(name, help=what).add_argument("--json", action="store_true")
-    for name, fn in (("data", data), ("train", train), ("memory", memory), ("shard", shard), ("scaling", scaling),
-                     ("plan", plan), ("decode", decode), ("compare", compare), ("startup", startup), ("index", index),
-                     ("startup-scale", startup_scale),
-                     ("demo", commands), ("suite", commands), ("unit", commands)):  # fmt: skip
-        bsub.choices[name].set_defaults(fn=fn)
+    for name in BENCHES:
+        bsub.choices[name].set_defaults(fn=run)
         bsub.choices[name].add_argument(
             "--record", action="store_true", help=f"also append the result to docs/results/{name}.json"
         )

@@ -50,3 +50,8 @@ def run(shards: str, img_size: int = 224, images: int = 1000) -> dict:
     else:
         pair = (("dali", "cpu"), ("webdataset", "cpu"))
     return compare(shards, *pair, img_size=img_size, limit=images)
+
+
+def bench(args) -> dict:
+    """`ffscale bench decode SHARDS --img-size --images`."""
+    return run(args.shards, args.img_size, args.images)
