@@ -1,5 +1,5 @@
-"""DeepSpeed checkpoints that are never half-written, checked before they are loaded, and
-consolidated fp32 weights.
+"""DeepSpeed checkpoints that are never half-written and checked before they are loaded (a
+stage's final weights: ffscale/engine/export.py).
 
 DeepSpeed writes every rank's shards into `<dir>/<tag>/`. We pass save_latest=False; every rank
 syncs and hashes the files it wrote (ckpt_engine, ckpt_files), and once every rank's files are on
@@ -30,10 +30,9 @@ import time
 from pathlib import Path
 
 import torch
-from deepspeed.utils import safe_get_full_fp32_param
 
 from ffscale.engine import ckpt_files
-from ffscale.engine.dist import all_gather_object, barrier, broadcast_object, on_rank0
+from ffscale.engine.dist import all_gather_object, broadcast_object, on_rank0
 from ffscale.errors import (
     CheckpointDamaged,
     CheckpointMismatch,
@@ -42,7 +41,6 @@ from ffscale.errors import (
     UntrustedFile,
 )
 from ffscale.util.atomic import atomic_path, write_atomic
-from ffscale.util.weights import save_weights, state_digest
 
 LATEST = ckpt_files.LATEST
 META, FORMAT, DAMAGED = ckpt_files.META, ckpt_files.FORMAT, ckpt_files.DAMAGED
@@ -366,37 +364,3 @@ def load_rank_state(ckpt_dir, tag: str, rank: int) -> dict:
     """This rank's own file of checkpoint `tag` (written when it holds rank states, and then listed
     in its record: `select` found it there)."""
     return torch.load(_rank_file(Path(ckpt_dir), tag, rank), map_location="cpu", weights_only=True)
-
-
-@torch.no_grad()
-def full_fp32_state(ds) -> dict[str, torch.Tensor]:
-    """Every parameter's fp32 master value, gathered from ZeRO 1-3 partitions (collective: call
-    on every rank), as CPU tensors keyed like the bare model's state_dict."""
-    out = {}
-    for name, p in ds.module.named_parameters():
-        full = safe_get_full_fp32_param(p)  # None without ZeRO/bf16 optimizer: p is the master
-        t = (full if full is not None else p.detach()).float()
-        out[name] = t.reshape(getattr(p, "ds_shape", t.shape)).cpu().clone()
-    for name, b in ds.module.named_buffers():
-        out[name] = b.detach().float().cpu().clone()
-    return out
-
-
-def export_fp32(ds, path) -> str:
-    """Write consolidated fp32 weights (rank 0); every rank's gathered copy must be identical."""
-    state = full_fp32_state(ds)
-    digest = state_digest(state)
-    if torch.distributed.is_initialized():
-        digests = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(digests, digest)
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"ranks disagree on the final weights: {digests}")
-    return write_weights(state, path, ds.global_rank, digest)
-
-
-def write_weights(state: dict[str, torch.Tensor], path, rank: int, digest: str | None = None) -> str:
-    """Rank 0 writes safetensors atomically; every rank returns the digest."""
-    if rank == 0:
-        save_weights(state, path)
-    barrier()
-    return digest or state_digest(state)

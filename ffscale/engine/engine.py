@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ffscale.config import RunCfg, StageCfg
-from ffscale.engine import checkpoint, ckpt_engine, ds_config, preempt
+from ffscale.engine import ckpt_engine, ds_config, export, preempt
 from ffscale.engine.checkpointer import Checkpointer
 from ffscale.engine.dist import DistInfo, all_reduce_sum, on_rank0, set_timeout
 from ffscale.engine.ema import Ema
@@ -261,10 +261,10 @@ class Engine:
         """Consolidated fp32 weights; returns their digest (checked equal on every rank). Only while
         the run is still this job's (the fence)."""
         on_rank0(self.dist.rank, self.fence)
-        return checkpoint.export_fp32(self.ds, path)
+        return export.export_fp32(self.ds, path)
 
     def export_ema(self, path) -> str:
-        return checkpoint.write_weights(self.ema.full(), path, self.dist.rank)
+        return export.write_weights(self.ema.full(), path, self.dist.rank)
 
 
 STOP_EVERY = 8  # eval batches between SIGTERM checks: a collective each, every rank runs as many
