@@ -1,12 +1,12 @@
 """NVIDIA DALI pipelines: nvJPEG/hardware decode on the GPU (`device="mixed"`), the same graph on
 the CPU where there is no GPU. The only module that knows DALI.
 
-The rank's samples are read in the SamplePlan's order by DALI's parallel external source: worker
-processes (`data.workers`, at least one) call ffscale/data/feed.py's SampleSource per sample, so the
-reads and label checks hold no GIL of the rank process (DALI's receiving of each sample still runs
-Python there: `ffscale bench data` measures it). DALI's own webdataset reader cannot take the
-plan's order: it shards by contiguous ranges of samples and shuffles only inside an
-`initial_fill` buffer.
+The rank's samples are read in the SamplePlan's order by the loader's worker processes
+(`data.workers`, at least one; ffscale/data/feed.py) into shared memory, and DALI's external source
+takes each batch whole without a copy: the reads and label checks hold no GIL of the rank process,
+and nothing there runs per sample (`ffscale bench data` measures what does). DALI's own webdataset
+reader cannot take the plan's order: it shards by contiguous ranges of samples and shuffles only
+inside an `initial_fill` buffer.
 
 Training builds one pipeline per epoch, seeded from (seed, epoch, rank): an epoch's batches are a
 pure function of those. DALI's random operators draw from one stream per operator, whose use
@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from ffscale.config import DataCfg
-from ffscale.data.feed import LABEL_BYTES, SampleSource, data_error_in
+from ffscale.data.feed import BatchFeed, FeedWorkers
 from ffscale.data.plan import Batch, Loader, SamplePlan
 from ffscale.data.samples import decode_image
 from ffscale.data.tarindex import TarIndex
@@ -53,7 +53,7 @@ def available() -> bool:
     return True
 
 
-def _pipeline(source, train, c: DataCfg, rand_aug: bool, decode_device: str, host_resize: bool, ahead: int):
+def _pipeline(source: BatchFeed, train, c: DataCfg, rand_aug: bool, decode_device: str, host_resize: bool):
     from nvidia.dali import fn, pipeline_def, types
 
     from ffscale.data import randaug
@@ -62,12 +62,8 @@ def _pipeline(source, train, c: DataCfg, rand_aug: bool, decode_device: str, hos
 
     @pipeline_def(enable_conditionals=True)
     def pipe():
-        # the rank's samples in the plan's order, read by DALI's worker processes (feed.SampleSource),
-        # each one array: the encoded image, then its label's 8 bytes (feed.packed)
-        raw = fn.external_source(
-            source=source, batch=False, parallel=True, prefetch_queue_depth=ahead, dtype=types.UINT8
-        )
-        jpg, label = _unpack(raw)
+        # the rank's samples in the plan's order, read by the loader's workers (feed.BatchFeed)
+        jpg, label = _images(source)
         if train:
             img = fn.decoders.image_random_crop(
                 jpg, device=decode_device, output_type=types.RGB, random_area=list(c.scale),
@@ -97,23 +93,27 @@ def _pipeline(source, train, c: DataCfg, rand_aug: bool, decode_device: str, hos
     return pipe
 
 
-def _unpack(raw):
-    """feed.packed's array -> (encoded image, int64 label), in the graph."""
+def _images(feed: BatchFeed):
+    """The batches `feed` hands over -> (encoded images, int64 labels), in the graph: each image's
+    row cut to its length."""
     from nvidia.dali import fn, types
 
-    return raw[:-LABEL_BYTES], fn.reinterpret(raw[-LABEL_BYTES:], dtype=types.INT64)
+    rows, lengths, labels = fn.external_source(
+        source=feed, num_outputs=3, batch=True, no_copy=True, dtype=[types.UINT8, types.INT32, types.INT64]
+    )
+    return fn.slice(rows, start=[0], shape=lengths, axes=[0]), labels
 
 
 def start_method() -> str:
-    """How DALI starts its Python workers: "fork" unless CUDA is initialised in this process, then
-    "spawn": forking a process that holds a CUDA context is unsupported (nvidia-dali 2.4.0,
-    nvidia/dali/pipeline.py, Pipeline's `py_start_method` and `start_py_workers` docstrings)."""
+    """How the feed's workers start: "fork" unless CUDA is initialised in this process, then
+    "spawn": forking a process that holds a CUDA context is unsupported (as nvidia-dali 2.4.0 says
+    of its own workers: nvidia/dali/pipeline.py, Pipeline's `py_start_method` docstring)."""
     return "spawn" if torch.cuda.is_available() and torch.cuda.is_initialized() else "fork"
 
 
 class DaliLoader(Loader):
-    # batches the workers read ahead of the pipeline (the parallel source's prefetch_queue_depth),
-    # so storage latency overlaps decoding and the step
+    # batches the feed's workers read ahead of the pipeline, so storage latency overlaps decoding
+    # and the step
     READ_AHEAD = 2
     QUEUE = 2  # the pipeline's own prefetch_queue_depth
 
@@ -127,22 +127,31 @@ class DaliLoader(Loader):
         super().__init__(cfg, plan, index, train, batch, num_classes, device)
         self.builds = 0  # pipelines built by this loader (evaluation: one, however many epochs)
         self.host_resize_s = 0.0  # this thread's CPU in the host resize (`ffscale bench data` says it apart)
-        self._val = None  # the evaluation's (pipeline, iterator), kept between evaluations
+        self._val = None  # the evaluation's (pipeline, iterator, feed), kept between evaluations
+        self._workers: FeedWorkers | None = None
         self._val_whole = False  # the last evaluation ran to its end, so a reset starts the next
 
-    def _build(self, source: SampleSource, seed: int, host_resize: bool):
+    def _feed_workers(self) -> FeedWorkers:
+        """The loader's feed workers, started at its first epoch and kept until `close`."""
+        if self._workers is None:
+            self._workers = FeedWorkers(
+                self.index, self.num_classes, self.batch, self.cfg.workers,
+                slots=self.READ_AHEAD + self.QUEUE + 2, start_method=start_method(),
+            )  # fmt: skip
+        return self._workers
+
+    def _feed(self, ids: np.ndarray, real: int) -> BatchFeed:
+        return BatchFeed(self._feed_workers(), ids, real, self.READ_AHEAD)
+
+    def _build(self, source: BatchFeed, seed: int, host_resize: bool):
         gpu = self.device.type == "cuda"
         rand_aug = self.cfg.rand_augment and self.train
-        pipe = _pipeline(
-            source, self.train, self.cfg, rand_aug, "mixed" if gpu else "cpu", host_resize, self.READ_AHEAD
-        )(
+        pipe = _pipeline(source, self.train, self.cfg, rand_aug, "mixed" if gpu else "cpu", host_resize)(
             batch_size=self.batch,
             num_threads=max(1, self.cfg.workers),
             device_id=self.device.index or 0 if gpu else None,
             seed=seed,
             prefetch_queue_depth=self.QUEUE,
-            py_num_workers=max(1, self.cfg.workers),
-            py_start_method=start_method(),
         )
         pipe.build()
         self.builds += 1
@@ -164,9 +173,13 @@ class DaliLoader(Loader):
         if not len(ids):
             return
         host = self._host_resize()
-        source = SampleSource(self.index, ids, len(ids), self.num_classes)
+        source = self._told(lambda: self._feed(ids, len(ids)), ids, 0)
         seed = derive31(self.plan.seed, "dali", epoch, self.plan.rank)
-        pipe = self._told(lambda: self._build(source, seed, host), ids, 0)
+        try:
+            pipe = self._told(lambda: self._build(source, seed, host), ids, 0)
+        except BaseException:
+            source.drain()
+            raise
         try:
             if host:
                 batches = self._host_batches(pipe, skip)
@@ -175,6 +188,7 @@ class DaliLoader(Loader):
             yield from self._guarded(batches, ids)
         finally:
             _release(pipe)
+            source.drain()
 
     def _eval_epoch(self) -> Iterator[Batch]:
         """Every sample of the rank once, padded to `steps_per_epoch` whole batches, through the one
@@ -189,23 +203,34 @@ class DaliLoader(Loader):
                 self._val_whole = False
                 self._told(self._val[1].reset, ids, 0)
             else:
-                self.close()
-                source = SampleSource(self.index, ids, len(real), self.num_classes)
+                self._drop_val()
+                source = self._told(lambda: self._feed(ids, len(real)), ids, 0)
+                self._val = (None, None, source)
                 pipe = self._told(lambda: self._build(source, 0, False), ids, 0)
-                self._val = (pipe, None)
-                self._val = (pipe, self._told(lambda: _iterator(pipe), ids, 0))
+                self._val = (pipe, None, source)
+                self._val = (pipe, self._told(lambda: _iterator(pipe), ids, 0), source)
             yield from self._guarded(self._dali_batches(self._val[1], 0), ids)
         except BaseException:  # a failure, or an evaluation abandoned midway: no reset resumes it
-            self.close()
+            self._drop_val()
             raise
         self._val_whole = True
 
-    def close(self) -> None:
-        """Stops the evaluation pipeline and its workers (the stage is over, or an evaluation was
-        abandoned midway: its pipeline cannot be reset)."""
+    def _drop_val(self) -> None:
+        """The evaluation pipeline stopped and its feed drained (an evaluation abandoned midway:
+        its pipeline cannot be reset)."""
         if self._val is not None:
-            _release(self._val[0])
+            pipe, _, feed = self._val
+            if pipe is not None:
+                _release(pipe)
+            feed.drain()
         self._val, self._val_whole = None, False
+
+    def close(self) -> None:
+        """Stops the evaluation pipeline and the feed's workers (the stage is over)."""
+        self._drop_val()
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
 
     def _dali_batches(self, it, skip: int) -> Iterator[Batch | None]:
         for n, out in enumerate(it):
@@ -234,15 +259,13 @@ class DaliLoader(Loader):
 
     def _told(self, call, ids: np.ndarray, batch: int):
         """call(), with a failure turned into the line that names its cause: a bad sample a worker
-        read (shard and sample), a decode error located on the host, or DALI itself failing."""
+        read (its DataError, raised by the feed as it is), a decode error located on the host, or
+        DALI itself failing."""
         try:
             return call()
         except FfscaleError:
             raise
         except Exception as e:
-            bad = data_error_in(e)
-            if bad is not None:
-                raise bad from None
             if not isinstance(e, RuntimeError):
                 raise
             what = dali_error_line(str(e))
@@ -273,19 +296,16 @@ class DaliLoader(Loader):
     def read_only(self, epoch: int) -> Iterator[int]:
         """The feed alone (`ffscale bench data`'s ceiling): the epoch's samples read by the same
         worker processes into a pipeline that decodes nothing; yields each batch's size."""
-        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import pipeline_def
 
         ids = self.plan.epoch_ids(epoch, self.train, self.batch)
         ids = ids[: len(ids) // self.batch * self.batch]
-        source = SampleSource(self.index, ids, len(ids), self.num_classes)
+        source = self._feed(ids, len(ids))
 
         @pipeline_def(batch_size=self.batch, num_threads=max(1, self.cfg.workers), device_id=None,
-                      prefetch_queue_depth=self.QUEUE, py_num_workers=max(1, self.cfg.workers),
-                      py_start_method=start_method())  # fmt: skip
+                      prefetch_queue_depth=self.QUEUE)  # fmt: skip
         def reads():
-            return _unpack(fn.external_source(
-                source=source, batch=False, parallel=True, prefetch_queue_depth=self.READ_AHEAD, dtype=types.UINT8
-            ))  # fmt: skip
+            return _images(source)
 
         pipe = reads()
         try:
@@ -294,6 +314,7 @@ class DaliLoader(Loader):
                 yield len(pipe.run()[1])
         finally:
             _release(pipe)
+            source.drain()
 
     def _locate(self, ids: np.ndarray, batch: int, what: str):
         """DALI's decode errors carry no file name: decode, on the host, the samples of the failing

@@ -1,34 +1,54 @@
-"""The sample source DALI's parallel external source calls in its worker processes: position k of
-the rank's epoch list -> its encoded image and label. The reads, header checks and label parsing
-run in the workers, at the split's index offsets (TarIndex), each with its own open shards; what
-stays in the rank process per sample is DALI's receiving of it from shared memory (Python in
-nvidia-dali 2.4.0: _multiproc/shared_batch.py `deserialize_batch`, external_source.py
-`_prep_data_for_feed_input`).
+"""What DALI is fed: the rank's batches, read by worker processes of this loader into shared memory,
+handed to DALI whole, with no Python per sample in the rank process.
 
-Kept apart from ffscale/data/dali.py so that a worker started by `spawn` (DALI's start method once
-CUDA is initialised) imports numpy, PIL and the index, not torch or DALI's graph code.
+DALI's parallel external source receives every sample with Python in the rank process (nvidia-dali
+2.4.0: _multiproc/shared_batch.py `deserialize_batch` unpickles a SampleMeta and makes an array per
+sample, and feeding a list of arrays converts each), tens of microseconds a sample under the rank's
+GIL. Here a batch travels as three dense arrays that DALI's plain external source takes without a
+copy (`no_copy`): the encoded images as rows of a (batch, row) uint8 array padded to the batch's
+largest image, their lengths and their labels. The graph cuts each row to its length
+(ffscale/data/dali.py). What the rank does per batch is one queue message each way and three array
+views.
+
+- **Workers** (`FeedWorkers`, one set per loader, `data.workers` of them, at least one): processes
+  that open the split's index once, then take (batch, slot, row length, sample ids) tasks and write
+  each sample's image bytes at its row of the slot, returning the lengths and the labels (checked
+  here). A bad sample comes back as the DataError naming its shard and key. They die with the rank
+  (its parent-death signal) and import numpy and the index, not torch or DALI (spawn, once CUDA is
+  initialised, starts them afresh).
+- **Slots**: files in /dev/shm (the temp dir where there is none), mapped by the rank and every
+  worker, unlinked as soon as all workers have mapped them, so nothing is left behind by a kill.
+  Each is sized for the split's largest image in every row and stays sparse: a worker frees a slot's
+  pages before writing it, so a slot holds the bytes of one batch.
+- **Reuse**: DALI keeps a `no_copy` buffer until the outputs of `prefetch_queue_depth` later
+  iterations are taken (its ExternalSource docs, `no_copy`), so a slot is written again only after
+  `queue + 1` newer batches have been handed over: there are `ahead + queue + 2` slots.
+
+`BatchFeed` is one epoch's (or one evaluation's) batches over those workers: DALI calls it once per
+iteration in the rank's thread; it raises StopIteration at the end and then starts over (the
+evaluation pipeline is reset, not rebuilt).
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import mmap
+import multiprocessing
 import os
+import tempfile
 
 import numpy as np
 
 from ffscale.data.samples import image_bytes, parse_label
 from ffscale.data.tarindex import TarIndex
-from ffscale.errors import DataError, StorageError
+from ffscale.errors import DaliFailure, DataError
 from ffscale.util.lifeline import die_with_parent
 
-# DALI's workers hand a callback's exception to the pipeline as RuntimeError(str(e)) inside a
-# generic Exception carrying the worker's traceback (nvidia-dali 2.4.0,
-# nvidia/dali/_multiproc/messages.py `failed`, pool.py `handle_error`): the class is lost, so a bad
-# sample's message starts with this mark and the loader turns it back into one DataError line.
-DATA_ERROR_MARK = "ffscale data error: "
-STORAGE_ERROR_MARK = "ffscale storage error: "  # remote storage not answering: exit 1, not 2 (errors.py)
 PAD_LABEL = -1  # eval padding: every batch has micro_batch rows; the engine counts labels >= 0 only
+PAD_ID = -1  # a padding position in a batch's sample ids
+ROW_ALIGN = 64  # bytes; rows start aligned
+WAIT_S = 1.0  # how often a rank waiting for a batch checks that its workers live
 
 
 @functools.cache
@@ -41,72 +61,188 @@ def pad_image() -> bytes:
     return buf.getvalue()
 
 
-LABEL_BYTES = 8  # the label rides after the image's bytes as an int64 (native byte order)
-
-
-def packed(image: bytes | np.ndarray, label: int) -> np.ndarray:
-    """One uint8 array: the encoded image, then its label's 8 bytes. DALI receives each output of
-    each sample with Python in the rank process (nvidia-dali 2.4.0, _multiproc/shared_batch.py
-    `deserialize_batch`, external_source.py `_prep_data_for_feed_input`), so one output costs half
-    of two; the graph splits it again (dali._pipeline)."""
-    return np.concatenate(
-        [np.frombuffer(image, dtype=np.uint8), np.array([label], dtype=np.int64).view(np.uint8)]
+def _shm_dir() -> str:
+    return (
+        "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
     )
 
 
-def read_sample(index: TarIndex, i: int, num_classes: int) -> np.ndarray:
-    """Sample i as DALI takes it: its encoded image and its label (checked here), `packed`."""
-    s = index.read(i)
-    return packed(image_bytes(s, index.members), parse_label(s, num_classes, index.members))
+class FeedWorkers:
+    """A loader's worker processes and the shared-memory slots they write batches into."""
 
-
-class SampleSource:
-    """`fn.external_source(source=SampleSource(...), batch=False, parallel=True)`: DALI calls it with
-    a SampleInfo per sample, and it returns the sample `packed`; `idx_in_epoch` k gives the plan's sample `ids[k]`, positions from `real`
-    on are padding, and StopIteration ends the epoch at len(ids) (a whole number of batches: DALI's
-    parallel source drops a last partial batch). Picklable: a mapped index travels as its path."""
-
-    def __init__(self, index: TarIndex, ids: np.ndarray, real: int, num_classes: int):
-        self.index, self.ids, self.real, self.num_classes = index, ids, real, num_classes
-        self.owner = os.getpid()  # the rank; DALI's worker processes call it
-
-    def __call__(self, info) -> np.ndarray:
-        _die_with_the_rank(self.owner)
-        k = info.idx_in_epoch
-        if k >= len(self.ids):
-            raise StopIteration
-        if k >= self.real:
-            return packed(pad_image(), PAD_LABEL)
+    def __init__(self, index: TarIndex, num_classes: int, batch: int, workers: int, slots: int,
+                 start_method: str):  # fmt: skip
+        sizes = index.img[:, 1]
+        self.row_cap = _align(max(int(sizes.max()) if len(sizes) else 0, len(pad_image())))
+        self.batch, self.slot_bytes = batch, batch * self.row_cap
+        self.sizes = np.maximum(sizes, 0)
+        paths, self.maps = [], []
+        for _ in range(slots):
+            fd, path = tempfile.mkstemp(prefix="ffscale-feed-", dir=_shm_dir())
+            try:
+                os.ftruncate(fd, self.slot_bytes)  # sparse: pages exist once written
+                self.maps.append(mmap.mmap(fd, self.slot_bytes))
+            finally:
+                os.close(fd)
+            paths.append(path)
+        ctx = multiprocessing.get_context(start_method)
+        self.tasks, self.results = ctx.SimpleQueue(), ctx.SimpleQueue()
+        self.procs = [
+            ctx.Process(target=_work, args=(index, num_classes, paths, self.tasks, self.results, os.getpid()),
+                        daemon=True, name=f"ffscale-feed-{k}")
+            for k in range(max(1, workers))
+        ]  # fmt: skip
         try:
-            return read_sample(self.index, int(self.ids[k]), self.num_classes)
-        except DataError as e:
-            mark = STORAGE_ERROR_MARK if isinstance(e, StorageError) else DATA_ERROR_MARK
-            raise RuntimeError(mark + str(e)) from None
+            for p in self.procs:
+                p.start()
+            for _ in self.procs:  # each has mapped every slot
+                self._receive()
+        finally:
+            for path in paths:
+                os.unlink(path)
+
+    def row_lengths(self, ids: np.ndarray) -> np.ndarray:
+        """Each batch's row length: its longest image (`ids` as (batches, batch))."""
+        sizes = np.where(ids == PAD_ID, len(pad_image()), self.sizes[np.maximum(ids, 0)])
+        return -(-sizes.max(axis=1) // ROW_ALIGN) * ROW_ALIGN
+
+    def submit(self, number: int, slot: int, row: int, ids: bytes) -> None:
+        """Batch `number` (its samples' ids as int64 bytes) to be written into `slot` in rows of `row` bytes."""
+        self.tasks.put((number, slot, row, ids))
+
+    def rows(self, slot: int, row: int) -> np.ndarray:
+        """Slot `slot` as (batch, row) bytes: a view DALI takes without a copy."""
+        return np.frombuffer(self.maps[slot], dtype=np.uint8, count=self.batch * row).reshape(self.batch, row)
+
+    def _receive(self):
+        while not self.results._reader.poll(WAIT_S):
+            dead = [p for p in self.procs if not p.is_alive()]
+            if dead:
+                raise DaliFailure(
+                    f"the DALI feed's worker process {dead[0].pid} ended (exit code {dead[0].exitcode}; "
+                    "killed: -9 is often the out-of-memory killer). Train without DALI with data.loader=webdataset"
+                )
+        return self.results.get()
+
+    def receive(self) -> tuple[int, object]:
+        """The next finished batch: (number, (row length, lengths, labels)), or (number, the error
+        its samples raised)."""
+        return self._receive()
+
+    def close(self) -> None:
+        for _ in self.procs:
+            self.tasks.put(None)
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        for m in self.maps:
+            try:
+                m.close()
+            except BufferError:  # a view DALI was handed still lives: the mapping goes with it
+                pass
+        self.maps = []
 
 
-_ARMED: list[int] = []  # the worker process that asked for its parent-death signal (a fork copies it)
+def _align(n: int) -> int:
+    return -(-n // ROW_ALIGN) * ROW_ALIGN
 
 
-def _die_with_the_rank(rank_pid: int) -> None:
-    """In a DALI worker process, once: be killed when the rank that started it dies. DALI's workers
-    wait on their task queue and outlive a rank killed with SIGKILL (the OOM killer, or the watch
-    on `ffscale train`: ffscale/util/lifeline.py), reading on for nobody."""
-    me = os.getpid()
-    if me == rank_pid or me in _ARMED:
-        return
-    _ARMED[:] = [me]
+def _work(index: TarIndex, num_classes: int, paths: list[str], tasks, results, rank_pid: int) -> None:
+    """A worker process: map the slots, say so, then fill batches until told to stop."""
     die_with_parent()
+    if os.getppid() != rank_pid:  # the rank died before the signal was asked for
+        return
+    maps = []
+    for path in paths:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            maps.append(mmap.mmap(fd, 0))
+        finally:
+            os.close(fd)
+    results.put("mapped")
+    while (task := tasks.get()) is not None:
+        number, slot, row, ids = task
+        try:
+            results.put(
+                (number, (row, _fill(index, num_classes, maps[slot], row, np.frombuffer(ids, np.int64))))
+            )
+        except DataError as e:  # a bad sample: the rank raises it, naming shard and key
+            results.put((number, e))
+        except Exception as e:  # anything else, said by the rank as DALI's feed failing
+            results.put((number, RuntimeError(f"the DALI feed's worker failed: {type(e).__name__}: {e}")))
 
 
-def data_error_in(error: BaseException) -> DataError | None:
-    """The DataError a worker's sample raised, found in the exception DALI re-raised; else None."""
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        for line in str(error).splitlines():
-            for mark, kind in ((DATA_ERROR_MARK, DataError), (STORAGE_ERROR_MARK, StorageError)):
-                at = line.find(mark)
-                if at >= 0:
-                    return kind(line[at + len(mark) :].strip())
-        error = error.__cause__ or error.__context__
-    return None
+def _fill(index: TarIndex, num_classes: int, buf: mmap.mmap, row: int, ids: np.ndarray) -> bytes:
+    """The batch's images written at their rows of `buf`; their lengths (int32: fn.slice takes its
+    shape so) and labels (int64), as the bytes of one array of each (a message, not pickled arrays)."""
+    buf.madvise(mmap.MADV_REMOVE)  # the previous batch's pages go: a slot holds one batch
+    lengths = np.empty((len(ids), 1), dtype=np.int32)
+    labels = np.empty((len(ids), 1), dtype=np.int64)
+    for r, i in enumerate(ids.tolist()):
+        if i == PAD_ID:
+            img, label = pad_image(), PAD_LABEL
+        else:
+            sample = index.read(i)
+            img, label = image_bytes(sample, index.members), parse_label(sample, num_classes, index.members)
+        buf[r * row : r * row + len(img)] = img
+        lengths[r, 0], labels[r, 0] = len(img), label
+    return lengths.tobytes() + labels.tobytes()
+
+
+class BatchFeed:
+    """One epoch's batches for DALI's external source (`batch=True, no_copy=True`, three outputs):
+    batch k holds the samples `ids[k * batch : (k + 1) * batch]`, positions from `real` on padding."""
+
+    def __init__(self, workers: FeedWorkers, ids: np.ndarray, real: int, ahead: int):
+        b = workers.batch
+        ids = np.asarray(ids, dtype=np.int64).copy()
+        ids[real:] = PAD_ID
+        self.workers, self.ahead = workers, ahead
+        self.ids = ids[: len(ids) // b * b].reshape(-1, b)
+        self.rows = workers.row_lengths(self.ids).tolist()
+        self.slots = len(workers.maps)
+        self._restart()
+
+    def _restart(self) -> None:
+        self.taken = self.sent = self.received = 0
+        self.done: dict[int, object] = {}
+
+    def _receive(self) -> None:
+        number, got = self.workers.receive()
+        self.done[number] = got
+        self.received += 1
+
+    def _send_ahead(self) -> None:
+        while self.sent < len(self.ids) and self.sent <= self.taken + self.ahead:
+            self.workers.submit(
+                self.sent, self.sent % self.slots, self.rows[self.sent], self.ids[self.sent].tobytes()
+            )
+            self.sent += 1
+
+    def __call__(self):
+        if self.taken >= len(self.ids):
+            self._restart()  # the next call starts the epoch again (an evaluation pipeline's reset)
+            raise StopIteration
+        self._send_ahead()
+        while self.taken not in self.done:
+            self._receive()
+        got = self.done.pop(self.taken)
+        if isinstance(got, BaseException):
+            raise got
+        row, message = got
+        b = self.workers.batch
+        lengths = np.frombuffer(message, np.int32, b).reshape(b, 1)
+        labels = np.frombuffer(message, np.int64, b, offset=4 * b).reshape(b, 1)
+        slot = self.taken % self.slots
+        self.taken += 1
+        self._send_ahead()
+        return self.workers.rows(slot, row), lengths, labels
+
+    def drain(self) -> None:
+        """Wait for the batches sent and not taken (an epoch cut short, an evaluation abandoned): the
+        workers must not write a slot the next feed hands to DALI."""
+        while self.received < self.sent:
+            self._receive()
+        self._restart()

@@ -101,6 +101,37 @@ def test_dali_builds_the_val_pipeline_once_for_every_evaluation(id_shards):
     loader.close()
 
 
+def test_the_dali_feed_hands_over_whole_batches_the_same_from_forked_and_spawned_workers(id_shards):
+    """The feed's workers start by spawn once CUDA is up in the rank: they must write the same rows,
+    lengths and labels as forked ones, epoch after epoch, leaving nothing in shared memory."""
+    import os
+
+    import numpy as np
+
+    from ffscale.data import feed
+    from ffscale.data.loader import open_index
+
+    index, _ = open_index(str(id_shards))
+    ids = np.random.default_rng(0).permutation(len(index))[:48]
+    got = {}
+    for method in ("fork", "spawn"):
+        workers = feed.FeedWorkers(index, CLASSES, 16, 2, slots=4, start_method=method)
+        batches = feed.BatchFeed(workers, ids, 40, ahead=1)  # the last 8 positions: padding
+        got[method] = []
+        for _ in range(2):  # after StopIteration the feed starts over (an evaluation's reset)
+            with pytest.raises(StopIteration):
+                while True:
+                    rows, lengths, labels = batches()
+                    images = [bytes(r[:n]) for r, n in zip(rows, lengths[:, 0])]
+                    got[method].append((images, labels[:, 0].tolist()))
+        workers.close()
+        assert not [f for f in os.listdir(feed._shm_dir()) if f.startswith("ffscale-feed-")]
+    assert got["fork"] == got["spawn"] and len(got["fork"]) == 6
+    first = got["fork"][0]
+    assert first[0][0] == feed.image_bytes(index.read(int(ids[0])), index.members)
+    assert got["fork"][2][1][-8:] == [feed.PAD_LABEL] * 8
+
+
 @pytest.mark.parametrize("kind", LOADERS)
 def test_epochs_reshuffle_and_resume_replays_the_same_batches(id_shards, kind):
     loader, _ = build_loader(plain_cfg(kind), str(id_shards), True, 0, 1, 16, 0, None, torch.device("cpu"))
