@@ -375,13 +375,19 @@ def stages(cfg: Config) -> list[Stage]:
             if key not in over:
                 values[key] = copy.deepcopy(value)
             elif dataclasses.is_dataclass(value):
+                if not isinstance(over[key], dict | None):
+                    raise ConfigError(
+                        f"stages.{name}.{key}={over[key]!r}: a section of keys, e.g. stages.{name}.{key}.<key>=..."
+                    )
                 try:
                     merged = OmegaConf.merge(OmegaConf.structured(value), over[key] or {})
                 except OmegaConfBaseException as e:
                     raise _explain(e, f"stage '{name}'", f"stages.{name}.{key}.") from e
                 values[key] = OmegaConf.to_object(merged)
-            else:  # init_from: a name or a path
-                values[key] = None if over[key] is None else str(over[key])
+            elif isinstance(over[key], str | None):  # init_from: a name or a path
+                values[key] = over[key]
+            else:
+                raise ConfigError(f"stages.{name}.{key}={over[key]!r}: a stage's name, a path, or scratch")
         out.append(Stage(name, StageCfg(**values), run_dir / name))
     return out
 

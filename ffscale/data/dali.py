@@ -158,7 +158,7 @@ class DaliLoader(Loader):
         return pipe
 
     def _host_resize(self) -> bool:
-        # On a CPU, DALI's resize costs ~1 ms per 224 px image, torch's uint8 SIMD resize ~0.15 ms.
+        # On a CPU torch's uint8 SIMD resize is the faster (docs/performance.md, "Input pipeline").
         return self.train and self.device.type != "cuda" and not self.cfg.rand_augment
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
@@ -198,6 +198,7 @@ class DaliLoader(Loader):
         ids[: len(real)] = real
         if not len(ids):
             return
+        source = self._val[2] if self._val is not None else None
         try:
             if self._val is not None and self._val_whole:
                 self._val_whole = False
@@ -211,7 +212,8 @@ class DaliLoader(Loader):
                 self._val = (pipe, self._told(lambda: _iterator(pipe), ids, 0), source)
             yield from self._guarded(self._dali_batches(self._val[1], 0), ids)
         except BaseException:  # a failure, or an evaluation abandoned midway: no reset resumes it
-            self._drop_val()
+            if self._val is not None and self._val[2] is source:  # not a newer evaluation's (a late close)
+                self._drop_val()
             raise
         self._val_whole = True
 
@@ -329,16 +331,10 @@ _END = object()
 
 
 def _release(pipe) -> None:
-    """The pipeline and its worker processes stopped now, in this thread. Left to the garbage
-    collector, a pipeline held in a reference cycle (a traceback's frames hold one) is freed wherever
-    a collection runs next: on its pool's observer thread, which cannot join itself ("cannot join
-    current thread"), or in a worker forked for the next pipeline, whose inherited copy's Shutdown
-    aborts it (nvidia-dali 2.4.0: pipeline.py `__del__` -> `_shutdown`, and `_start_py_workers`'
-    finalizer -> _multiproc/pool.py `close`, which joins the observer thread). Both are idempotent."""
+    """The pipeline stopped now, in this thread, not when the garbage collector gets to it (a
+    pipeline held in a reference cycle, as a traceback's frames hold one, is freed wherever a
+    collection runs next; nvidia-dali 2.4.0: pipeline.py `__del__` -> `_shutdown`, idempotent)."""
     pipe._shutdown()
-    pool = getattr(pipe, "_py_pool", None)
-    if pool is not None:
-        pool.close()
 
 
 def _iterator(pipe):

@@ -3,8 +3,7 @@ handed to DALI whole, with no Python per sample in the rank process.
 
 DALI's parallel external source receives every sample with Python in the rank process (nvidia-dali
 2.4.0: _multiproc/shared_batch.py `deserialize_batch` unpickles a SampleMeta and makes an array per
-sample, and feeding a list of arrays converts each), tens of microseconds a sample under the rank's
-GIL. Here a batch travels as three dense arrays that DALI's plain external source takes without a
+sample, and feeding a list of arrays converts each), under the rank's GIL. Here a batch travels as three dense arrays that DALI's plain external source takes without a
 copy (`no_copy`): the encoded images as rows of a (batch, row) uint8 array padded to the batch's
 largest image, their lengths and their labels. The graph cuts each row to its length
 (ffscale/data/dali.py). What the rank does per batch is one queue message each way and three array
@@ -14,8 +13,10 @@ views.
   that open the split's index once, then take (batch, slot, row length, sample ids) tasks and write
   each sample's image bytes at its row of the slot, returning the lengths and the labels (checked
   here). A bad sample comes back as the DataError naming its shard and key. They die with the rank
-  (its parent-death signal) and import numpy and the index, not torch or DALI (spawn, once CUDA is
-  initialised, starts them afresh).
+  (its parent-death signal), ignore SIGTERM (a preemption is the rank's to handle: it checkpoints,
+  then stops them) and import numpy and the index, not torch or DALI (spawn, once CUDA is
+  initialised, starts them afresh; it also imports the rank's main script again, as multiprocessing
+  does: a `--entry` script's top level runs in each).
 - **Slots**: files in /dev/shm (the temp dir where there is none), mapped by the rank and every
   worker, unlinked as soon as all workers have mapped them, so nothing is left behind by a kill.
   Each is sized for the split's largest image in every row and stays sparse: a worker frees a slot's
@@ -31,11 +32,13 @@ evaluation pipeline is reset, not rebuilt).
 
 from __future__ import annotations
 
+import atexit
 import functools
 import io
 import mmap
 import multiprocessing
 import os
+import signal
 import tempfile
 
 import numpy as np
@@ -76,27 +79,34 @@ class FeedWorkers:
         self.row_cap = _align(max(int(sizes.max()) if len(sizes) else 0, len(pad_image())))
         self.batch, self.slot_bytes = batch, batch * self.row_cap
         self.sizes = np.maximum(sizes, 0)
-        paths, self.maps = [], []
-        for _ in range(slots):
-            fd, path = tempfile.mkstemp(prefix="ffscale-feed-", dir=_shm_dir())
-            try:
-                os.ftruncate(fd, self.slot_bytes)  # sparse: pages exist once written
-                self.maps.append(mmap.mmap(fd, self.slot_bytes))
-            finally:
-                os.close(fd)
-            paths.append(path)
-        ctx = multiprocessing.get_context(start_method)
-        self.tasks, self.results = ctx.SimpleQueue(), ctx.SimpleQueue()
-        self.procs = [
-            ctx.Process(target=_work, args=(index, num_classes, paths, self.tasks, self.results, os.getpid()),
-                        daemon=True, name=f"ffscale-feed-{k}")
-            for k in range(max(1, workers))
-        ]  # fmt: skip
+        self.maps: list[mmap.mmap] = []
+        self.procs: list = []
+        paths: list[str] = []
         try:
-            for p in self.procs:
-                p.start()
+            for _ in range(slots):
+                fd, path = tempfile.mkstemp(prefix="ffscale-feed-", dir=_shm_dir())
+                paths.append(path)
+                try:
+                    os.ftruncate(fd, self.slot_bytes)  # sparse: pages exist once written
+                    self.maps.append(mmap.mmap(fd, self.slot_bytes))
+                finally:
+                    os.close(fd)
+            ctx = multiprocessing.get_context(start_method)
+            self.tasks, self.results = ctx.SimpleQueue(), ctx.SimpleQueue()
+            for k in range(max(1, workers)):
+                self.procs.append(ctx.Process(
+                    target=_work, args=(index, num_classes, paths, self.tasks, self.results, os.getpid()),
+                    daemon=True, name=f"ffscale-feed-{k}",
+                ))  # fmt: skip
+                self.procs[-1].start()
+            # they ignore SIGTERM, so multiprocessing's own exit handler (terminate, then join) would
+            # wait on them for ever: this one, registered later, runs first
+            atexit.register(self.close)
             for _ in self.procs:  # each has mapped every slot
                 self._receive()
+        except BaseException:
+            self.close()
+            raise
         finally:
             for path in paths:
                 os.unlink(path)
@@ -130,13 +140,16 @@ class FeedWorkers:
         return self._receive()
 
     def close(self) -> None:
-        for _ in self.procs:
-            self.tasks.put(None)
+        atexit.unregister(self.close)
+        for p in self.procs:
+            if p.is_alive():
+                self.tasks.put(None)
         for p in self.procs:
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
                 p.join()
+        self.procs = []
         for m in self.maps:
             try:
                 m.close()
@@ -154,6 +167,7 @@ def _work(index: TarIndex, num_classes: int, paths: list[str], tasks, results, r
     die_with_parent()
     if os.getppid() != rank_pid:  # the rank died before the signal was asked for
         return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     maps = []
     for path in paths:
         fd = os.open(path, os.O_RDWR)
@@ -176,8 +190,11 @@ def _work(index: TarIndex, num_classes: int, paths: list[str], tasks, results, r
 
 def _fill(index: TarIndex, num_classes: int, buf: mmap.mmap, row: int, ids: np.ndarray) -> bytes:
     """The batch's images written at their rows of `buf`; their lengths (int32: fn.slice takes its
-    shape so) and labels (int64), as the bytes of one array of each (a message, not pickled arrays)."""
-    buf.madvise(mmap.MADV_REMOVE)  # the previous batch's pages go: a slot holds one batch
+    shape so) and labels (int64), as the bytes of the two arrays (a message, not pickled arrays)."""
+    try:
+        buf.madvise(mmap.MADV_REMOVE)  # the previous batch's pages go: a slot holds one batch
+    except OSError:  # a file system without hole punching (a temp dir on overlayfs): pages stay
+        pass
     lengths = np.empty((len(ids), 1), dtype=np.int32)
     labels = np.empty((len(ids), 1), dtype=np.int64)
     for r, i in enumerate(ids.tolist()):
@@ -188,7 +205,7 @@ def _fill(index: TarIndex, num_classes: int, buf: mmap.mmap, row: int, ids: np.n
             img, label = image_bytes(sample, index.members), parse_label(sample, num_classes, index.members)
         buf[r * row : r * row + len(img)] = img
         lengths[r, 0], labels[r, 0] = len(img), label
-    return lengths.tobytes() + labels.tobytes()
+    return labels.tobytes() + lengths.tobytes()  # the int64s first: both views stay aligned
 
 
 class BatchFeed:
@@ -233,8 +250,8 @@ class BatchFeed:
             raise got
         row, message = got
         b = self.workers.batch
-        lengths = np.frombuffer(message, np.int32, b).reshape(b, 1)
-        labels = np.frombuffer(message, np.int64, b, offset=4 * b).reshape(b, 1)
+        labels = np.frombuffer(message, np.int64, b).reshape(b, 1)
+        lengths = np.frombuffer(message, np.int32, b, offset=8 * b).reshape(b, 1)
         slot = self.taken % self.slots
         self.taken += 1
         self._send_ahead()

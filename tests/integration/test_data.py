@@ -101,21 +101,24 @@ def test_dali_builds_the_val_pipeline_once_for_every_evaluation(id_shards):
     loader.close()
 
 
-def test_the_dali_feed_hands_over_whole_batches_the_same_from_forked_and_spawned_workers(id_shards):
+def test_the_dali_feed_hands_over_whole_batches_the_same_from_forked_and_spawned_workers(
+    id_shards, tmp_path, monkeypatch
+):
     """The feed's workers start by spawn once CUDA is up in the rank: they must write the same rows,
-    lengths and labels as forked ones, epoch after epoch, leaving nothing in shared memory."""
-    import os
-
+    lengths and labels as forked ones, epoch after epoch; the slots' files are gone once mapped, so a
+    killed rank leaves nothing in shared memory."""
     import numpy as np
 
     from ffscale.data import feed
     from ffscale.data.loader import open_index
 
+    monkeypatch.setattr(feed, "_shm_dir", lambda: str(tmp_path))
     index, _ = open_index(str(id_shards))
     ids = np.random.default_rng(0).permutation(len(index))[:48]
     got = {}
     for method in ("fork", "spawn"):
         workers = feed.FeedWorkers(index, CLASSES, 16, 2, slots=4, start_method=method)
+        assert not list(tmp_path.iterdir())
         batches = feed.BatchFeed(workers, ids, 40, ahead=1)  # the last 8 positions: padding
         got[method] = []
         for _ in range(2):  # after StopIteration the feed starts over (an evaluation's reset)
@@ -125,7 +128,6 @@ def test_the_dali_feed_hands_over_whole_batches_the_same_from_forked_and_spawned
                     images = [bytes(r[:n]) for r, n in zip(rows, lengths[:, 0])]
                     got[method].append((images, labels[:, 0].tolist()))
         workers.close()
-        assert not [f for f in os.listdir(feed._shm_dir()) if f.startswith("ffscale-feed-")]
     assert got["fork"] == got["spawn"] and len(got["fork"]) == 6
     first = got["fork"][0]
     assert first[0][0] == feed.image_bytes(index.read(int(ids[0])), index.members)
