@@ -307,6 +307,18 @@ def print_data(res: dict) -> None:
         print(f"DALI / webdataset: {res['ratio_dali_over_webdataset']:.2f}x (rounds: {per})")
 
 
+def table(res: dict) -> list[list]:
+    """The docs' table of a record (ffscale/tools/bench/report.py): a row per loader."""
+    rows: list[list] = [["loader", "img/s (median)", "CPU-ms/img", "rank's Python threads, CPU-us/img",
+                         "of it host resize", "feed alone: img/s", "feed alone: CPU-us/img"]]  # fmt: skip
+    for kind in LOADERS:
+        if kind in res:
+            r = res[kind]
+            rows.append([kind, round(r["img_per_s"]), r["cpu_ms_per_img"], r["py_threads_us_per_img"],
+                         r["host_resize_us_per_img"], round(r["feed_img_per_s"]), r["feed_py_threads_us_per_img"]])  # fmt: skip
+    return rows
+
+
 if __name__ == "__main__":  # one round, in the process `_round` starts
     kind, root, img_size, batch, workers, warmup, lo, hi, ra, feed = sys.argv[1:11]
     r = measure(kind, root, int(img_size), int(batch), int(workers), int(warmup), (float(lo), float(hi)),

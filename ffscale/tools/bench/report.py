@@ -70,9 +70,10 @@ def flat(result) -> list[list]:
 
 
 def _tables() -> dict:
-    from ffscale.tools.bench import commands, startup, startup_scale
+    from ffscale.tools.bench import commands, data, startup, startup_scale
 
     return {
+        "data": data.table,
         "startup": startup.table,
         "startup-scale": startup_scale.table,
         "demo": commands.table,
