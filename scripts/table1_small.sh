@@ -6,6 +6,8 @@
 #   - FF without repeated augmentation / drop path / RandAugment (configs/table1_small_recipe.yaml), seeds 0 1 2;
 #   - the three families without repeated augmentation and RandAugment (configs/table1_small_lean.yaml), seeds 0 1 2;
 #   - the three families with the whole recipe at 12 epochs (configs/table1_small_12ep.yaml), seeds 0 1 2;
+#   - FF over 3 epochs alone and taught by the 12-epoch FF of seed 0, a teacher stronger than the
+#     student (configs/table1_small_distill_strong.yaml), seeds 0 1 2;
 # then the table (mean, spread and each seed's final top-1 per row) and the curves of seed 0.
 # Rerunning skips every finished stage and resumes an interrupted one. SEEDS="0" runs one seed;
 # NICE (default 10) is the training jobs' niceness on a shared host; extra arguments go to every job.
@@ -40,6 +42,11 @@ for s in $SEEDS; do
 done
 for s in $SEEDS; do
     train --config configs/table1_small_12ep.yaml run.seed="$s" run.name="table1-small-12ep-s$s" "$@"
+done
+[ -f runs/table1-small-12ep-s0/ff/DONE ] ||  # the teacher alone where SEEDS left seed 0 out
+    train --config configs/table1_small_teacher.yaml run.seed=0 run.name=table1-small-12ep-s0 "$@"
+for s in $SEEDS; do
+    train --config configs/table1_small_distill_strong.yaml run.seed="$s" run.name="table1-small-strong-s$s" "$@"
 done
 
 python - <<'EOF'
