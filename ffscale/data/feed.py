@@ -103,7 +103,7 @@ class FeedWorkers:
             # wait on them for ever: this one, registered later, runs first
             atexit.register(self.close)
             for _ in self.procs:  # each has mapped every slot
-                self._receive()
+                self.receive()
         except BaseException:
             self.close()
             raise
@@ -124,7 +124,9 @@ class FeedWorkers:
         """Slot `slot` as (batch, row) bytes: a view DALI takes without a copy."""
         return np.frombuffer(self.maps[slot], dtype=np.uint8, count=self.batch * row).reshape(self.batch, row)
 
-    def _receive(self):
+    def receive(self):
+        """The next message from the workers: (number, (row length, lengths and labels as bytes)) of a
+        finished batch, (number, the error its samples raised), or at start-up "mapped"."""
         while not self.results._reader.poll(WAIT_S):
             dead = [p for p in self.procs if not p.is_alive()]
             if dead:
@@ -133,11 +135,6 @@ class FeedWorkers:
                     "killed: -9 is often the out-of-memory killer). Train without DALI with data.loader=webdataset"
                 )
         return self.results.get()
-
-    def receive(self) -> tuple[int, object]:
-        """The next finished batch: (number, (row length, lengths, labels)), or (number, the error
-        its samples raised)."""
-        return self._receive()
 
     def close(self) -> None:
         atexit.unregister(self.close)
