@@ -49,12 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(config.to_yaml(cfg))
             return 0
+        from ffscale import tracking
         from ffscale.engine.dist import prepare_env
 
+        tracking.keep_mlflow_out(cfg, int(os.environ.get("RANK", "0")))
         prepare_env()
         from ffscale.run import pipeline
 
-        startup.mark("imports_done")  # torch, DeepSpeed, MLflow (DALI is imported with the loaders)
+        # torch, DeepSpeed; MLflow where this rank uses it (DALI is imported with the loaders)
+        startup.mark("imports_done")
         try:
             return pipeline.run(cfg)
         except RuntimeError as e:

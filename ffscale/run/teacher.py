@@ -22,9 +22,10 @@ from ffscale.engine.ds_config import DTYPES, resolve_precision
 from ffscale.errors import ConfigError, FfscaleError
 from ffscale.inference.card import CARD, find_package, read_card
 from ffscale.inference.stagedir import StageDir
+from ffscale.tracking.store import REGISTRY_URIS
 from ffscale.util.weights import file_digest
 
-REGISTRY = ("models:/", "runs:/")
+REGISTRY = REGISTRY_URIS  # a teacher named so is downloaded from MLflow
 
 
 @dataclass

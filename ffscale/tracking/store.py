@@ -17,6 +17,7 @@ MLFLOW_ENV = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",  # a dead server must not block training for minutes
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
+REGISTRY_URIS = ("models:/", "runs:/")  # MLflow's names of logged and registered models
 ARTIFACTS = "mlartifacts"  # beside a SQLite store: its experiments' artifacts
 PAGE = 1000  # runs per search request (`ffscale compare` pages through any number)
 

@@ -15,19 +15,20 @@ NAN_TRAIN = Path(nan_train.__file__)
 STAGES = ("z0", "z1", "z2", "z3")
 
 
-def args(shards, runs, name, *extra):
+def stage_overrides(stage: str) -> list[str]:
+    # tiny: updates below one bf16 step of the weights, which only an EMA of the fp32 masters sees
+    zero = 2 if stage == "tiny" else int(stage[1])
+    out = [f"stages.{stage}.deepspeed.zero_stage={zero}", f"stages.{stage}.init_from=scratch"]
+    return out + (["stages.tiny.optim.base_lr=1e-7"] if stage == "tiny" else [])
+
+
+def args(shards, runs, name, *extra, stages=(*STAGES, "tiny")):
     out = small_overrides(shards, runs, name) + [
         "deepspeed.precision=bf16", "optim.micro_batch=16", "optim.ema_decay=0.9", "schedule.epochs=1",
         "optim.nonfinite=skip", "checkpoint.every_steps=4",
     ]  # fmt: skip
-    for i, st in enumerate(STAGES):
-        out += [f"stages.{st}.deepspeed.zero_stage={i}", f"stages.{st}.init_from=scratch"]
-    # updates below one bf16 step of the weights: only an EMA of the fp32 masters sees them
-    out += [
-        "stages.tiny.deepspeed.zero_stage=2",
-        "stages.tiny.init_from=scratch",
-        "stages.tiny.optim.base_lr=1e-7",
-    ]
+    for stage in stages:
+        out += stage_overrides(stage)
     return out + list(extra)
 
 
@@ -38,9 +39,12 @@ def bf16_runs(fm_shards, module_dir):
         "dir": module_dir,
         "ref": check(launch(args(fm_shards, module_dir, "ref"), env=nan, script=NAN_TRAIN)),
     }
-    cut = args(fm_shards, module_dir, "cut", "stages.z2.schedule.stop_at_step=10")
+    # z2 alone, stopped and resumed: every stage starts from scratch and draws its seeds from run.seed
+    # alone (ffscale/util/seeds.py), so it must end on the ref pipeline's z2 weights
+    cut = args(fm_shards, module_dir, "cut", "stages.z2.schedule.stop_at_step=10", stages=("z2",))
     out["cut"] = check(launch(cut, env=nan, script=NAN_TRAIN))
-    out["resumed"] = check(launch(args(fm_shards, module_dir, "cut"), env=nan, script=NAN_TRAIN))
+    resumed = args(fm_shards, module_dir, "cut", stages=("z2",))
+    out["resumed"] = check(launch(resumed, env=nan, script=NAN_TRAIN))
     return out
 
 

@@ -1,4 +1,4 @@
-"""The run's pure logic: the non-finite policy, step arithmetic, the progress meter, lineage."""
+"""The run's pure logic: the non-finite policy, step arithmetic, the progress meter, lineage, which ranks import MLflow."""
 
 from __future__ import annotations
 
@@ -136,3 +136,27 @@ def test_the_nodes_launcher_numbers_ranks_node_major_and_stops_the_rest_when_one
     assert json.loads((tmp_path / "r2").read_text())[1]["LOCAL_RANK"] == "0"
     # rank 0 sleeps 120 s: the launcher stops it rather than waits (else the timeout raises)
     assert subprocess.run([*launcher, "fail", str(tmp_path / "f")], timeout=60).returncode == 3
+
+
+# -- which ranks import MLflow -----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "rank, overrides, uses",
+    [
+        (0, [], True),  # rank 0 tracks
+        (1, [], False),
+        (0, ["tracking.enabled=false"], False),
+        (1, ["stages.a.model.name=ff_tiny", "stages.b.distill.teacher=models:/ff/3"], True),  # downloads it
+        (1, ["stages.a.model.name=ff_tiny", "stages.b.distill.teacher=a"], False),
+    ],
+)
+def test_only_a_rank_that_tracks_or_downloads_a_teacher_imports_mlflow(monkeypatch, rank, overrides, uses):
+    import sys
+
+    from ffscale import tracking
+
+    cfg = C.load(None, overrides)
+    assert tracking.uses_mlflow(cfg, rank) is uses
+    monkeypatch.delitem(sys.modules, "mlflow", raising=False)
+    tracking.keep_mlflow_out(cfg, rank)
+    # DeepSpeed's `try: import mlflow` then fails as it does where MLflow is not installed
+    assert ("mlflow" in sys.modules and sys.modules["mlflow"] is None) is not uses

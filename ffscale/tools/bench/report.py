@@ -37,7 +37,9 @@ def render(bench: str, records: list[dict]) -> str:
     head, *rows = _tables().get(bench, flat)(rec["result"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return "\n" + "\n".join(lines) + "\n\n" + provenance(rec) + "\n\n"
+    caption = _captions().get(bench)
+    lead = f"{caption(rec['result'])}:\n\n" if caption else ""
+    return "\n" + lead + "\n".join(lines) + "\n\n" + provenance(rec) + "\n\n"
 
 
 def provenance(rec: dict) -> str:
@@ -70,16 +72,24 @@ def flat(result) -> list[list]:
 
 
 def _tables() -> dict:
-    from ffscale.tools.bench import commands, data, startup, startup_scale
+    from ffscale.tools.bench import commands, data, startup, startup_scale, train
 
     return {
         "data": data.table,
         "startup": startup.table,
+        "train": train.table,
         "startup-scale": startup_scale.table,
         "demo": commands.table,
         "suite": commands.table,
         "unit": commands.table,
     }
+
+
+def _captions() -> dict:
+    """The benches whose table needs a line above it (what was measured, beyond the command)."""
+    from ffscale.tools.bench import train
+
+    return {"train": train.caption}
 
 
 def _cell(v) -> str:

@@ -36,7 +36,7 @@ PARTS = [
     ("front_end.checks", "config, job checks without torch, run lock", "ffscale_started", "launcher_started", FFSCALE),
     ("launcher", "the node's launcher (ffscale/run/ranks.py) starts the ranks", "launcher_started", "rank_created", FFSCALE),
     ("rank_config", "rank: python start, config loaded (and its imports)", "rank_created", "config_loaded", FFSCALE),
-    ("rank_imports", "rank: imports left (torch, DeepSpeed, MLflow)", "config_loaded", "imports_done", UPSTREAM),
+    ("rank_imports", "rank: imports left (torch, DeepSpeed; MLflow where the rank tracks)", "config_loaded", "imports_done", UPSTREAM),
     ("distributed_init", "distributed init", "imports_done", "distributed_initialised", FFSCALE),
     ("run_setup", "run lock, preflight verdict, config saved, tracker", "distributed_initialised", "stage_started", FFSCALE),
     ("data", "data set-up (DALI loaders)", "stage_started", "loaders_built", FFSCALE),
