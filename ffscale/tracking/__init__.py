@@ -43,7 +43,12 @@ def keep_mlflow_out(cfg, rank: int) -> None:
     sys.modules makes that import raise ImportError (the import system's rule for a None entry),
     which DeepSpeed catches. Called before DeepSpeed is imported."""
     if not uses_mlflow(cfg, rank):
-        sys.modules.setdefault("mlflow", None)
+        block_mlflow()
+
+
+def block_mlflow() -> None:
+    """This process does not import MLflow (a process that never tracks; see keep_mlflow_out)."""
+    sys.modules.setdefault("mlflow", None)
 
 
 def create(cfg, run_dir: Path, rank: int):

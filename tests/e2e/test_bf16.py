@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from entries import nan_train
-from helpers.launch import check, launch, small_overrides
+from helpers.launch import UNTRACKED, check, launch, small_overrides
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.e2e
@@ -25,7 +25,7 @@ def stage_overrides(stage: str) -> list[str]:
 def args(shards, runs, name, *extra, stages=(*STAGES, "tiny")):
     out = small_overrides(shards, runs, name) + [
         "deepspeed.precision=bf16", "optim.micro_batch=16", "optim.ema_decay=0.9", "schedule.epochs=1",
-        "optim.nonfinite=skip", "checkpoint.every_steps=4",
+        "optim.nonfinite=skip", "checkpoint.every_steps=4", UNTRACKED,
     ]  # fmt: skip
     for stage in stages:
         out += stage_overrides(stage)

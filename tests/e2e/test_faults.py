@@ -26,7 +26,7 @@ import psutil
 import pytest
 from entries import chaos_train
 from helpers.faults import STAGE, args
-from helpers.launch import ROOT, check, launch, launch_cmd, launch_env
+from helpers.launch import ROOT, UNTRACKED, check, launch, launch_cmd, launch_env
 
 pytestmark = pytest.mark.e2e
 CHAOS_TRAIN = Path(chaos_train.__file__)
@@ -95,7 +95,7 @@ def mount_tmpfs(path: Path, size: str) -> bool:
 
 @pytest.fixture(scope="module")
 def ref_run(fm_shards, module_dir):
-    return {"dir": module_dir, "ref": check(launch(args(fm_shards, module_dir, "ref")))}
+    return {"dir": module_dir, "ref": check(launch(args(fm_shards, module_dir, "ref", UNTRACKED)))}
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +107,10 @@ def disk_full(fm_shards, module_dir):
     out["tmpfs"] = mount_tmpfs(full, "700k")
     try:
         if out["tmpfs"]:
-            out["full"] = launch(args(fm_shards, d, "full"))
+            out["full"] = launch(args(fm_shards, d, "full", UNTRACKED))
             out["full_latest"] = (full / "latest").read_text()
             subprocess.run(["mount", "-o", "remount,size=64m", str(full)], check=True)
-            out["full_rerun"] = check(launch(args(fm_shards, d, "full")))
+            out["full_rerun"] = check(launch(args(fm_shards, d, "full", UNTRACKED)))
     finally:
         if out["tmpfs"]:
             subprocess.run(["umount", "-l", str(full)])

@@ -16,7 +16,7 @@ import pytest
 import torch
 from entries import chaos_train, nan_train
 from helpers.faults import STAGE, args
-from helpers.launch import check, launch, small_overrides
+from helpers.launch import UNTRACKED, check, launch, small_overrides
 from helpers.loaders import bad_shards
 
 pytestmark = pytest.mark.e2e
@@ -39,6 +39,7 @@ def nan_skips(fm_shards, module_dir):
         "stages.z2.optim.nonfinite=skip",
         "stages.z2.optim.max_skipped=3",
         "stages.z2.init_from=scratch",
+        UNTRACKED,
     ]
     out["nan"] = launch(args(fm_shards, d, "nan", "schedule.epochs=1", *stages), env=NAN, script=NAN_TRAIN)
     ck = d / "nan" / "z2" / "checkpoints"
@@ -67,7 +68,9 @@ def world_resume(fm_shards, module_dir):
     d = module_dir
     log = d / "ids"
     log.mkdir()
-    base = args(fm_shards, d, "world", "schedule.epochs=1", "data.loader=webdataset", "data.repeats=3")
+    base = args(
+        fm_shards, d, "world", "schedule.epochs=1", "data.loader=webdataset", "data.repeats=3", UNTRACKED
+    )
     env = {"FFSCALE_LOG_IDS": str(log)}
     out: dict = {"dir": d, "log": log}
     out["a"] = launch(base + ["schedule.stop_at_step=10"], env=env, script=CHAOS_TRAIN)
@@ -133,7 +136,7 @@ def test_a_data_error_inside_a_rank_is_one_line_and_exit_2(fm_shards, tmp_path):
     the job exits 2 (a rerun cannot fix it: a Kubernetes Job must not retry), no traceback."""
     bad = bad_shards(tmp_path, "corrupt_jpeg")
     job = small_overrides(fm_shards, tmp_path, "bad") + [
-        f"data.train={bad}", f"data.val={bad}", "optim.global_batch=16", "optim.micro_batch=8",
+        f"data.train={bad}", f"data.val={bad}", "optim.global_batch=16", "optim.micro_batch=8", UNTRACKED,
     ]  # fmt: skip
     r = launch(job)
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ffscale: data error")]

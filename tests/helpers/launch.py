@@ -113,6 +113,12 @@ def migrated_store(run_dir: Path) -> None:
         shutil.copyfile(_empty_store(), db)
 
 
+# For jobs whose tests read nothing from MLflow: rank 0 then skips MLflow's import, its store and its
+# model logging, seconds of CPU a launch. What tracking records under faults, resumes and outages is
+# asserted by the jobs that keep it on (test_train, test_faults' `k` and chaos, test_mlflow_server, ...).
+UNTRACKED = "tracking.enabled=false"
+
+
 def small_overrides(shards: Path, run_dir: Path, name: str, fresh_store: bool = False) -> list[str]:
     """A small FF model on the small shards: fast enough for several multi-rank launches. Its run
     directory gets a migrated MLflow store (`migrated_store`) unless `fresh_store`: the job's rank 0

@@ -33,7 +33,9 @@ def child_parser() -> argparse.ArgumentParser:
 
 def child(args) -> int:
     """One ZeRO stage inside its job: ffscale's engine and the plain loop on one fixed batch."""
-    from ffscale import config
+    from ffscale import config, tracking
+
+    tracking.block_mlflow()  # the job tracks nothing; DeepSpeed would import MLflow
     from ffscale.engine import dist as distributed
     from ffscale.util import flops
 
