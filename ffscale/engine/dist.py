@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
+
+from ffscale.util.ports import free_port
 
 
 @dataclass
@@ -19,12 +20,6 @@ class DistInfo:
     local_rank: int
     local_world: int
     device: torch.device
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def prepare_env() -> None:

@@ -112,9 +112,9 @@ def allreduce(nproc: int, args) -> Check:
     node's when doctor runs on each node with --nnodes/--node-rank/--master-addr (as ffscale train)."""
     if nproc * args.nnodes < 2:
         return Check("all-reduce", "one rank: nothing to reduce", fatal=False)
-    from ffscale.engine.dist import free_port
     from ffscale.tools import allreduce as allreduce_job
     from ffscale.util.hostenv import rank_env
+    from ffscale.util.ports import free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={args.nnodes}",
            f"--node-rank={args.node_rank}", f"--master-addr={args.master_addr}",

@@ -8,7 +8,6 @@ import functools
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,15 +16,10 @@ from pathlib import Path
 
 import ffscale.train
 from ffscale.run.launch import launcher_cmd
+from ffscale.util.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
 TRAIN_PY = Path(ffscale.train.__file__)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_cmd(args: list[str], nproc: int = 2, script: Path = TRAIN_PY, runner: bool = False) -> list[str]:

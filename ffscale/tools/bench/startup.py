@@ -92,7 +92,7 @@ def summary(cmd: str, rounds: list[dict[str, float]], warmup: int = 1) -> dict:
 
 def _launch(args, tmp: Path) -> list[dict]:
     """One run of the command in `tmp`: the trace's lines, with the exec time as the event 'exec'."""
-    from ffscale.engine.dist import free_port
+    from ffscale.util.ports import free_port
 
     trace = tmp / "startup.jsonl"
     exe = Path(sys.executable).parent / "ffscale"

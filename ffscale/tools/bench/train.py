@@ -7,11 +7,11 @@ so no engine's leftovers bias the next. This module starts the jobs and shows th
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
+from pathlib import Path
 
-JOB = "ffscale.tools.bench.train_job"  # the module each ZeRO stage's job runs
+JOB_PY = Path(__file__).with_name("train_job.py")  # what each ZeRO stage's job runs
 MARK = "FFSCALE_BENCH "  # the line of its rank 0 that holds the result
 
 
@@ -37,22 +37,13 @@ def run(opts) -> dict:
     rows = []
     for zero in [int(z) for z in str(opts.zero).split(",")]:
         args = _child_args(opts, zero)
-        if opts.nproc > 1:
-            from ffscale.engine.dist import free_port
+        if opts.nproc > 1:  # the launcher `ffscale train` uses
+            from ffscale.run.launch import launcher_cmd
+            from ffscale.util.ports import free_port
 
-            launcher = str(os.path.join(os.path.dirname(sys.executable), "deepspeed"))
-            cmd = [
-                launcher,
-                "-q",
-                "--no_local_rank",
-                "--num_gpus",
-                str(opts.nproc),
-                "--master_port",
-                str(free_port()),
-            ]
-            cmd += ["--module", JOB, *args]
+            cmd = launcher_cmd(JOB_PY, args, opts.nproc, master_port=free_port())
         else:
-            cmd = [sys.executable, "-m", JOB, *args]
+            cmd = [sys.executable, str(JOB_PY), *args]
         from ffscale.util.hostenv import rank_env
 
         env = {**rank_env(), "PYTHONWARNINGS": "ignore"}

@@ -28,6 +28,9 @@ def child_parser() -> argparse.ArgumentParser:
     config.add_args(p)
     for flag in ("--zero", "--steps", "--warmup", "--rounds"):
         p.add_argument(flag, type=int, required=True)
+    p.add_argument(
+        "--local_rank", type=int, help=argparse.SUPPRESS
+    )  # the launcher's (LOCAL_RANK holds it too)
     return p
 
 
