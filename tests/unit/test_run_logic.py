@@ -156,7 +156,8 @@ def test_only_a_rank_that_tracks_or_downloads_a_teacher_imports_mlflow(monkeypat
 
     cfg = C.load(None, overrides)
     assert tracking.uses_mlflow(cfg, rank) is uses
-    monkeypatch.delitem(sys.modules, "mlflow", raising=False)
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # undone after the test, as the deletion below
+    monkeypatch.delitem(sys.modules, "mlflow")
     tracking.keep_mlflow_out(cfg, rank)
     # DeepSpeed's `try: import mlflow` then fails as it does where MLflow is not installed
     assert ("mlflow" in sys.modules and sys.modules["mlflow"] is None) is not uses

@@ -23,7 +23,7 @@ def child_parser() -> argparse.ArgumentParser:
     from ffscale import config
 
     p = argparse.ArgumentParser(
-        prog=f"python -m {__name__}", description="one ZeRO stage of `ffscale bench train`"
+        prog="ffscale/tools/bench/train_job.py", description="one ZeRO stage of `ffscale bench train`"
     )
     config.add_args(p)
     for flag in ("--zero", "--steps", "--warmup", "--rounds"):
