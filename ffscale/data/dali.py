@@ -60,7 +60,10 @@ def _pipeline(source: BatchFeed, train, c: DataCfg, rand_aug: bool, decode_devic
 
     interp = {"bicubic": types.INTERP_CUBIC, "bilinear": types.INTERP_LINEAR}[c.interpolation]
 
-    @pipeline_def(enable_conditionals=True)
+    # AutoGraph (DALI's conditionals) only for a graph with data-dependent ifs, RandAugment's choice of
+    # operations (nvidia.dali.auto_aug needs it): it rewrites this function on every build, CPU time
+    # and a generated file in the temp directory each time, for graphs that are the same without it
+    @pipeline_def(enable_conditionals=bool(train and rand_aug))
     def pipe():
         # the rank's samples in the plan's order, read by the loader's workers (feed.BatchFeed)
         jpg, label = _images(source)

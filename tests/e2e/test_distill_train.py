@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.launch import check, launch, small_overrides
+from helpers.launch import UNTRACKED, check, launch, small_overrides
 from PIL import Image
 
 from ffscale import config
@@ -153,6 +153,7 @@ def test_a_family_of_the_users_own_teaches_from_its_directory(fm_shards, tmp_pat
     args = small_overrides(fm_shards, tmp_path, "convnet") + [
         f"distill.teacher={teacher}",
         "schedule.stop_at_step=3",
+        UNTRACKED,
     ]
     out = check(launch(args, nproc=1, script=Path(convnet_teacher.__file__))).stdout
     assert f"distilling from tiny_convnet ({teacher}: {teacher / 'weights.safetensors'}, digest" in out

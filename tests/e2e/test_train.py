@@ -46,11 +46,17 @@ def pipeline_args(shards, runs, name, *extra):
     ]
 
 
+TERM = [
+    "stages.z2.schedule.epochs=1",
+    "stages.z3.schedule.epochs=1",
+]  # `term` tests the stop, not the schedule
+
+
 def sigterm_during_z2(shards, runs) -> tuple[int, str]:
     """Start a run with `ffscale train`, SIGTERM it once z2 has taken a few steps; (exit code, output)."""
     cli = Path(sys.executable).with_name("ffscale")
     cmd = [str(cli), "train", "--nproc", "2", "--master-port", str(free_port())]
-    cmd += pipeline_args(shards, runs, "term")
+    cmd += pipeline_args(shards, runs, "term", *TERM)
     return sigterm_after_rows(cmd, runs / "term" / "z2" / "metrics.jsonl", rows=5, timeout=120)
 
 
@@ -85,7 +91,7 @@ def term_run(fm_shards, module_dir):
     c = MlflowClient(f"sqlite:///{d / 'mlflow.db'}")
     out["term_status"] = {k: c.get_run(v).info.status for k, v in out["term_ids"]["stages"].items()}
     out["term_status"]["parent"] = c.get_run(out["term_ids"]["parent"]).info.status
-    out["term_resumed"] = check(launch(pipeline_args(fm_shards, d, "term")))
+    out["term_resumed"] = check(launch(pipeline_args(fm_shards, d, "term", *TERM)))
     return out
 
 
