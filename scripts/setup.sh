@@ -18,9 +18,9 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# --no-compile: no bytecode for every installed file; imports compile what they use. ffscale with DALI,
-# DeepSpeed and MLflow installed in 56 s instead of 83 s (2026-12-03, 2-core host, one training job beside
-# both). A flag, not PIP_NO_COMPILE=1, which pip reads as --compile (the value becomes the dest `compile`: pip 23.2).
+# --no-compile: pip writes no bytecode for every installed file (most are never imported); the bytecode
+# of what the processes import is compiled below. A flag, not PIP_NO_COMPILE=1, which pip reads as
+# --compile (the value becomes the dest `compile`: pip 23.2).
 if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
     pip install -q --no-compile "torch>=2.4"
@@ -29,8 +29,8 @@ if ! python -c "import torch" 2>/dev/null; then
   fi
 fi
 # The extras: dali,dev for the tests (scripts/test.sh), dali alone for the demo (scripts/demo.sh), which needs
-# neither the test tools (22 s of a fresh clone's setup, 2026-12-03) nor PostgreSQL. A marker per set of
-# extras, so the tests after a demo still install theirs.
+# neither the test tools nor PostgreSQL (`ffscale bench demo` times the demo's whole command). A marker
+# per set of extras, so the tests after a demo still install theirs.
 extras=${FFSCALE_EXTRAS:-dali,dev}
 marker=.venv/.ffscale-installed-${extras//,/-}
 case ",${extras}," in *,dev,*)
