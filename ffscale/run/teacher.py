@@ -25,8 +25,6 @@ from ffscale.inference.stagedir import StageDir
 from ffscale.tracking.store import REGISTRY_URIS
 from ffscale.util.weights import file_digest
 
-REGISTRY = REGISTRY_URIS  # a teacher named so is downloaded from MLflow
-
 
 @dataclass
 class Fit:
@@ -61,7 +59,7 @@ def _of_card(card: dict) -> Fit:
 
 def package(ref: str, run_dir: Path) -> tuple[Path, str]:
     """The teacher's directory (model.json + weights) and what it is, for the log."""
-    if ref.startswith(REGISTRY):
+    if ref.startswith(REGISTRY_URIS):  # a teacher kept in MLflow: downloaded
         from ffscale.tracking.store import download_model
 
         return download_model(ref), ref
