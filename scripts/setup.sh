@@ -18,14 +18,37 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# --no-compile: pip writes no bytecode for every installed file (most are never imported); the bytecode
-# of what the processes import is compiled below. A flag, not PIP_NO_COMPILE=1, which pip reads as
-# --compile (the value becomes the dest `compile`: pip 23.2).
+# Packages install through uv where it can be had (pip installs it into the .venv): it downloads and unpacks
+# in parallel, and docs/results/suite.json holds the set-up's time. uv does not read pip's configuration, so
+# the indexes, find-links, constraints and certificate pip is configured with are passed on, and uv weighs
+# every index's versions as pip does (--index-strategy unsafe-best-match; uv's default takes the first index
+# that has a package). Without uv, pip installs. --no-compile for pip: it writes no bytecode for every
+# installed file (most are never imported); bytecode is handled below. A flag, not PIP_NO_COMPILE=1, which
+# pip reads as --compile (the value becomes the dest `compile`: pip 23.2).
+uv_args=(--python "$PWD/.venv/bin/python" --index-strategy unsafe-best-match)
+declare -A pip_set=()
+while IFS= read -r line; do  # `pip config list`: scope.key='value', environment first, which pip prefers
+  key=${line%%=*}; key=${key#*.}; val=${line#*=}; val=${val#\'}; val=${val%\'}
+  [ -n "${pip_set[$key]:-}" ] && continue
+  pip_set[$key]=1
+  case $key in
+    index-url) uv_args+=(--index-url "$val") ;;
+    extra-index-url) for url in $val; do uv_args+=(--extra-index-url "$url"); done ;;
+    find-links) for url in $val; do uv_args+=(--find-links "$url"); done ;;
+    constraint) for file in $val; do uv_args+=(--constraint "$file"); done ;;
+    cert) export SSL_CERT_FILE=$val ;;
+    default-timeout|timeout) export UV_HTTP_TIMEOUT=$val ;;
+  esac
+done < <(pip config list 2>/dev/null)
+[ -x .venv/bin/uv ] || pip install -q --no-compile uv >/dev/null 2>&1 || echo "setup: uv not installed; pip installs"
+install() {
+  if [ -x .venv/bin/uv ]; then .venv/bin/uv pip install -q "${uv_args[@]}" "$@"; else pip install -q --no-compile "$@"; fi
+}
 if ! python -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then
-    pip install -q --no-compile "torch>=2.4"
+    install "torch>=2.4"
   else
-    pip install -q --no-compile "${FFSCALE_CPU_TORCH:-torch==2.13.0}"  # CPU wheel (local disk here)
+    install "${FFSCALE_CPU_TORCH:-torch==2.13.0}"  # CPU wheel (local disk here)
   fi
 fi
 # The extras: dali,dev for the tests (scripts/test.sh), dali alone for the demo (scripts/demo.sh), which needs
@@ -54,22 +77,24 @@ esac
 imports="ffscale, deepspeed, mlflow"
 case ",${extras}," in *,dali,*) imports="$imports, nvidia.dali" ;; esac
 if ! python -c "import $imports" 2>/dev/null || [ ! -f "$marker" ] || [ pyproject.toml -nt "$marker" ]; then
-  pip install -q --no-compile -e ".[${extras}]"
+  install -e ".[${extras}]"
   # timm's RandAugment definitions for tests/integration/test_randaug.py; without its dependencies, whose
   # torchvision would replace the CPU torch wheel
-  case ",${extras}," in *,dev,*) pip install -q --no-compile --no-deps "timm>=1.0" ;; esac
+  case ",${extras}," in *,dev,*) install --no-deps "timm>=1.0" ;; esac
   touch "$marker"
   rm -f .venv/.ffscale-bytecode
 fi
 # Bytecode for what the processes import. Machines and images that set PYTHONDONTWRITEBYTECODE=1 (as
-# these do, and many containers) never write it, and pip ran with --no-compile: without this every
-# process (ffscale train, the launcher, each rank) compiles torch, DeepSpeed and MLflow from source at
-# every start (docs/results/startup.json holds the time to the first step). Once per install; the
-# checkout's own files every time (a second when nothing changed). Errors are files of other Python
-# versions (torch's py312 test helpers), which nothing imports.
+# these do, and many containers) never write it, and the installs above write none: without it every
+# process (ffscale train, the launcher, each rank) compiles torch, DeepSpeed and MLflow from source at every
+# start (docs/results/startup.json holds the time to the first step). scripts/test.sh and scripts/demo.sh
+# let their processes write the bytecode of what they import, at its first import. For every other process
+# the whole environment is compiled once per install, in the background at the lowest priority, so that
+# set-up returns at once and the compile takes only the cores its caller leaves idle; a lock keeps it to one
+# at a time. Errors are files of other Python versions (torch's py312 test helpers), which nothing imports.
 site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 if [ ! -f .venv/.ffscale-bytecode ]; then
-  python -m compileall -q -j 0 "$site" >/dev/null 2>&1 || true
-  touch .venv/.ffscale-bytecode
+  setsid nice -n 19 bash -c 'flock -n 9 || exit 0; python -m compileall -q -j 0 "$1" >/dev/null 2>&1
+    touch .venv/.ffscale-bytecode' compile "$site" 9>.venv/.ffscale-bytecode.lock </dev/null >/dev/null 2>&1 &
 fi
 python -m compileall -q -j 0 ffscale tests >/dev/null 2>&1 || true

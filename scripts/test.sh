@@ -4,6 +4,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+# Each process writes the bytecode of what it imports first, and the suite's later processes read it
+# (scripts/setup.sh says why bytecode matters here).
+export PYTHONDONTWRITEBYTECODE=
 ruff check ffscale tests
 ruff format --check ffscale tests
 # Two workers, each taking whole test files (--dist loadfile: a module's scenario fixtures run once),
