@@ -87,13 +87,26 @@ fi
 # Bytecode for what the processes import. Machines and images that set PYTHONDONTWRITEBYTECODE=1 (as
 # these do, and many containers) never write it, and the installs above write none: without it every
 # process (ffscale train, the launcher, each rank) compiles torch, DeepSpeed and MLflow from source at every
-# start (docs/results/startup.json holds the time to the first step). scripts/test.sh and scripts/demo.sh
-# let their processes write the bytecode of what they import, at its first import. For every other process
-# the whole environment is compiled once per install, in the background at the lowest priority, so that
-# set-up returns at once and the compile takes only the cores its caller leaves idle; a lock keeps it to one
-# at a time. Errors are files of other Python versions (torch's py312 test helpers), which nothing imports.
+# start (docs/results/startup.json holds the time to the first step). Once per install, what a rank
+# imports is compiled by importing it (a quarter of the environment's files, before the first job, so
+# that its processes do not all compile the same files at once), and the rest of the environment in the
+# background at the lowest priority, where it takes only the cores its caller leaves idle (a lock keeps
+# it to one at a time). scripts/test.sh and scripts/demo.sh also let their processes write the bytecode
+# of what they import first. compileall's errors are files of other Python versions (torch's py312 test
+# helpers), which nothing imports.
 site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 if [ ! -f .venv/.ffscale-bytecode ]; then
+  PYTHONDONTWRITEBYTECODE= python - <<'PY' 2>/dev/null || true
+import importlib
+
+for name in ("torch", "torch.optim", "torch._dynamo", "torch._inductor.compile_fx", "networkx", "deepspeed",
+             "deepspeed.runtime.engine", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "nvidia.dali.fn",
+             "nvidia.dali.plugin.pytorch", "webdataset", "omegaconf", "PIL.Image", "ffscale.train", "ffscale.cli"):
+    try:  # each on its own: a module another version of a package lacks is skipped
+        importlib.import_module(name)
+    except Exception:
+        pass
+PY
   setsid nice -n 19 bash -c 'flock -n 9 || exit 0; python -m compileall -q -j 0 "$1" >/dev/null 2>&1
     touch .venv/.ffscale-bytecode' compile "$site" 9>.venv/.ffscale-bytecode.lock </dev/null >/dev/null 2>&1 &
 fi

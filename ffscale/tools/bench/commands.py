@@ -4,7 +4,8 @@ figures are kept, not guessed.
 - `demo`: `bash scripts/demo.sh` (README's first command) in a fresh clone of this checkout's HEAD:
   set-up, sharding, the pipeline; its final top-1 read from the pipeline's last line.
 - `suite`: `bash .ci/run` (= `bash scripts/test.sh`, the second) in a fresh clone of HEAD with CI=true,
-  as CI runs it: set-up, lint and every test; pytest's own time and counts from its closing line.
+  as CI runs it: set-up, lint and every test; pytest's own time and counts from its closing line, and
+  the slowest tests' phases it lists (kept in the record, where a slower suite shows where).
 - `unit`: `pytest tests/unit` in this checkout, the tier a change is first checked with.
 """
 
@@ -23,6 +24,8 @@ from ffscale.tools.bench.results import REPO
 
 # pytest's closing line, e.g. "354 passed, 8 warnings in 1234.56s (0:20:34)"
 SUMMARY = re.compile(r"^=*\s*(?P<counts>\d+ \w+.*) in (?P<s>[\d.]+)s\b", re.M)
+# a line of pytest's --durations list, e.g. "201.35s setup    tests/e2e/test_faults.py::test_chaos"
+DURATION = re.compile(r"^(?P<s>[\d.]+)s (?P<when>setup|call|teardown)\s+(?P<test>\S+)$", re.M)
 # the pipeline's last line (ffscale/run/pipeline.py)
 FINAL = re.compile(r"^pipeline \S+: done; final test top-1 (?P<top1>[\d.]+)%", re.M)
 TIMEOUT_S = 2 * 3600
@@ -61,10 +64,12 @@ def tests(timed: tuple[dict, str]) -> dict:
     if not found:
         raise RuntimeError(f"{res['command']}: no pytest closing line in its output:\n{out[-2000:]}")
     counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (\w+)", found[-1]["counts"])}
+    slowest = [[float(m["s"]), m["when"], m["test"]] for m in DURATION.finditer(out)]
     return (
         res
         | {"pytest_s": float(found[-1]["s"])}
         | {k: counts.get(k, 0) for k in ("passed", "failed", "skipped")}
+        | ({"slowest": slowest} if slowest else {})
     )
 
 
