@@ -1,4 +1,4 @@
-"""`ffscale bench data|train|memory|shard|scaling|plan|index|decode|compare|startup|startup-scale|demo|suite|unit`:
+"""`ffscale bench data|train|memory|shard|scaling|plan|index|decode|compare|startup|startup-scale|verify|demo|suite|unit`:
 throughput against a baseline measured in the same run, start-up time by part, or README's two commands timed (ffscale/tools/bench/), printed as a table or, with
 --json, as JSON; with --record also kept in docs/results/<bench>.json, from which `ffscale bench report`
 writes the docs' tables (ffscale/tools/bench/results.py)."""
@@ -33,6 +33,7 @@ BENCHES = {
     "startup": ("ffscale.tools.bench.startup:run", "ffscale.tools.bench.startup:print_table"),
     "startup-scale": ("ffscale.tools.bench.startup_scale:run", "ffscale.tools.bench.startup_scale:print_table"),
     "index": ("ffscale.tools.bench.index:bench_index", "ffscale.tools.bench.index:print_index"),
+    "verify": ("ffscale.tools.bench.verify:run", "ffscale.tools.bench.verify:print_table"),
     "demo": ("ffscale.tools.bench.commands:run", "ffscale.tools.bench.commands:print_table"),
     "suite": ("ffscale.tools.bench.commands:run", "ffscale.tools.bench.commands:print_table"),
     "unit": ("ffscale.tools.bench.commands:run", "ffscale.tools.bench.commands:print_table"),
@@ -49,8 +50,6 @@ def _function(ref: str):
 def run(args) -> int:
     """The bench `args.what`: measured, then shown as a table (or JSON) and recorded if asked."""
     measure, table = (_function(ref) for ref in BENCHES[args.what])
-    if args.what == "memory":  # its table marks what fits the GPU's memory
-        return _show(measure(args), args, lambda rows: table(rows, args.hbm_gib))
     if args.what == "decode":
         return _show(measure(args), args, lambda res: print(table(res)))
     return _show(measure(args), args, table)
@@ -196,6 +195,10 @@ def add_parser(sub) -> None:
     bss.add_argument("--batch", type=int, default=8, help="first batch's size")
     bss.add_argument("--tmp", help="where the splits are written (default: the system's temp dir)")
     bss.add_argument("--json", action="store_true")
+    bv = bsub.add_parser("verify", help="checking a run's checkpoints before a resume: seconds, sha256 rate")
+    bv.add_argument("run", help="a run directory with checkpoints (the error says how to make one)")
+    bv.add_argument("--rounds", type=int, default=3, help="checks per setting; fastest kept")
+    bv.add_argument("--json", action="store_true")
     for name, what in (("demo", "`bash scripts/demo.sh` in a fresh clone of HEAD: wall time, final top-1"),
                        ("suite", "`bash .ci/run` in a fresh clone of HEAD, as CI runs it: wall time, counts"),
                        ("unit", "`pytest tests/unit` in this checkout: wall time, counts")):  # fmt: skip

@@ -27,13 +27,13 @@ def test_the_docs_tables_are_what_the_committed_records_make():
 
 
 def test_a_record_has_command_commit_date_machine_and_result(tmp_path):
-    argv = ["bench", "memory", "--gpus", "8", "--record"]
-    results.append("memory", argv, {"rows": [{"gpus": 8, "gib": 1.25}]}, tmp_path)
-    rec = results.append("memory", argv, {"rows": [{"gpus": 8, "gib": 2.5}]}, tmp_path)
-    kept = json.loads((tmp_path / "memory.json").read_text())
+    argv = ["bench", "example", "--gpus", "8", "--record"]  # a bench without a table of its own
+    results.append("example", argv, {"rows": [{"gpus": 8, "gib": 1.25}]}, tmp_path)
+    rec = results.append("example", argv, {"rows": [{"gpus": 8, "gib": 2.5}]}, tmp_path)
+    kept = json.loads((tmp_path / "example.json").read_text())
     assert [r["result"]["rows"][0]["gib"] for r in kept] == [1.25, 2.5] and kept[-1] == rec  # appended
     assert set(rec) == {"command", "commit", "date", "machine", "result"}
-    assert rec["command"] == "ffscale bench memory --gpus 8 --record"
+    assert rec["command"] == "ffscale bench example --gpus 8 --record"
     assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", rec["commit"])
     date = datetime.fromisoformat(rec["date"])
     assert date.utcoffset() == timedelta(0) and abs(datetime.now(timezone.utc) - date) < timedelta(minutes=1)
@@ -51,8 +51,34 @@ def test_a_record_has_command_commit_date_machine_and_result(tmp_path):
     } <= set(m)
     assert m["cores"] >= 1 and m["memory_gib"] > 0 and m["torch"] and m["deepspeed"] and m["nvidia-dali"]
     assert socket.gethostname() not in json.dumps(rec)
-    table = report.render("memory", kept)
+    table = report.render("example", kept)
     assert "| rows.0.gib | 2.5 |" in table and rec["commit"][:7] in table and rec["command"] in table
+
+
+def test_a_bench_recorded_in_kinds_shows_the_newest_record_of_each_kind():
+    def rec(max_side, img_per_s, commit):
+        row = {"workers": 1, "img_per_s": img_per_s, "spread_pct": 0.0, "ratio": 1.0}
+        res = {
+            "images": 10,
+            "input": "x",
+            "max_side": max_side,
+            "same_digest": True,
+            "digest": "d",
+            "rows": [row],
+        }
+        machine = {"cpu": "c", "cores": 2, "memory_gib": 1, "gpu": "none", "python": "3"}
+        return {"command": f"ffscale bench shard {commit}", "commit": commit * 40, "date": "2026-01-01T00:00:00+00:00",
+                "machine": machine, "result": res}  # fmt: skip
+
+    table = report.render("shard", [rec(0, 100, "a"), rec(256, 50, "b"), rec(0, 300, "c")])
+    assert (
+        "| 300 |" in table and "| 50 |" in table and "| 100 |" not in table
+    )  # kept bytes' newest, resized's
+    assert (
+        table.index("bytes kept") < table.index("resized")
+        and "commit ccccccc" in table
+        and "commit aaaa" not in table
+    )
 
 
 def test_a_marked_block_is_rewritten_and_an_unrecorded_bench_says_so(tmp_path):

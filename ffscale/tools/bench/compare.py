@@ -87,6 +87,20 @@ def run(args) -> dict:
             "points": sum(len(h) for h in hists)}  # fmt: skip
 
 
+def group(r: dict) -> str:
+    """A record per kind of store (an MLflow server, a SQLite file), each shown with its newest."""
+    return r["uri"].split(":", 1)[0]
+
+
+def table(r: dict) -> list[list]:
+    store = "SQLite file" if r["uri"].startswith("sqlite") else f"`mlflow server` at {r['uri']}"
+    return [["store", "runs", "`ffscale compare`", "one `get_run` per run", "`--model ff_`",
+             "`--plot` histories, 8 requests at a time (one by one)"],
+            [store, r["runs"], f"{r['table_s']:.2f} s", f"{r['per_run_s']:.2f} s ({r['speedup']:.1f}x)",
+             f"{r['model_filter_s']:.2f} s ({r['model_filter_runs']} runs)",
+             f"{r['curves_s']:.1f} s ({r['curves_serial_s']:.1f} s)"]]  # fmt: skip
+
+
 def print_compare(r: dict) -> None:
     print(f"{r['runs']} stage runs ({r['params_per_run']} params each) in one experiment at {r['uri']} "
           f"(filled in {r['fill_s']:.1f} s)")  # fmt: skip

@@ -33,13 +33,30 @@ def update(text: str, found: Path = results.RESULTS) -> str:
 def render(bench: str, records: list[dict]) -> str:
     if not records:
         return f"\nNo record yet: `ffscale bench {bench} --record` adds one (docs/results/{bench}.json).\n\n"
-    rec = records[-1]
-    head, *rows = _tables().get(bench, flat)(rec["result"])
+    shown = newest(bench, records)
+    table = _tables().get(bench, flat)
+    head, rows = None, []
+    for rec in shown:
+        h, *more = table(rec["result"])
+        head, rows = head or h, rows + more
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     caption = _captions().get(bench)
-    lead = f"{caption(rec['result'])}:\n\n" if caption else ""
-    return "\n" + lead + "\n".join(lines) + "\n\n" + provenance(rec) + "\n\n"
+    lead = f"{caption(shown[-1]['result'])}:\n\n" if caption else ""
+    return "\n" + lead + "\n".join(lines) + "\n\n" + "\n\n".join(provenance(r) for r in shown) + "\n\n"
+
+
+def newest(bench: str, records: list[dict]) -> list[dict]:
+    """The records a table shows: the newest, or for a bench whose runs come in kinds (`_groups`), the
+    newest of each kind, in the order the kinds were first recorded."""
+    group = _groups().get(bench)
+    if group is None:
+        return records[-1:]
+    last: dict = {}
+    for rec in records:
+        last.setdefault(group(rec["result"]), None)
+        last[group(rec["result"])] = rec
+    return list(last.values())
 
 
 def provenance(rec: dict) -> str:
@@ -72,10 +89,26 @@ def flat(result) -> list[list]:
 
 
 def _tables() -> dict:
-    from ffscale.tools.bench import commands, data, startup, startup_scale, train
+    from ffscale.tools.bench import (
+        commands,
+        compare,
+        data,
+        memory,
+        scaling,
+        shard,
+        startup,
+        startup_scale,
+        train,
+        verify,
+    )
 
     return {
         "data": data.table,
+        "shard": shard.table,
+        "scaling": scaling.table,
+        "memory": memory.table,
+        "compare": compare.table,
+        "verify": verify.table,
         "startup": startup.table,
         "train": train.table,
         "startup-scale": startup_scale.table,
@@ -87,9 +120,16 @@ def _tables() -> dict:
 
 def _captions() -> dict:
     """The benches whose table needs a line above it (what was measured, beyond the command)."""
-    from ffscale.tools.bench import train
+    from ffscale.tools.bench import scaling, train
 
-    return {"train": train.caption}
+    return {"train": train.caption, "scaling": scaling.caption}
+
+
+def _groups() -> dict:
+    """The benches recorded in kinds that the docs show side by side (e.g. two stores, two inputs)."""
+    from ffscale.tools.bench import compare, shard
+
+    return {"shard": shard.group, "compare": compare.group}
 
 
 def _cell(v) -> str:

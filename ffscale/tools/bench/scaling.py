@@ -33,7 +33,9 @@ def scaling(args) -> dict:
         "vit (attention)": ("vit_tiny", {}),
     }
     sizes = [int(v) for v in args.sizes.split(",")]
-    out: dict = {"sizes": sizes, "tokens": [(s // 16) ** 2 + 1 for s in sizes], "step_s": {}, "gflops": {}}
+    out: dict = {"sizes": sizes, "tokens": [(s // 16) ** 2 + 1 for s in sizes], "step_s": {}, "gflops": {},
+                 "args": {"dim": args.dim, "depth": args.depth, "batch": args.batch, "steps": args.steps,
+                          "threads": torch.get_num_threads()}}  # fmt: skip
     for label, (name, extra) in variants.items():
         kw = dict(patch_size=16, dim=args.dim, depth=args.depth, num_classes=1000, **extra)
         out["step_s"][label] = [
@@ -46,12 +48,23 @@ def scaling(args) -> dict:
     return out
 
 
+def table(res: dict) -> list[list]:
+    """Seconds per step and GFLOP per image for each variant and size, with the growth from the smallest."""
+    rows: list[list] = [["variant"] + [f"{s} px ({t} tokens)" for s, t in zip(res["sizes"], res["tokens"])]]
+    for what, key, fmt in (("s/step", "step_s", "{:.3f}"), ("GFLOP/img", "gflops", "{:.2f}")):
+        for label, vs in res[key].items():
+            rows.append([f"{label}, {what}"] + [fmt.format(v) + (f" ({v / vs[0]:.1f}x)" if i else "")
+                                                for i, v in enumerate(vs)])  # fmt: skip
+    return rows
+
+
+def caption(res: dict) -> str:
+    a = res.get("args", {})
+    return (f"Width {a.get('dim', '?')}, depth {a.get('depth', '?')}, batch {a.get('batch', '?')}, 16 px patches, "
+            f"plain PyTorch forward + backward on {a.get('threads', '?')} threads")  # fmt: skip
+
+
 def print_scaling(res: dict) -> None:
-    sizes, tokens = res["sizes"], res["tokens"]
-    print(f"step time (s) for one batch, fwd+bwd; in brackets: x the smallest size; tokens {tokens}")
-    print(f"{'variant':28}" + "".join(f"{s:>16}" for s in sizes))
-    for label, ts in res["step_s"].items():
-        print(f"{label:28}" + "".join(f"{t:>8.3f} ({t / ts[0]:>4.1f}x)" for t in ts))
-    print(f"{'GFLOP/img (fwd+bwd)':28}")
-    for label, gs in res["gflops"].items():
-        print(f"  {label:26}" + "".join(f"{g:>8.2f} ({g / gs[0]:>4.1f}x)" for g in gs))
+    print(caption(res))
+    for row in table(res):
+        print(" | ".join(str(c) for c in row))

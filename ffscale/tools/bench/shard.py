@@ -63,10 +63,22 @@ def bench_shard(args) -> dict:
             "digest": sorted(digests)[0], "rows": rows}  # fmt: skip
 
 
+def group(res: dict) -> str:
+    """Records of one kind of run (bytes kept, or every image re-encoded), each shown with its newest."""
+    return f"max_side={res['max_side']}"
+
+
+def table(res: dict) -> list[list]:
+    what = f"resized to at most {res['max_side']} px" if res["max_side"] else "bytes kept"
+    rows: list[list] = [["images", "writers", "img/s", "spread of rounds", "vs 1 writer", "same shards"]]
+    for r in res["rows"]:
+        rows.append([f"{res['images']:,}, {what}", r["workers"], f"{r['img_per_s']:,.0f}", f"{r['spread_pct']:.1f}%",
+                     f"{r['ratio']:.2f}x", "yes" if res["same_digest"] else "NO"])  # fmt: skip
+    return rows
+
+
 def print_shard(res: dict) -> None:
     print(f"sharding {res['images']} images from {res['input']} (max side {res['max_side'] or 'kept'})")
-    print(f"{'workers':>7} {'img/s':>8} {'spread':>7} {'vs 1':>6}")
-    for r in res["rows"]:
-        print(f"{r['workers']:>7} {r['img_per_s']:>8,.0f} {r['spread_pct']:>6.1f}% {r['ratio']:>5.2f}x")
-    print(f"same shards from every round and worker count: {'yes' if res['same_digest'] else 'NO'} "
-          f"(digest {res['digest']})")  # fmt: skip
+    for row in table(res):
+        print(" | ".join(str(c) for c in row))
+    print(f"digest {res['digest']}")
