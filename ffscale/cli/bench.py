@@ -77,7 +77,7 @@ def add_parser(sub) -> None:
     )
     bd.add_argument("--images", type=int, default=3000, help="images in the generated set")
     bd.add_argument("--img-size", type=int, default=224)
-    bd.add_argument("--batch", type=int, default=64)
+    bd.add_argument("--batch", type=int, default=64, help="images per batch (DeiT's recipe: 128 per GPU)")
     bd.add_argument(
         "--workers", type=int, default=2, help="DataLoader workers = DALI reader processes and threads"
     )

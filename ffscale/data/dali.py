@@ -30,7 +30,7 @@ import torch
 from torch.nn import functional as F
 
 from ffscale.config import DataCfg
-from ffscale.data.feed import BatchFeed, FeedWorkers
+from ffscale.data.feed import HEADER, BatchFeed, FeedWorkers
 from ffscale.data.plan import Batch, Loader, SamplePlan
 from ffscale.data.samples import decode_image
 from ffscale.data.tarindex import TarIndex
@@ -97,14 +97,14 @@ def _pipeline(source: BatchFeed, train, c: DataCfg, rand_aug: bool, decode_devic
 
 
 def _images(feed: BatchFeed):
-    """The batches `feed` hands over -> (encoded images, int64 labels), in the graph: each image's
-    row cut to its length."""
+    """The batches `feed` hands over -> (encoded images, int64 labels), in the graph: each row's header
+    read (ffscale/data/feed.py) and its image cut to its length."""
     from nvidia.dali import fn, types
 
-    rows, lengths, labels = fn.external_source(
-        source=feed, num_outputs=3, batch=True, no_copy=True, dtype=[types.UINT8, types.INT32, types.INT64]
-    )
-    return fn.slice(rows, start=[0], shape=lengths, axes=[0]), labels
+    rows = fn.external_source(source=feed, batch=True, no_copy=True, dtype=types.UINT8)
+    length = fn.reinterpret(fn.slice(rows, start=[0], shape=[4], axes=[0]), dtype=types.INT32)
+    label = fn.reinterpret(fn.slice(rows, start=[8], shape=[8], axes=[0]), dtype=types.INT64)
+    return fn.slice(rows, start=[HEADER], shape=length, axes=[0]), label
 
 
 def start_method() -> str:

@@ -3,24 +3,30 @@ handed to DALI whole, with no Python per sample in the rank process.
 
 DALI's parallel external source receives every sample with Python in the rank process (nvidia-dali
 2.4.0: _multiproc/shared_batch.py `deserialize_batch` unpickles a SampleMeta and makes an array per
-sample, and feeding a list of arrays converts each), under the rank's GIL. Here a batch travels as three dense arrays that DALI's plain external source takes without a
-copy (`no_copy`): the encoded images as rows of a (batch, row) uint8 array padded to the batch's
-largest image, their lengths and their labels. The graph cuts each row to its length
-(ffscale/data/dali.py). What the rank does per batch is one queue message each way and three array
-views.
+sample, and feeding a list of arrays converts each), under the rank's GIL. Here a batch travels as one
+dense (batch, row) uint8 array that DALI's plain external source takes without a copy (`no_copy`):
+each row a 16-byte header (the image's length as int32, 4 bytes of padding, its label as int64) and
+the encoded image, rows padded to the batch's largest. The graph reads the header and cuts each image
+to its length (ffscale/data/dali.py). One array, not three: DALI's `feed_input` costs the rank's
+thread about as much per array fed as everything else in an iteration (`ffscale bench data` measures
+the rank's Python per image). What the rank does per batch is the batch's sample ids written into its
+slot, a 32-byte record written to the workers' pipe, a 16-byte record read back, and an array view.
 
 - **Workers** (`FeedWorkers`, one set per loader, `data.workers` of them, at least one): processes
-  that open the split's index once, then take (batch, slot, row length, sample ids) tasks and write
-  each sample's image bytes at its row of the slot, returning the lengths and the labels (checked
-  here). A bad sample comes back as the DataError naming its shard and key. They die with the rank
-  (its parent-death signal), ignore SIGTERM (a preemption is the rank's to handle: it checkpoints,
-  then stops them) and import numpy and the index, not torch or DALI (spawn, once CUDA is
-  initialised, starts them afresh; it also imports the rank's main script again, as multiprocessing
-  does: a `--entry` script's top level runs in each).
+  that open the split's index once, then take (batch, slot, row length, count) records and write each
+  sample's header and image at its row of the slot, the sample ids read from the slot's id area
+  (written there by the rank). Records are fixed-size and smaller than PIPE_BUF, so a write is atomic
+  and the workers share one task pipe and one result pipe without locks (a pickling queue costs the
+  rank ten times the CPU per batch). A bad sample comes back as the DataError naming its shard and
+  key, through a queue kept for failures. They die with the rank (its parent-death signal), ignore
+  SIGTERM (a preemption is the rank's to handle: it checkpoints, then stops them) and import numpy
+  and the index, not torch or DALI (spawn, once CUDA is initialised, starts them afresh; it also
+  imports the rank's main script again, as multiprocessing does: a `--entry` script's top level runs
+  in each).
 - **Slots**: files in /dev/shm (the temp dir where there is none), mapped by the rank and every
   worker, unlinked as soon as all workers have mapped them, so nothing is left behind by a kill.
-  Each is sized for the split's largest image in every row and stays sparse: a worker frees a slot's
-  pages before writing it, so a slot holds the bytes of one batch.
+  Each is sized for the split's largest image in every row, plus a page-aligned id area, and stays
+  sparse: a worker frees a slot's row pages before writing it, so a slot holds the bytes of one batch.
 - **Reuse**: DALI keeps a `no_copy` buffer until the outputs of `prefetch_queue_depth` later
   iterations are taken (its ExternalSource docs, `no_copy`), so a slot is written again only after
   `queue + 1` newer batches have been handed over: there are `ahead + queue + 2` slots.
@@ -39,6 +45,7 @@ import mmap
 import multiprocessing
 import os
 import signal
+import struct
 import tempfile
 
 import numpy as np
@@ -51,7 +58,13 @@ from ffscale.util.lifeline import die_with_parent
 PAD_LABEL = -1  # eval padding: every batch has micro_batch rows; the engine counts labels >= 0 only
 PAD_ID = -1  # a padding position in a batch's sample ids
 ROW_ALIGN = 64  # bytes; rows start aligned
+HEAD = struct.Struct("=i4xq")  # the start of each row: the image's length, 4 bytes of padding, its label
+HEADER = HEAD.size  # 16 bytes; the label's 8 are aligned
 WAIT_S = 1.0  # how often a rank waiting for a batch checks that its workers live
+TASK = struct.Struct("=qqqq")  # batch number, slot, row length, samples; number STOP ends a worker
+RESULT = struct.Struct("=qq")  # batch number (MAPPED at start-up), FAILED when its error is queued
+STOP, MAPPED = -1, -2
+OK, FAILED = 0, 1
 
 
 @functools.cache
@@ -76,11 +89,14 @@ class FeedWorkers:
     def __init__(self, index: TarIndex, num_classes: int, batch: int, workers: int, slots: int,
                  start_method: str):  # fmt: skip
         sizes = index.img[:, 1]
-        self.row_cap = _align(max(int(sizes.max()) if len(sizes) else 0, len(pad_image())))
-        self.batch, self.slot_bytes = batch, batch * self.row_cap
+        self.row_cap = _align(max(int(sizes.max()) if len(sizes) else 0, len(pad_image())) + HEADER)
+        self.batch = batch
+        self.ids_at = -(-batch * self.row_cap // mmap.PAGESIZE) * mmap.PAGESIZE  # the rows' pages end here
+        self.slot_bytes = self.ids_at + 8 * batch
         self.sizes = np.maximum(sizes, 0)
         self.maps: list[mmap.mmap] = []
         self.procs: list = []
+        self.failures: dict[int, BaseException] = {}
         paths: list[str] = []
         try:
             for _ in range(slots):
@@ -92,10 +108,14 @@ class FeedWorkers:
                 finally:
                     os.close(fd)
             ctx = multiprocessing.get_context(start_method)
-            self.tasks, self.results = ctx.SimpleQueue(), ctx.SimpleQueue()
+            self._tasks_r, self._tasks = ctx.Pipe(duplex=False)
+            self._results, self._results_w = ctx.Pipe(duplex=False)
+            self.errors = ctx.SimpleQueue()
+            layout = (batch, self.row_cap, self.ids_at)
             for k in range(max(1, workers)):
                 self.procs.append(ctx.Process(
-                    target=_work, args=(index, num_classes, paths, self.tasks, self.results, os.getpid()),
+                    target=_work,
+                    args=(index, num_classes, paths, layout, self._tasks_r, self._results_w, self.errors, os.getpid()),
                     daemon=True, name=f"ffscale-feed-{k}",
                 ))  # fmt: skip
                 self.procs[-1].start()
@@ -112,41 +132,54 @@ class FeedWorkers:
                 os.unlink(path)
 
     def row_lengths(self, ids: np.ndarray) -> np.ndarray:
-        """Each batch's row length: its longest image (`ids` as (batches, batch))."""
+        """Each batch's row length: its longest image and the header (`ids` as (batches, batch))."""
         sizes = np.where(ids == PAD_ID, len(pad_image()), self.sizes[np.maximum(ids, 0)])
-        return -(-sizes.max(axis=1) // ROW_ALIGN) * ROW_ALIGN
+        return -(-(sizes.max(axis=1) + HEADER) // ROW_ALIGN) * ROW_ALIGN
 
-    def submit(self, number: int, slot: int, row: int, ids: bytes) -> None:
-        """Batch `number` (its samples' ids as int64 bytes) to be written into `slot` in rows of `row` bytes."""
-        self.tasks.put((number, slot, row, ids))
+    def submit(self, number: int, slot: int, row: int, ids: np.ndarray) -> None:
+        """Batch `number` (its samples' ids) to be written into `slot` in rows of `row` bytes."""
+        np.frombuffer(self.maps[slot], np.int64, self.batch, self.ids_at)[:] = ids
+        os.write(self._tasks.fileno(), TASK.pack(number, slot, row, self.batch))
 
     def rows(self, slot: int, row: int) -> np.ndarray:
         """Slot `slot` as (batch, row) bytes: a view DALI takes without a copy."""
         return np.frombuffer(self.maps[slot], dtype=np.uint8, count=self.batch * row).reshape(self.batch, row)
 
-    def receive(self):
-        """The next message from the workers: (number, (row length, lengths and labels as bytes)) of a
-        finished batch, (number, the error its samples raised), or at start-up "mapped"."""
-        while not self.results._reader.poll(WAIT_S):
+    def receive(self) -> tuple[int, BaseException | None]:
+        """The next record from the workers: (number of a finished batch, None), (number, the error its
+        samples raised), or at start-up (MAPPED, None)."""
+        while not self._results.poll(WAIT_S):  # poll(2), not select(2): the fd may be above 1023
             dead = [p for p in self.procs if not p.is_alive()]
             if dead:
                 raise DaliFailure(
                     f"the DALI feed's worker process {dead[0].pid} ended (exit code {dead[0].exitcode}; "
                     "killed: -9 is often the out-of-memory killer). Train without DALI with data.loader=webdataset"
                 )
-        return self.results.get()
+        number, status = RESULT.unpack(os.read(self._results.fileno(), RESULT.size))
+        if status == OK:
+            return number, None
+        while number not in self.failures:  # the workers' failures come in the order they were queued
+            failed, error = self.errors.get()
+            self.failures[failed] = error
+        return number, self.failures.pop(number)
 
     def close(self) -> None:
         atexit.unregister(self.close)
         for p in self.procs:
             if p.is_alive():
-                self.tasks.put(None)
+                os.write(self._tasks.fileno(), TASK.pack(STOP, 0, 0, 0))
         for p in self.procs:
+            if p.pid is None:  # never started (start-up failed before it)
+                continue
             p.join(timeout=5)
             if p.is_alive():
                 p.kill()
                 p.join()
         self.procs = []
+        for end in ("_tasks_r", "_tasks", "_results", "_results_w", "errors"):
+            if hasattr(self, end):
+                getattr(self, end).close()
+                delattr(self, end)
         for m in self.maps:
             try:
                 m.close()
@@ -159,12 +192,14 @@ def _align(n: int) -> int:
     return -(-n // ROW_ALIGN) * ROW_ALIGN
 
 
-def _work(index: TarIndex, num_classes: int, paths: list[str], tasks, results, rank_pid: int) -> None:
+def _work(index: TarIndex, num_classes: int, paths: list[str], layout: tuple[int, int, int], tasks, results,
+          errors, rank_pid: int) -> None:  # fmt: skip
     """A worker process: map the slots, say so, then fill batches until told to stop."""
     die_with_parent()
     if os.getppid() != rank_pid:  # the rank died before the signal was asked for
         return
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    batch, row_cap, ids_at = layout
     maps = []
     for path in paths:
         fd = os.open(path, os.O_RDWR)
@@ -172,41 +207,62 @@ def _work(index: TarIndex, num_classes: int, paths: list[str], tasks, results, r
             maps.append(mmap.mmap(fd, 0))
         finally:
             os.close(fd)
-    results.put("mapped")
-    while (task := tasks.get()) is not None:
-        number, slot, row, ids = task
+    tasks_fd, results_fd = tasks.fileno(), results.fileno()
+    os.write(results_fd, RESULT.pack(MAPPED, OK))
+    while True:
+        number, slot, row, n = TASK.unpack(os.read(tasks_fd, TASK.size))
+        if number == STOP:
+            return
+        ids = np.frombuffer(maps[slot], np.int64, n, ids_at).copy()
         try:
-            results.put(
-                (number, (row, _fill(index, num_classes, maps[slot], row, np.frombuffer(ids, np.int64))))
-            )
+            _fill(index, num_classes, maps[slot], batch * row_cap, row, ids)
+            os.write(results_fd, RESULT.pack(number, OK))
+            continue
         except DataError as e:  # a bad sample: the rank raises it, naming shard and key
-            results.put((number, e))
+            errors.put((number, DataError(_short(str(e)))))
         except Exception as e:  # anything else, said by the rank as DALI's feed failing
-            results.put((number, RuntimeError(f"the DALI feed's worker failed: {type(e).__name__}: {e}")))
+            errors.put(
+                (number, RuntimeError(_short(f"the DALI feed's worker failed: {type(e).__name__}: {e}")))
+            )
+        os.write(results_fd, RESULT.pack(number, FAILED))
 
 
-def _fill(index: TarIndex, num_classes: int, buf: mmap.mmap, row: int, ids: np.ndarray) -> bytes:
-    """The batch's images written at their rows of `buf`; their lengths (int32: fn.slice takes its
-    shape so) and labels (int64), as the bytes of the two arrays (a message, not pickled arrays)."""
+def _fill(
+    index: TarIndex, num_classes: int, buf: mmap.mmap, rows_bytes: int, row: int, ids: np.ndarray
+) -> None:
+    """The batch's headers and images written at their rows of `buf`."""
     try:
-        buf.madvise(mmap.MADV_REMOVE)  # the previous batch's pages go: a slot holds one batch
+        buf.madvise(mmap.MADV_REMOVE, 0, rows_bytes)  # the previous batch's pages go: a slot holds one batch
     except OSError:  # a file system without hole punching (a temp dir on overlayfs): pages stay
         pass
-    lengths = np.empty((len(ids), 1), dtype=np.int32)
-    labels = np.empty((len(ids), 1), dtype=np.int64)
     for r, i in enumerate(ids.tolist()):
         if i == PAD_ID:
             img, label = pad_image(), PAD_LABEL
         else:
             sample = index.read(i)
             img, label = image_bytes(sample, index.members), parse_label(sample, num_classes, index.members)
-        buf[r * row : r * row + len(img)] = img
-        lengths[r, 0], labels[r, 0] = len(img), label
-    return labels.tobytes() + lengths.tobytes()  # the int64s first: both views stay aligned
+        if HEADER + len(img) > row:  # the index's size of the sample, by which rows are cut, is wrong
+            raise DataError(
+                f"{index.where(i)}: {len(img)} bytes, not the {row - HEADER} or fewer its index says"
+            )
+        at = r * row
+        buf[at : at + HEADER] = HEAD.pack(len(img), label)
+        buf[at + HEADER : at + HEADER + len(img)] = img
+
+
+def _short(message: str, limit: int = 4096) -> str:
+    """A failure's line, short enough that putting it on the queue never waits for the rank (a pipe
+    holds 64 KiB, and the rank reads the queue only after the failure's record)."""
+    return message if len(message) <= limit else message[:limit] + " ..."
+
+
+def header(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The lengths (int32) and labels (int64) in the headers of a batch's rows, as (batch,) arrays."""
+    return rows[:, 0:4].copy().view(np.int32)[:, 0], rows[:, 8:16].copy().view(np.int64)[:, 0]
 
 
 class BatchFeed:
-    """One epoch's batches for DALI's external source (`batch=True, no_copy=True`, three outputs):
+    """One epoch's batches for DALI's external source (`batch=True, no_copy=True`, one output):
     batch k holds the samples `ids[k * batch : (k + 1) * batch]`, positions from `real` on padding."""
 
     def __init__(self, workers: FeedWorkers, ids: np.ndarray, real: int, ahead: int):
@@ -224,15 +280,13 @@ class BatchFeed:
         self.done: dict[int, object] = {}
 
     def _receive(self) -> None:
-        number, got = self.workers.receive()
-        self.done[number] = got
+        number, error = self.workers.receive()
+        self.done[number] = error
         self.received += 1
 
     def _send_ahead(self) -> None:
         while self.sent < len(self.ids) and self.sent <= self.taken + self.ahead:
-            self.workers.submit(
-                self.sent, self.sent % self.slots, self.rows[self.sent], self.ids[self.sent].tobytes()
-            )
+            self.workers.submit(self.sent, self.sent % self.slots, self.rows[self.sent], self.ids[self.sent])
             self.sent += 1
 
     def __call__(self):
@@ -242,17 +296,13 @@ class BatchFeed:
         self._send_ahead()
         while self.taken not in self.done:
             self._receive()
-        got = self.done.pop(self.taken)
-        if isinstance(got, BaseException):
-            raise got
-        row, message = got
-        b = self.workers.batch
-        labels = np.frombuffer(message, np.int64, b).reshape(b, 1)
-        lengths = np.frombuffer(message, np.int32, b, offset=8 * b).reshape(b, 1)
-        slot = self.taken % self.slots
+        error = self.done.pop(self.taken)
+        if error is not None:
+            raise error
+        slot, row = self.taken % self.slots, self.rows[self.taken]
         self.taken += 1
         self._send_ahead()
-        return self.workers.rows(slot, row), lengths, labels
+        return self.workers.rows(slot, row)
 
     def drain(self) -> None:
         """Wait for the batches sent and not taken (an epoch cut short, an evaluation abandoned): the

@@ -124,14 +124,37 @@ def test_the_dali_feed_hands_over_whole_batches_the_same_from_forked_and_spawned
         for _ in range(2):  # after StopIteration the feed starts over (an evaluation's reset)
             with pytest.raises(StopIteration):
                 while True:
-                    rows, lengths, labels = batches()
-                    images = [bytes(r[:n]) for r, n in zip(rows, lengths[:, 0])]
-                    got[method].append((images, labels[:, 0].tolist()))
+                    rows = batches()
+                    lengths, labels = feed.header(rows)
+                    images = [bytes(r[feed.HEADER : feed.HEADER + n]) for r, n in zip(rows, lengths)]
+                    got[method].append((images, labels.tolist()))
         workers.close()
     assert got["fork"] == got["spawn"] and len(got["fork"]) == 6
     first = got["fork"][0]
     assert first[0][0] == feed.image_bytes(index.read(int(ids[0])), index.members)
     assert got["fork"][2][1][-8:] == [feed.PAD_LABEL] * 8
+
+
+def test_the_dali_feed_raises_a_workers_bad_sample_and_serves_the_next_epoch(tmp_path):
+    """Two batches holding one bad sample fail in two workers, in either order: the first failure is
+    raised naming it, the feed drains the other, and the same workers serve a good epoch after."""
+    import numpy as np
+
+    from ffscale.data import feed
+    from ffscale.data.loader import open_index
+
+    index, _ = open_index(str(bad_shards(tmp_path, "label_range")))  # sample 5's label is 42 of 3 classes
+    workers = feed.FeedWorkers(index, 3, 4, 2, slots=5, start_method="fork")
+    try:
+        bad = feed.BatchFeed(workers, np.array([5, 0, 1, 2, 5, 3, 4, 6, 7, 8, 9, 10]), 12, ahead=2)
+        with pytest.raises(DataError, match=r"s-000000\.tar sample 0005: label 42"):
+            bad()
+        bad.drain()
+        good = feed.BatchFeed(workers, np.arange(16, 24), 8, ahead=2)
+        labels = [feed.header(good())[1].tolist() for _ in range(2)]
+        assert labels == [[i % 3 for i in range(16, 20)], [i % 3 for i in range(20, 24)]]
+    finally:
+        workers.close()
 
 
 @pytest.mark.parametrize("kind", LOADERS)

@@ -233,6 +233,7 @@ def bench_data(args) -> dict:
     res: dict = {
         "shards": str(root),
         "rounds": args.rounds,
+        "batch": args.batch,
         "crop_scale": list(args.crop_scale),
         "rand_augment": not args.no_rand_augment,
         "target_py_threads_us_per_img": TARGET_PY_US_PER_IMG,
@@ -307,14 +308,19 @@ def print_data(res: dict) -> None:
         print(f"DALI / webdataset: {res['ratio_dali_over_webdataset']:.2f}x (rounds: {per})")
 
 
+def group(res: dict) -> int:
+    """Records by batch size, each shown with its newest (records before the key: the default, 64)."""
+    return res.get("batch", 64)
+
+
 def table(res: dict) -> list[list]:
     """The docs' table of a record (ffscale/tools/bench/report.py): a row per loader."""
-    rows: list[list] = [["loader", "img/s (median)", "CPU-ms/img", "rank's Python threads, CPU-us/img",
+    rows: list[list] = [["loader", "batch", "img/s (median)", "CPU-ms/img", "rank's Python threads, CPU-us/img",
                          "of it host resize", "feed alone: img/s", "feed alone: CPU-us/img"]]  # fmt: skip
     for kind in LOADERS:
         if kind in res:
             r = res[kind]
-            rows.append([kind, round(r["img_per_s"]), r["cpu_ms_per_img"], r["py_threads_us_per_img"],
+            rows.append([kind, group(res), round(r["img_per_s"]), r["cpu_ms_per_img"], r["py_threads_us_per_img"],
                          r["host_resize_us_per_img"], round(r["feed_img_per_s"]), r["feed_py_threads_us_per_img"]])  # fmt: skip
     return rows
 

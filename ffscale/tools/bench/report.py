@@ -127,9 +127,9 @@ def _captions() -> dict:
 
 def _groups() -> dict:
     """The benches recorded in kinds that the docs show side by side (e.g. two stores, two inputs)."""
-    from ffscale.tools.bench import compare, shard
+    from ffscale.tools.bench import compare, data, shard
 
-    return {"shard": shard.group, "compare": compare.group}
+    return {"shard": shard.group, "compare": compare.group, "data": data.group}
 
 
 def _cell(v) -> str:
