@@ -96,17 +96,23 @@ fi
 # helpers), which nothing imports.
 site=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
 if [ ! -f .venv/.ffscale-bytecode ]; then
-  PYTHONDONTWRITEBYTECODE= python - <<'PY' 2>/dev/null || true
-import importlib
+  # two processes, one per half of the stack (torch's side, and what imports no torch), so both cores compile
+  warm() {
+    PYTHONDONTWRITEBYTECODE= python -c '
+import importlib, sys
 
-for name in ("torch", "torch.optim", "torch._dynamo", "torch._inductor.compile_fx", "networkx", "deepspeed",
-             "deepspeed.runtime.engine", "mlflow", "mlflow.store.tracking.sqlalchemy_store", "nvidia.dali.fn",
-             "nvidia.dali.plugin.pytorch", "webdataset", "omegaconf", "PIL.Image", "ffscale.train", "ffscale.cli"):
+for name in sys.argv[1:]:
     try:  # each on its own: a module another version of a package lacks is skipped
         importlib.import_module(name)
     except Exception:
         pass
-PY
+' "$@" >/dev/null 2>&1 || true
+  }
+  warm torch torch.optim torch._dynamo torch._inductor.compile_fx deepspeed deepspeed.runtime.engine \
+    ffscale.train ffscale.cli &
+  warm mlflow mlflow.store.tracking.sqlalchemy_store nvidia.dali.fn nvidia.dali.plugin.pytorch networkx \
+    webdataset omegaconf PIL.Image
+  wait
   setsid nice -n 19 bash -c 'flock -n 9 || exit 0; python -m compileall -q -j 0 "$1" >/dev/null 2>&1
     touch .venv/.ffscale-bytecode' compile "$site" 9>.venv/.ffscale-bytecode.lock </dev/null >/dev/null 2>&1 &
 fi
