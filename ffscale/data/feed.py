@@ -218,8 +218,8 @@ def _work(index: TarIndex, num_classes: int, paths: list[str], layout: tuple[int
             _fill(index, num_classes, maps[slot], batch * row_cap, row, ids)
             os.write(results_fd, RESULT.pack(number, OK))
             continue
-        except DataError as e:  # a bad sample: the rank raises it, naming shard and key
-            errors.put((number, DataError(_short(str(e)))))
+        except DataError as e:  # a bad sample, or storage not answering: the rank raises it as it is
+            errors.put((number, type(e)(_short(str(e)))))  # (a StorageError's exit code says: retry)
         except Exception as e:  # anything else, said by the rank as DALI's feed failing
             errors.put(
                 (number, RuntimeError(_short(f"the DALI feed's worker failed: {type(e).__name__}: {e}")))
