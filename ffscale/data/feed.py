@@ -7,9 +7,9 @@ sample, and feeding a list of arrays converts each), under the rank's GIL. Here 
 dense (batch, row) uint8 array that DALI's plain external source takes without a copy (`no_copy`):
 each row a 16-byte header (the image's length as int32, 4 bytes of padding, its label as int64) and
 the encoded image, rows padded to the batch's largest. The graph reads the header and cuts each image
-to its length (ffscale/data/dali.py). One array, not three: DALI's `feed_input` costs the rank's
-thread about as much per array fed as everything else in an iteration (`ffscale bench data` measures
-the rank's Python per image). What the rank does per batch is the batch's sample ids written into its
+to its length (ffscale/data/dali.py). One array, not three: every array DALI's `feed_input` takes is
+a fixed cost in the rank's thread (its conversion and hand-over to the executor), paid per batch
+(`ffscale bench data` measures the rank's Python per image). What the rank does per batch is the batch's sample ids written into its
 slot, a 32-byte record written to the workers' pipe, a 16-byte record read back, and an array view.
 
 - **Workers** (`FeedWorkers`, one set per loader, `data.workers` of them, at least one): processes

@@ -53,8 +53,7 @@ def newest(bench: str, records: list[dict]) -> list[dict]:
     if group is None:
         return records[-1:]
     last: dict = {}
-    for rec in records:
-        last.setdefault(group(rec["result"]), None)
+    for rec in records:  # a key keeps the place of its first insertion when its value is replaced
         last[group(rec["result"])] = rec
     return list(last.values())
 

@@ -59,9 +59,9 @@ def table(res: dict) -> list[list]:
 
 
 def caption(res: dict) -> str:
-    a = res.get("args", {})
-    return (f"Width {a.get('dim', '?')}, depth {a.get('depth', '?')}, batch {a.get('batch', '?')}, 16 px patches, "
-            f"plain PyTorch forward + backward on {a.get('threads', '?')} threads")  # fmt: skip
+    a = res["args"]
+    return (f"Width {a['dim']}, depth {a['depth']}, batch {a['batch']}, 16 px patches, "
+            f"plain PyTorch forward + backward on {a['threads']} threads")  # fmt: skip
 
 
 def print_scaling(res: dict) -> None:
