@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -53,6 +55,7 @@ def init(timeout_s: int = 600) -> DistInfo:
         # Only here: touching __compatible_ops__ makes DeepSpeed probe every op builder (compiler
         # subprocesses, GPU queries) on every rank, which on a GPU node costs start-up for nothing.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    defer_muon_compile()
     from deepspeed.utils import logger
 
     logger.addFilter(_QuietScheduler())
@@ -66,6 +69,34 @@ def init(timeout_s: int = 600) -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(rank, world, local_rank, local_world, device)
+
+
+def defer_muon_compile() -> None:
+    """DeepSpeed's Muon kernels built with torch.compile at their first call, not when their module is
+    imported. deepspeed 0.19.8 imports that module on every ZeRO engine build and step for an
+    isinstance test against an optimizer ffscale never builds (deepspeed/runtime/zero/utils.py
+    `is_zero_supported_optimizer`, stage_1_and_2.py `average_tensor`), and the module decorates
+    three functions with `torch.compile` (deepspeed/runtime/zero/muon/original_muon.py through
+    deepspeed/runtime/compiler.py `compile`), which imports torch._inductor's compiler: about 2 s of
+    CPU per rank and launch here (`ffscale bench startup`, the engine part). torch.compile compiles at
+    the first call either way, so a function decorated this way behaves the same."""
+    from deepspeed.runtime import compiler
+
+    if "deepspeed.runtime.zero.muon.original_muon" not in sys.modules:  # not decorated yet
+        compiler.compile = lambda: _compile_on_first_call
+
+
+def _compile_on_first_call(fn):
+    compiled = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn)
+        return compiled(*args, **kwargs)
+
+    return call
 
 
 def set_timeout(seconds: float, sync: bool = False) -> None:
