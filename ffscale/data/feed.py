@@ -44,6 +44,7 @@ import io
 import mmap
 import multiprocessing
 import os
+import select
 import signal
 import struct
 import tempfile
@@ -111,6 +112,11 @@ class FeedWorkers:
             self._tasks_r, self._tasks = ctx.Pipe(duplex=False)
             self._results, self._results_w = ctx.Pipe(duplex=False)
             self.errors = ctx.SimpleQueue()
+            # poll(2) on the result pipe, set up once: Connection.poll builds a selector in Python on
+            # every call, which the rank would pay per batch; poll(2), not select(2): the fd may be
+            # above 1023
+            self._ready = select.poll()
+            self._ready.register(self._results.fileno(), select.POLLIN)
             layout = (batch, self.row_cap, self.ids_at)
             for k in range(max(1, workers)):
                 self.procs.append(ctx.Process(
@@ -148,7 +154,7 @@ class FeedWorkers:
     def receive(self) -> tuple[int, BaseException | None]:
         """The next record from the workers: (number of a finished batch, None), (number, the error its
         samples raised), or at start-up (MAPPED, None)."""
-        while not self._results.poll(WAIT_S):  # poll(2), not select(2): the fd may be above 1023
+        while not self._ready.poll(WAIT_S * 1000):
             dead = [p for p in self.procs if not p.is_alive()]
             if dead:
                 raise DaliFailure(
