@@ -312,7 +312,8 @@ class BatchFeed:
 
     def drain(self) -> None:
         """Wait for the batches sent and not taken (an epoch cut short, an evaluation abandoned): the
-        workers must not write a slot the next feed hands to DALI."""
-        while self.received < self.sent:
+        workers must not write a slot the next feed hands to DALI. Nothing to wait for once the workers
+        are closed (an epoch's generator finalised at exit, after the loader's `close`)."""
+        while self.received < self.sent and self.workers.procs:
             self._receive()
         self._restart()

@@ -16,6 +16,7 @@ def test_bench_data_reports_both_loaders_and_their_ratio(fm_shards):
         assert r["feed_img_per_s"] > 0 and "MainThread" in r["py_threads"]
         assert 0 < r["host_resize_us_per_img"] <= r["main_thread_us_per_img"] if kind == "dali" else True
         assert 0 < r["py_threads_us_per_img"] and 0 < r["feed_py_threads_us_per_img"]
+        assert 0 < r["ahead_py_threads_us_per_img"]
     assert res["target_py_threads_us_per_img"] == 5
     assert res["ratio_dali_over_webdataset"] > 0
 

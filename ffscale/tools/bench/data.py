@@ -8,8 +8,11 @@ hits both; the median and the spread of the rounds are reported.
 
 Per loader it also reports the CPU time per image of the rank process's Python threads (the
 threads that contend for the GIL with the training step: the main thread and any `threading`
-thread; DALI's native threads and the worker processes excluded), with the host resize apart, and
-the feed's ceiling: the same workers reading the same samples with nothing decoded.
+thread; DALI's native threads and the worker processes excluded), with the host resize apart; the
+same again with the loader ahead of its consumer (which sleeps after each batch for a quarter more
+than the loader takes per batch, as a training step would keep the rank busy: a loader that is
+waited on costs the rank's thread more, DALI's wait for its outputs burning CPU); and the feed's
+ceiling: the same workers reading the same samples with nothing decoded.
 
 The default input looks like ImageNet: real images (mosaics of Fashion-MNIST pictures, coloured)
 stored as JPEGs of ImageNet's sizes (most 500x375 or 375x500, the rest 250-800 px a side), about
@@ -35,6 +38,7 @@ import torch
 MARK = "FFSCALE_BENCH_DATA "
 SOURCE = "imagenet-like mosaics of fashion-mnist, jpeg q95"  # the generator's version: a change regenerates
 LOADERS = ("webdataset", "dali")
+STEP_OVER_BATCH = 1.25  # the "loader ahead" round's step, over the loader's own time per batch
 
 
 def imagenet_like_size(rng: random.Random) -> tuple[int, int]:
@@ -153,9 +157,11 @@ def measure(
     max_batches: int = 0,
     rand_augment: bool = True,
     feed_only: bool = False,
+    step_s: float = 0.0,
 ) -> dict:
     """One round of one loader: an epoch (or `max_batches`) after `warmup` batches, in this process.
-    `feed_only`: the loader's reads alone (same workers, nothing decoded), its ceiling."""
+    `feed_only`: the loader's reads alone (same workers, nothing decoded), its ceiling. `step_s`: the
+    consumer sleeps that long after each batch, as a training step would keep it busy."""
     from ffscale.data.loader import build_loader
     from ffscale.util.hostenv import allocator
 
@@ -176,6 +182,8 @@ def measure(
     for i, size in enumerate(it):
         n += size
         threads.sample()
+        if step_s:
+            time.sleep(step_s)
         if max_batches and i + 1 >= max_batches:
             break
     if dev.type == "cuda":
@@ -195,7 +203,7 @@ def measure(
     }
 
 
-def _round(kind: str, args, root: Path, feed_only: bool = False) -> dict:
+def _round(kind: str, args, root: Path, feed_only: bool = False, step_s: float = 0.0) -> dict:
     """`measure` in a fresh process with the environment of a training rank."""
     from ffscale.util.hostenv import rank_env
 
@@ -206,7 +214,7 @@ def _round(kind: str, args, root: Path, feed_only: bool = False) -> dict:
         *map(str, args.crop_scale),
         str(int(not args.no_rand_augment)),
     ]
-    cmd += [str(int(feed_only))]
+    cmd += [str(int(feed_only)), repr(step_s)]
     env = {**rank_env(), "PYTHONWARNINGS": "ignore"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     found = [ln[len(MARK) :] for ln in p.stdout.splitlines() if ln.startswith(MARK)]
@@ -226,10 +234,16 @@ def bench_data(args) -> dict:
         )
     rounds: dict[str, list[dict]] = {k: [] for k in kinds}
     feeds: dict[str, list[dict]] = {k: [] for k in kinds}
+    ahead: dict[str, list[dict]] = {k: [] for k in kinds}
     for _ in range(args.rounds):
         for kind in kinds:
             rounds[kind].append(_round(kind, args, root))
             feeds[kind].append(_round(kind, args, root, feed_only=True))
+            # a step a quarter longer than the loader takes per batch: the loader stays ahead, and the
+            # rank's threads spend what they would beside training, not what waiting on a loader costs
+            # (DALI's ShareOutputs burns CPU while it waits for a batch)
+            step = STEP_OVER_BATCH * args.batch / rounds[kind][-1]["img_per_s"]
+            ahead[kind].append(_round(kind, args, root, step_s=step))
     res: dict = {
         "shards": str(root),
         "rounds": args.rounds,
@@ -255,6 +269,8 @@ def bench_data(args) -> dict:
             "py_threads": rs[0]["py_threads"],
             "feed_img_per_s": med("img_per_s", feeds[kind]),
             "feed_py_threads_us_per_img": med("py_threads_us_per_img", feeds[kind]),
+            "ahead_py_threads_us_per_img": med("py_threads_us_per_img", ahead[kind]),
+            "ahead_host_resize_us_per_img": med("host_resize_us_per_img", ahead[kind]),
             "images": rs[0]["images"],
             "device": rs[0]["device"],
             "allocator": rs[0]["allocator"],
@@ -292,16 +308,18 @@ def print_data(res: dict) -> None:
             )
     print(
         f"rank process's Python threads, CPU-us per image (target <= {res['target_py_threads_us_per_img']:g}; "
-        "host resize apart), and the feed alone (reads, no decode):"
+        "host resize apart), with the loader ahead of a step, and the feed alone (reads, no decode):"
     )
     for kind in LOADERS:
         if kind in res:
             r = res[kind]
             own = r["py_threads_us_per_img"] - r["host_resize_us_per_img"]
+            ahead = r["ahead_py_threads_us_per_img"] - r["ahead_host_resize_us_per_img"]
             print(
                 f"{kind:11} {own:>8.1f} us (main thread {r['main_thread_us_per_img']:.1f}, host resize "
-                f"{r['host_resize_us_per_img']:.1f}; threads: {', '.join(r['py_threads'])}); feed alone "
-                f"{r['feed_img_per_s']:,.0f} img/s at {r['feed_py_threads_us_per_img']:.1f} us"
+                f"{r['host_resize_us_per_img']:.1f}; threads: {', '.join(r['py_threads'])}); ahead of a step "
+                f"{ahead:.1f} us; feed alone {r['feed_img_per_s']:,.0f} img/s at "
+                f"{r['feed_py_threads_us_per_img']:.1f} us"
             )
     if "ratio_dali_over_webdataset" in res:
         per = ", ".join(f"{x:.2f}" for x in res["ratio_per_round"])
@@ -316,17 +334,19 @@ def group(res: dict) -> int:
 def table(res: dict) -> list[list]:
     """The docs' table of a record (ffscale/tools/bench/report.py): a row per loader."""
     rows: list[list] = [["loader", "batch", "img/s (median)", "CPU-ms/img", "rank's Python threads, CPU-us/img",
-                         "of it host resize", "feed alone: img/s", "feed alone: CPU-us/img"]]  # fmt: skip
+                         "of it host resize", "the same, loader ahead of a step", "feed alone: img/s",
+                         "feed alone: CPU-us/img"]]  # fmt: skip
     for kind in LOADERS:
         if kind in res:
             r = res[kind]
             rows.append([kind, group(res), round(r["img_per_s"]), r["cpu_ms_per_img"], r["py_threads_us_per_img"],
-                         r["host_resize_us_per_img"], round(r["feed_img_per_s"]), r["feed_py_threads_us_per_img"]])  # fmt: skip
+                         r["host_resize_us_per_img"], r.get("ahead_py_threads_us_per_img"),
+                         round(r["feed_img_per_s"]), r["feed_py_threads_us_per_img"]])  # fmt: skip
     return rows
 
 
 if __name__ == "__main__":  # one round, in the process `_round` starts
-    kind, root, img_size, batch, workers, warmup, lo, hi, ra, feed = sys.argv[1:11]
+    kind, root, img_size, batch, workers, warmup, lo, hi, ra, feed, step = sys.argv[1:12]
     r = measure(kind, root, int(img_size), int(batch), int(workers), int(warmup), (float(lo), float(hi)),
-                rand_augment=ra == "1", feed_only=feed == "1")  # fmt: skip
+                rand_augment=ra == "1", feed_only=feed == "1", step_s=float(step))  # fmt: skip
     print(MARK + json.dumps(r), flush=True)
