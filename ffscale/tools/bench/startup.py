@@ -41,10 +41,11 @@ PARTS = [
     ("run_setup", "run lock, preflight verdict, config saved, tracker", "distributed_initialised", "stage_started", FFSCALE),
     ("data", "data set-up (DALI loaders)", "stage_started", "loaders_built", FFSCALE),
     ("model", "model built", "loaders_built", "model_built", FFSCALE),
-    # torch.optim's first optimizer imports torch._dynamo, DeepSpeed's ZeRO check imports its Muon
-    # module, whose torch.compile decorators import torch._inductor (deepspeed/runtime/zero/utils.py,
-    # is_zero_supported_optimizer): most of this part is those imports
-    ("engine", "DeepSpeed engine built (imports torch._dynamo, _inductor)", "model_built", "engine_built", UPSTREAM),
+    # torch.optim's first optimizer imports torch._dynamo (torch/optim/optimizer.py, add_param_group
+    # under torch._disable_dynamo): most of this part is that import. DeepSpeed's ZeRO check imports its
+    # Muon module, whose torch.compile decorators would import torch._inductor as well
+    # (ffscale/engine/dist.py `defer_muon_compile` says why they no longer do)
+    ("engine", "DeepSpeed engine built (imports torch._dynamo)", "model_built", "engine_built", UPSTREAM),
     ("first_step", "first optimizer step", "engine_built", "first_step", FFSCALE),
 ]  # fmt: skip
 RANK_EVENTS = ("config_loaded", "imports_done", "distributed_initialised", "stage_started", "loaders_built",
