@@ -100,13 +100,8 @@ def _images(feed: BatchFeed):
     """The batches `feed` hands over -> (encoded images, int64 labels), in the graph: each row's header
     read (ffscale/data/feed.py) and its image cut to its length."""
     from nvidia.dali import fn, types
-    from nvidia.dali.tensors import TensorListCPU
 
-    # handed over as DALI's own batch type: feed_input takes it as it is, where an array is checked and
-    # converted in Python first (nvidia-dali 2.4.0: external_source.py `_prep_data_for_feed_input`)
-    rows = fn.external_source(
-        source=lambda: TensorListCPU(feed()), batch=True, no_copy=True, dtype=types.UINT8
-    )
+    rows = fn.external_source(source=feed, batch=True, no_copy=True, dtype=types.UINT8)
     length = fn.reinterpret(fn.slice(rows, start=[0], shape=[4], axes=[0]), dtype=types.INT32)
     label = fn.reinterpret(fn.slice(rows, start=[8], shape=[8], axes=[0]), dtype=types.INT64)
     return fn.slice(rows, start=[HEADER], shape=length, axes=[0]), label
