@@ -101,9 +101,10 @@ def _images(feed: BatchFeed):
     read (ffscale/data/feed.py) and its image cut to its length."""
     from nvidia.dali import fn, types
 
-    # the array itself: handed over as a TensorListCPU built here instead, which skips feed_input's
-    # checks, a training graph's iteration took the rank's thread twice the CPU (`ffscale bench data`,
-    # the records of commit 080cbd5 in docs/results/data.json)
+    # the array itself, not a TensorListCPU built here (which skips the checks and conversion of
+    # nvidia-dali 2.4.0's external_source.py `_prep_data_for_feed_input`): with one, a training graph's
+    # iteration took the rank's thread twice the CPU (`ffscale bench data`, the records of commit
+    # 080cbd5 in docs/results/data.json)
     rows = fn.external_source(source=feed, batch=True, no_copy=True, dtype=types.UINT8)
     length = fn.reinterpret(fn.slice(rows, start=[0], shape=[4], axes=[0]), dtype=types.INT32)
     label = fn.reinterpret(fn.slice(rows, start=[8], shape=[8], axes=[0]), dtype=types.INT64)

@@ -113,8 +113,8 @@ class FeedWorkers:
             self._results, self._results_w = ctx.Pipe(duplex=False)
             self.errors = ctx.SimpleQueue()
             # poll(2) on the result pipe, set up once: Connection.poll builds a selector in Python on
-            # every call, which the rank would pay per batch; poll(2), not select(2): the fd may be
-            # above 1023
+            # every call (CPython 3.11 multiprocessing/connection.py, `wait` and its _WaitSelector),
+            # which the rank would pay per batch; poll(2), not select(2): the fd may be above 1023
             self._ready = select.poll()
             self._ready.register(self._results.fileno(), select.POLLIN)
             layout = (batch, self.row_cap, self.ids_at)
@@ -182,6 +182,9 @@ class FeedWorkers:
                 p.kill()
                 p.join()
         self.procs = []
+        if hasattr(self, "_ready"):  # before its pipe closes: a later receive() must not poll a reused fd
+            self._ready.unregister(self._results.fileno())
+            del self._ready
         for end in ("_tasks_r", "_tasks", "_results", "_results_w", "errors"):
             if hasattr(self, end):
                 getattr(self, end).close()

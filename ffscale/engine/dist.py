@@ -77,9 +77,10 @@ def defer_muon_compile() -> None:
     isinstance test against an optimizer ffscale never builds (deepspeed/runtime/zero/utils.py
     `is_zero_supported_optimizer`, stage_1_and_2.py `average_tensor`), and the module decorates
     three functions with `torch.compile` (deepspeed/runtime/zero/muon/original_muon.py through
-    deepspeed/runtime/compiler.py `compile`), which imports torch._inductor's compiler: about 2 s of
-    CPU per rank and launch here (`ffscale bench startup`, the engine part). torch.compile compiles at
-    the first call either way, so a function decorated this way behaves the same."""
+    deepspeed/runtime/compiler.py `compile`), which imports torch._inductor's compiler in every rank
+    (docs/performance.md, "Start-up", the engine part). torch.compile compiles at the first call
+    either way; inside a function being compiled, a decorated one is traced as it is, as Dynamo does
+    with a nested torch.compile."""
     from deepspeed.runtime import compiler
 
     if "deepspeed.runtime.zero.muon.original_muon" not in sys.modules:  # not decorated yet
@@ -92,6 +93,8 @@ def _compile_on_first_call(fn):
     @functools.wraps(fn)
     def call(*args, **kwargs):
         nonlocal compiled
+        if torch.compiler.is_compiling():  # traced into its caller's graph; nothing to cache
+            return fn(*args, **kwargs)
         if compiled is None:
             compiled = torch.compile(fn)
         return compiled(*args, **kwargs)

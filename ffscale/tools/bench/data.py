@@ -11,7 +11,7 @@ threads that contend for the GIL with the training step: the main thread and any
 thread; DALI's native threads and the worker processes excluded), with the host resize apart; the
 same again with the loader ahead of its consumer (which sleeps after each batch for a quarter more
 than the loader takes per batch, as a training step would keep the rank busy: a loader that is
-waited on costs the rank's thread more, DALI's wait for its outputs burning CPU); and the feed's
+waited on costs the rank's thread more: DALI's wait for its outputs takes CPU); and the feed's
 ceiling: the same workers reading the same samples with nothing decoded.
 
 The default input looks like ImageNet: real images (mosaics of Fashion-MNIST pictures, coloured)
@@ -241,7 +241,7 @@ def bench_data(args) -> dict:
             feeds[kind].append(_round(kind, args, root, feed_only=True))
             # a step a quarter longer than the loader takes per batch: the loader stays ahead, and the
             # rank's threads spend what they would beside training, not what waiting on a loader costs
-            # (DALI's ShareOutputs burns CPU while it waits for a batch)
+            # (DALI's ShareOutputs takes the thread's CPU while it waits for a batch: docs/performance.md)
             step = STEP_OVER_BATCH * args.batch / rounds[kind][-1]["img_per_s"]
             ahead[kind].append(_round(kind, args, root, step_s=step))
     res: dict = {
@@ -334,7 +334,7 @@ def group(res: dict) -> int:
 def table(res: dict) -> list[list]:
     """The docs' table of a record (ffscale/tools/bench/report.py): a row per loader."""
     rows: list[list] = [["loader", "batch", "img/s (median)", "CPU-ms/img", "rank's Python threads, CPU-us/img",
-                         "of it host resize", "the same, loader ahead of a step", "feed alone: img/s",
+                         "of it host resize", "rank's Python threads, loader ahead of a step: CPU-us/img", "feed alone: img/s",
                          "feed alone: CPU-us/img"]]  # fmt: skip
     for kind in LOADERS:
         if kind in res:
