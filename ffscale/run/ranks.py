@@ -81,7 +81,8 @@ def stop(ranks: list[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> None:
 
 
 def see_through(ranks: list[subprocess.Popen], poll_s: float = 0.1) -> int:
-    """0 once every rank ended with 0; the first failed rank's code once the others are stopped."""
+    """0 once every rank ended with 0; a failed rank's code once the others are stopped: of the ranks
+    found failed in the same poll (every `poll_s`), the lowest-numbered."""
     while True:
         codes = [r.poll() for r in ranks]
         failed = next((c for c in codes if c not in (None, 0)), None)
