@@ -87,6 +87,10 @@ class DataCfg:
     """normalisation std per channel"""
     workers: int = 2
     """per rank: DataLoader worker processes; DALI reader processes (>= 1) and threads"""
+    dali_batch: int = 512
+    """images DALI takes per iteration: whole micro-batches, as many as fit (at least one, at most an
+    epoch's). Each iteration costs the rank's thread a fixed CPU time, which more images spread
+    thinner; DALI's buffers grow with it (docs/data.md, "DALI iterations")"""
     repeats: int = 1
     """DeiT's repeated augmentation (RASampler, samplers.py:8-59): each image `repeats` times per
     epoch on different ranks, the epoch as long as without (data/plan.py); 3 in DeiT's ImageNet recipe"""
@@ -442,6 +446,8 @@ def validate(stage_cfg: StageCfg, prefix: str = "") -> None:
             )
     if "://" in stage_cfg.data.stage_dir:
         raise ConfigError(f"{prefix}data.stage_dir={stage_cfg.data.stage_dir!r}: must be a node-local folder")
+    if stage_cfg.data.dali_batch < 1:
+        raise ConfigError(f"{prefix}data.dali_batch={stage_cfg.data.dali_batch}: must be 1 or more")
     if stage_cfg.data.remote_cache_mb < 1:
         raise ConfigError(f"{prefix}data.remote_cache_mb={stage_cfg.data.remote_cache_mb}: must be 1 or more")
     if stage_cfg.data.repeats < 1:

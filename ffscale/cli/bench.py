@@ -86,6 +86,11 @@ def add_parser(sub) -> None:
     )
     bd.add_argument("--warmup", type=int, default=5, help="batches per round not timed")
     bd.add_argument(
+        "--dali-batch", type=int, default=0,
+        help="data.dali_batch: images per DALI iteration (default: its default); the bench also runs DALI "
+        "at one batch per iteration, loader ahead, as the baseline",
+    )  # fmt: skip
+    bd.add_argument(
         "--crop-scale", type=float, nargs=2, default=[0.08, 1.0], metavar=("LO", "HI"),
         help="random-resized-crop area (DeiT: 0.08 1); 1 1: both loaders decode every pixel",
     )  # fmt: skip

@@ -8,8 +8,14 @@ and nothing there runs per sample (`ffscale bench data` measures what does). DAL
 reader cannot take the plan's order: it shards by contiguous ranges of samples and shuffles only
 inside an `initial_fill` buffer.
 
+Each DALI iteration takes `per_run` micro-batches at once (`data.dali_batch` images, in whole
+micro-batches, at most an epoch's), and the loader hands them on one micro-batch at a time: what an
+iteration costs the rank's thread (feeding the source, launching the graph, taking the outputs) does
+not grow with its images, so larger iterations spread it thinner. An epoch's last iteration is
+filled up with padding rows that are never handed on.
+
 Training builds one pipeline per epoch, seeded from (seed, epoch, rank): an epoch's batches are a
-pure function of those. DALI's random operators draw from one stream per operator, whose use
+pure function of those (and of `per_run`: DALI's random operators draw per sample position). DALI's random operators draw from one stream per operator, whose use
 depends on the images (a crop window is drawn again until it fits), so a resumed epoch runs the
 batches it skips through the pipeline and drops them, as the uninterrupted run drew them.
 Evaluation has no random operator: its pipeline is built once per loader and reset for every
@@ -132,6 +138,9 @@ class DaliLoader(Loader):
                 "graph (data.loader=auto picks webdataset for skip)"
             )
         super().__init__(cfg, plan, index, train, batch, num_classes, device)
+        # micro-batches per DALI iteration, and its images
+        self.per_run = max(1, min(cfg.dali_batch // batch, self.steps_per_epoch))
+        self.run_batch = self.per_run * batch
         self.builds = 0  # pipelines built by this loader (evaluation: one, however many epochs)
         self.host_resize_s = 0.0  # this thread's CPU in the host resize (`ffscale bench data` says it apart)
         self._val = None  # the evaluation's (pipeline, iterator, feed), kept between evaluations
@@ -142,19 +151,24 @@ class DaliLoader(Loader):
         """The loader's feed workers, started at its first epoch and kept until `close`."""
         if self._workers is None:
             self._workers = FeedWorkers(
-                self.index, self.num_classes, self.batch, self.cfg.workers,
+                self.index, self.num_classes, self.run_batch, self.cfg.workers,
                 slots=self.READ_AHEAD + self.QUEUE + 2, start_method=start_method(),
             )  # fmt: skip
         return self._workers
 
-    def _feed(self, ids: np.ndarray, real: int) -> BatchFeed:
-        return BatchFeed(self._feed_workers(), ids, real, self.READ_AHEAD)
+    def _feed(self, ids: np.ndarray) -> BatchFeed:
+        """The feed of an epoch's (or an evaluation's) samples `ids`, in the plan's order, followed by
+        padding up to whole DALI iterations that cover `steps_per_epoch` micro-batches."""
+        runs = -(-self.steps_per_epoch // self.per_run)
+        rows = np.zeros(max(runs * self.run_batch, len(ids)), dtype=np.int64)
+        rows[: len(ids)] = ids
+        return BatchFeed(self._feed_workers(), rows, len(ids), self.READ_AHEAD)
 
     def _build(self, source: BatchFeed, seed: int, host_resize: bool):
         gpu = self.device.type == "cuda"
         rand_aug = self.cfg.rand_augment and self.train
         pipe = _pipeline(source, self.train, self.cfg, rand_aug, "mixed" if gpu else "cpu", host_resize)(
-            batch_size=self.batch,
+            batch_size=self.run_batch,
             num_threads=max(1, self.cfg.workers),
             device_id=self.device.index or 0 if gpu else None,
             seed=seed,
@@ -180,7 +194,7 @@ class DaliLoader(Loader):
         if not len(ids):
             return
         host = self._host_resize()
-        source = self._told(lambda: self._feed(ids, len(ids)), ids, 0)
+        source = self._told(lambda: self._feed(ids), ids, 0)
         seed = derive31(self.plan.seed, "dali", epoch, self.plan.rank)
         try:
             pipe = self._told(lambda: self._build(source, seed, host), ids, 0)
@@ -200,10 +214,8 @@ class DaliLoader(Loader):
     def _eval_epoch(self) -> Iterator[Batch]:
         """Every sample of the rank once, padded to `steps_per_epoch` whole batches, through the one
         evaluation pipeline (reset after a whole evaluation; rebuilt after an abandoned one)."""
-        real = self.plan.eval_indices()
-        ids = np.zeros(self.steps_per_epoch * self.batch, dtype=np.int64)
-        ids[: len(real)] = real
-        if not len(ids):
+        ids = self.plan.eval_indices()
+        if not self.steps_per_epoch:
             return
         source = self._val[2] if self._val is not None else None
         try:
@@ -212,7 +224,7 @@ class DaliLoader(Loader):
                 self._told(self._val[1].reset, ids, 0)
             else:
                 self._drop_val()
-                source = self._told(lambda: self._feed(ids, len(real)), ids, 0)
+                source = self._told(lambda: self._feed(ids), ids, 0)
                 self._val = (None, None, source)
                 pipe = self._told(lambda: self._build(source, 0, False), ids, 0)
                 self._val = (pipe, None, source)
@@ -241,20 +253,31 @@ class DaliLoader(Loader):
             self._workers.close()
             self._workers = None
 
+    def _parts(self):
+        """(micro-batch number, its first row in the iteration's output) for each micro-batch an
+        iteration holds, up to the epoch's last."""
+        for start in range(0, self.steps_per_epoch, self.per_run):
+            last = min(start + self.per_run, self.steps_per_epoch)
+            yield [(n, (n - start) * self.batch) for n in range(start, last)]
+
     def _dali_batches(self, it, skip: int) -> Iterator[Batch | None]:
-        for n, out in enumerate(it):
-            yield None if n < skip else (out[0]["x"], out[0]["y"].view(-1).cpu())
+        b = self.batch
+        # `it` first: it ends where the feed ends, so a reset of the evaluation's iterator restarts both
+        for out, parts in zip(it, self._parts()):
+            x, y = out[0]["x"], out[0]["y"].view(-1).cpu()
+            for n, at in parts:
+                yield None if n < skip else (x[at : at + b], y[at : at + b])
 
     def _host_batches(self, pipe, skip: int) -> Iterator[Batch | None]:
-        for n in range(self.steps_per_epoch):
+        b = self.batch
+        for parts in self._parts():
             try:
                 img, label, mirror = pipe.run()
             except StopIteration:
                 return
-            if n < skip:
-                yield None
-            else:
-                yield self._resize(img, mirror.as_array()), torch.from_numpy(label.as_array()).view(-1)
+            y, flips = torch.from_numpy(label.as_array()).view(-1), mirror.as_array()
+            for n, at in parts:
+                yield None if n < skip else (self._resize(img, flips, at, at + b), y[at : at + b])
 
     def _guarded(self, batches: Iterator, ids: np.ndarray) -> Iterator:
         """`batches` with DALI's and the workers' failures said as DataError or DaliFailure."""
@@ -285,18 +308,19 @@ class DaliLoader(Loader):
                 ) from None
             self._locate(ids, batch, what)
 
-    def _resize(self, crops, mirror) -> torch.Tensor:
-        """Each decoded crop (HWC uint8) to img_size (data.interpolation, antialiased), flipped as drawn."""
+    def _resize(self, crops, mirror, lo: int, hi: int) -> torch.Tensor:
+        """The decoded crops lo..hi-1 (HWC uint8) to img_size (data.interpolation, antialiased), each
+        flipped as drawn."""
         size, mode = self.cfg.img_size, self.cfg.interpolation
         cpu0 = time.thread_time()
-        out = torch.empty(len(crops), 3, size, size, dtype=torch.uint8)
+        out = torch.empty(hi - lo, 3, size, size, dtype=torch.uint8)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # one small image each: DALI's threads are decoding the next batch
         try:
-            for i in range(len(crops)):
+            for i in range(lo, hi):
                 t = torch.from_numpy(np.asarray(crops[i])).permute(2, 0, 1).unsqueeze(0)  # channels-last view
                 r = F.interpolate(t, size=(size, size), mode=mode, antialias=True, align_corners=False)
-                out[i] = r[0].flip(-1) if mirror[i] else r[0]
+                out[i - lo] = r[0].flip(-1) if mirror[i] else r[0]
         finally:
             torch.set_num_threads(threads)
             self.host_resize_s += time.thread_time() - cpu0
@@ -304,14 +328,13 @@ class DaliLoader(Loader):
 
     def read_only(self, epoch: int) -> Iterator[int]:
         """The feed alone (`ffscale bench data`'s ceiling): the epoch's samples read by the same
-        worker processes into a pipeline that decodes nothing; yields each batch's size."""
+        worker processes, in the same iterations, into a pipeline that decodes nothing; yields each
+        micro-batch's size."""
         from nvidia.dali import pipeline_def
 
-        ids = self.plan.epoch_ids(epoch, self.train, self.batch)
-        ids = ids[: len(ids) // self.batch * self.batch]
-        source = self._feed(ids, len(ids))
+        source = self._feed(self.plan.epoch_ids(epoch, self.train, self.batch))
 
-        @pipeline_def(batch_size=self.batch, num_threads=max(1, self.cfg.workers), device_id=None,
+        @pipeline_def(batch_size=self.run_batch, num_threads=max(1, self.cfg.workers), device_id=None,
                       prefetch_queue_depth=self.QUEUE)  # fmt: skip
         def reads():
             return _images(source)
@@ -319,17 +342,19 @@ class DaliLoader(Loader):
         pipe = reads()
         try:
             pipe.build()
-            for _ in range(len(ids) // self.batch):
-                yield len(pipe.run()[1])
+            for parts in self._parts():
+                pipe.run()
+                yield from (self.batch for _ in parts)
         finally:
             _release(pipe)
             source.drain()
 
     def _locate(self, ids: np.ndarray, batch: int, what: str):
-        """DALI's decode errors carry no file name: decode, on the host, the samples of the failing
-        batch and those DALI may have been working ahead on, and raise naming the one that fails."""
-        ahead = self.QUEUE + self.READ_AHEAD + 1
-        for j in ids[batch * self.batch : (batch + ahead) * self.batch]:
+        """DALI's decode errors carry no file name: decode, on the host, the samples of the iteration
+        that holds micro-batch `batch` and those DALI may have been working ahead on, and raise naming
+        the one that fails."""
+        run, ahead = batch // self.per_run, self.QUEUE + self.READ_AHEAD + 1
+        for j in ids[run * self.run_batch : (run + ahead) * self.run_batch]:
             decode_image(self.index.read(int(j)), self.index.members)  # raises DataError naming it
         raise DataError(f"DALI failed near batch {batch} under {Path(self.index.files[0]).parent}: {what}")
 

@@ -80,6 +80,13 @@ def stop(ranks: list[subprocess.Popen], grace_s: float = STOP_GRACE_S) -> None:
             r.wait()
 
 
+# the one crash of this kind known to be caused by the data (docs/data.md, "DALI iterations")
+CRASH_HINT = (
+    "With data.loader=dali on a CPU, nvidia-dali 2.4.0's image decoder crashes so on an image it cannot "
+    "decode once an iteration holds 32 or more: data.loader=webdataset names the image"
+)
+
+
 def see_through(ranks: list[subprocess.Popen], poll_s: float = 0.1) -> int:
     """0 once every rank ended with 0; a failed rank's code once the others are stopped: of the ranks
     found failed in the same poll (every `poll_s`), the lowest-numbered."""
@@ -88,6 +95,9 @@ def see_through(ranks: list[subprocess.Popen], poll_s: float = 0.1) -> int:
         failed = next((c for c in codes if c not in (None, 0)), None)
         if failed is not None:
             stop(ranks)
+            if failed == -signal.SIGSEGV:
+                print(f"ffscale: rank {codes.index(failed)} of this node crashed in native code (SIGSEGV). {CRASH_HINT}",
+                      file=sys.stderr, flush=True)  # fmt: skip
             return failed if failed > 0 else 128 - failed  # killed by a signal: the shell's 128 + signal
         if all(c == 0 for c in codes):
             return 0

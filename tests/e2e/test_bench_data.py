@@ -3,12 +3,13 @@ startup-scale`: ranks' data set-up started together, each a fresh process."""
 
 from argparse import Namespace
 
-from ffscale.tools.bench.data import bench_data
+from ffscale.tools.bench.data import bench_data, print_data, table
 
 
 def test_bench_data_reports_both_loaders_and_their_ratio(fm_shards):
     a = Namespace(shards=str(fm_shards / "train"), images=0, img_size=64, batch=32,
-                  workers=0, rounds=1, warmup=1, crop_scale=[0.08, 1.0], no_rand_augment=True)  # fmt: skip
+                  workers=0, rounds=1, warmup=1, crop_scale=[0.08, 1.0], no_rand_augment=True,
+                  dali_batch=0)  # fmt: skip
     res = bench_data(a)
     for kind in ("webdataset", "dali"):
         r = res[kind]
@@ -18,6 +19,10 @@ def test_bench_data_reports_both_loaders_and_their_ratio(fm_shards):
         assert 0 < r["py_threads_us_per_img"] and 0 < r["feed_py_threads_us_per_img"]
         assert 0 < r["ahead_py_threads_us_per_img"]
     assert res["target_py_threads_us_per_img"] == 5
+    # DALI at data.dali_batch's 512 images per iteration (16 batches), and its baseline of one batch
+    assert res["dali"]["iteration_images"] == 512 and 0 < res["dali"]["ahead_one_batch_py_threads_us_per_img"]
+    print_data(res)
+    assert table(res)[2][:3] == ["dali", 32, 512]
     assert res["ratio_dali_over_webdataset"] > 0
 
 

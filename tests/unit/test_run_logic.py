@@ -110,7 +110,7 @@ def test_lineage_says_where_a_stages_weights_came_from(tmp_path):
 
 def test_the_nodes_launcher_numbers_ranks_node_major_and_stops_the_rest_when_one_fails(tmp_path):
     """ffscale/run/ranks.py: the variables torch's env:// rendezvous and DeepSpeed read, as DeepSpeed's
-    launch.py sets them for node 1 of 2; a failed rank's exit code, the other rank stopped, not waited for."""
+    launch.py sets them for node 1 of 2; a failed rank's exit code, the other rank stopped, not waited for; a rank's crash said in a line."""
     import json
     import subprocess
     import sys
@@ -123,7 +123,8 @@ def test_the_nodes_launcher_numbers_ranks_node_major_and_stops_the_rest_when_one
         "out = {k: os.environ[k] for k in keys}\n"
         "open(sys.argv[-1] + os.environ['RANK'], 'w').write(json.dumps([sys.argv[1:-1], out]))\n"
         "if sys.argv[-2] == 'fail' and os.environ['LOCAL_RANK'] == '1': sys.exit(3)\n"
-        "if sys.argv[-2] == 'fail': time.sleep(120)\n"
+        "if sys.argv[-2] == 'crash' and os.environ['LOCAL_RANK'] == '1': import signal; os.kill(os.getpid(), signal.SIGSEGV)\n"
+        "if sys.argv[-2] in ('fail', 'crash'): time.sleep(120)\n"
     )
     launcher = [sys.executable, "-m", "ffscale.run.ranks", "--nproc=2", "--nnodes=2", "--node-rank=1",
                 "--master-addr=10.0.0.1", "--master-port=1234", str(entry)]  # fmt: skip
@@ -136,6 +137,12 @@ def test_the_nodes_launcher_numbers_ranks_node_major_and_stops_the_rest_when_one
     assert json.loads((tmp_path / "r2").read_text())[1]["LOCAL_RANK"] == "0"
     # rank 0 sleeps 120 s: the launcher stops it rather than waits (else the timeout raises)
     assert subprocess.run([*launcher, "fail", str(tmp_path / "f")], timeout=60).returncode == 3
+    # a crash in native code: the shell's 128 + SIGSEGV, and the one line that says what can cause it
+    crashed = subprocess.run(
+        [*launcher, "crash", str(tmp_path / "c")], timeout=60, capture_output=True, text=True
+    )
+    assert crashed.returncode == 139
+    assert "rank 1 of this node crashed in native code (SIGSEGV). With data.loader=dali" in crashed.stderr
 
 
 # -- which ranks import MLflow -----------------------------------------------------------------

@@ -12,7 +12,9 @@ thread; DALI's native threads and the worker processes excluded), with the host 
 same again with the loader ahead of its consumer (which sleeps after each batch for a quarter more
 than the loader takes per batch, as a training step would keep the rank busy: a loader that is
 waited on costs the rank's thread more: DALI's wait for its outputs takes CPU); and the feed's
-ceiling: the same workers reading the same samples with nothing decoded.
+ceiling: the same workers reading the same samples with nothing decoded. DALI runs with
+`--dali-batch` images per iteration (data.dali_batch), and its loader-ahead round again with one
+batch per iteration, the baseline of that setting, in the same run.
 
 The default input looks like ImageNet: real images (mosaics of Fashion-MNIST pictures, coloured)
 stored as JPEGs of ImageNet's sizes (most 500x375 or 375x500, the rest 250-800 px a side), about
@@ -134,6 +136,7 @@ def bench_cfg(
     workers: int,
     scale: tuple[float, float] = (0.08, 1.0),
     rand_augment: bool = True,
+    dali_batch: int | None = None,
 ):
     """The data config of a round: only `loader` differs between the two loaders. Augmentation is
     the recipe's per-image part, which both implement (random-resized crop of `scale` of the area,
@@ -142,8 +145,9 @@ def bench_cfg(
     same pixels."""
     from ffscale.config import DataCfg
 
+    more = {} if dali_batch is None else {"dali_batch": dali_batch}
     return DataCfg(loader=kind, img_size=img_size, workers=workers, rand_augment=rand_augment, color_jitter=0.0,
-                   mixup=0, cutmix=0, reprob=0, scale=list(scale))  # fmt: skip
+                   mixup=0, cutmix=0, reprob=0, scale=list(scale), **more)  # fmt: skip
 
 
 def measure(
@@ -158,14 +162,16 @@ def measure(
     rand_augment: bool = True,
     feed_only: bool = False,
     step_s: float = 0.0,
+    dali_batch: int | None = None,
 ) -> dict:
     """One round of one loader: an epoch (or `max_batches`) after `warmup` batches, in this process.
     `feed_only`: the loader's reads alone (same workers, nothing decoded), its ceiling. `step_s`: the
-    consumer sleeps that long after each batch, as a training step would keep it busy."""
+    consumer sleeps that long after each batch, as a training step would keep it busy. `dali_batch`:
+    data.dali_batch (None: its default)."""
     from ffscale.data.loader import build_loader
     from ffscale.util.hostenv import allocator
 
-    cfg = bench_cfg(kind, img_size, workers, scale, rand_augment)
+    cfg = bench_cfg(kind, img_size, workers, scale, rand_augment, dali_batch)
     dev = torch.device("cuda" if torch.cuda.is_available() and kind == "dali" else "cpu")
     torch.set_num_threads(1)  # the loaders' own workers/threads do the work; the consumer only counts
     loader, _ = build_loader(cfg, root, True, 0, 1, batch, 0, None, dev)
@@ -198,12 +204,15 @@ def measure(
         "host_resize_us_per_img": 1e6 * (getattr(loader, "host_resize_s", 0.0) - resized0) / n,
         "py_threads": threads.names(),
         "images": n,
+        "iteration_images": getattr(loader, "run_batch", batch),
         "device": dev.type,
         "allocator": allocator(),
     }
 
 
-def _round(kind: str, args, root: Path, feed_only: bool = False, step_s: float = 0.0) -> dict:
+def _round(
+    kind: str, args, root: Path, feed_only: bool = False, step_s: float = 0.0, dali_batch: int = 0
+) -> dict:
     """`measure` in a fresh process with the environment of a training rank."""
     from ffscale.util.hostenv import rank_env
 
@@ -214,7 +223,7 @@ def _round(kind: str, args, root: Path, feed_only: bool = False, step_s: float =
         *map(str, args.crop_scale),
         str(int(not args.no_rand_augment)),
     ]
-    cmd += [str(int(feed_only)), repr(step_s)]
+    cmd += [str(int(feed_only)), repr(step_s), str(dali_batch or args.dali_batch)]
     env = {**rank_env(), "PYTHONWARNINGS": "ignore"}
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     found = [ln[len(MARK) :] for ln in p.stdout.splitlines() if ln.startswith(MARK)]
@@ -235,6 +244,9 @@ def bench_data(args) -> dict:
     rounds: dict[str, list[dict]] = {k: [] for k in kinds}
     feeds: dict[str, list[dict]] = {k: [] for k in kinds}
     ahead: dict[str, list[dict]] = {k: [] for k in kinds}
+    one_batch: list[
+        dict
+    ] = []  # DALI ahead of a step at one batch per iteration: the baseline of --dali-batch
     for _ in range(args.rounds):
         for kind in kinds:
             rounds[kind].append(_round(kind, args, root))
@@ -244,12 +256,15 @@ def bench_data(args) -> dict:
             # (DALI's ShareOutputs takes the thread's CPU while it waits for a batch: docs/performance.md)
             step = STEP_OVER_BATCH * args.batch / rounds[kind][-1]["img_per_s"]
             ahead[kind].append(_round(kind, args, root, step_s=step))
+            if kind == "dali":
+                one_batch.append(_round(kind, args, root, step_s=step, dali_batch=args.batch))
     res: dict = {
         "shards": str(root),
         "rounds": args.rounds,
         "batch": args.batch,
         "crop_scale": list(args.crop_scale),
         "rand_augment": not args.no_rand_augment,
+        "dali_batch": args.dali_batch or None,  # None: data.dali_batch's default
         "target_py_threads_us_per_img": TARGET_PY_US_PER_IMG,
         **_input_stats(root),
     }
@@ -271,11 +286,15 @@ def bench_data(args) -> dict:
             "feed_py_threads_us_per_img": med("py_threads_us_per_img", feeds[kind]),
             "ahead_py_threads_us_per_img": med("py_threads_us_per_img", ahead[kind]),
             "ahead_host_resize_us_per_img": med("host_resize_us_per_img", ahead[kind]),
+            "iteration_images": rs[0]["iteration_images"],
             "images": rs[0]["images"],
             "device": rs[0]["device"],
             "allocator": rs[0]["allocator"],
         }
     if "dali" in res:
+        res["dali"]["ahead_one_batch_py_threads_us_per_img"] = statistics.median(
+            r["py_threads_us_per_img"] for r in one_batch
+        )
         ratios = [d["img_per_s"] / w["img_per_s"] for d, w in zip(rounds["dali"], rounds["webdataset"])]
         res["ratio_dali_over_webdataset"] = res["dali"]["img_per_s"] / res["webdataset"]["img_per_s"]
         res["ratio_per_round"] = ratios
@@ -315,6 +334,11 @@ def print_data(res: dict) -> None:
             r = res[kind]
             own = r["py_threads_us_per_img"] - r["host_resize_us_per_img"]
             ahead = r["ahead_py_threads_us_per_img"] - r["ahead_host_resize_us_per_img"]
+            if kind == "dali":
+                print(
+                    f"{'':11} DALI iterations of {r['iteration_images']} images; ahead of a step at one batch per "
+                    f"iteration: {r['ahead_one_batch_py_threads_us_per_img']:.1f} us"
+                )
             print(
                 f"{kind:11} {own:>8.1f} us (main thread {r['main_thread_us_per_img']:.1f}, host resize "
                 f"{r['host_resize_us_per_img']:.1f}; threads: {', '.join(r['py_threads'])}); ahead of a step "
@@ -333,20 +357,25 @@ def group(res: dict) -> int:
 
 def table(res: dict) -> list[list]:
     """The docs' table of a record (ffscale/tools/bench/report.py): a row per loader."""
-    rows: list[list] = [["loader", "batch", "img/s (median)", "CPU-ms/img", "rank's Python threads, CPU-us/img",
-                         "of it host resize", "rank's Python threads, loader ahead of a step: CPU-us/img", "feed alone: img/s",
+    rows: list[list] = [["loader", "batch", "images per DALI iteration", "img/s (median)", "CPU-ms/img",
+                         "rank's Python threads, CPU-us/img", "of it host resize",
+                         "rank's Python threads, loader ahead of a step: CPU-us/img",
+                         "the same, one batch per DALI iteration", "feed alone: img/s",
                          "feed alone: CPU-us/img"]]  # fmt: skip
     for kind in LOADERS:
         if kind in res:
             r = res[kind]
-            rows.append([kind, group(res), round(r["img_per_s"]), r["cpu_ms_per_img"], r["py_threads_us_per_img"],
+            rows.append([kind, group(res), r.get("iteration_images", group(res)) if kind == "dali" else None,
+                         round(r["img_per_s"]), r["cpu_ms_per_img"], r["py_threads_us_per_img"],
                          r["host_resize_us_per_img"], r.get("ahead_py_threads_us_per_img"),
+                         r.get("ahead_one_batch_py_threads_us_per_img"),
                          round(r["feed_img_per_s"]), r["feed_py_threads_us_per_img"]])  # fmt: skip
     return rows
 
 
 if __name__ == "__main__":  # one round, in the process `_round` starts
-    kind, root, img_size, batch, workers, warmup, lo, hi, ra, feed, step = sys.argv[1:12]
+    kind, root, img_size, batch, workers, warmup, lo, hi, ra, feed, step, dali_batch = sys.argv[1:13]
     r = measure(kind, root, int(img_size), int(batch), int(workers), int(warmup), (float(lo), float(hi)),
-                rand_augment=ra == "1", feed_only=feed == "1", step_s=float(step))  # fmt: skip
+                rand_augment=ra == "1", feed_only=feed == "1", step_s=float(step),
+                dali_batch=int(dali_batch) or None)  # fmt: skip
     print(MARK + json.dumps(r), flush=True)
