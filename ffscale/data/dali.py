@@ -264,9 +264,10 @@ class DaliLoader(Loader):
         b = self.batch
         # `it` first: it ends where the feed ends, so a reset of the evaluation's iterator restarts both
         for out, parts in zip(it, self._parts()):
-            x, y = out[0]["x"], out[0]["y"].view(-1).cpu()
+            # the iteration's micro-batches as views, made at once (one call each, not one per batch)
+            xs, ys = out[0]["x"].split(b), out[0]["y"].view(-1).cpu().split(b)
             for n, at in parts:
-                yield None if n < skip else (x[at : at + b], y[at : at + b])
+                yield None if n < skip else (xs[at // b], ys[at // b])
 
     def _host_batches(self, pipe, skip: int) -> Iterator[Batch | None]:
         b = self.batch
@@ -283,30 +284,35 @@ class DaliLoader(Loader):
         """`batches` with DALI's and the workers' failures said as DataError or DaliFailure."""
         n = 0
         while True:
-            got = self._told(lambda: next(batches, _END), ids, n)
+            try:
+                got = next(batches, _END)
+            except Exception as e:
+                self._say(e, ids, n)
             if got is _END:
                 return
             n += 1
             yield got
 
     def _told(self, call, ids: np.ndarray, batch: int):
-        """call(), with a failure turned into the line that names its cause: a bad sample a worker
-        read (its DataError, raised by the feed as it is), a decode error located on the host, or
-        DALI itself failing."""
+        """call(), with a failure said by `_say`."""
         try:
             return call()
-        except FfscaleError:
-            raise
         except Exception as e:
-            if not isinstance(e, RuntimeError):
-                raise
-            what = dali_error_line(str(e))
-            if not is_data_error(str(e)):  # the driver, CUDA, nvJPEG, memory: said at once
-                raise DaliFailure(
-                    f"DALI failed on {self.device} (not a data error): {what}. Train without DALI with "
-                    "data.loader=webdataset"
-                ) from None
-            self._locate(ids, batch, what)
+            self._say(e, ids, batch)
+
+    def _say(self, e: Exception, ids: np.ndarray, batch: int):
+        """Raises the failure `e` (being handled, at or before micro-batch `batch`) as the line that
+        names its cause: a bad sample a worker read (its DataError, raised by the feed as it is), a
+        decode error located on the host, or DALI itself failing."""
+        if isinstance(e, FfscaleError) or not isinstance(e, RuntimeError):
+            raise e
+        what = dali_error_line(str(e))
+        if not is_data_error(str(e)):  # the driver, CUDA, nvJPEG, memory: said at once
+            raise DaliFailure(
+                f"DALI failed on {self.device} (not a data error): {what}. Train without DALI with "
+                "data.loader=webdataset"
+            ) from None
+        self._locate(ids, batch, what)
 
     def _resize(self, crops, mirror, lo: int, hi: int) -> torch.Tensor:
         """The decoded crops lo..hi-1 (HWC uint8) to img_size (data.interpolation, antialiased), each
