@@ -89,14 +89,15 @@ class DataCfg:
     """per rank: DataLoader worker processes; DALI reader processes (>= 1) and threads"""
     dali_batch: int = 512
     """images DALI takes per iteration: whole micro-batches, as many as fit (at least one, at most an
-    epoch's). Each iteration costs the rank's thread a fixed CPU time, which more images spread
-    thinner; DALI's buffers grow with it (docs/data.md, "DALI iterations")"""
+    epoch's). Most of the CPU DALI takes from the rank's thread is paid per iteration, which more images
+    spread thinner; DALI's buffers grow with it (docs/data.md, "DALI iterations")"""
     repeats: int = 1
     """DeiT's repeated augmentation (RASampler, samplers.py:8-59): each image `repeats` times per
     epoch on different ranks, the epoch as long as without (data/plan.py); 3 in DeiT's ImageNet recipe"""
     on_error: str = "raise"
     """raise | skip: a bad sample stops the job naming its shard and key, or is dropped (skip needs
-    the webdataset loader)"""
+    the webdataset loader; DALI's CPU decoder crashes instead on an image it cannot decode in an
+    iteration of 32 or more: docs/data.md, "DALI iterations")"""
     rand_augment: bool = True
     """DeiT's rand-m9-mstd0.5-inc1, in both loaders (DALI's graph; PIL ops in the webdataset loader)"""
     color_jitter: float = 0.3

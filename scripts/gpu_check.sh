@@ -90,7 +90,11 @@ feed = last_json("feed")
 if feed:  # one rank on one device: its img/s are per GPU (per CPU rank on a CPU host)
     per = {k: {"device": feed[k]["device"], "feed_img_per_s": feed[k]["feed_img_per_s"],
                "decode_augment_img_per_s": feed[k]["img_per_s"],
-               "rank_py_us_per_img": feed[k]["py_threads_us_per_img"] - feed[k]["host_resize_us_per_img"]}
+               "rank_py_us_per_img": feed[k]["py_threads_us_per_img"] - feed[k]["host_resize_us_per_img"],
+               "rank_py_us_per_img_ahead": feed[k]["ahead_py_threads_us_per_img"],
+               **({"iteration_images": feed[k]["iteration_images"],
+                   "rank_py_us_per_img_ahead_one_batch": feed[k]["ahead_one_batch_py_threads_us_per_img"]}
+                  if k == "dali" else {})}
            for k in ("dali", "webdataset") if k in feed}
     (out / "feed.json").write_text(json.dumps({"img_per_s_of": "one rank on one device (per GPU on a GPU host)",
                                                "rand_augment": feed["rand_augment"], "images": feed["input_images"],
@@ -99,7 +103,10 @@ if feed:  # one rank on one device: its img/s are per GPU (per CPU rank on a CPU
         unit = "per GPU" if r["device"] == "cuda" else "per CPU rank"
         lines.append(f"feed {k} on {r['device']}: reads alone {r['feed_img_per_s']:,.0f} img/s {unit}, "
                      f"decode + RandAugment {r['decode_augment_img_per_s']:,.0f} img/s {unit}, "
-                     f"rank's Python {r['rank_py_us_per_img']:.1f} us/img")
+                     f"rank's Python {r['rank_py_us_per_img']:.1f} us/img, "
+                     f"{r['rank_py_us_per_img_ahead']:.1f} with the loader ahead of a step"
+                     + (f" ({r['iteration_images']} images per DALI iteration; "
+                        f"{r['rank_py_us_per_img_ahead_one_batch']:.1f} at one batch per iteration)" if k == "dali" else ""))
 for name in ("bench_train", "bench_train_compiled"):
     res = last_json(name)
     for r in (res or {}).get("runs", []):

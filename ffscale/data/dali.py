@@ -9,15 +9,16 @@ reader cannot take the plan's order: it shards by contiguous ranges of samples a
 inside an `initial_fill` buffer.
 
 Each DALI iteration takes `per_run` micro-batches at once (`data.dali_batch` images, in whole
-micro-batches, at most an epoch's), and the loader hands them on one micro-batch at a time: what an
-iteration costs the rank's thread (feeding the source, launching the graph, taking the outputs) does
-not grow with its images, so larger iterations spread it thinner. An epoch's last iteration is
-filled up with padding rows that are never handed on.
+micro-batches, at most an epoch's), and the loader hands them on one micro-batch at a time: most of
+what an iteration costs the rank's thread (feeding the source, launching the graph, taking the
+outputs) does not grow with its images, so larger iterations spread it thinner. An epoch's last
+iteration is filled up with padding rows that are never handed on.
 
 Training builds one pipeline per epoch, seeded from (seed, epoch, rank): an epoch's batches are a
-pure function of those (and of `per_run`: DALI's random operators draw per sample position). DALI's random operators draw from one stream per operator, whose use
-depends on the images (a crop window is drawn again until it fits), so a resumed epoch runs the
-batches it skips through the pipeline and drops them, as the uninterrupted run drew them.
+pure function of those and of `per_run`. DALI's random operators draw from one stream per operator
+and position in the iteration, whose use depends on the images (a crop window is drawn again until
+it fits), so a resumed epoch runs the iterations it skips through the pipeline and drops their
+batches, as the uninterrupted run drew them.
 Evaluation has no random operator: its pipeline is built once per loader and reset for every
 evaluation (the model's and the EMA's), and every batch has exactly `batch` rows (the last padded
 with label -1), so a compiled model sees one shape.

@@ -94,10 +94,10 @@ def see_through(ranks: list[subprocess.Popen], poll_s: float = 0.1) -> int:
         codes = [r.poll() for r in ranks]
         failed = next((c for c in codes if c not in (None, 0)), None)
         if failed is not None:
-            stop(ranks)
-            if failed == -signal.SIGSEGV:
+            if failed == -signal.SIGSEGV:  # said before the others are stopped, which can take a while
                 print(f"ffscale: rank {codes.index(failed)} of this node crashed in native code (SIGSEGV). {CRASH_HINT}",
                       file=sys.stderr, flush=True)  # fmt: skip
+            stop(ranks)
             return failed if failed > 0 else 128 - failed  # killed by a signal: the shell's 128 + signal
         if all(c == 0 for c in codes):
             return 0

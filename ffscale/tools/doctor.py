@@ -102,9 +102,14 @@ def devices(cfg, stage, args) -> list[Check]:
                 ok=bf16 or stage.cfg.deepspeed.precision != "bf16",
             ),
         ]
-    nproc = args.nproc or max(torch.cuda.device_count(), 2 if not torch.cuda.is_available() else 1)
+    nproc = local_ranks(args)
     out.append(allreduce(nproc, args))
     return out
+
+
+def local_ranks(args) -> int:
+    """The ranks a node of this job runs: --nproc, else one per GPU (two on a CPU host)."""
+    return args.nproc or max(torch.cuda.device_count(), 2 if not torch.cuda.is_available() else 1)
 
 
 def allreduce(nproc: int, args) -> Check:
@@ -156,6 +161,7 @@ def data(cfg, stage, args) -> list[Check]:
                                           f"{len(files)} shards, {size / 2**30:.2f} GiB"))  # fmt: skip
     if len(manifests) == 2 and manifests["train"][0].classes != manifests["val"][0].classes:
         out.append(Check("data.classes", "train and val have other classes", ok=False))
+    out.append(shm_check(s, manifests, local_ranks(args)))
     if "train" in manifests:
         m, files = manifests["train"]
         out.append(read_speed(files, sizes=[sh.size for sh in m.shards]))
@@ -231,16 +237,31 @@ def run_dir(cfg, stage, args) -> list[Check]:
     free = shutil.disk_usage(root).free
     out.append(Check("run.disk", f"{free / 2**30:,.1f} GiB free, {need / 2**30:,.2f} GiB for {stage.cfg.checkpoint.keep + 1} "
                                  "checkpoints", ok=free > need))  # fmt: skip
-    shm = shutil.disk_usage("/dev/shm").total if Path("/dev/shm").is_dir() else 0
-    out.append(
-        Check(
-            "/dev/shm",
-            f"{shm / 2**30:,.1f} GiB (NCCL and DALI want more than 1 GiB)",
-            ok=shm > 2**30,
-            fatal=False,
-        )
-    )
     return out
+
+
+def shm_check(stage_cfg, manifests: dict, local_ranks: int, shm: int | None = None) -> Check:
+    """/dev/shm against what NCCL wants (1 GiB) and what DALI's feed holds there: per rank and loader
+    (training's, evaluation's), `slots` iterations of encoded images at the split's mean size
+    (ffscale/data/feed.py; docs/data.md, "DALI iterations"). `shm`: its size (None: the host's)."""
+    from ffscale.data.dali import DaliLoader
+
+    slots = DaliLoader.READ_AHEAD + DaliLoader.QUEUE + 2
+    images = max(stage_cfg.data.dali_batch, stage_cfg.optim.micro_batch or 0)
+    feed = sum(
+        slots * images * sum(sh.size for sh in m.shards) / max(m.num_samples, 1)
+        for m, _ in manifests.values()
+    )
+    need = 2**30 + local_ranks * feed
+    if shm is None:
+        shm = shutil.disk_usage("/dev/shm").total if Path("/dev/shm").is_dir() else 0
+    return Check(
+        "/dev/shm",
+        f"{shm / 2**30:,.1f} GiB; NCCL wants 1 GiB and DALI's feed about {local_ranks * feed / 2**30:,.1f} GiB "
+        f"for {local_ranks} ranks at {images} images per iteration",
+        ok=shm > need,
+        fatal=False,
+    )
 
 
 def checkpoint_bytes(stage_cfg) -> int:

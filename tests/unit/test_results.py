@@ -166,3 +166,13 @@ def test_readmes_commands_are_read_from_their_closing_lines_and_a_failed_run_fai
         timed("1 failed, 2 passed in 3.00s", rc=1)
     with pytest.raises(RuntimeError, match="no final top-1"):
         commands.demo(timed("pipeline demo: stopped"))
+
+
+def test_a_bench_run_in_a_fresh_clone_records_the_commit_it_cloned():
+    """The checkout's own state (uncommitted files, a commit made meanwhile) is no part of a bench that
+    ran in a fresh clone of HEAD: its record names the clone's commit."""
+    from ffscale.tools.bench import results
+
+    cloned = results.record(["bench", "demo", "--record"], {"wall_s": 1.0, results.CLONED: "ab" * 20})
+    assert cloned["commit"] == "ab" * 20 and cloned["result"] == {"wall_s": 1.0}
+    assert results.record(["bench", "unit"], {"wall_s": 1.0})["commit"] == results.commit()

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ffscale.tools.bench.results import REPO
+from ffscale.tools.bench.results import CLONED, REPO
 
 # pytest's closing line, e.g. "354 passed, 8 warnings in 1234.56s (0:20:34)"
 SUMMARY = re.compile(r"^=*\s*(?P<counts>\d+ \w+.*) in (?P<s>[\d.]+)s\b", re.M)
@@ -38,9 +38,11 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"ffscale-{args.what}-") as tmp:
         clone = Path(tmp) / "ffscale"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+        sha = subprocess.run(["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()  # fmt: skip
         if args.what == "demo":
-            return demo(_timed(["bash", "scripts/demo.sh"], clone, fresh_clone=True))
-        return tests(_timed(["bash", ".ci/run"], clone, fresh_clone=True))
+            return demo(_timed(["bash", "scripts/demo.sh"], clone, fresh_clone=True)) | {CLONED: sha}
+        return tests(_timed(["bash", ".ci/run"], clone, fresh_clone=True)) | {CLONED: sha}
 
 
 def _timed(cmd: list[str], cwd: Path, fresh_clone: bool = False) -> tuple[dict, str]:

@@ -13,8 +13,9 @@ same again with the loader ahead of its consumer (which sleeps after each batch 
 than the loader takes per batch, as a training step would keep the rank busy: a loader that is
 waited on costs the rank's thread more: DALI's wait for its outputs takes CPU); and the feed's
 ceiling: the same workers reading the same samples with nothing decoded. DALI runs with
-`--dali-batch` images per iteration (data.dali_batch), and its loader-ahead round again with one
-batch per iteration, the baseline of that setting, in the same run.
+`--dali-batch` images per iteration (data.dali_batch), and again with one batch per iteration, the
+baseline of that setting, in the same run: as it comes, then ahead of a step timed from its own
+speed. DALI warms up in whole iterations.
 
 The default input looks like ImageNet: real images (mosaics of Fashion-MNIST pictures, coloured)
 stored as JPEGs of ImageNet's sizes (most 500x375 or 375x500, the rest 250-800 px a side), about
@@ -126,8 +127,21 @@ class PythonThreadCpu:
 
 
 def _cpu_seconds() -> float:
+    """CPU seconds so far of this process and every process under it: its own, those of children
+    already waited for (RUSAGE_CHILDREN counts only those) and those of children alive now, so the
+    difference of two calls is the CPU spent between them, by loader workers that live on (DALI's feed)
+    as by those joined at an epoch's end (the DataLoader's)."""
+    import psutil
+
     s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+    total = s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+    for child in psutil.Process().children(recursive=True):
+        try:
+            t = child.cpu_times()
+        except psutil.NoSuchProcess:  # ended meanwhile
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
 
 
 def bench_cfg(
@@ -175,6 +189,9 @@ def measure(
     dev = torch.device("cuda" if torch.cuda.is_available() and kind == "dali" else "cpu")
     torch.set_num_threads(1)  # the loaders' own workers/threads do the work; the consumer only counts
     loader, _ = build_loader(cfg, root, True, 0, 1, batch, 0, None, dev)
+    per_run = getattr(loader, "per_run", 1)  # DALI's micro-batches per iteration: warm up in whole ones
+    whole = -(-warmup // per_run) * per_run
+    warmup = whole if whole < loader.steps_per_epoch else warmup  # an epoch of one iteration: as asked
     if loader.steps_per_epoch <= warmup:
         raise SystemExit(
             f"bench data: {root} gives {loader.steps_per_epoch} batches of {batch}; more images or a smaller --batch"
@@ -244,9 +261,9 @@ def bench_data(args) -> dict:
     rounds: dict[str, list[dict]] = {k: [] for k in kinds}
     feeds: dict[str, list[dict]] = {k: [] for k in kinds}
     ahead: dict[str, list[dict]] = {k: [] for k in kinds}
-    one_batch: list[
-        dict
-    ] = []  # DALI ahead of a step at one batch per iteration: the baseline of --dali-batch
+    # DALI at one batch per iteration, the baseline of --dali-batch: as it comes, then ahead of a step
+    one_batch: list[dict] = []
+    one_batch_ahead: list[dict] = []
     for _ in range(args.rounds):
         for kind in kinds:
             rounds[kind].append(_round(kind, args, root))
@@ -257,7 +274,9 @@ def bench_data(args) -> dict:
             step = STEP_OVER_BATCH * args.batch / rounds[kind][-1]["img_per_s"]
             ahead[kind].append(_round(kind, args, root, step_s=step))
             if kind == "dali":
-                one_batch.append(_round(kind, args, root, step_s=step, dali_batch=args.batch))
+                one_batch.append(_round(kind, args, root, dali_batch=args.batch))
+                step = STEP_OVER_BATCH * args.batch / one_batch[-1]["img_per_s"]
+                one_batch_ahead.append(_round(kind, args, root, step_s=step, dali_batch=args.batch))
     res: dict = {
         "shards": str(root),
         "rounds": args.rounds,
@@ -292,8 +311,9 @@ def bench_data(args) -> dict:
             "allocator": rs[0]["allocator"],
         }
     if "dali" in res:
+        res["dali"]["one_batch_img_per_s"] = statistics.median(r["img_per_s"] for r in one_batch)
         res["dali"]["ahead_one_batch_py_threads_us_per_img"] = statistics.median(
-            r["py_threads_us_per_img"] for r in one_batch
+            r["py_threads_us_per_img"] for r in one_batch_ahead
         )
         ratios = [d["img_per_s"] / w["img_per_s"] for d, w in zip(rounds["dali"], rounds["webdataset"])]
         res["ratio_dali_over_webdataset"] = res["dali"]["img_per_s"] / res["webdataset"]["img_per_s"]
@@ -336,8 +356,8 @@ def print_data(res: dict) -> None:
             ahead = r["ahead_py_threads_us_per_img"] - r["ahead_host_resize_us_per_img"]
             if kind == "dali":
                 print(
-                    f"{'':11} DALI iterations of {r['iteration_images']} images; ahead of a step at one batch per "
-                    f"iteration: {r['ahead_one_batch_py_threads_us_per_img']:.1f} us"
+                    f"{'':11} DALI iterations of {r['iteration_images']} images; at one batch per iteration "
+                    f"{r['one_batch_img_per_s']:,.0f} img/s, ahead of a step {r['ahead_one_batch_py_threads_us_per_img']:.1f} us"
                 )
             print(
                 f"{kind:11} {own:>8.1f} us (main thread {r['main_thread_us_per_img']:.1f}, host resize "
@@ -360,7 +380,8 @@ def table(res: dict) -> list[list]:
     rows: list[list] = [["loader", "batch", "images per DALI iteration", "img/s (median)", "CPU-ms/img",
                          "rank's Python threads, CPU-us/img", "of it host resize",
                          "rank's Python threads, loader ahead of a step: CPU-us/img",
-                         "the same, one batch per DALI iteration", "feed alone: img/s",
+                         "the same, one batch per DALI iteration", "img/s, one batch per DALI iteration",
+                         "feed alone: img/s",
                          "feed alone: CPU-us/img"]]  # fmt: skip
     for kind in LOADERS:
         if kind in res:
@@ -369,6 +390,7 @@ def table(res: dict) -> list[list]:
                          round(r["img_per_s"]), r["cpu_ms_per_img"], r["py_threads_us_per_img"],
                          r["host_resize_us_per_img"], r.get("ahead_py_threads_us_per_img"),
                          r.get("ahead_one_batch_py_threads_us_per_img"),
+                         round(r["one_batch_img_per_s"]) if "one_batch_img_per_s" in r else None,
                          round(r["feed_img_per_s"]), r["feed_py_threads_us_per_img"]])  # fmt: skip
     return rows
 

@@ -47,13 +47,19 @@ def append(bench: str, argv: list[str], result, results: Path = RESULTS) -> dict
 
 
 def record(argv: list[str], result) -> dict:
+    # a bench that ran in a fresh clone names the commit it cloned (CLONED in its result): the
+    # checkout's own files, and any commit made while it ran, were no part of it
+    cloned = result.pop(CLONED, None) if isinstance(result, dict) else None
     return {
         "command": shlex.join(["ffscale", *argv]),
-        "commit": commit(),
+        "commit": cloned or commit(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "result": result,
     }
+
+
+CLONED = "cloned_commit"
 
 
 def commit() -> str:
