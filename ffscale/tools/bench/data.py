@@ -182,6 +182,8 @@ def measure(
     `feed_only`: the loader's reads alone (same workers, nothing decoded), its ceiling. `step_s`: the
     consumer sleeps that long after each batch, as a training step would keep it busy. `dali_batch`:
     data.dali_batch (None: its default)."""
+    import psutil  # noqa: F401  (imported here, not inside the timed window by _cpu_seconds)
+
     from ffscale.data.loader import build_loader
     from ffscale.util.hostenv import allocator
 
@@ -199,9 +201,12 @@ def measure(
     it = loader.read_only(0) if feed_only else (len(x) for x, _ in loader.epoch(0))
     for _ in range(warmup):  # start-up (workers, pipeline build, first reads) is not throughput
         next(it)
+    # the process tree's CPU read first and last, outside the Python threads' clocks: that scan is
+    # the bench's own work, not the loader's
+    c0 = _cpu_seconds()
     resized0 = getattr(loader, "host_resize_s", 0.0)
     threads, main0 = PythonThreadCpu(), time.thread_time()
-    n, c0, t0 = 0, _cpu_seconds(), time.perf_counter()
+    n, t0 = 0, time.perf_counter()
     for i, size in enumerate(it):
         n += size
         threads.sample()
@@ -211,7 +216,8 @@ def measure(
             break
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    dt, cpu, main = time.perf_counter() - t0, _cpu_seconds() - c0, time.thread_time() - main0
+    dt, main = time.perf_counter() - t0, time.thread_time() - main0
+    cpu = _cpu_seconds() - c0
     n = max(n, 1)
     return {
         "img_per_s": n / dt,
