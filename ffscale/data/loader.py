@@ -130,7 +130,7 @@ def _dali_probe(device: torch.device) -> str | None:
 # itself belongs to the bench's record (docs/performance.md#input-pipeline), not to a log line.
 CPU_RAND_AUGMENT = (
     "with RandAugment on a CPU host the webdataset loader, whose PIL RandAugment is timm's pixel for pixel "
-    "(data.loader=dali takes less CPU per image: docs/performance.md#input-pipeline)"
+    "(DALI's takes about as much CPU per image: docs/performance.md#input-pipeline)"
 )
 CPU_PLAIN = (
     "without RandAugment on a CPU host DALI is the faster "
