@@ -13,9 +13,9 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 ff() { "$PY" -m ffscale.cli "$@"; }
 
 if [ "${GPU_CHECK_SMALL:-0}" = 1 ]; then
-  IMAGES=256 WORKERS=2 BATCH=16 MODEL=configs/demo.yaml SIZE=28 PATCH=7 MB=32 ZEROS=2 STEPS=2 COMPILE=0 EPOCHS=4
+  IMAGES=256 WORKERS=2 BATCH=16 DALI_BATCH=64 MODEL=configs/demo.yaml SIZE=28 PATCH=7 MB=32 ZEROS=2 STEPS=2 COMPILE=0 EPOCHS=4
 else
-  IMAGES=3000 WORKERS=8 BATCH=64 MODEL=configs/ff_base.yaml SIZE=224 PATCH=16 MB=128 ZEROS=1,2,3 STEPS=10 COMPILE=1 EPOCHS=2
+  IMAGES=3000 WORKERS=8 BATCH=64 DALI_BATCH=512 MODEL=configs/ff_base.yaml SIZE=224 PATCH=16 MB=128 ZEROS=1,2,3 STEPS=10 COMPILE=1 EPOCHS=2
 fi
 SHARDS=data/bench-imagenet-like-$IMAGES
 : > "$OUT/steps.jsonl"
@@ -32,12 +32,12 @@ step() {  # step NAME command...: its output in $OUT/NAME.log, its exit code and
 
 # 1. ImageNet-like shards; DALI (mixed decode on the GPU) against the webdataset loader on them
 step bench_data ff bench data --shards "$SHARDS" --images "$IMAGES" --workers "$WORKERS" --batch "$BATCH" \
-  --rounds 2 --json
+  --dali-batch "$DALI_BATCH" --rounds 2 --json
 # 1b. the feed per GPU: the loaders' reads alone (no decode: the feed's ceiling) beside decode +
 #     RandAugment (DALI: mixed decode and RandAugment on the device), one rank on one GPU, so its img/s
 #     are per GPU; summarised into $OUT/feed.json. DALI must be installed: without it the step fails.
 step feed ff bench data --shards "$SHARDS" --images "$IMAGES" --workers "$WORKERS" --batch "$BATCH" \
-  --rounds 1 --require-dali --json
+  --dali-batch "$DALI_BATCH" --rounds 1 --require-dali --json
 # 2. the preflight on those shards, tracking off
 step doctor ff doctor --config "$MODEL" "data.train=$SHARDS" "data.val=$SHARDS" "data.img_size=$SIZE" \
   tracking.enabled=false "run.dir=$OUT/runs" --json "$OUT/doctor.json" --burst-steps 3

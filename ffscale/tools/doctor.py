@@ -214,7 +214,10 @@ def decode_speed(root: str, img_size: int) -> Check:
     from ffscale.tools.bench.data import measure
 
     kind = "dali" if available() else "webdataset"
-    r = measure(kind, root, img_size, 64, 2, 2, (0.08, 1.0), max_batches=30, rand_augment=False)
+    # one batch per DALI iteration: a quick figure that small shard sets can give too
+    r = measure(
+        kind, root, img_size, 64, 2, 2, (0.08, 1.0), max_batches=30, rand_augment=False, dali_batch=64
+    )
     return Check(
         "data.decode", f"{r['img_per_s']:,.0f} img/s, {kind} on {r['device']}, {img_size} px, 2 workers"
     )

@@ -192,11 +192,11 @@ def measure(
     torch.set_num_threads(1)  # the loaders' own workers/threads do the work; the consumer only counts
     loader, _ = build_loader(cfg, root, True, 0, 1, batch, 0, None, dev)
     per_run = getattr(loader, "per_run", 1)  # DALI's micro-batches per iteration: warm up in whole ones
-    whole = -(-warmup // per_run) * per_run
-    warmup = whole if whole < loader.steps_per_epoch else warmup  # an epoch of one iteration: as asked
-    if loader.steps_per_epoch <= warmup:
+    warmup = -(-warmup // per_run) * per_run
+    if loader.steps_per_epoch < warmup + 2 * per_run:  # two iterations timed at least
         raise SystemExit(
-            f"bench data: {root} gives {loader.steps_per_epoch} batches of {batch}; more images or a smaller --batch"
+            f"bench data: {root} gives {loader.steps_per_epoch} batches of {batch} ({per_run} per iteration): "
+            f"too few to time {2 * per_run} after {warmup} of warm-up; more images, a smaller --batch or --dali-batch"
         )
     it = loader.read_only(0) if feed_only else (len(x) for x, _ in loader.epoch(0))
     for _ in range(warmup):  # start-up (workers, pipeline build, first reads) is not throughput
