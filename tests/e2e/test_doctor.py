@@ -36,7 +36,8 @@ def test_doctor_passes_on_a_node_that_can_run_the_job_and_measures_it(fm_shards,
     assert "GB/s bus bandwidth, 2 ranks, gloo" in checks["all-reduce"]["figure"]
     assert "2048 samples, 10 classes, 8 shards" in checks["data.train"]["figure"]
     assert "img/s" in checks["data.decode"]["figure"] and "img/s" in checks["train burst"]["figure"]
-    assert "DALI's feed about" in checks["/dev/shm"]["figure"]  # tests/unit/test_doctor_shm.py: its arithmetic
+    # what DALI's feed holds in /dev/shm: its arithmetic in tests/unit/test_doctor_shm.py
+    assert "DALI's feed about" in checks["/dev/shm"]["figure"]
 
 
 def test_doctor_fails_naming_what_would_break_the_job(fm_shards, tmp_path):
