@@ -130,6 +130,9 @@ class DaliLoader(Loader):
     # and the step
     READ_AHEAD = 2
     QUEUE = 2  # the pipeline's own prefetch_queue_depth
+    # the feed's shared-memory slots: a slot is written again only after DALI has let go of it
+    # (ffscale/data/feed.py, "Reuse")
+    SLOTS = READ_AHEAD + QUEUE + 2
 
     def __init__(self, cfg: DataCfg, plan: SamplePlan, index: TarIndex, train: bool, batch: int,
                  num_classes: int, device: torch.device):  # fmt: skip
@@ -153,7 +156,7 @@ class DaliLoader(Loader):
         if self._workers is None:
             self._workers = FeedWorkers(
                 self.index, self.num_classes, self.run_batch, self.cfg.workers,
-                slots=self.READ_AHEAD + self.QUEUE + 2, start_method=start_method(),
+                slots=self.SLOTS, start_method=start_method(),
             )  # fmt: skip
         return self._workers
 
@@ -161,7 +164,7 @@ class DaliLoader(Loader):
         """The feed of an epoch's (or an evaluation's) samples `ids`, in the plan's order, followed by
         padding up to whole DALI iterations that cover `steps_per_epoch` micro-batches."""
         runs = -(-self.steps_per_epoch // self.per_run)
-        rows = np.zeros(max(runs * self.run_batch, len(ids)), dtype=np.int64)
+        rows = np.zeros(runs * self.run_batch, dtype=np.int64)  # ids: at most steps_per_epoch batches
         rows[: len(ids)] = ids
         return BatchFeed(self._feed_workers(), rows, len(ids), self.READ_AHEAD)
 
@@ -255,11 +258,11 @@ class DaliLoader(Loader):
             self._workers = None
 
     def _parts(self):
-        """(micro-batch number, its first row in the iteration's output) for each micro-batch an
-        iteration holds, up to the epoch's last."""
+        """(micro-batch number, its place in the iteration) for each micro-batch an iteration holds,
+        up to the epoch's last."""
         for start in range(0, self.steps_per_epoch, self.per_run):
             last = min(start + self.per_run, self.steps_per_epoch)
-            yield [(n, (n - start) * self.batch) for n in range(start, last)]
+            yield [(n, n - start) for n in range(start, last)]
 
     def _dali_batches(self, it, skip: int) -> Iterator[Batch | None]:
         b = self.batch
@@ -267,8 +270,8 @@ class DaliLoader(Loader):
         for out, parts in zip(it, self._parts()):
             # the iteration's micro-batches as views, made at once (one call each, not one per batch)
             xs, ys = out[0]["x"].split(b), out[0]["y"].view(-1).cpu().split(b)
-            for n, at in parts:
-                yield None if n < skip else (xs[at // b], ys[at // b])
+            for n, k in parts:
+                yield None if n < skip else (xs[k], ys[k])
 
     def _host_batches(self, pipe, skip: int) -> Iterator[Batch | None]:
         b = self.batch
@@ -278,8 +281,9 @@ class DaliLoader(Loader):
             except StopIteration:
                 return
             y, flips = torch.from_numpy(label.as_array()).view(-1), mirror.as_array()
-            for n, at in parts:
-                yield None if n < skip else (self._resize(img, flips, at, at + b), y[at : at + b])
+            for n, k in parts:
+                lo = k * b
+                yield None if n < skip else (self._resize(img, flips, lo, lo + b), y[lo : lo + b])
 
     def _guarded(self, batches: Iterator, ids: np.ndarray) -> Iterator:
         """`batches` with DALI's and the workers' failures said as DataError or DaliFailure."""

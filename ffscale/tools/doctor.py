@@ -249,7 +249,7 @@ def shm_check(stage_cfg, manifests: dict, local_ranks: int, shm: int | None = No
     (ffscale/data/feed.py; docs/data.md, "DALI iterations"). `shm`: its size (None: the host's)."""
     from ffscale.data.dali import DaliLoader
 
-    slots = DaliLoader.READ_AHEAD + DaliLoader.QUEUE + 2
+    slots = DaliLoader.SLOTS
     images = max(stage_cfg.data.dali_batch, stage_cfg.optim.micro_batch or 0)
     feed = sum(
         slots * images * sum(sh.size for sh in m.shards) / max(m.num_samples, 1)

@@ -173,6 +173,8 @@ def test_a_bench_run_in_a_fresh_clone_records_the_commit_it_cloned():
     ran in a fresh clone of HEAD: its record names the clone's commit."""
     from ffscale.tools.bench import results
 
-    cloned = results.record(["bench", "demo", "--record"], {"wall_s": 1.0, results.CLONED: "ab" * 20})
+    given = {"wall_s": 1.0, results.CLONED: "ab" * 20}
+    cloned = results.record(["bench", "demo", "--record"], given)
     assert cloned["commit"] == "ab" * 20 and cloned["result"] == {"wall_s": 1.0}
+    assert given[results.CLONED] == "ab" * 20  # the caller's result is left as it was
     assert results.record(["bench", "unit"], {"wall_s": 1.0})["commit"] == results.commit()

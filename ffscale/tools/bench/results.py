@@ -49,7 +49,10 @@ def append(bench: str, argv: list[str], result, results: Path = RESULTS) -> dict
 def record(argv: list[str], result) -> dict:
     # a bench that ran in a fresh clone names the commit it cloned (CLONED in its result): the
     # checkout's own files, and any commit made while it ran, were no part of it
-    cloned = result.pop(CLONED, None) if isinstance(result, dict) else None
+    cloned = None
+    if isinstance(result, dict) and CLONED in result:
+        result = dict(result)
+        cloned = result.pop(CLONED)
     return {
         "command": shlex.join(["ffscale", *argv]),
         "commit": cloned or commit(),
