@@ -14,8 +14,12 @@ what an iteration costs the rank's thread (feeding the source, launching the gra
 outputs) does not grow with its images, so larger iterations spread it thinner. An epoch's last
 iteration is filled up with padding rows that are never handed on.
 
-Training builds one pipeline per epoch, seeded from (seed, epoch, rank): an epoch's batches are a
-pure function of those and of `per_run`. DALI's random operators draw from one stream per operator
+Training runs one pipeline per epoch, seeded from (seed, epoch, rank): an epoch's batches are a
+pure function of those and of `per_run`. The graph is built once per loader and serialized, and each
+epoch's pipeline is made from it with the epoch's seed: building RandAugment's graph runs DALI's
+AutoGraph over nvidia.dali.auto_aug in the rank's thread, seconds of its CPU under the GIL, while
+a pipeline made from the serialized graph draws as one built afresh with that seed
+(tests/integration/test_data.py holds that). DALI's random operators draw from one stream per operator
 and position in the iteration, whose use depends on the images (a crop window is drawn again until
 it fits), so a resumed epoch runs the iterations it skips through the pipeline and drops their
 batches, as the uninterrupted run drew them.
@@ -60,7 +64,7 @@ def available() -> bool:
     return True
 
 
-def _pipeline(source: BatchFeed, train, c: DataCfg, rand_aug: bool, decode_device: str, host_resize: bool):
+def _pipeline(train, c: DataCfg, rand_aug: bool, decode_device: str, host_resize: bool):
     from nvidia.dali import fn, pipeline_def, types
 
     from ffscale.data import randaug
@@ -73,7 +77,7 @@ def _pipeline(source: BatchFeed, train, c: DataCfg, rand_aug: bool, decode_devic
     @pipeline_def(enable_conditionals=bool(train and rand_aug))
     def pipe():
         # the rank's samples in the plan's order, read by the loader's workers (feed.BatchFeed)
-        jpg, label = _images(source)
+        jpg, label = _images()
         if train:
             img = fn.decoders.image_random_crop(
                 jpg, device=decode_device, output_type=types.RGB, random_area=list(c.scale),
@@ -103,19 +107,43 @@ def _pipeline(source: BatchFeed, train, c: DataCfg, rand_aug: bool, decode_devic
     return pipe
 
 
-def _images(feed: BatchFeed):
-    """The batches `feed` hands over -> (encoded images, int64 labels), in the graph: each row's header
-    read (ffscale/data/feed.py) and its image cut to its length."""
+ROWS = "rows"  # the graph's external source, fed one iteration at a time (`_fed_pipeline`)
+
+
+def _images():
+    """The batches a feed hands over -> (encoded images, int64 labels), in the graph: each row's
+    header read (ffscale/data/feed.py) and its image cut to its length."""
     from nvidia.dali import fn, types
 
-    # the array itself, not a TensorListCPU built here (which skips the checks and conversion of
-    # nvidia-dali 2.4.0's external_source.py `_prep_data_for_feed_input`): with one, a training graph's
-    # iteration took the rank's thread twice the CPU (`ffscale bench data`, the records of commit
-    # 080cbd5 in docs/results/data.json)
-    rows = fn.external_source(source=feed, batch=True, no_copy=True, dtype=types.UINT8)
+    rows = fn.external_source(name=ROWS, batch=True, no_copy=True, dtype=types.UINT8)
     length = fn.reinterpret(fn.slice(rows, start=[0], shape=[4], axes=[0]), dtype=types.INT32)
     label = fn.reinterpret(fn.slice(rows, start=[8], shape=[8], axes=[0]), dtype=types.INT64)
     return fn.slice(rows, start=[HEADER], shape=length, axes=[0]), label
+
+
+def _fed_pipeline(graph: bytes, feed: BatchFeed, **params):
+    """A pipeline made from the serialized `graph`, `feed` called for each iteration's rows. `params`:
+    the Pipeline's; the executor is given as a built one has it by default, which deserializing
+    does not keep (nvidia-dali 2.4.0 pipeline.py `deserialize`: every exec_* flag False otherwise)."""
+    from nvidia.dali.pipeline import Pipeline
+
+    class Fed(Pipeline):
+        def iter_setup(self):  # before each iteration; StopIteration from the feed ends the epoch
+            # the array itself, not a TensorListCPU built here (which skips the checks and conversion
+            # of nvidia-dali 2.4.0's external_source.py `_prep_data_for_feed_input`): with one, a
+            # training graph's iteration took the rank's thread twice the CPU (`ffscale bench data`,
+            # the records of commit 080cbd5 in docs/results/data.json)
+            self.feed_input(ROWS, feed())
+
+    return Fed.deserialize(graph, exec_pipelined=True, exec_async=True, exec_dynamic=True, **params)
+
+
+def _serialized(pipe) -> bytes:
+    """The graph of the unbuilt pipeline `pipe`, serialized; `pipe` is let go."""
+    try:
+        return pipe.serialize()
+    finally:
+        _release(pipe)
 
 
 def start_method() -> str:
@@ -145,7 +173,11 @@ class DaliLoader(Loader):
         # micro-batches per DALI iteration, and its images
         self.per_run = max(1, min(cfg.dali_batch // batch, self.steps_per_epoch))
         self.run_batch = self.per_run * batch
-        self.builds = 0  # pipelines built by this loader (evaluation: one, however many epochs)
+        self.builds = 0  # pipelines made by this loader (evaluation: one, however many epochs)
+        self.graph_builds = 0  # graphs built (AutoGraph and all): one per loader
+        # this thread's CPU building the graph and making pipelines from it (`ffscale bench data`)
+        self.graph_cpu_s = self.pipelines_cpu_s = 0.0
+        self._graphs: dict[bool, bytes] = {}  # the serialized graph, by whether it resizes on the host
         self.host_resize_s = 0.0  # this thread's CPU in the host resize (`ffscale bench data` says it apart)
         self._val = None  # the evaluation's (pipeline, iterator, feed), kept between evaluations
         self._workers: FeedWorkers | None = None
@@ -168,18 +200,30 @@ class DaliLoader(Loader):
         rows[: len(ids)] = ids
         return BatchFeed(self._feed_workers(), rows, len(ids), self.READ_AHEAD)
 
-    def _build(self, source: BatchFeed, seed: int, host_resize: bool):
+    def _params(self, seed: int) -> dict:
         gpu = self.device.type == "cuda"
-        rand_aug = self.cfg.rand_augment and self.train
-        pipe = _pipeline(source, self.train, self.cfg, rand_aug, "mixed" if gpu else "cpu", host_resize)(
-            batch_size=self.run_batch,
-            num_threads=max(1, self.cfg.workers),
-            device_id=self.device.index or 0 if gpu else None,
-            seed=seed,
-            prefetch_queue_depth=self.QUEUE,
-        )
-        pipe.build()
+        return dict(batch_size=self.run_batch, num_threads=max(1, self.cfg.workers),
+                    device_id=self.device.index or 0 if gpu else None, seed=seed,
+                    prefetch_queue_depth=self.QUEUE)  # fmt: skip
+
+    def _graph(self, host_resize: bool) -> bytes:
+        """The loader's graph, built once and serialized."""
+        if host_resize not in self._graphs:
+            decode = "mixed" if self.device.type == "cuda" else "cpu"
+            rand_aug = self.cfg.rand_augment and self.train
+            cpu0 = time.thread_time()
+            pipe = _pipeline(self.train, self.cfg, rand_aug, decode, host_resize)(**self._params(0))
+            self._graphs[host_resize] = _serialized(pipe)
+            self.graph_builds += 1
+            self.graph_cpu_s += time.thread_time() - cpu0
+        return self._graphs[host_resize]
+
+    def _build(self, source: BatchFeed, seed: int, host_resize: bool):
+        graph = self._graph(host_resize)
+        cpu0 = time.thread_time()
+        pipe = _fed_pipeline(graph, source, **self._params(seed))
         self.builds += 1
+        self.pipelines_cpu_s += time.thread_time() - cpu0
         return pipe
 
     def _host_resize(self) -> bool:
@@ -344,20 +388,15 @@ class DaliLoader(Loader):
         from nvidia.dali import pipeline_def
 
         source = self._feed(self.plan.epoch_ids(epoch, self.train, self.batch))
-
-        @pipeline_def(batch_size=self.run_batch, num_threads=max(1, self.cfg.workers), device_id=None,
-                      prefetch_queue_depth=self.QUEUE)  # fmt: skip
-        def reads():
-            return _images(source)
-
-        pipe = reads()
+        params, pipe = {**self._params(0), "device_id": None}, None
         try:
-            pipe.build()
+            pipe = _fed_pipeline(_serialized(pipeline_def(_images)(**params)), source, **params)
             for parts in self._parts():
                 pipe.run()
                 yield from (self.batch for _ in parts)
         finally:
-            _release(pipe)
+            if pipe is not None:
+                _release(pipe)
             source.drain()
 
     def _locate(self, ids: np.ndarray, batch: int, what: str):

@@ -25,6 +25,9 @@ def test_bench_data_reports_both_loaders_and_their_ratio(fm_shards):
     dali = res["dali"]
     assert dali["iteration_images"] == 512 and 0 < dali["ahead_one_batch_py_threads_us_per_img"]
     assert 0 < dali["one_batch_img_per_s"]
+    # the graph built once before the epoch's pipeline is made from it, and that the cheaper
+    assert dali["graph_build_cpu_s"] * 1e3 > dali["pipeline_cpu_ms"] > 0
+    assert res["webdataset"]["graph_build_cpu_s"] is None
     print_data(res)
     assert table(res)[2][:3] == ["dali", 32, 512]
     assert res["ratio_dali_over_webdataset"] > 0

@@ -101,6 +101,33 @@ def test_dali_builds_the_val_pipeline_once_for_every_evaluation(id_shards):
     loader.close()
 
 
+def test_dali_builds_the_training_graph_once_and_each_epoch_draws_as_a_fresh_build(id_shards, monkeypatch):
+    """Each epoch's pipeline is made from the graph serialized once per loader, with the epoch's seed,
+    and draws its crops and flips as a pipeline built afresh with that seed (the draws every recorded
+    result and every resume was made with)."""
+    from ffscale.data import dali
+
+    cfg = plain_cfg("dali", scale=[0.2, 1.0], ratio=[0.75, 1.33], hflip=0.5, color_jitter=0.4)
+
+    def pixels(epoch):
+        loader = build_loader(cfg, str(id_shards), True, 0, 1, 16, 0, None, torch.device("cpu"))[0]
+        got = [torch.cat([x.clone() for x, _ in loader.epoch(e)]) for e in range(epoch + 1)]
+        loader.close()
+        return loader, got
+
+    made, from_graph = pixels(1)
+    assert (made.graph_builds, made.builds) == (1, 2) and not torch.equal(*from_graph)
+
+    def fresh(self, source, seed, host_resize):  # DALI's own build of the graph, seeded
+        pipe = dali._pipeline(True, self.cfg, False, "cpu", host_resize)(**self._params(seed))
+        pipe.iter_setup = lambda: pipe.feed_input(dali.ROWS, source())
+        pipe.build()
+        return pipe
+
+    monkeypatch.setattr(dali.DaliLoader, "_build", fresh)
+    assert all(torch.equal(a, b) for a, b in zip(pixels(1)[1], from_graph))
+
+
 def test_dali_iterations_of_several_micro_batches_hand_them_on_in_the_plans_order(id_shards):
     """An iteration of 5 micro-batches (the epoch's last of 3, eval's of 4, filled with padding) gives
     the batches one micro-batch per iteration gives: in training, resumed inside an iteration, and

@@ -225,6 +225,10 @@ def measure(
         "py_threads_us_per_img": 1e6 * threads.seconds() / n,
         "main_thread_us_per_img": 1e6 * main / n,
         "host_resize_us_per_img": 1e6 * (getattr(loader, "host_resize_s", 0.0) - resized0) / n,
+        # DALI: the rank thread's CPU building the loader's graph once, and making the epoch's
+        # pipeline from it (ffscale/data/dali.py), both before the timed window
+        "graph_build_cpu_s": getattr(loader, "graph_cpu_s", None),
+        "pipeline_cpu_ms": _per_pipeline_ms(loader),
         "py_threads": threads.names(),
         "images": n,
         "iteration_images": getattr(loader, "run_batch", batch),
@@ -312,6 +316,8 @@ def bench_data(args) -> dict:
             "ahead_py_threads_us_per_img": med("py_threads_us_per_img", ahead[kind]),
             "ahead_host_resize_us_per_img": med("host_resize_us_per_img", ahead[kind]),
             "iteration_images": rs[0]["iteration_images"],
+            "graph_build_cpu_s": med_or_none("graph_build_cpu_s", rs),
+            "pipeline_cpu_ms": med_or_none("pipeline_cpu_ms", rs),
             "images": rs[0]["images"],
             "device": rs[0]["device"],
             "allocator": rs[0]["allocator"],
@@ -325,6 +331,17 @@ def bench_data(args) -> dict:
         res["ratio_dali_over_webdataset"] = res["dali"]["img_per_s"] / res["webdataset"]["img_per_s"]
         res["ratio_per_round"] = ratios
     return res
+
+
+def _per_pipeline_ms(loader) -> float | None:
+    made = getattr(loader, "builds", 0)
+    return 1e3 * loader.pipelines_cpu_s / made if made else None
+
+
+def med_or_none(key: str, rounds: list[dict]):
+    """The median of `key` over the rounds that report it; None where none does."""
+    got = [r[key] for r in rounds if r.get(key) is not None]
+    return statistics.median(got) if got else None
 
 
 def _input_stats(root: Path) -> dict:
@@ -365,6 +382,11 @@ def print_data(res: dict) -> None:
                     f"{'':11} DALI iterations of {r['iteration_images']} images; at one batch per iteration "
                     f"{r['one_batch_img_per_s']:,.0f} img/s, ahead of a step {r['ahead_one_batch_py_threads_us_per_img']:.1f} us"
                 )
+                if r.get("graph_build_cpu_s") is not None:
+                    print(
+                        f"{'':11} the graph built once per loader in {r['graph_build_cpu_s']:.2f} CPU-s of the rank's "
+                        f"thread; each epoch's pipeline made from it in {r['pipeline_cpu_ms']:.0f} CPU-ms"
+                    )
             print(
                 f"{kind:11} {own:>8.1f} us (main thread {r['main_thread_us_per_img']:.1f}, host resize "
                 f"{r['host_resize_us_per_img']:.1f}; threads: {', '.join(r['py_threads'])}); ahead of a step "
@@ -388,7 +410,9 @@ def table(res: dict) -> list[list]:
                          "rank's Python threads, loader ahead of a step: CPU-us/img",
                          "the same, one batch per DALI iteration", "img/s, one batch per DALI iteration",
                          "feed alone: img/s",
-                         "feed alone: CPU-us/img"]]  # fmt: skip
+                         "feed alone: CPU-us/img",
+                         "DALI graph, built once per loader: CPU-s",
+                         "DALI pipeline made per epoch: CPU-ms"]]  # fmt: skip
     for kind in LOADERS:
         if kind in res:
             r = res[kind]
@@ -397,7 +421,8 @@ def table(res: dict) -> list[list]:
                          r["host_resize_us_per_img"], r.get("ahead_py_threads_us_per_img"),
                          r.get("ahead_one_batch_py_threads_us_per_img"),
                          round(r["one_batch_img_per_s"]) if "one_batch_img_per_s" in r else None,
-                         round(r["feed_img_per_s"]), r["feed_py_threads_us_per_img"]])  # fmt: skip
+                         round(r["feed_img_per_s"]), r["feed_py_threads_us_per_img"],
+                         r.get("graph_build_cpu_s"), r.get("pipeline_cpu_ms")])  # fmt: skip
     return rows
 
 
