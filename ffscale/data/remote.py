@@ -91,10 +91,18 @@ def failure(error: BaseException, url: str, what: str, shard: bool = True) -> Da
 def _status(error: BaseException) -> int | None:
     """The HTTP status a failed request carries: aiohttp.ClientResponseError's `status` (fsspec's http
     raise_for_status); s3fs turns S3's InvalidRange (416) into OSError(EINVAL, "The requested range is
-    not satisfiable") (s3fs/errors.py, ERROR_CODE_TO_EXCEPTION)."""
+    not satisfiable") (s3fs/errors.py, ERROR_CODE_TO_EXCEPTION); gcsfs raises a plain OSError("Forbidden:
+    ...") for 403 and its HttpError, with `code`, for the other statuses it does not map to a builtin
+    (gcsfs/retry.py, validate_response)."""
     if isinstance(error, OSError) and error.errno == errno.EINVAL and "range" in str(error).lower():
         return 416
-    return getattr(error, "status", None)
+    if type(error) is OSError and str(error).startswith("Forbidden: "):
+        return 403
+    for key in ("status", "code"):
+        value = getattr(error, key, None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value
+    return None
 
 
 def _transient(error: BaseException) -> bool:

@@ -1,6 +1,7 @@
 """Real storage servers on 127.0.0.1 for the remote-shard tests (no mocks): nginx serving a folder
-with HTTP range requests (and a `/forbidden/` prefix answering 403), and moto's standalone S3 API
-server (in-memory buckets). scripts/setup.sh installs both (Debian's nginx, the dev extra's moto)."""
+with HTTP range requests (and a `/forbidden/` prefix answering 403), moto's standalone S3 API server
+and gcp-storage-emulator's GCS JSON API server (in-memory buckets, both). scripts/setup.sh installs
+them (Debian's nginx, the dev extra's moto and gcp-storage-emulator)."""
 
 from __future__ import annotations
 
@@ -129,6 +130,60 @@ class MotoS3:
         for f in sorted(Path(folder).rglob("*")):
             if f.is_file():
                 c.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(folder).as_posix()}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+class FakeGcs:
+    """gcp-storage-emulator's GCS JSON API server; `env` is what gcsfs needs to use it.
+
+    gcsfs (2025.x on) first asks the storage control plane, over gRPC, whether a bucket is
+    hierarchical or zonal, and falls back to the JSON API for other buckets after that call times
+    out (60 s; gcsfs/extended_gcsfs.py, `_get_bucket_type`). The emulator serves the JSON API only,
+    so `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false` (gcsfs/__init__.py) takes that JSON API path at once:
+    the one a bucket without a hierarchical namespace ends on."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{self.port}",
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        }
+
+    def start(self) -> FakeGcs:
+        exe = Path(sys.executable).with_name("gcp-storage-emulator")
+        self.proc = subprocess.Popen(
+            [str(exe), "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _wait_port(self.port, self.proc, "gcp-storage-emulator")
+        return self
+
+    def upload(self, bucket: str, prefix: str, folder: Path) -> None:
+        """`folder`'s files under gs://bucket/prefix, by a gcsfs of its own."""
+        import gcsfs
+
+        fs = gcsfs.GCSFileSystem(
+            token="anon",
+            project="test",
+            endpoint_url=self.env["STORAGE_EMULATOR_HOST"],
+            skip_instance_cache=True,
+        )
+        if not fs.exists(bucket):
+            fs.mkdir(bucket)
+        for f in sorted(Path(folder).rglob("*")):
+            if f.is_file():
+                fs.pipe(f"{bucket}/{prefix}/{f.relative_to(folder).as_posix()}", f.read_bytes())
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

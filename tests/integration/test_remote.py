@@ -1,5 +1,5 @@
 """Shards under URLs against real servers on 127.0.0.1 (tests/helpers/storage.py): nginx with range
-requests and moto's S3 API server, started once for the module. Staging (data.stage_dir) and ranged
+requests, moto's S3 API server and a GCS JSON API server, started once for the module. Staging (data.stage_dir) and ranged
 reads without it; a 403, a missing or truncated object, a sha256 mismatch and a server that stops."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers.storage import MotoS3, Nginx
+from helpers.storage import FakeGcs, MotoS3, Nginx
 
 from ffscale.config import DataCfg
 from ffscale.data import remote, stage
@@ -39,21 +39,23 @@ def served(tmp_path_factory):
     (srv / "bad" / "val" / tar).write_bytes(bytes(spoilt))
     (srv / "missing" / "val" / tar).unlink()
     saved = dict(os.environ)
-    ng, s3 = Nginx(srv).start(), MotoS3().start()
-    os.environ.update(s3.env)
+    ng, s3, gcs = Nginx(srv).start(), MotoS3().start(), FakeGcs().start()
+    os.environ.update({**s3.env, **gcs.env})
     try:
         for name in ("fm", "trunc", "bad", "missing"):
             s3.upload(BUCKET, f"{name}/val", srv / name / "val")
-        yield {"srv": srv, "local": good, "nginx": ng, "s3": s3}
+            gcs.upload(BUCKET, f"{name}/val", srv / name / "val")
+        yield {"srv": srv, "local": good, "nginx": ng, "s3": s3, "gcs": gcs}
     finally:
         ng.stop()
         s3.stop()
+        gcs.stop()
         os.environ.clear()
         os.environ.update(saved)
 
 
 def roots(served, name: str = "fm") -> list[str]:
-    return [f"{served['nginx'].url}/{name}/val", f"s3://{BUCKET}/{name}/val"]
+    return [f"{served['nginx'].url}/{name}/val", f"s3://{BUCKET}/{name}/val", f"gs://{BUCKET}/{name}/val"]
 
 
 @pytest.fixture(autouse=True)
