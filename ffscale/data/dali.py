@@ -231,13 +231,13 @@ class DaliLoader(Loader):
         return self.train and self.device.type != "cuda" and not self.cfg.rand_augment
 
     def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
-        batches = self._train_epoch(epoch, skip) if self.train else self._eval_epoch()
-        for got in batches:
-            if got is not None:
-                yield got
+        # One generator between the step and its batches, the iteration's micro-batches handed on by
+        # `yield from`: each level of generators costs the rank's thread a resume per micro-batch,
+        # on caches the step has just filled with its own work.
+        return self._train_epoch(epoch, skip) if self.train else self._eval_epoch()
 
-    def _train_epoch(self, epoch: int, skip: int) -> Iterator[Batch | None]:
-        """The epoch's batches; None for the `skip` first (run through the pipeline, dropped)."""
+    def _train_epoch(self, epoch: int, skip: int) -> Iterator[Batch]:
+        """The epoch's batches after the `skip` first (run through the pipeline, dropped)."""
         ids = self.plan.epoch_ids(epoch, True, self.batch)  # whole batches
         if not len(ids):
             return
@@ -251,10 +251,11 @@ class DaliLoader(Loader):
             raise
         try:
             if host:
-                batches = self._host_batches(pipe, skip)
+                iterations = self._host_batches(pipe, skip)
             else:
-                batches = self._dali_batches(self._told(lambda: _iterator(pipe), ids, 0), skip)
-            yield from self._guarded(batches, ids)
+                iterations = self._dali_batches(self._told(lambda: _iterator(pipe), ids, 0), skip)
+            for batches in self._guarded(iterations, ids):
+                yield from batches
         finally:
             _release(pipe)
             source.drain()
@@ -277,7 +278,8 @@ class DaliLoader(Loader):
                 pipe = self._told(lambda: self._build(source, 0, False), ids, 0)
                 self._val = (pipe, None, source)
                 self._val = (pipe, self._told(lambda: _iterator(pipe), ids, 0), source)
-            yield from self._guarded(self._dali_batches(self._val[1], 0), ids)
+            for batches in self._guarded(self._dali_batches(self._val[1], 0), ids):
+                yield from batches
         except BaseException:  # a failure, or an evaluation abandoned midway: no reset resumes it
             if self._val is not None and self._val[2] is source:  # not a newer evaluation's (a late close)
                 self._drop_val()
@@ -308,35 +310,38 @@ class DaliLoader(Loader):
             last = min(start + self.per_run, self.steps_per_epoch)
             yield [(n, n - start) for n in range(start, last)]
 
-    def _dali_batches(self, it, skip: int) -> Iterator[Batch | None]:
+    def _dali_batches(self, it, skip: int) -> Iterator[list[Batch]]:
+        """Each iteration's micro-batches, those before micro-batch `skip` left out."""
         b = self.batch
         # `it` first: it ends where the feed ends, so a reset of the evaluation's iterator restarts both
         for out, parts in zip(it, self._parts()):
             # the iteration's micro-batches as views, made at once (one call each, not one per batch)
             xs, ys = out[0]["x"].split(b), out[0]["y"].view(-1).cpu().split(b)
-            for n, k in parts:
-                yield None if n < skip else (xs[k], ys[k])
+            yield [(xs[k], ys[k]) for n, k in parts if n >= skip]
 
-    def _host_batches(self, pipe, skip: int) -> Iterator[Batch | None]:
-        b = self.batch
+    def _host_batches(self, pipe, skip: int) -> Iterator[Iterator[Batch]]:
+        """Each iteration's micro-batches as they are resized, those before `skip` left out."""
         for parts in self._parts():
             try:
                 img, label, mirror = pipe.run()
             except StopIteration:
                 return
             y, flips = torch.from_numpy(label.as_array()).view(-1), mirror.as_array()
-            for n, k in parts:
-                lo = k * b
-                yield None if n < skip else (self._resize(img, flips, lo, lo + b), y[lo : lo + b])
+            yield self._resized(img, flips, y, [k for n, k in parts if n >= skip])
 
-    def _guarded(self, batches: Iterator, ids: np.ndarray) -> Iterator:
-        """`batches` with DALI's and the workers' failures said as DataError or DaliFailure."""
+    def _resized(self, img, flips, y, places: list[int]) -> Iterator[Batch]:
+        b = self.batch
+        for k in places:
+            yield self._resize(img, flips, k * b, (k + 1) * b), y[k * b : (k + 1) * b]
+
+    def _guarded(self, iterations: Iterator, ids: np.ndarray) -> Iterator:
+        """`iterations` with DALI's and the workers' failures said as DataError or DaliFailure."""
         n = 0
         while True:
             try:
-                got = next(batches, _END)
+                got = next(iterations, _END)
             except Exception as e:
-                self._say(e, ids, n)
+                self._say(e, ids, n * self.per_run)
             if got is _END:
                 return
             n += 1

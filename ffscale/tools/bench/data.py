@@ -198,7 +198,9 @@ def measure(
             f"bench data: {root} gives {loader.steps_per_epoch} batches of {batch} ({per_run} per iteration): "
             f"too few to time {2 * per_run} after {warmup} of warm-up; more images, a smaller --batch or --dali-batch"
         )
-    it = loader.read_only(0) if feed_only else (len(x) for x, _ in loader.epoch(0))
+    # the consumer's own work kept to a C getter: len() on a tensor is torch's Python __len__, which
+    # after a step's sleep cost the thread more than the loader's handing-on of a micro-batch
+    it = loader.read_only(0) if feed_only else (x.shape[0] for x, _ in loader.epoch(0))
     for _ in range(warmup):  # start-up (workers, pipeline build, first reads) is not throughput
         next(it)
     # the process tree's CPU read first and last, outside the Python threads' clocks: that scan is
