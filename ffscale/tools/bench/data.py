@@ -203,6 +203,9 @@ def measure(
     it = loader.read_only(0) if feed_only else (x.shape[0] for x, _ in loader.epoch(0))
     for _ in range(warmup):  # start-up (workers, pipeline build, first reads) is not throughput
         next(it)
+        # at the step's pace too, so the timed window starts with the loader as far ahead as it
+        # keeps itself, not with the queue a warm-up without steps has just emptied
+        time.sleep(step_s)
     # the process tree's CPU read first and last, outside the Python threads' clocks: that scan is
     # the bench's own work, not the loader's
     c0 = _cpu_seconds()
