@@ -4,9 +4,14 @@ runs tests/unit/ and tests/integration/), those under tests/integration/ integra
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# gcsfs reads this once, when it is first imported (gcsfs/__init__.py), by whichever test that is: the
+# GCS tests' server serves the JSON API only (tests/helpers/storage.py, FakeGcs)
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ with label -1), so a compiled model sees one shape.
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import time
@@ -125,17 +126,28 @@ def _fed_pipeline(graph: bytes, feed: BatchFeed, **params):
     """A pipeline made from the serialized `graph`, `feed` called for each iteration's rows. `params`:
     the Pipeline's; the executor is given as a built one has it by default, which deserializing
     does not keep (nvidia-dali 2.4.0 pipeline.py `deserialize`: every exec_* flag False otherwise)."""
+    pipe = _fed_class().deserialize(graph, exec_pipelined=True, exec_async=True, exec_dynamic=True, **params)
+    pipe.feed = feed  # before its first run, the first call of iter_setup
+    return pipe
+
+
+@functools.cache
+def _fed_class():
+    """nvidia.dali's Pipeline, fed by its `feed` before each iteration (defined at first use: DALI is
+    imported only where it runs)."""
     from nvidia.dali.pipeline import Pipeline
 
     class Fed(Pipeline):
+        feed: BatchFeed
+
         def iter_setup(self):  # before each iteration; StopIteration from the feed ends the epoch
             # the array itself, not a TensorListCPU built here (which skips the checks and conversion
             # of nvidia-dali 2.4.0's external_source.py `_prep_data_for_feed_input`): with one, a
             # training graph's iteration took the rank's thread twice the CPU (`ffscale bench data`,
             # the records of commit 080cbd5 in docs/results/data.json)
-            self.feed_input(ROWS, feed())
+            self.feed_input(ROWS, self.feed())
 
-    return Fed.deserialize(graph, exec_pipelined=True, exec_async=True, exec_dynamic=True, **params)
+    return Fed
 
 
 def _serialized(pipe) -> bytes:

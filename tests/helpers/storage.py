@@ -144,8 +144,10 @@ class FakeGcs:
     gcsfs (2025.x on) first asks the storage control plane, over gRPC, whether a bucket is
     hierarchical or zonal, and falls back to the JSON API for other buckets after that call times
     out (60 s; gcsfs/extended_gcsfs.py, `_get_bucket_type`). The emulator serves the JSON API only,
-    so `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false` (gcsfs/__init__.py) takes that JSON API path at once:
-    the one a bucket without a hierarchical namespace ends on."""
+    so `GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false` (gcsfs/__init__.py, read when gcsfs is first imported:
+    tests/conftest.py sets it for the whole test process) takes that JSON API path at once: the one a
+    bucket without a hierarchical namespace ends on. `NO_GCE_CHECK=true` keeps gcsfs's search for
+    credentials from asking a GCE metadata server (gcsfs/credentials.py, `connect`)."""
 
     def __init__(self):
         self.port = free_port()
@@ -156,6 +158,7 @@ class FakeGcs:
         return {
             "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{self.port}",
             "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+            "NO_GCE_CHECK": "true",
         }
 
     def start(self) -> FakeGcs:

@@ -52,6 +52,7 @@ def served(tmp_path_factory):
         gcs.stop()
         os.environ.clear()
         os.environ.update(saved)
+        remote._FS.clear()  # clients of the servers just stopped
 
 
 def roots(served, name: str = "fm") -> list[str]:
@@ -127,8 +128,11 @@ def test_a_403_a_missing_and_a_truncated_object_are_one_line_data_errors(served,
         load_manifest(secret_url)
     assert "(403)" in str(e.value) and "hunter2secret" not in str(e.value) and "127.0.0.1" in str(e.value)
     assert e.value.exit_code == 2
-    with pytest.raises(DataError, match=r"missing in storage: s3://ffscale-test/missing/val/val-000001.tar"):
-        load_manifest(f"s3://{BUCKET}/missing/val")  # S3 lists sizes: found before any rank starts
+    for scheme in ("s3", "gs"):  # both list sizes: found before any rank starts
+        with pytest.raises(
+            DataError, match=rf"missing in storage: {scheme}://ffscale-test/missing/val/val-000001.tar"
+        ):
+            load_manifest(f"{scheme}://{BUCKET}/missing/val")
     http_missing = f"{served['nginx'].url}/missing/val"
     with pytest.raises(DataError, match="missing in storage"):
         load_manifest(http_missing)  # nginx's index page lists it
@@ -137,10 +141,14 @@ def test_a_403_a_missing_and_a_truncated_object_are_one_line_data_errors(served,
             stage.ensure(tmp_path, root, lambda m: None)
         assert "val-000001.tar" in str(e.value) and ("truncated" in str(e.value))
         assert e.value.exit_code == 2 and not isinstance(e.value, StorageError)
-    index, m = open_index(roots(served, "trunc")[0], DataCfg())
+    http_trunc, *listed = roots(served, "trunc")
+    index, m = open_index(http_trunc, DataCfg())
     late = m.shards[0].count + m.shards[1].count - 1  # the last sample of the cut shard
     with pytest.raises(DataError, match="truncated"):
         index.read(late)
+    for root in listed:  # S3 and GCS list sizes: the cut shard is found when the index opens
+        with pytest.raises(DataError, match=r"val-000001.tar: \d+ bytes.* says \d+ .truncated"):
+            open_index(root, DataCfg())
 
 
 def test_a_server_that_stops_is_a_storage_error_and_staging_resumes_after_it(served, tmp_path):
