@@ -93,7 +93,8 @@ if feed:  # one rank on one device: its img/s are per GPU (per CPU rank on a CPU
                "rank_py_us_per_img": feed[k]["py_threads_us_per_img"] - feed[k]["host_resize_us_per_img"],
                "rank_py_us_per_img_ahead": feed[k]["ahead_py_threads_us_per_img"],
                **({"iteration_images": feed[k]["iteration_images"],
-                   "rank_py_us_per_img_ahead_one_batch": feed[k]["ahead_one_batch_py_threads_us_per_img"]}
+                   "rank_py_us_per_img_ahead_one_batch": feed[k]["ahead_one_batch_py_threads_us_per_img"],
+                   "graph_build_cpu_s": feed[k]["graph_build_cpu_s"], "pipeline_cpu_ms": feed[k]["pipeline_cpu_ms"]}
                   if k == "dali" else {})}
            for k in ("dali", "webdataset") if k in feed}
     (out / "feed.json").write_text(json.dumps({"img_per_s_of": "one rank on one device (per GPU on a GPU host)",
@@ -106,7 +107,9 @@ if feed:  # one rank on one device: its img/s are per GPU (per CPU rank on a CPU
                      f"rank's Python {r['rank_py_us_per_img']:.1f} us/img, "
                      f"{r['rank_py_us_per_img_ahead']:.1f} with the loader ahead of a step"
                      + (f" ({r['iteration_images']} images per DALI iteration; "
-                        f"{r['rank_py_us_per_img_ahead_one_batch']:.1f} at one batch per iteration)" if k == "dali" else ""))
+                        f"{r['rank_py_us_per_img_ahead_one_batch']:.1f} at one batch per iteration); its graph built "
+                        f"once in {r['graph_build_cpu_s']:.2f} CPU-s, an epoch's pipeline made from it in "
+                        f"{r['pipeline_cpu_ms']:.0f} CPU-ms" if k == "dali" else ""))
 for name in ("bench_train", "bench_train_compiled"):
     res = last_json(name)
     for r in (res or {}).get("runs", []):
