@@ -198,8 +198,8 @@ def measure(
             f"bench data: {root} gives {loader.steps_per_epoch} batches of {batch} ({per_run} per iteration): "
             f"too few to time {2 * per_run} after {warmup} of warm-up; more images, a smaller --batch or --dali-batch"
         )
-    # the consumer's own work kept to a C getter: len() on a tensor is torch's Python __len__, which
-    # after a step's sleep cost the thread more than the loader's handing-on of a micro-batch
+    # the consumer's own work kept to a C getter: len() on a tensor runs torch's Python __len__, the
+    # consumer's cost in this thread, not the loader's
     it = loader.read_only(0) if feed_only else (x.shape[0] for x, _ in loader.epoch(0))
     for _ in range(warmup):  # start-up (workers, pipeline build, first reads) is not throughput
         next(it)
@@ -321,8 +321,8 @@ def bench_data(args) -> dict:
             "ahead_py_threads_us_per_img": med("py_threads_us_per_img", ahead[kind]),
             "ahead_host_resize_us_per_img": med("host_resize_us_per_img", ahead[kind]),
             "iteration_images": rs[0]["iteration_images"],
-            "graph_build_cpu_s": med_or_none("graph_build_cpu_s", rs),
-            "pipeline_cpu_ms": med_or_none("pipeline_cpu_ms", rs),
+            "graph_build_cpu_s": _med_or_none("graph_build_cpu_s", rs),
+            "pipeline_cpu_ms": _med_or_none("pipeline_cpu_ms", rs),
             "images": rs[0]["images"],
             "device": rs[0]["device"],
             "allocator": rs[0]["allocator"],
@@ -343,7 +343,7 @@ def _per_pipeline_ms(loader) -> float | None:
     return 1e3 * loader.pipelines_cpu_s / made if made else None
 
 
-def med_or_none(key: str, rounds: list[dict]):
+def _med_or_none(key: str, rounds: list[dict]):
     """The median of `key` over the rounds that report it; None where none does."""
     got = [r[key] for r in rounds if r.get(key) is not None]
     return statistics.median(got) if got else None
