@@ -186,7 +186,6 @@ class DaliLoader(Loader):
         self.per_run = max(1, min(cfg.dali_batch // batch, self.steps_per_epoch))
         self.run_batch = self.per_run * batch
         self.builds = 0  # pipelines made by this loader (evaluation: one, however many epochs)
-        self.graph_builds = 0  # graphs built (AutoGraph and all): one per loader
         # this thread's CPU building the graph and making pipelines from it (`ffscale bench data`)
         self.graph_cpu_s = self.pipelines_cpu_s = 0.0
         self._graphs: dict[bool, bytes] = {}  # the serialized graph, by whether it resizes on the host
@@ -226,9 +225,13 @@ class DaliLoader(Loader):
             cpu0 = time.thread_time()
             pipe = _pipeline(self.train, self.cfg, rand_aug, decode, host_resize)(**self._params(0))
             self._graphs[host_resize] = _serialized(pipe)
-            self.graph_builds += 1
             self.graph_cpu_s += time.thread_time() - cpu0
         return self._graphs[host_resize]
+
+    @property
+    def graph_builds(self) -> int:
+        """Graphs built (AutoGraph and all): one per loader."""
+        return len(self._graphs)
 
     def _build(self, source: BatchFeed, seed: int, host_resize: bool):
         graph = self._graph(host_resize)
